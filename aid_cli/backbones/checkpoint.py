@@ -1,0 +1,91 @@
+"""Backbone checkpoints: safetensors with JSON metadata (architecture, provenance). Never pickles.
+
+Metadata keys (all strings, as safetensors requires):
+  aid.kind          "backbone"
+  aid.precond       "EDMPrecond" | "VPPrecond" | "VEPrecond"
+  aid.init_kwargs   JSON of the constructor arguments (the official `_init_kwargs`)
+  aid.provenance    JSON: where the weights came from (source file and its sha256, training run, ...)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+from ..fileio import atomic_write
+from .edm import build_precond
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors header metadata, without loading tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"not a readable safetensors checkpoint: {path} ({e})") from None
+
+
+def save_backbone(path: str | Path, net: torch.nn.Module, precond: str, init_kwargs: dict,
+                  provenance: dict | None = None, state_dict: dict | None = None) -> Path:
+    """Write the network's weights (float32, contiguous) and architecture atomically."""
+    sd = state_dict if state_dict is not None else net.state_dict()
+    tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in sd.items()}
+    meta = {
+        "aid.kind": "backbone",
+        "aid.precond": precond,
+        "aid.init_kwargs": json.dumps(init_kwargs, sort_keys=True),
+        "aid.provenance": json.dumps(provenance or {}, sort_keys=True),
+    }
+    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+
+
+def load_backbone(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
+    """Build the network the metadata describes and load its weights strictly; returns (net in eval mode, info)."""
+    path = Path(path)
+    if path.suffix in (".pkl", ".pt", ".pth", ".ckpt"):
+        raise CheckpointError(f"{path.name}: only .safetensors checkpoints are loaded; convert official pickles once "
+                              f"with `aid models convert {path} {path.with_suffix('.safetensors').name}`")
+    meta = read_metadata(path)
+    if meta.get("aid.kind") != "backbone":
+        raise CheckpointError(f"{path}: not an aid backbone checkpoint (kind: {meta.get('aid.kind', 'none')})")
+    try:
+        precond = meta["aid.precond"]
+        init_kwargs = json.loads(meta["aid.init_kwargs"])
+        provenance = json.loads(meta.get("aid.provenance", "{}"))
+        net = build_precond(precond, init_kwargs)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: unusable architecture metadata ({e})") from None
+    try:
+        sd = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt checkpoint ({e})") from None
+    try:
+        net.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise CheckpointError(f"{path}: weights do not match the {precond} architecture in its metadata ({detail})") from None
+    net.eval().requires_grad_(False).to(device)
+    info = {"path": str(path), "precond": precond, "init_kwargs": init_kwargs, "provenance": provenance,
+            "resolution": init_kwargs["img_resolution"], "channels": init_kwargs["img_channels"],
+            "label_dim": init_kwargs.get("label_dim", 0)}
+    return net, info

@@ -1,0 +1,271 @@
+"""`aid pretrain`: train an EDM backbone (SongUNet DDPM++ + EDMPrecond) with the EDM loss.
+
+Readable top to bottom, nanoGPT-style: a config dataclass, the training state, one loop.
+
+- Loss: EDM (ln σ ~ N(−1.2, 1.2²), σ_data = 0.5, λ(σ) weighting), summed over pixels, averaged over the batch.
+- Adam with a linear learning-rate warm-up, an EMA of the weights with EDM's half-life ramp-up, x-flip augmentation.
+- Randomness of step k comes from generators seeded by (seed, k) alone, so `--resume` continues bit-exactly: the state file
+  holds model, EMA, optimizer moments and step; the RNG state of step k is re-derived from the step.
+- Under `torchrun` (WORLD_SIZE > 1) every rank draws the same global batch and trains on its slice through DDP; rank 0 writes.
+- Files in the run folder: `config.json`, `stats.jsonl`, `training-state.safetensors` (resume), `network-snapshot-KIMG.safetensors`
+  (EMA weights, loadable with `--model`), `samples-KIMG.png`. All written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .backbones.checkpoint import save_backbone
+from .backbones.edm import build_precond, count_parameters
+from .backbones.loss import EDMLoss
+from .data.datasets import load_image_set
+from .data.grid import save_grid
+from .errors import UserError
+from .fileio import atomic_write, atomic_write_text
+from .sampling.heun import sample
+from .task import Task
+
+STATE_FILE = "training-state.safetensors"
+
+
+@dataclass
+class PretrainConfig:
+    dataset: str
+    out: str
+    resolution: int = 64
+    model_channels: int = 32
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    num_blocks: int = 1
+    attn_resolutions: list[int] = field(default_factory=lambda: [16, 8])
+    dropout: float = 0.0
+    batch: int = 32
+    lr: float = 5e-4
+    lr_rampup_kimg: float = 10.0
+    ema_halflife_kimg: float = 10.0
+    ema_rampup_ratio: float = 0.05
+    duration_kimg: float = 500.0
+    snapshot_kimg: float = 10.0  # EMA snapshot + sample grid every this many thousand images
+    checkpoint_minutes: float = 10.0  # resumable state at least this often
+    xflip: bool = True
+    seed: int = 0
+    grad_clip: float = 0.0  # 0 = off (EDM does not clip; NaN/inf gradients are zeroed as in the official code)
+
+    def network_kwargs(self) -> dict:
+        """`_init_kwargs` in the official layout: DDPM++ (positional embedding, standard encoder/decoder, [1,1] filter)."""
+        return dict(img_resolution=self.resolution, img_channels=3, label_dim=0, use_fp16=False, model_type="SongUNet",
+                    embedding_type="positional", encoder_type="standard", decoder_type="standard", channel_mult_noise=1,
+                    resample_filter=[1, 1], model_channels=self.model_channels, channel_mult=list(self.channel_mult),
+                    num_blocks=self.num_blocks, attn_resolutions=list(self.attn_resolutions), dropout=self.dropout,
+                    augment_dim=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Distributed helpers: a no-op on one process.
+
+
+def _dist_info() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return rank, world
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    rank, world = _dist_info()
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return rank, world
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training state: model, EMA, optimizer, counters, all in one safetensors file.
+
+
+def save_state(path: Path, cfg: PretrainConfig, net, ema, opt, step: int, nimg: int, elapsed: float) -> None:
+    tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
+    opt_sd = opt.state_dict()
+    for i, st in opt_sd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    meta = {"config": json.dumps(dataclasses.asdict(cfg)), "step": str(step), "nimg": str(nimg),
+            "elapsed_s": f"{elapsed:.3f}", "param_groups": json.dumps(opt_sd["param_groups"])}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+
+
+def load_state(path: Path, net, ema, opt) -> tuple[int, int, float]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    sd = load_file(str(path))
+    net.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("net.")})
+    ema.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("ema.")})
+    opt_state: dict[int, dict] = {}
+    for k, v in sd.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            opt_state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
+    return int(meta["step"]), int(meta["nimg"]), float(meta["elapsed_s"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """All randomness of training step `step` (batch indices, flips, σ, noise) comes from this generator."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+@torch.no_grad()
+def update_ema(ema, net, beta: float) -> None:
+    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+        p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+
+
+def sample_grid(net, resolution: int, n: int = 64, seed: int = 0, num_steps: int = 18) -> torch.Tensor:
+    """Unconditional samples (empty mask) with the same sampler loop as inpainting."""
+    device = next(net.parameters()).device
+    task = Task(y=torch.zeros(n, 3, resolution, resolution, device=device), M=torch.zeros(n, 1, resolution, resolution,
+                                                                                            device=device))
+    return sample(net, task, num_steps=num_steps, seed=seed).completed
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.device = "cpu", max_steps: int | None = None,
+             progress: bool = True, log=print) -> Path:
+    """Train until `duration_kimg` (or `max_steps` optimizer steps, for tests); returns the run folder."""
+    device = torch.device(device)
+    rank, world = _init_distributed(device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if cfg.batch % world:
+        raise UserError(f"--batch {cfg.batch} is not divisible by the {world} processes")
+    run = Path(cfg.out)
+    state_path = run / STATE_FILE
+    if resume:
+        if not state_path.is_file():
+            raise UserError(f"--resume: no {STATE_FILE} in {run}")
+        saved = json.loads((run / "config.json").read_text())
+        arch_keys = ("resolution", "model_channels", "channel_mult", "num_blocks", "attn_resolutions", "batch", "seed")
+        changed = [k for k in arch_keys if saved.get(k) != dataclasses.asdict(cfg).get(k)]
+        if changed:
+            log(f"[yellow]--resume: keeping the run's own {', '.join(changed)}[/]")
+            cfg = dataclasses.replace(cfg, **{k: saved[k] for k in arch_keys})
+    elif state_path.exists():
+        raise UserError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+
+    # Data.
+    data = load_image_set(cfg.dataset, resolution=cfg.resolution,
+                          on_skip=lambda name, why: log(f"[yellow]skipped {name}: {why}[/]") if rank == 0 else None)
+    images = data.images  # uint8, stays on CPU; a batch is moved per step
+
+    # Networks, optimizer, EMA.
+    torch.manual_seed(cfg.seed)
+    net = build_precond("EDMPrecond", cfg.network_kwargs()).train().to(device)
+    ema = build_precond("EDMPrecond", cfg.network_kwargs()).eval().requires_grad_(False).to(device)
+    ema.load_state_dict(net.state_dict())
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    step, nimg, elapsed = 0, 0, 0.0
+    if resume:
+        step, nimg, elapsed = load_state(state_path, net, ema, opt)
+    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) \
+        if world > 1 else net
+    loss_fn = EDMLoss()
+
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        log(f"{'resuming' if resume else 'training'} {count_parameters(net):,}-parameter EDM backbone on {len(data):,} images "
+            f"({cfg.resolution}x{cfg.resolution}, {len(data.skipped)} skipped) → {run}")
+
+    total = int(cfg.duration_kimg * 1000)
+    last_ckpt = time.time()
+    last_snapshot_kimg = nimg // int(cfg.snapshot_kimg * 1000) if cfg.snapshot_kimg > 0 else 0
+    tick_start, tick_nimg, tick_loss, tick_n = time.time(), nimg, 0.0, 0
+    batch_local = cfg.batch // world
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]pretrain"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} img"),
+                   TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.1f} img/s"),
+                   TimeRemainingColumn(), disable=not progress or rank != 0, transient=False)
+    stats_path = run / "stats.jsonl"
+    with bar:
+        ptask = bar.add_task("pretrain", total=total, completed=nimg, loss=float("nan"), ips=0.0)
+        while nimg < total and (max_steps is None or step < max_steps):
+            t0 = time.time()
+            g = step_generator(cfg.seed, step)
+            idx = torch.randint(len(data), (cfg.batch,), generator=g)
+            flip = torch.rand(cfg.batch, generator=g) < 0.5 if cfg.xflip else torch.zeros(cfg.batch, dtype=torch.bool)
+            y = images[idx].to(torch.float32) / 127.5 - 1
+            y = torch.where(flip[:, None, None, None], y.flip(-1), y)
+            sigma, z = loss_fn.draw(y.shape, g)  # drawn for the global batch, identical on every rank
+            sl = slice(rank * batch_local, (rank + 1) * batch_local)
+            torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout
+            loss = loss_fn(ddp, y[sl].to(device), sigma[sl], z[sl]).sum() / cfg.batch
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"loss is {loss.item()} at step {step}; the last checkpoint in {run} is intact")
+            for g_ in opt.param_groups:
+                g_["lr"] = cfg.lr * min(nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1)
+            for p in net.parameters():
+                if p.grad is not None:
+                    torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            opt.step()
+            nimg += cfg.batch
+            step += 1
+            halflife = min(cfg.ema_halflife_kimg * 1000, nimg * cfg.ema_rampup_ratio) if cfg.ema_rampup_ratio else \
+                cfg.ema_halflife_kimg * 1000
+            update_ema(ema, net, 0.5 ** (cfg.batch / max(halflife, 1e-8)))
+            elapsed += time.time() - t0
+
+            tick_loss += loss.item() * world
+            tick_n += 1
+            done = nimg >= total or (max_steps is not None and step >= max_steps)
+            if rank == 0:
+                dt = time.time() - tick_start
+                ips = (nimg - tick_nimg) / max(dt, 1e-9)
+                bar.update(ptask, completed=min(nimg, total), loss=tick_loss / tick_n, ips=ips)
+                if dt >= 60 or done:
+                    rec = {"step": step, "kimg": nimg / 1000, "loss": tick_loss / tick_n, "img_per_s": ips,
+                           "lr": opt.param_groups[0]["lr"], "elapsed_s": elapsed, "time": time.time()}
+                    with open(stats_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    tick_start, tick_nimg, tick_loss, tick_n = time.time(), nimg, 0.0, 0
+                snap = nimg // int(cfg.snapshot_kimg * 1000) if cfg.snapshot_kimg > 0 else 0
+                snapshot_due = snap > last_snapshot_kimg or done
+                if snapshot_due:
+                    last_snapshot_kimg = snap
+                    write_snapshot(run, cfg, ema, nimg, elapsed, data.source)
+                if snapshot_due or time.time() - last_ckpt >= cfg.checkpoint_minutes * 60:
+                    save_state(state_path, cfg, net, ema, opt, step, nimg, elapsed)
+                    last_ckpt = time.time()
+    if world > 1:
+        torch.distributed.barrier()
+    return run
+
+
+def write_snapshot(run: Path, cfg: PretrainConfig, ema, nimg: int, elapsed: float, source: str) -> Path:
+    """EMA weights as a backbone checkpoint (usable with `--model`) and a grid of samples from them."""
+    kimg = nimg // 1000
+    path = run / f"network-snapshot-{kimg:06d}.safetensors"
+    provenance = {"trained_by": "aid pretrain", "dataset": source, "images_seen": nimg, "train_seconds": round(elapsed, 1),
+                  "config": dataclasses.asdict(cfg)}
+    save_backbone(path, ema, "EDMPrecond", cfg.network_kwargs(), provenance=provenance)
+    with torch.random.fork_rng():
+        save_grid(run / f"samples-{kimg:06d}.png", sample_grid(ema, cfg.resolution, n=64, seed=0), cols=8)
+    return path

@@ -1,0 +1,187 @@
+"""The EDM σ-grid and the controlled Heun loop that every method runs on (method.md §2, §3, §10).
+
+One loop serves every method: a method is a small object whose hooks the loop calls at fixed points of each step, so
+inpainting methods differ only in what they do at those points. The loop itself is the official EDM sampler
+(Heun on every step, Euler on the last, no churn), in float32 so it also runs on MPS.
+
+Hooks, in the order the loop calls them for the step n: σ_n → σ_{n+1}:
+
+    x ← method.pre_step(s, n, x)                  state correction before the step (MCG, GradPaint, CoPaint)
+    D ← method.denoise(s, x, σ)                   every network evaluation goes through here (combine-image)
+    x' ← Heun(x, σ_n → σ_{n+1})
+    x' ← x' + method.drift(s, n, x)·Δt            the control u of eq. 1 (AID), held constant over the step
+    x' ← method.post_step(s, n, x, x')            state correction after the step (replacement, DPS)
+
+and `method.schedule(N)` lists the grid indices the loop visits: plain methods go 0, 1, …, N; RePaint's time travel goes back
+up the grid, where the loop re-noises x ← x + √(σ_a² − σ_b²)·z.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..task import Task
+
+SIGMA_MIN = 0.002
+SIGMA_MAX = 80.0
+RHO = 7.0
+
+
+def edm_sigmas(num_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
+               device=None) -> torch.Tensor:
+    """σ_i = (σmax^{1/ρ} + i/(N−1)·(σmin^{1/ρ} − σmax^{1/ρ}))^ρ for i = 0..N−1, then σ_N = 0 (method.md §2).
+
+    Computed in float64 (as the official sampler does) and returned as float32.
+    """
+    if num_steps < 2:
+        raise ValueError("the EDM grid needs at least 2 steps")
+    i = torch.arange(num_steps, dtype=torch.float64)
+    s = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([s, torch.zeros(1, dtype=torch.float64)]).to(torch.float32).to(device)
+
+
+def nfe_of_grid(num_steps: int) -> int:
+    """Heun on every step but the last: NFE = 2N − 1."""
+    return 2 * num_steps - 1
+
+
+def sample_generators(seed: int, batch_size: int, offset: int = 0) -> list[torch.Generator]:
+    """One CPU generator per sample (seed + index), so results do not depend on batch size or device."""
+    return [torch.Generator().manual_seed(int(seed) + offset + i) for i in range(batch_size)]
+
+
+Denoiser = Callable[..., torch.Tensor]
+
+
+@dataclass
+class SamplerState:
+    """What a method's hooks see: the frozen denoiser, the task, the grid, per-sample noise, and the NFE counters."""
+
+    net: Denoiser
+    task: Task
+    sigmas: torch.Tensor  # [N+1] float32, σ_N = 0
+    generators: list[torch.Generator]
+    nfe: int = 0  # network evaluations per image (forward passes)
+    backward: int = 0  # backward passes through the network per image
+    extras: dict = field(default_factory=dict)  # per-method scratch space
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def dt(self) -> float:
+        """Control time Δt = 1/N: the step index read as time t_n = n/N, T = 1 (method.md §3)."""
+        return 1.0 / self.num_steps
+
+    @property
+    def device(self):
+        return self.task.y.device
+
+    def D(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """One network evaluation D(x; σ) for the whole batch (counted once per image)."""
+        self.nfe += 1
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        return self.net(x, sigma, self.task.class_labels)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like x, drawn on CPU from each sample's own generator."""
+        z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in self.generators])
+        return z.to(device=x.device, dtype=x.dtype)
+
+
+class Method:
+    """Base inpainting method: plain EDM Heun (the `unguided` method). Subclasses override hooks."""
+
+    name = "unguided"
+    needs_grad = False  # True for methods that backpropagate through the network
+
+    def setup(self, s: SamplerState) -> None:
+        """Called once before the loop."""
+
+    def schedule(self, num_steps: int) -> Sequence[int]:
+        """Grid indices visited, in order; going to a smaller index re-noises (time travel)."""
+        return range(num_steps + 1)
+
+    def denoise(self, s: SamplerState, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return s.D(x, sigma)
+
+    def pre_step(self, s: SamplerState, n: int, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def drift(self, s: SamplerState, n: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Control u(t_n, X_n; ξ) added to the step as u·Δt (eq. 1); None for no control."""
+        return None
+
+    def post_step(self, s: SamplerState, n: int, x: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
+        return x_next
+
+    def renoise(self, s: SamplerState, x: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tensor) -> torch.Tensor:
+        """Undo denoising from σ_b up to σ_a: x ← x + √(σ_a² − σ_b²)·z (RePaint's time travel on the EDM grid)."""
+        return x + (sigma_to ** 2 - sigma_from ** 2).sqrt() * s.randn_like(x)
+
+    def finish(self, s: SamplerState, x: torch.Tensor) -> torch.Tensor:
+        """Completed image: visible pixels pasted back, M ⊙ y + M̄ ⊙ x̂."""
+        return s.task.complete(x)
+
+
+def heun_step(s: SamplerState, method: Method, n: int, x: torch.Tensor) -> torch.Tensor:
+    """One step σ_n → σ_{n+1} of the probability-flow ODE dx/dσ = (x − D(x;σ))/σ: Heun, Euler when σ_{n+1} = 0."""
+    sigma, sigma_next = s.sigmas[n], s.sigmas[n + 1]
+    x = method.pre_step(s, n, x)
+    d = (x - method.denoise(s, x, sigma)) / sigma
+    x_next = x + (sigma_next - sigma) * d
+    if sigma_next > 0:
+        d_prime = (x_next - method.denoise(s, x_next, sigma_next)) / sigma_next
+        x_next = x + (sigma_next - sigma) * (0.5 * d + 0.5 * d_prime)
+    u = method.drift(s, n, x)
+    if u is not None:
+        x_next = x_next + u * s.dt  # eq. 1: dX = [b + u] dt, u held constant over the step
+    return method.post_step(s, n, x, x_next)
+
+
+@dataclass
+class SampleResult:
+    x: torch.Tensor  # final state X_N (before pasting)
+    completed: torch.Tensor  # M ⊙ y + M̄ ⊙ X_N
+    nfe: int
+    backward: int
+
+
+def sample(net: Denoiser, task: Task, method: Method | None = None, num_steps: int = 18, seed: int = 0,
+           generators: list[torch.Generator] | None = None, sigmas: torch.Tensor | None = None,
+           latents: torch.Tensor | None = None) -> SampleResult:
+    """Inpaint `task` with `method` on the EDM grid of `num_steps` steps.
+
+    X_0 = σ_0·z with z from each sample's generator (seed + index), unless unit-variance `latents` are given.
+    """
+    method = method or Method()
+    device = task.y.device
+    if sigmas is None:
+        sigmas = edm_sigmas(num_steps, device=device)
+    if generators is None:
+        generators = sample_generators(seed, task.batch_size)
+    s = SamplerState(net=net, task=task, sigmas=sigmas.to(device), generators=generators)
+    x = latents.to(device, torch.float32) if latents is not None else s.randn_like(task.y)
+    x = x * s.sigmas[0]
+    method.setup(s)
+    order = list(method.schedule(s.num_steps))
+    if not order or order[0] != 0 or order[-1] != s.num_steps:
+        raise ValueError(f"{method.name}: a schedule must start at 0 and end at {s.num_steps}")
+    grad_ctx = torch.enable_grad() if method.needs_grad else torch.no_grad()
+    with grad_ctx:
+        for a, b in zip(order[:-1], order[1:]):
+            if b == a + 1:
+                x = heun_step(s, method, a, x)
+            elif b < a:
+                x = method.renoise(s, x, s.sigmas[a], s.sigmas[b])
+            else:
+                raise ValueError(f"{method.name}: schedule may only step forward by one or jump back ({a} → {b})")
+            x = x.detach()
+        completed = method.finish(s, x)
+    return SampleResult(x=x, completed=completed, nfe=s.nfe, backward=s.backward)
