@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import UserError
 
@@ -76,12 +78,103 @@ def pretrain(
     err.print(f"done: {run}")
 
 
+@models_app.command("convert")
+def models_convert(
+    src: Path = typer.Argument(..., help="Official NVIDIA EDM pickle, e.g. edm-ffhq-64x64-uncond-vp.pkl."),
+    dst: Path = typer.Argument(..., help="Checkpoint to write (.safetensors, written atomically)."),
+    json_out: bool = typer.Option(False, "--json", help="Also print the summary as one JSON object on stdout."),
+):
+    """Convert an official EDM pickle to a safetensors checkpoint, without running any code from the pickle.
+
+    Only the globals an official file needs are resolved; the module source code stored in the pickle is never run.
+
+    Example: [bold]aid models convert edm-ffhq-64x64-uncond-vp.pkl weights/ffhq64-vp.safetensors[/]
+    """
+    from .backbones.convert import convert_pickle
+
+    summary = convert_pickle(src, dst)
+    res = summary["resolution"]
+    err.print(f"converted {escape(str(src))} -> {escape(str(dst))}: {summary['precond']}, {summary['parameters']:,} "
+              f"parameters, {res}x{res}, sha256 {summary['sha256'][:16]}", soft_wrap=True)
+    if json_out:
+        print(json.dumps(summary))
+
+
+@app.command()
+def inpaint(
+    image: Path = typer.Argument(..., help="Image file, or a folder of images."),
+    mask: Path = typer.Option(..., "--mask", "-m", help="Mask file (white = fill), or a folder of masks paired by stem."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output file (PNG keeps visible pixels exact), or a folder."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Backbone checkpoint (.safetensors); default: embedded."),
+    method: str = typer.Option("replace", "--method", help="Inpainting method (see `aid methods`)."),
+    steps: int = typer.Option(18, "--steps", min=2, help="EDM grid steps N; NFE = 2N-1 (18: 35 NFE, 12: 23 NFE)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of sample 0; sample k uses seed + k."),
+    samples: int = typer.Option(1, "--samples", min=1, help="Completions per image (outputs get -0, -1, ... suffixes)."),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps (auto: cuda, then mps, then cpu)."),
+    invert_mask: bool = typer.Option(False, "--invert-mask", help="Masks are white = keep (RePaint convention)."),
+    resize_mask: bool = typer.Option(False, "--resize-mask", help="Scale a mask whose size differs from the image's."),
+    fit: str = typer.Option("crop", "--fit", help="crop: a box around the mask at native scale; resize: whole image."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON record per output on stdout."),
+):
+    """Fill the white region of MASK in IMAGE; every other pixel of the output equals the input's.
+
+    Examples:
+      [bold]aid inpaint photo.png --mask mask.png -o filled.png[/]
+      [bold]aid inpaint photos/ --mask masks/ -o filled/ --samples 4 --json[/]
+    """
+    from .backbones.checkpoint import load_backbone
+    from .data.images import pair_inputs
+    from .devices import resolve_device
+    from .inpaint import InpaintOptions, check_outputs, inpaint_one, plan_outputs
+    from .methods import get_method
+    from .registry import resolve_backbone
+
+    if fit not in ("crop", "resize"):
+        raise UserError(f"--fit must be crop or resize, got {fit!r}")
+    get_method(method)  # unknown names fail before any loading
+    folder_mode = image.is_dir()
+    if folder_mode and output.exists() and not output.is_dir():
+        raise UserError(f"{image} is a folder, so -o must be a folder too (got the file {output})")
+    pairs = pair_inputs(image, mask)
+    if folder_mode and not output.exists():
+        if not output.parent.is_dir():
+            raise UserError(f"output folder's parent does not exist: {output.parent}")
+        output.mkdir()
+    jobs = plan_outputs(pairs, output, samples, folder_mode)
+    check_outputs(jobs)
+    dev = resolve_device(device)
+    net, info = load_backbone(resolve_backbone(model), device=dev)
+    opts = InpaintOptions(method=method, steps=steps, seed=seed, samples=samples, invert_mask=invert_mask,
+                          resize_mask=resize_mask, fit=fit)
+    from rich.progress import Progress
+
+    with Progress(console=err, transient=True, disable=len(jobs) * samples <= 1) as bar:
+        task = bar.add_task("inpainting", total=len(jobs))
+        for job in jobs:
+            for rec in inpaint_one(net, info["resolution"], job, opts, dev, notice=lambda m: err.print(escape(m))):
+                err.print(f"wrote {escape(rec['path'])} ({rec['method']}, {rec['nfe']} NFE, seed {rec['seed']}, "
+                          f"{rec['seconds']:.2f} s; {escape(rec['fit'])})", soft_wrap=True)
+                if json_out:
+                    print(json.dumps(rec), flush=True)
+            bar.advance(task)
+
+
+@app.command()
+def methods():
+    """List the inpainting methods."""
+    from .methods import METHODS
+
+    for name, cls in sorted(METHODS.items()):
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:12s} {doc}")
+
+
 def main(argv: List[str] | None = None) -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
     try:
         app(args=argv, standalone_mode=False)
     except UserError as e:
-        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")

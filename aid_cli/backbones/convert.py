@@ -1,0 +1,235 @@
+"""Convert official NVIDIA EDM pickles (`edm-*.pkl`) to safetensors without running anything they contain.
+
+An official pickle rebuilds each network through `torch_utils.persistence._reconstruct_persistent_obj(meta)`, which in
+NVIDIA's code executes the Python source stored in `meta['module_src']`, and each tensor storage through
+`torch.storage._load_from_bytes`, which runs a nested, unrestricted `torch.load`. Loading one with `pickle` or
+`torch.load(weights_only=False)` therefore runs whatever the file says. Here a restricted unpickler resolves only the
+globals in `ALLOWED_GLOBALS`, each to a harmless stand-in: networks become `ModuleStub` records (class name, a hash of the
+never-run source, the pickled attributes), storages are read by `torch.load(..., weights_only=True)`, and any other
+global is refused before it can be called.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch._utils
+
+from ..errors import CheckpointError, UserError
+from ..fileio import check_writable_dir
+from .checkpoint import save_backbone, sha256_file
+from .edm import PRECONDS, build_precond, count_parameters
+
+try:
+    from numpy._core.multiarray import scalar as _numpy_scalar
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import scalar as _numpy_scalar
+
+EDM2_CLASSES = {"Precond"}
+
+
+class ModuleStub:
+    """A pickled network module as plain data: class name, sha256 of its source (never run) and pickled attributes.
+
+    `torch.nn.ModuleDict` resolves to this class too; it pickles as NEWOBJ() then BUILD(state), hence the class defaults.
+    """
+
+    class_name = "ModuleDict"
+    module_src_sha256: str | None = None
+
+    def __init__(self, class_name: str, module_src_sha256: str, state: dict):
+        self.class_name = class_name
+        self.module_src_sha256 = module_src_sha256
+        self.state = state
+
+    def __setstate__(self, state):
+        """BUILD opcode: keep the attributes as data."""
+        self.state = state
+
+
+class EasyDict(dict):
+    """Stand-in for `dnnlib.util.EasyDict` (EDM2 files): a plain dict."""
+
+
+def _reconstruct_persistent_obj(meta) -> ModuleStub:
+    """Stand-in for `torch_utils.persistence._reconstruct_persistent_obj`: records the object, never runs `module_src`."""
+    if not (isinstance(meta, dict) and isinstance(meta.get("class_name"), str) and isinstance(meta.get("state"), dict)):
+        raise CheckpointError("malformed persistent-object record (needs class_name and state)")
+    src = meta.get("module_src")
+    src_hash = hashlib.sha256(src.encode()).hexdigest() if isinstance(src, str) else None
+    return ModuleStub(meta["class_name"], src_hash, meta["state"])
+
+
+def _load_storage_bytes(data):
+    """Stand-in for `torch.storage._load_from_bytes`: the nested load runs with `weights_only=True`."""
+    if not isinstance(data, bytes):
+        raise CheckpointError("malformed tensor storage record")
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refused: a tensor storage record fails torch's weights-only check "
+                              f"({_one_line(e, prefer='GLOBAL')}); nothing from it was run") from None
+
+
+# Every global an official EDM/EDM2 pickle may name, mapped to what it resolves to here. The torch rebuild functions and
+# numpy reconstructors are the real ones: they only assemble tensors, dtypes and numbers from data already unpickled.
+ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _load_storage_bytes,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch.nn.modules.container", "ModuleDict"): ModuleStub,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("dnnlib.util", "EasyDict"): EasyDict,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only `ALLOWED_GLOBALS` (to the objects there); any other global is refused before it can run."""
+
+    def find_class(self, module: str, name: str):
+        """Look the global up in the allow-list; refuse everything else."""
+        try:
+            return ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise CheckpointError(f"refused: pickle asks for {module}.{name}, which a checkpoint never needs; "
+                                  f"nothing from it was run") from None
+
+
+def _one_line(error: BaseException, prefer: str = "") -> str:
+    """The most useful single line of an exception message (the first containing `prefer`, else the first)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return next((line for line in lines if prefer and prefer in line), lines[0])
+
+
+def read_official_pickle(path: Path):
+    """Unpickle an official NVIDIA file with the restricted unpickler; any failure is one CheckpointError line."""
+    try:
+        with open(path, "rb") as f:
+            return RestrictedUnpickler(f).load()
+    except CheckpointError as e:
+        raise CheckpointError(f"{path.name}: {e}") from None
+    except Exception as e:  # untrusted bytes: every way they can fail to parse is the file's fault
+        raise CheckpointError(f"{path.name}: not a readable pickle ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def _entries(state: dict, key: str, where: str) -> dict:
+    """`state[key]` (a dict such as `_parameters`), or a CheckpointError naming the module."""
+    value = state.get(key, {})
+    if not isinstance(value, dict):
+        raise CheckpointError(f"malformed module {where or '<root>'}: {key} is a {type(value).__name__}")
+    return value
+
+
+def _tensor(value, name: str) -> torch.Tensor:
+    """A detached tensor, or a CheckpointError naming the entry."""
+    if not isinstance(value, torch.Tensor):
+        raise CheckpointError(f"malformed weight {name}: a {type(value).__name__}, not a tensor")
+    return value.detach()
+
+
+def collect_state_dict(module: ModuleStub, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Flatten a module tree as `nn.Module.state_dict()` does: parameters, persistent buffers, then children."""
+    state = getattr(module, "state", None)
+    if not isinstance(module, ModuleStub) or not isinstance(state, dict):
+        raise CheckpointError(f"malformed module {prefix.rstrip('.') or '<root>'}: {type(module).__name__}")
+    where = prefix.rstrip(".")
+    out = {prefix + k: _tensor(v, prefix + k) for k, v in _entries(state, "_parameters", where).items() if v is not None}
+    skip = state.get("_non_persistent_buffers_set") or set()
+    out.update({prefix + k: _tensor(v, prefix + k) for k, v in _entries(state, "_buffers", where).items()
+                if v is not None and k not in skip})
+    for name, child in _entries(state, "_modules", where).items():
+        if child is not None:
+            out.update(collect_state_dict(child, f"{prefix}{name}."))
+    return out
+
+
+def _plain(value):
+    """`_init_kwargs` as JSON-ready values: numpy numbers become Python numbers, tuples lists, dict subclasses dicts."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise CheckpointError(f"unsupported value in the network's _init_kwargs: {type(value).__name__}")
+
+
+def _ema_network(data, name: str) -> ModuleStub:
+    """The `ema` network of an official pickle, checked to be one of the EDM preconditioners."""
+    ema = data.get("ema") if isinstance(data, dict) else None
+    if not isinstance(ema, ModuleStub):
+        raise CheckpointError(f"{name}: no `ema` network in this pickle; is it an official NVIDIA EDM file?")
+    supported = ", ".join(PRECONDS)
+    if ema.class_name in EDM2_CLASSES:
+        raise CheckpointError(f"{name}: holds an EDM2 network ({ema.class_name}); EDM2 conversion is not supported yet "
+                              f"(supported: {supported})")
+    if ema.class_name not in PRECONDS:
+        raise CheckpointError(f"{name}: unknown network class {ema.class_name!r} (supported: {supported})")
+    return ema
+
+
+def _init_kwargs(ema: ModuleStub, name: str) -> dict:
+    """The constructor arguments the official persistence recorded for the network."""
+    if ema.state.get("_init_args"):
+        raise CheckpointError(f"{name}: the network was built with positional arguments, which official files never use")
+    kwargs = _plain(ema.state.get("_init_kwargs"))
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{name}: the network has no _init_kwargs record")
+    return kwargs
+
+
+def _check_fit(sd: dict, net: torch.nn.Module, precond: str, name: str) -> None:
+    """Raise a CheckpointError naming missing, unexpected or misshapen weights; silent when `sd` fits `net` exactly."""
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    misshapen = [f"{k} {list(sd[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
+                 if k in sd and sd[k].shape != v.shape]
+    problems = [f"{len(keys)} {what} (first: {keys[0]})"
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)) if keys]
+    if problems:
+        raise CheckpointError(f"{name}: weights do not fit {precond}: {'; '.join(problems)}")
+
+
+def _check_paths(src: Path, dst: Path) -> None:
+    """Fail early on a missing source, a non-safetensors or unwritable destination, or dst naming src itself."""
+    if not src.is_file():
+        raise CheckpointError(f"source pickle not found: {src}")
+    if dst.suffix != ".safetensors":
+        raise UserError(f"destination must be a .safetensors file, got {dst.name}")
+    if dst.resolve() == src.resolve() or (dst.exists() and dst.samefile(src)):
+        raise UserError(f"destination is the source file itself: {dst}")
+    check_writable_dir(dst)
+
+
+def convert_pickle(src: str | Path, dst: str | Path) -> dict:
+    """Convert an official EDM pickle's `ema` network to a safetensors backbone checkpoint; returns a summary."""
+    src, dst = Path(src), Path(dst)
+    _check_paths(src, dst)
+    source_sha256 = sha256_file(src)
+    ema = _ema_network(read_official_pickle(src), src.name)
+    precond, init_kwargs = ema.class_name, _init_kwargs(ema, src.name)
+    try:
+        net = build_precond(precond, init_kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{src.name}: cannot build {precond} from its _init_kwargs ({_one_line(e)})") from None
+    sd = collect_state_dict(ema)
+    _check_fit(sd, net, precond, src.name)
+    net.load_state_dict(sd, strict=True)
+    provenance = {"source": src.name, "source_sha256": source_sha256, "converted_by": "aid models convert"}
+    save_backbone(dst, net, precond, init_kwargs, provenance=provenance)
+    return {"src": str(src), "dst": str(dst), "precond": precond, "parameters": count_parameters(net),
+            "resolution": init_kwargs["img_resolution"], "channels": init_kwargs["img_channels"],
+            "label_dim": init_kwargs.get("label_dim", 0), "source_sha256": source_sha256, "sha256": sha256_file(dst)}

@@ -1,0 +1,435 @@
+"""The edges of `aid inpaint`: image and mask files → tensors at model resolution → composited result → file.
+
+    load_image, load_mask  → plan_fit → to_task_tensors → [sampler] → composite → save_image
+
+Conventions (design.md):
+- Mask files: WHITE = FILL (IOPaint, diffusers); `invert=True` (`--invert-mask`) for white = keep. A mask is read as
+  greyscale (Pillow's "L" conversion, alpha ignored) and thresholded: ≥ 128 is white (16-bit masks: ≥ 32768).
+  In this module a mask is a bool array `hole`, True = pixel to fill; the model-side tensor M is 1 = known.
+- EXIF orientation is applied to image and mask alike, so both are in the orientation a viewer shows.
+- Every pixel outside the hole is copied from the original array, never recomputed: the output's visible pixels equal the
+  input's exactly, in its own bit depth (8 or 16 bits) and channel layout; an alpha channel passes through untouched.
+- Fit: "crop" takes a square box around the hole (with margin) so small holes are inpainted at native scale; "resize" takes
+  the whole image. Where the square is larger than the image, it is completed by reflection padding (numpy "reflect").
+- Resampling: bicubic with antialiasing (torch), in both directions, on float data in [0, 1]. The hole is brought to model
+  resolution conservatively: a model pixel is known only if every original pixel it overlaps is known.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import UserError
+from ..fileio import atomic_write, check_writable_dir
+from .datasets import IMAGE_SUFFIXES
+
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF",
+                  ".bmp": "BMP"}
+MASK_SUFFIXES = ("_mask", "-mask")  # `photo_mask.png` / `photo-mask.png` is the mask of `photo.*`
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as Pillow's RGB → L
+
+
+# ---------------------------------------------------------------------------------------------------------------- reading
+
+@dataclass
+class LoadedImage:
+    """An image file after EXIF orientation, with its pixels kept at native dtype for exact compositing."""
+
+    path: Path
+    pixels: np.ndarray  # HxW ("L", "I;16") or HxWxC ("LA", "RGB", "RGBA"); uint8, or uint16 for "I;16"
+    mode: str  # Pillow mode of `pixels`, and of the output: "L", "LA", "RGB", "RGBA" or "I;16"
+    source_mode: str  # the file's own mode before conversion ("P", "CMYK", "I;16B", …)
+    format: str | None = None  # file format as Pillow names it ("PNG", "JPEG", …)
+    icc_profile: bytes | None = None  # colour profile, written back with the output
+    notes: list[str] = field(default_factory=list)  # conversions the user should know about
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), as Pillow."""
+        return self.pixels.shape[1], self.pixels.shape[0]
+
+    @property
+    def max_value(self) -> int:
+        return 65535 if self.pixels.dtype == np.uint16 else 255
+
+    @property
+    def has_alpha(self) -> bool:
+        return self.mode in ("LA", "RGBA")
+
+    @property
+    def is_grey(self) -> bool:
+        return self.mode in ("L", "LA", "I;16")
+
+    def rgb01(self, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """Float view of the colour channels in [0, 1], HxWx3 float32 (greyscale replicated), optionally of a box."""
+        left, top, right, bottom = box or (0, 0, *self.size)
+        a = self.pixels[top:bottom, left:right]
+        if self.mode in ("L", "I;16"):
+            a = a[:, :, None]
+        a = a[:, :, :1] if self.mode == "LA" else a[:, :, :3]
+        return np.broadcast_to(a, a.shape[:2] + (3,)).astype(np.float32) / self.max_value
+
+
+def _open(path: str | os.PathLike, what: str) -> tuple[Image.Image, bool]:
+    """Open, fully decode and EXIF-orient an image file (and say if it is 16-bit colour that Pillow reads as 8-bit).
+
+    Every failure is a one-line UserError naming the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise UserError(f"{what} is a folder, not a file: {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"{what} is an empty file: {path}")
+    try:
+        with Image.open(path) as im:
+            rawmodes = [t.args for t in im.tile or [] if isinstance(t.args, str)]
+            wide_colour = im.mode in ("RGB", "RGBA") and any(";16" in m for m in rawmodes)
+            im.load()  # force a full decode now: truncated files fail here, not half-way through a run
+            out = ImageOps.exif_transpose(im)  # a new, oriented image (a copy when there is no orientation tag)
+            out.format = im.format
+    except UnidentifiedImageError:
+        raise UserError(f"{what} is not an image Pillow can read: {path}") from None
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{what} is too large to decode safely: {path} ({e})") from None
+    except PermissionError:
+        raise UserError(f"{what} cannot be read (permission denied): {path}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise UserError(f"{what} is truncated or damaged: {path} ({e})") from None
+    if out.width == 0 or out.height == 0:
+        raise UserError(f"{what} has zero size: {path}")
+    return out, wide_colour
+
+
+def _native(im: Image.Image, path: Path) -> tuple[np.ndarray, str, list[str], bool]:
+    """Pixels in one of the working modes L/LA/RGB/RGBA/I;16, notes, and whether the colours were converted."""
+    mode = im.mode
+    if mode.startswith("I;16"):  # 16-bit greyscale, any byte order
+        return np.asarray(im).astype(np.uint16), "I;16", [], False
+    if mode == "I":  # 32-bit integer: accepted when it holds 16-bit values (older Pillow reads 16-bit PNGs so)
+        a = np.asarray(im)
+        if a.min() < 0 or a.max() > 65535:
+            raise UserError(f"32-bit integer image with values outside 0..65535 is not supported: {path}")
+        return a.astype(np.uint16), "I;16", [], False
+    if mode == "F":
+        raise UserError(f"floating-point images are not supported (convert to 8- or 16-bit PNG first): {path}")
+    notes, converted = [], False
+    if mode in ("L", "LA", "RGB", "RGBA"):
+        target = mode
+    elif mode == "1":
+        target, notes = "L", ["1-bit image read as 8-bit greyscale (0/255)"]
+    elif mode == "La":
+        target = "LA"
+    elif mode in ("RGBa", "PA"):
+        target = "RGBA"
+    elif mode == "P":
+        transparent = getattr(im, "has_transparency_data", "transparency" in im.info)
+        target = "RGBA" if transparent else "RGB"
+        notes = [f"palette image expanded to {target}; the output is {target}"]
+    else:  # CMYK, YCbCr, LAB, HSV, RGBX, …
+        target, converted = "RGB", mode not in ("RGBX",)
+        if converted:
+            notes = [f"{mode} image converted to RGB (no colour management); the output is RGB"]
+    if target != mode:
+        im = im.convert(target)
+    return np.asarray(im).copy(), target, notes, converted
+
+
+def load_image(path: str | os.PathLike) -> LoadedImage:
+    """Read any Pillow-readable image, EXIF-oriented, keeping its native pixels for exact compositing."""
+    path = Path(path)
+    im, wide_colour = _open(path, "image")
+    pixels, mode, notes, converted = _native(im, path)
+    if wide_colour:
+        notes.append("16-bit colour PNG: Pillow decodes it at 8 bits per channel, so the output is 8-bit")
+    icc = None if converted else im.info.get("icc_profile")
+    return LoadedImage(path=path, pixels=pixels, mode=mode, source_mode=im.mode, format=im.format, icc_profile=icc,
+                       notes=notes)
+
+
+def load_mask(path: str | os.PathLike, size: tuple[int, int], invert: bool = False, resize: bool = False) -> np.ndarray:
+    """Read a mask file as a bool HxW array, True = hole (white = fill; `invert` for white = keep), at image `size` (W, H)."""
+    path = Path(path)
+    im, _ = _open(path, "mask")
+    if im.mode.startswith("I;16") or im.mode == "I":
+        white = np.asarray(im).astype(np.int64) >= 32768  # 16-bit: ≥ 128 on the 8-bit scale
+    else:
+        white = np.asarray(im.convert("L")) >= 128
+    if im.size != tuple(size):
+        if not resize:
+            hint = " (one of them may carry an EXIF rotation the other lacks)" if im.size == tuple(size)[::-1] else ""
+            raise UserError(f"mask {path} is {im.width}x{im.height} but image is {size[0]}x{size[1]}{hint}; "
+                            f"pass --resize-mask to scale it")
+        white = np.asarray(Image.fromarray(white).resize(tuple(size), Image.NEAREST), dtype=bool)
+    return ~white if invert else white
+
+
+def mask_stats(hole: np.ndarray) -> float:
+    """Fraction of pixels to fill (0: nothing to do; > 0.9: the mask may be inverted)."""
+    return float(np.mean(hole)) if hole.size else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------- fitting
+
+@dataclass(frozen=True)
+class Fit:
+    """Where the model's square input comes from: a box of the image, reflection padding, and a resize to `resolution`."""
+
+    mode: str  # "crop" (a box around the hole) or "resize" (the whole image)
+    image_size: tuple[int, int]  # (W, H) of the original, after EXIF orientation
+    box: tuple[int, int, int, int]  # (left, top, right, bottom) of the image region used; right/bottom exclusive
+    pad: tuple[int, int, int, int]  # reflection padding (left, top, right, bottom) that makes the region square
+    resolution: int  # model side R
+
+    @property
+    def side(self) -> int:
+        """Side of the padded square, in original pixels."""
+        return self.box[2] - self.box[0] + self.pad[0] + self.pad[2]
+
+    @property
+    def scale(self) -> float:
+        """Model pixels per original pixel (< 1: downscaled, 1: native scale)."""
+        return self.resolution / self.side
+
+    def describe(self) -> str:
+        """One human sentence saying what was done."""
+        left, top, right, bottom = self.box
+        w, h, s, r = right - left, bottom - top, self.side, self.resolution
+        padded = f", padded to {s}x{s} by reflection" if any(self.pad) else ""
+        scaled = f"kept at native scale ({r}x{r})" if s == r else f"{'upscaled' if s < r else 'resized'} to {r}x{r}"
+        if self.mode == "crop":
+            return f"cropped a {w}x{h} box around the mask at ({left},{top}){padded}, {scaled}"
+        return f"took the whole {w}x{h} image{padded}, {scaled}"
+
+
+def _place(lo: int, hi: int, side: int, n: int) -> tuple[int, int, int, int]:
+    """On one axis of length n: (start, stop, pad_before, pad_after) of a window of `side` centred on [lo, hi)."""
+    if side >= n:  # the window covers the whole axis; the rest is reflection padding, split evenly
+        return 0, n, (side - n) // 2, side - n - (side - n) // 2
+    start = min(max(lo - (side - (hi - lo)) // 2, 0), n - side)
+    return start, start + side, 0, 0
+
+
+def plan_fit(hole: np.ndarray, resolution: int, mode: str = "crop", margin: float = 0.25) -> Fit:
+    """Choose the square region the model sees: a box around the hole ("crop") or the whole image ("resize").
+
+    crop: the hole's bounding box, made square, grown by `margin` × its side on every side, then at least `resolution`
+    (so small holes are inpainted at native scale, never upsampled) and at most the image's longer side; centred on the
+    hole and shifted to stay inside the image. Where it is wider than the image on an axis, that axis is reflection-padded.
+    An empty hole falls back to "resize".
+    """
+    if mode not in ("crop", "resize"):
+        raise UserError(f"fit mode must be 'crop' or 'resize', got {mode!r}")
+    if margin < 0:
+        raise UserError(f"crop margin must be ≥ 0, got {margin}")
+    height, width = hole.shape
+    if mode == "resize" or not hole.any():
+        mode, (top, bottom), (left, right) = "resize", (0, height), (0, width)
+        side = max(height, width)
+    else:
+        rows, cols = np.flatnonzero(hole.any(axis=1)), np.flatnonzero(hole.any(axis=0))
+        top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        hole_side = max(bottom - top, right - left)
+        side = hole_side + 2 * math.ceil(margin * hole_side)
+        side = min(max(side, resolution), max(height, width))
+    x0, x1, pad_l, pad_r = _place(left, right, side, width)
+    y0, y1, pad_t, pad_b = _place(top, bottom, side, height)
+    return Fit(mode=mode, image_size=(width, height), box=(x0, y0, x1, y1), pad=(pad_l, pad_t, pad_r, pad_b),
+               resolution=resolution)
+
+
+def _pad(a: np.ndarray, fit: Fit) -> np.ndarray:
+    """Reflection-pad a box-cropped HxW[xC] array to the fit's square."""
+    if not any(fit.pad):
+        return a
+    left, top, right, bottom = fit.pad
+    return np.pad(a, ((top, bottom), (left, right)) + ((0, 0),) * (a.ndim - 2), mode="reflect")
+
+
+def _resize(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Bicubic, antialiased resize of [N, C, h, w] in [0, 1] to side×side (identity when already that size)."""
+    if x.shape[-2:] == (side, side):
+        return x
+    return F.interpolate(x, size=(side, side), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def downscale_hole(hole: np.ndarray, resolution: int) -> np.ndarray:
+    """Square bool hole side×side → resolution², conservatively: a cell is a hole if ANY original pixel it overlaps is."""
+    side = hole.shape[0]
+    i = np.arange(resolution)
+    start, stop = (i * side) // resolution, -((-(i + 1) * side) // resolution)  # floor / ceil of the cell's extent
+    integral = np.zeros((side + 1, side + 1), dtype=np.int64)
+    integral[1:, 1:] = hole.astype(np.int64).cumsum(0).cumsum(1)
+    count = (integral[np.ix_(stop, stop)] - integral[np.ix_(start, stop)] - integral[np.ix_(stop, start)]
+             + integral[np.ix_(start, start)])
+    return count > 0
+
+
+def to_task_tensors(img: LoadedImage, hole: np.ndarray, fit: Fit,
+                    resolution: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's view: (image [1, 3, R, R] in [−1, 1], M [1, 1, R, R] with 1 = known), ready for Task(y=…, M=…)."""
+    r = fit.resolution
+    if resolution is not None and resolution != r:
+        raise ValueError(f"fit was planned for {r}x{r}, not {resolution}x{resolution}")
+    if hole.shape != img.pixels.shape[:2]:
+        raise ValueError(f"hole {hole.shape} does not match image {img.pixels.shape[:2]}")
+    left, top, right, bottom = fit.box
+    x = torch.from_numpy(np.ascontiguousarray(_pad(img.rgb01(fit.box), fit))).permute(2, 0, 1)[None]
+    x = _resize(x, r) * 2 - 1
+    known = ~downscale_hole(_pad(hole[top:bottom, left:right], fit), r)
+    return x.contiguous(), torch.from_numpy(known.astype(np.float32))[None, None]
+
+
+# ------------------------------------------------------------------------------------------------------------ compositing
+
+def composite(img: LoadedImage, hole: np.ndarray, fit: Fit, completed: torch.Tensor) -> np.ndarray:
+    """Paste the model's output into the hole at the original size; every other pixel is the original's, untouched."""
+    if completed.ndim == 4:
+        if completed.shape[0] != 1:
+            raise ValueError("composite takes one completed image at a time")
+        completed = completed[0]
+    left, top, right, bottom = fit.box
+    x = (completed.detach().to(torch.float32).cpu().clamp(-1, 1)[None] + 1) / 2
+    x = _resize(x, fit.side)[0, :, fit.pad[1]:fit.pad[1] + bottom - top, fit.pad[0]:fit.pad[0] + right - left]
+    x = x.permute(1, 2, 0).numpy()  # h×w×3 in [0, 1], the box at original scale
+    if img.is_grey:
+        x = x @ LUMA
+    new = np.rint(x * img.max_value).clip(0, img.max_value).astype(img.pixels.dtype)
+    out = img.pixels.copy()
+    region = out[top:bottom, left:right]  # a view: writing into it writes into `out`
+    colour = region if img.mode in ("L", "I;16") else region[..., 0] if img.mode == "LA" else region[..., :3]
+    box_hole = hole[top:bottom, left:right]
+    colour[box_hole] = new[box_hole]  # alpha (if any) is left as it was
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------- writing
+
+def _same_file(a: Path, b: Path) -> bool:
+    """True when two paths name the same file (symlinks and hard links included)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def save_image(path: str | os.PathLike, array: np.ndarray, like: LoadedImage,
+               protect: Iterable[str | os.PathLike] = ()) -> list[str]:
+    """Write `array` (pixels in `like`'s mode) atomically, format from the suffix; returns warnings for the user.
+
+    Refuses to write over the input image or any path in `protect` (e.g. the mask). PNG and TIFF keep 16 bits and alpha;
+    JPEG is lossy (visible pixels cannot stay bit-exact), WebP is written lossless.
+    """
+    path = Path(path)
+    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"cannot tell the output format from {path.name!r}; use .png, .jpg, .webp, .tif or .bmp")
+    for source in (like.path, *map(Path, protect)):
+        if _same_file(path, source):
+            raise UserError(f"refusing to write over an input file: {path}")
+    check_writable_dir(path)
+    warnings, mode = [], like.mode
+    if mode == "I;16" and fmt not in ("PNG", "TIFF"):
+        array, mode = np.rint(array / 257).astype(np.uint8), "L"
+        warnings.append(f"{fmt} cannot hold 16 bits: saved as 8-bit (use .png or .tif to keep 16 bits)")
+    if mode in ("LA", "RGBA") and fmt in ("JPEG", "BMP"):
+        array, mode = array[..., :-1], mode[:-1]
+        warnings.append(f"{fmt} cannot store transparency: the alpha channel was dropped (use .png to keep it)")
+    im = Image.fromarray(np.ascontiguousarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array))
+    if im.mode != mode:
+        raise ValueError(f"array of shape {array.shape} and dtype {array.dtype} is not a {mode} image")
+    params = {}
+    if like.icc_profile and fmt != "BMP":
+        params["icc_profile"] = like.icc_profile
+    if fmt == "JPEG":
+        params.update(quality=95, subsampling=0)
+        warnings.append("JPEG is lossy: the visible pixels will not stay bit-exact (use .png to keep them exactly)")
+    elif fmt == "WEBP":
+        params.update(lossless=True, exact=True)
+    atomic_write(path, lambda tmp: im.save(tmp, format=fmt, **params))
+    return warnings
+
+
+# ---------------------------------------------------------------------------------------------------------------- pairing
+
+def _list_images(folder: Path) -> list[Path]:
+    """Image files directly in `folder` (no hidden files), sorted by name."""
+    return sorted(p for p in folder.iterdir()
+                  if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _mask_base(stem: str) -> str | None:
+    """`photo` for `photo_mask` / `photo-mask`, else None."""
+    for suffix in MASK_SUFFIXES:
+        if stem.endswith(suffix) and len(stem) > len(suffix):
+            return stem[: -len(suffix)]
+    return None
+
+
+def _mask_index(folder: Path, suffixed_only: bool) -> dict[str, list[Path]]:
+    """Image stem → candidate mask files in `folder` (`<stem>.*`, `<stem>_mask.*`, `<stem>-mask.*`)."""
+    index: dict[str, list[Path]] = {}
+    for p in _list_images(folder):
+        base = _mask_base(p.stem)
+        if base is None and suffixed_only:
+            continue
+        index.setdefault(base if base is not None else p.stem, []).append(p)
+    return index
+
+
+def _find_mask(image: Path, index: dict[str, list[Path]]) -> Path | None:
+    candidates = index.get(image.stem, [])
+    if len(candidates) > 1:
+        names = ", ".join(p.name for p in candidates)
+        raise UserError(f"several masks match {image.name}: {names}; keep one")
+    return candidates[0] if candidates else None
+
+
+def pair_inputs(image_path: str | os.PathLike, mask_path: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """(image, mask) pairs: file + file, folder + folder (matched by stem), folder + one mask for all, file + folder.
+
+    Masks are matched as `<stem>.<ext>`, `<stem>_mask.<ext>` or `<stem>-mask.<ext>`. When masks and images share one
+    folder, only the `_mask`/`-mask` files are masks. Hidden files and non-image suffixes are skipped.
+    """
+    image_path, mask_path = Path(image_path), Path(mask_path)
+    for p, what in ((image_path, "image"), (mask_path, "mask")):
+        if not p.exists():
+            raise UserError(f"{what} path not found: {p}")
+    if image_path.is_file() and mask_path.is_file():
+        return [(image_path, mask_path)]
+    same_folder = mask_path.is_dir() and image_path.is_dir() and mask_path.resolve() == image_path.resolve()
+    index = _mask_index(mask_path, suffixed_only=same_folder) if mask_path.is_dir() else {}
+    if image_path.is_file():
+        mask = _find_mask(image_path, index)
+        if mask is None:
+            raise UserError(f"no mask for {image_path.name} in {mask_path} (looked for {image_path.stem}.*, "
+                            f"{image_path.stem}_mask.*, {image_path.stem}-mask.*)")
+        return [(image_path, mask)]
+    images = _list_images(image_path)
+    if same_folder:
+        images = [p for p in images if _mask_base(p.stem) is None]
+    if not images:
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {image_path}")
+    if mask_path.is_file():
+        return [(p, mask_path) for p in images]
+    pairs, missing = [], []
+    for p in images:
+        mask = _find_mask(p, index)
+        (pairs.append((p, mask)) if mask is not None else missing.append(p.name))
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
+        raise UserError(f"no mask for {len(missing)} of {len(images)} images in {mask_path}: {shown}; masks are "
+                        f"matched by name as <stem>.png, <stem>_mask.png or <stem>-mask.png")
+    return pairs

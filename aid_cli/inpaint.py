@@ -1,0 +1,118 @@
+"""`aid inpaint`: the path of one image, file to file (design.md).
+
+file + mask file → Task at model resolution (+ the Fit that says how) → sampler loop with one method → completed tensor →
+composited back at the original resolution (visible pixels bit-exact) → file, written atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .data.images import (OUTPUT_FORMATS, composite, load_image, load_mask, mask_stats, plan_fit, save_image,
+                          to_task_tensors)
+from .errors import UserError
+from .fileio import check_writable_dir
+from .methods import get_method
+from .sampling.heun import sample, sample_generators
+from .task import Task
+
+INVERTED_WARNING_FRACTION = 0.9
+
+
+@dataclass
+class InpaintOptions:
+    method: str = "replace"
+    steps: int = 18
+    seed: int = 0
+    samples: int = 1
+    invert_mask: bool = False
+    resize_mask: bool = False
+    fit: str = "crop"
+
+
+@dataclass
+class Job:
+    """One input pair and the output path(s) it will write (one per sample)."""
+
+    image: Path
+    mask: Path
+    outputs: list[Path]
+
+
+def plan_outputs(pairs: list[tuple[Path, Path]], out: Path, samples: int, folder_mode: bool) -> list[Job]:
+    """Output paths: a file for one input (``name-K.ext`` per sample when K > 1), ``OUT/<stem>[-K].png`` for folders."""
+    jobs = []
+    for image, mask in pairs:
+        if folder_mode:
+            base = out / f"{image.stem}.png"
+        else:
+            base = out
+        if samples == 1:
+            outputs = [base]
+        else:
+            outputs = [base.with_name(f"{base.stem}-{k}{base.suffix}") for k in range(samples)]
+        jobs.append(Job(image=image, mask=mask, outputs=outputs))
+    return jobs
+
+
+def check_outputs(jobs: list[Job]) -> None:
+    """Fail before any work when an output can't be written: unknown format, missing/read-only folder, over an input."""
+    inputs = {p.resolve() for j in jobs for p in (j.image, j.mask)}
+    for job in jobs:
+        for path in job.outputs:
+            if path.suffix.lower() not in OUTPUT_FORMATS:
+                raise UserError(f"cannot tell the output format from {path.name!r}; use .png, .jpg, .webp, .tif or .bmp")
+            check_writable_dir(path)
+            if path.resolve() in inputs:
+                raise UserError(f"refusing to write over an input file: {path}")
+
+
+def inpaint_one(net, resolution: int, job: Job, opts: InpaintOptions, device: torch.device,
+                notice: Callable[[str], None]) -> list[dict]:
+    """Inpaint one image (all its samples as one batch) and write its outputs; returns one record per output."""
+    img = load_image(job.image)
+    hole = load_mask(job.mask, img.size, invert=opts.invert_mask, resize=opts.resize_mask)
+    for note in img.notes:
+        notice(f"{job.image.name}: {note}")
+    fraction = mask_stats(hole)
+    records = []
+    if fraction == 0:
+        notice(f"{job.mask.name}: the mask is empty (nothing to fill); {job.image.name} is copied through unchanged")
+        for path in job.outputs:
+            for w in save_image(path, img.pixels, img, protect=[job.mask]):
+                notice(f"{path.name}: {w}")
+            records.append(_record(path, job, opts, k=len(records), nfe=0, backward=0, seconds=0.0, fit="copied"))
+        return records
+    if fraction > INVERTED_WARNING_FRACTION:
+        notice(f"{job.mask.name}: {fraction:.0%} of the image is to be filled; if white was meant to be kept, "
+               f"pass --invert-mask")
+
+    fit = plan_fit(hole, resolution, mode=opts.fit)
+    x, M = to_task_tensors(img, hole, fit)
+    K = opts.samples
+    task = Task(y=x.repeat(K, 1, 1, 1), M=M.repeat(K, 1, 1, 1)).to(device)
+    method = get_method(opts.method)
+    t0 = time.perf_counter()
+    result = sample(net, task, method, num_steps=opts.steps, generators=sample_generators(opts.seed, K))
+    seconds = (time.perf_counter() - t0) / K
+    for k, path in enumerate(job.outputs):
+        out = composite(img, hole, fit, result.completed[k:k + 1])
+        for w in save_image(path, out, img, protect=[job.mask]):
+            notice(f"{path.name}: {w}")
+        records.append(_record(path, job, opts, k, result.nfe, result.backward, seconds, fit.describe()))
+    return records
+
+
+def _record(path: Path, job: Job, opts: InpaintOptions, k: int, nfe: int, backward: int, seconds: float,
+            fit: str) -> dict:
+    return {"path": str(path), "input": str(job.image), "mask": str(job.mask), "seed": opts.seed + k,
+            "method": opts.method, "steps": opts.steps, "nfe": nfe, "backward": backward,
+            "seconds": round(seconds, 4), "fit": fit}
+
+
+__all__ = ["InpaintOptions", "Job", "plan_outputs", "check_outputs", "inpaint_one"]

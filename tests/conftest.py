@@ -1,0 +1,44 @@
+"""Shared test helpers: where ../shared is, and tiny networks that make tests fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from aid_cli.backbones.edm import build_precond
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+
+
+def need_shared(*parts: str) -> Path:
+    """Path under ../shared, or skip the test (users do not have ../shared)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs ../shared/{'/'.join(parts)} (project fixtures, not shipped to users)")
+    return path
+
+
+TINY_KWARGS = dict(img_resolution=16, img_channels=3, label_dim=0, use_fp16=False, model_type="SongUNet",
+                   embedding_type="positional", encoder_type="standard", decoder_type="standard", channel_mult_noise=1,
+                   resample_filter=[1, 1], model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
+                   dropout=0.0, augment_dim=0)
+
+
+@pytest.fixture
+def tiny_net():
+    """A randomly initialised 16×16 EDM network (fast on CPU)."""
+    torch.manual_seed(0)
+    return build_precond("EDMPrecond", dict(TINY_KWARGS)).eval().requires_grad_(False)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_net):
+    from aid_cli.backbones.checkpoint import save_backbone
+
+    path = tmp_path / "tiny.safetensors"
+    save_backbone(path, tiny_net, "EDMPrecond", dict(TINY_KWARGS), provenance={"note": "random test weights"})
+    return path
