@@ -213,7 +213,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
             sigma, z = loss_fn.draw(y.shape, g)  # drawn for the global batch, identical on every rank
             sl = slice(rank * batch_local, (rank + 1) * batch_local)
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout
-            loss = loss_fn(ddp, y[sl].to(device), sigma[sl], z[sl]).sum() / cfg.batch
+            loss = loss_fn(ddp, y[sl].to(device), sigma[sl], z[sl]).sum() / batch_local  # DDP averages over ranks
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if not math.isfinite(loss.item()):
@@ -233,7 +233,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
             update_ema(ema, net, 0.5 ** (cfg.batch / max(halflife, 1e-8)))
             elapsed += time.time() - t0
 
-            tick_loss += loss.item() * world
+            tick_loss += loss.item()
             tick_n += 1
             done = nimg >= total or (max_steps is not None and step >= max_steps)
             if rank == 0:
