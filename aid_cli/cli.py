@@ -24,7 +24,7 @@ app = typer.Typer(
 models_app = typer.Typer(help="Backbone checkpoints: convert official pickles safely.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # never hard-wrap: one message, one line (for grep, logs)
 
 
 def _parse_ints(text: str, what: str) -> list[int]:
@@ -136,19 +136,21 @@ def inpaint(
     if folder_mode and output.exists() and not output.is_dir():
         raise UserError(f"{image} is a folder, so -o must be a folder too (got the file {output})")
     pairs = pair_inputs(image, mask)
-    if folder_mode and not output.exists():
-        if not output.parent.is_dir():
-            raise UserError(f"output folder's parent does not exist: {output.parent}")
-        output.mkdir()
-    jobs = plan_outputs(pairs, output, samples, folder_mode)
-    check_outputs(jobs)
+    if folder_mode and not output.exists() and not output.parent.is_dir():
+        raise UserError(f"output folder's parent does not exist: {output.parent}")
     dev = resolve_device(device)
     net, info = load_backbone(resolve_backbone(model), device=dev)
+    if folder_mode and not output.exists():
+        output.mkdir()  # only once everything that can fail before the first image has passed
+    jobs = plan_outputs(pairs, output, samples, folder_mode)
+    check_outputs(jobs)
     opts = InpaintOptions(method=method, steps=steps, seed=seed, samples=samples, invert_mask=invert_mask,
                           resize_mask=resize_mask, fit=fit)
     from rich.progress import Progress
 
-    with Progress(console=err, transient=True, disable=len(jobs) * samples <= 1) as bar:
+    # redirect_stdout=False: on a terminal, Progress would otherwise route print() through `err`, sending the
+    # --json records to stderr instead of stdout
+    with Progress(console=err, transient=True, disable=len(jobs) * samples <= 1, redirect_stdout=False) as bar:
         task = bar.add_task("inpainting", total=len(jobs))
         for job in jobs:
             for rec in inpaint_one(net, info["resolution"], job, opts, dev, notice=lambda m: err.print(escape(m))):

@@ -1,0 +1,1 @@
+"""Sample-quality metrics (FID: `aid_cli.metrics.fid`)."""
