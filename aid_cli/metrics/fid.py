@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -74,7 +75,9 @@ def load_inception(device="cpu") -> torch.jit.ScriptModule:
     """The FID Inception-v3 (SHA1-checked): float32 [N, 3, 299, 299] in [-1, 0.9921875] → [N, 2048] pool_3 features."""
     path = inception_path()
     _check_sha1(path)
-    model = torch.jit.load(str(path), map_location="cpu")
+    with warnings.catch_warnings():  # recent torch deprecates TorchScript; loading still works
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated", category=DeprecationWarning)
+        model = torch.jit.load(str(path), map_location="cpu")
     return model.eval().to(device)
 
 
@@ -114,7 +117,8 @@ def inception_features(images, batch: int = 50, model=None, device="cpu",
                        on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """float64 [N, 2048] pool_3 features of uint8 [N, 3, H, W] images (or float in [-1, 1]), `batch` at a time.
 
-    `model` is a `load_inception()` result to reuse (loaded on `device` when omitted)."""
+    `model` is a `load_inception()` result to reuse (loaded on `device` when omitted); the images go to its device.
+    `on_batch(n)` is called after each batch (for progress)."""
     if model is None:
         model = load_inception(device)
     device = next(iter(model.parameters())).device
