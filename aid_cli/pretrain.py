@@ -157,11 +157,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
         if not state_path.is_file():
             raise UserError(f"--resume: no {STATE_FILE} in {run}")
         saved = json.loads((run / "config.json").read_text())
-        arch_keys = ("resolution", "model_channels", "channel_mult", "num_blocks", "attn_resolutions", "batch", "seed")
-        changed = [k for k in arch_keys if saved.get(k) != dataclasses.asdict(cfg).get(k)]
+        # The run's own settings win; only where the data is and how long/how often to save may change on resume.
+        free = ("dataset", "out", "duration_kimg", "snapshot_kimg", "checkpoint_minutes")
+        kept = {k: v for k, v in saved.items() if k not in free and k in dataclasses.asdict(cfg)}
+        changed = [f"{k}={v}" for k, v in kept.items() if dataclasses.asdict(cfg)[k] != v]
         if changed:
-            log(f"[yellow]--resume: keeping the run's own {', '.join(changed)}[/]")
-            cfg = dataclasses.replace(cfg, **{k: saved[k] for k in arch_keys})
+            log(f"--resume: keeping the run's own {', '.join(changed)}")
+        cfg = dataclasses.replace(cfg, **kept)
     elif state_path.exists():
         raise UserError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
 

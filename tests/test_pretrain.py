@@ -95,3 +95,12 @@ def test_torchrun_two_processes_match_one(tiny_dataset, tmp_path):
                             attn_resolutions=[8]).network_kwargs()
     fresh = build_precond("EDMPrecond", kwargs).state_dict()
     assert any(not torch.equal(fresh[k[4:]], a[k]) for k in a if k.startswith("net."))
+
+
+def test_resume_keeps_the_runs_own_hyperparameters(tiny_dataset, tmp_path):
+    pretrain(config(tiny_dataset, tmp_path / "r", lr=2e-3), max_steps=1, progress=False, log=lambda *a: None)
+    logs = []
+    pretrain(config(tiny_dataset, tmp_path / "r", lr=5e-4, duration_kimg=0.012), resume=True, progress=False,
+             log=logs.append)
+    assert any("lr=0.002" in str(line) for line in logs)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["lr"] == 2e-3

@@ -1,1 +1,1 @@
-"""Sample-quality metrics (FID: `aid_cli.metrics.fid`)."""
+"""Metrics: FID of samples (`fid`), and the inpainting metrics PSNR / hole PSNR / SSIM (`quality`) and LPIPS (`lpips`)."""

@@ -6,14 +6,17 @@ inpainting methods differ only in what they do at those points. The loop itself 
 
 Hooks, in the order the loop calls them for the step n: σ_n → σ_{n+1}:
 
-    x ← method.pre_step(s, n, x)                  state correction before the step (MCG, GradPaint, CoPaint)
-    D ← method.denoise(s, x, σ)                   every network evaluation goes through here (combine-image)
+    x ← method.pre_step(s, n, x)                  state correction before the step (RePaint, CoPaint; DPS, MCG and
+                                                  GradPaint make x_n an autograd leaf here)
+    D ← method.denoise(s, x, σ)                   every network evaluation goes through here (combine-image; the gradient
+                                                  methods keep the graph of D(x_n; σ_n) and reuse it, no extra NFE)
     x' ← Heun(x, σ_n → σ_{n+1})
     x' ← x' + method.drift(s, n, x)·Δt            the control u of eq. 1 (AID), held constant over the step
-    x' ← method.post_step(s, n, x, x')            state correction after the step (replacement, DPS)
+    x' ← method.post_step(s, n, x, x')            state correction after the step (replacement, DPS, MCG, GradPaint)
 
 and `method.schedule(N)` lists the grid indices the loop visits: plain methods go 0, 1, …, N; RePaint's time travel goes back
-up the grid, where the loop re-noises x ← x + √(σ_a² − σ_b²)·z.
+up the grid, where the loop re-noises x ← x + √(σ_a² − σ_b²)·z. Oracles (`oracle = True`: copy, greyfill) skip the loop:
+`method.fill(s)` gives x̂ directly, at 0 NFE. `finish` pastes the visible pixels back for every method.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ class SamplerState:
     generators: list[torch.Generator]
     nfe: int = 0  # network evaluations per image (forward passes)
     backward: int = 0  # backward passes through the network per image
-    extras: dict = field(default_factory=dict)  # per-method scratch space
+    extras: dict = field(default_factory=dict)  # per-method scratch space; the benchmark puts the oracles' "x0" here
 
     @property
     def num_steps(self) -> int:
@@ -100,6 +103,7 @@ class Method:
 
     name = "unguided"
     needs_grad = False  # True for methods that backpropagate through the network
+    oracle = False  # True: no sampling at all, `fill` gives x̂ directly (0 NFE)
 
     def setup(self, s: SamplerState) -> None:
         """Called once before the loop."""
@@ -124,6 +128,10 @@ class Method:
     def renoise(self, s: SamplerState, x: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tensor) -> torch.Tensor:
         """Undo denoising from σ_b up to σ_a: x ← x + √(σ_a² − σ_b²)·z (RePaint's time travel on the EDM grid)."""
         return x + (sigma_to ** 2 - sigma_from ** 2).sqrt() * s.randn_like(x)
+
+    def fill(self, s: SamplerState) -> torch.Tensor:
+        """An oracle's x̂ (only called when `oracle` is True)."""
+        raise NotImplementedError
 
     def finish(self, s: SamplerState, x: torch.Tensor) -> torch.Tensor:
         """Completed image: visible pixels pasted back, M ⊙ y + M̄ ⊙ x̂."""
@@ -155,10 +163,11 @@ class SampleResult:
 
 def sample(net: Denoiser, task: Task, method: Method | None = None, num_steps: int = 18, seed: int = 0,
            generators: list[torch.Generator] | None = None, sigmas: torch.Tensor | None = None,
-           latents: torch.Tensor | None = None) -> SampleResult:
+           latents: torch.Tensor | None = None, extras: dict | None = None) -> SampleResult:
     """Inpaint `task` with `method` on the EDM grid of `num_steps` steps.
 
     X_0 = σ_0·z with z from each sample's generator (seed + index), unless unit-variance `latents` are given.
+    `extras` seeds `SamplerState.extras`; only the benchmark passes the ground truth there (`{"x0": x0}`, for oracles).
     """
     method = method or Method()
     device = task.y.device
@@ -166,10 +175,13 @@ def sample(net: Denoiser, task: Task, method: Method | None = None, num_steps: i
         sigmas = edm_sigmas(num_steps, device=device)
     if generators is None:
         generators = sample_generators(seed, task.batch_size)
-    s = SamplerState(net=net, task=task, sigmas=sigmas.to(device), generators=generators)
+    s = SamplerState(net=net, task=task, sigmas=sigmas.to(device), generators=generators, extras=dict(extras or {}))
+    method.setup(s)
+    if method.oracle:  # copy, greyfill: no network, no loop
+        x = method.fill(s).to(device, torch.float32)
+        return SampleResult(x=x, completed=method.finish(s, x), nfe=s.nfe, backward=s.backward)
     x = latents.to(device, torch.float32) if latents is not None else s.randn_like(task.y)
     x = x * s.sigmas[0]
-    method.setup(s)
     order = list(method.schedule(s.num_steps))
     if not order or order[0] != 0 or order[-1] != s.num_steps:
         raise ValueError(f"{method.name}: a schedule must start at 0 and end at {s.num_steps}")
