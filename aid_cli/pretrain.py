@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from .backbones.checkpoint import save_backbone
 from .backbones.edm import build_precond, count_parameters
@@ -30,9 +29,10 @@ from .backbones.loss import EDMLoss
 from .data.datasets import load_image_set
 from .data.grid import save_grid
 from .errors import UserError
-from .fileio import atomic_write, atomic_write_text
+from .fileio import atomic_write_text
 from .sampling.heun import sample
 from .task import Task
+from .training import init_distributed, load_state, save_state, step_generator
 
 STATE_FILE = "training-state.safetensors"
 
@@ -68,65 +68,6 @@ class PretrainConfig:
                     augment_dim=0)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Distributed helpers: a no-op on one process.
-
-
-def _dist_info() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    return rank, world
-
-
-def _init_distributed(device: torch.device) -> tuple[int, int]:
-    rank, world = _dist_info()
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-    return rank, world
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Training state: model, EMA, optimizer, counters, all in one safetensors file.
-
-
-def save_state(path: Path, cfg: PretrainConfig, net, ema, opt, step: int, nimg: int, elapsed: float) -> None:
-    tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
-    opt_sd = opt.state_dict()
-    for i, st in opt_sd["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    meta = {"config": json.dumps(dataclasses.asdict(cfg)), "step": str(step), "nimg": str(nimg),
-            "elapsed_s": f"{elapsed:.3f}", "param_groups": json.dumps(opt_sd["param_groups"])}
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
-
-
-def load_state(path: Path, net, ema, opt) -> tuple[int, int, float]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    sd = load_file(str(path))
-    net.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("net.")})
-    ema.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("ema.")})
-    opt_state: dict[int, dict] = {}
-    for k, v in sd.items():
-        if k.startswith("opt."):
-            _, i, name = k.split(".", 2)
-            opt_state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
-    return int(meta["step"]), int(meta["nimg"]), float(meta["elapsed_s"])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """All randomness of training step `step` (batch indices, flips, σ, noise) comes from this generator."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
 @torch.no_grad()
 def update_ema(ema, net, beta: float) -> None:
     for p_ema, p_net in zip(ema.parameters(), net.parameters()):
@@ -144,11 +85,7 @@ def sample_grid(net, resolution: int, n: int = 64, seed: int = 0, num_steps: int
 def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.device = "cpu", max_steps: int | None = None,
              progress: bool = True, log=print) -> Path:
     """Train until `duration_kimg` (or `max_steps` optimizer steps, for tests); returns the run folder."""
-    device = torch.device(device)
-    rank, world = _init_distributed(device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+    rank, world, device = init_distributed(torch.device(device))
     if cfg.batch % world:
         raise UserError(f"--batch {cfg.batch} is not divisible by the {world} processes")
     run = Path(cfg.out)
@@ -180,7 +117,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     step, nimg, elapsed = 0, 0, 0.0
     if resume:
-        step, nimg, elapsed = load_state(state_path, net, ema, opt)
+        meta = load_state(state_path, {"net": net, "ema": ema}, {"opt": opt}, device=device)
+        step, nimg, elapsed = meta["step"], meta["nimg"], meta["elapsed_s"]
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else net
     loss_fn = EDMLoss()
@@ -254,7 +192,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
                     last_snapshot_kimg = snap
                     write_snapshot(run, cfg, ema, nimg, elapsed, data.source)
                 if snapshot_due or time.time() - last_ckpt >= cfg.checkpoint_minutes * 60:
-                    save_state(state_path, cfg, net, ema, opt, step, nimg, elapsed)
+                    save_state(state_path, {"net": net, "ema": ema}, {"opt": opt},
+                               {"config": dataclasses.asdict(cfg), "step": step, "nimg": nimg, "elapsed_s": elapsed})
                     last_ckpt = time.time()
     if world > 1:
         torch.distributed.barrier()

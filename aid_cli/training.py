@@ -1,0 +1,80 @@
+"""What `aid pretrain` and `aid train` share: distributed set-up, per-step seeding, and resumable training state.
+
+Training state is one safetensors file: every module's state dict under `<name>.`, every Adam optimizer's moments under
+`<name>.<param index>.`, and counters and param groups in the metadata. Randomness of step k comes from a generator seeded
+by (seed, k) alone, so a resumed run continues exactly as an uninterrupted one would, with no RNG state to carry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .fileio import atomic_write
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Join torchrun's process group when there is one; returns (rank, world, this process's device)."""
+    rank, world = dist_info()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """All randomness of training step `step` comes from this generator."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def save_state(path, modules: dict, optimizers: dict, meta: dict) -> None:
+    """Write modules, Adam moments and `meta` (JSON-able values) to one safetensors file, atomically.
+
+    Module and optimizer names must differ (they prefix the tensor names)."""
+    if modules.keys() & optimizers.keys():
+        raise ValueError("module and optimizer names must differ")
+    tensors = {}
+    for name, module in modules.items():
+        tensors.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
+    groups = {}
+    for name, opt in optimizers.items():
+        sd = opt.state_dict()
+        for i, st in sd["state"].items():
+            for k, v in st.items():
+                tensors[f"{name}.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+        groups[name] = sd["param_groups"]
+    metadata = {k: json.dumps(v) for k, v in meta.items()}
+    metadata["param_groups"] = json.dumps(groups)
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+
+
+def load_state(path, modules: dict, optimizers: dict, device="cpu") -> dict:
+    """Restore what `save_state` wrote into the given modules and optimizers; returns the metadata."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    sd = load_file(str(path), device=str(device))
+    for name, module in modules.items():
+        prefix = f"{name}."
+        module.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+    groups = json.loads(metadata.pop("param_groups"))
+    for name, opt in optimizers.items():
+        state: dict[int, dict] = {}
+        prefix = f"{name}."
+        for k, v in sd.items():
+            rest = k[len(prefix):] if k.startswith(prefix) else ""
+            head, _, tail = rest.partition(".")
+            if head.isdigit() and tail:
+                state.setdefault(int(head), {})[tail] = v
+        opt.load_state_dict({"state": state, "param_groups": groups[name]})
+    return {k: json.loads(v) for k, v in metadata.items()}
