@@ -1,0 +1,103 @@
+"""Actor μ_φ(t, x; ξ) and critic V_θ(t, x; ξ) of AID (method.md §7, paper App. G).
+
+Both are separate small conv nets on (t, x, M, y):
+  - a conditioning stem reads the task ξ = (M, y) (two residual blocks at width C);
+  - its output is concatenated with the state x and a sinusoidal embedding of the noise level;
+  - a four-block residual trunk at width C follows;
+  - the actor projects back to the state's channels (a field shaped like x), the critic takes the spatial mean and a
+    linear map to a scalar. The critic is for training only and never ships.
+
+Noise conditioning: the nets see σ through EDM's c_noise = ln(σ)/4, not the step index n, so one trained field serves any
+grid (N = 18 and N = 12 alike; method.md §3). **(reconstructed)** Input and output scaling follow EDM's preconditioning
+idea: the state enters as c_in(σ)·x with c_in = 1/√(σ² + σ_data²), so every noise level sees unit-scale inputs, and the
+actor's field leaves as c_u(σ)·F with c_u = √(σ² + σ_data²), the scale of the state it steers; its last conv starts at
+zero, so training starts from the unguided sampler (u ≡ 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.functional import silu
+
+SIGMA_DATA = 0.5
+
+
+def noise_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding [B, dim] of c_noise = ln(σ)/4 (transformer-style frequencies)."""
+    c_noise = sigma.reshape(-1).log() / 4
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
+    angles = c_noise[:, None].float() * freqs[None] * 100  # c_noise spans about [−1.6, 1.1]: spread it over the bands
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def _groups(channels: int) -> int:
+    return max(g for g in (8, 4, 2, 1) if channels % g == 0)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm → SiLU → 3×3 conv, twice, plus the identity."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm0 = nn.GroupNorm(_groups(width), width)
+        self.conv0 = nn.Conv2d(width, width, 3, padding=1)
+        self.norm1 = nn.GroupNorm(_groups(width), width)
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, h):
+        return h + self.conv1(silu(self.norm1(self.conv0(silu(self.norm0(h))))))
+
+
+class GuidanceNet(nn.Module):
+    """The shared body: conditioning stem on (M, y), then [stem, c_in·x, emb(σ)] through a residual trunk."""
+
+    def __init__(self, channels: int = 3, width: int = 16, emb_dim: int = 16, stem_blocks: int = 2,
+                 trunk_blocks: int = 4):
+        super().__init__()
+        self.channels, self.width, self.emb_dim = channels, width, emb_dim
+        self.stem_in = nn.Conv2d(channels + 1, width, 3, padding=1)  # (M, y)
+        self.stem = nn.Sequential(*[ResBlock(width) for _ in range(stem_blocks)])
+        self.trunk_in = nn.Conv2d(width + channels + emb_dim, width, 3, padding=1)
+        self.trunk = nn.Sequential(*[ResBlock(width) for _ in range(trunk_blocks)])
+        self.norm_out = nn.GroupNorm(_groups(width), width)
+
+    def features(self, sigma: torch.Tensor, x: torch.Tensor, M: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        sigma = sigma.reshape(-1, 1, 1, 1).to(x.dtype).expand(x.shape[0], 1, 1, 1)
+        c_in = 1 / (sigma ** 2 + SIGMA_DATA ** 2).sqrt()
+        cond = self.stem(self.stem_in(torch.cat([M, y], dim=1)))
+        emb = noise_embedding(sigma, self.emb_dim)[:, :, None, None].expand(-1, -1, *x.shape[-2:])
+        h = self.trunk(self.trunk_in(torch.cat([cond, c_in * x, emb], dim=1)))
+        return silu(self.norm_out(h))
+
+
+class Actor(GuidanceNet):
+    """μ_φ(σ, x; M, y): a field shaped like x, scaled by c_u(σ) = √(σ² + σ_data²)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.out = nn.Conv2d(self.width, self.channels, 3, padding=1)
+        nn.init.zeros_(self.out.weight)  # u ≡ 0 at initialisation: the unguided sampler
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, sigma, x, M, y):
+        c_u = (sigma.reshape(-1, 1, 1, 1).to(x.dtype) ** 2 + SIGMA_DATA ** 2).sqrt()
+        return c_u * self.out(self.features(sigma, x, M, y))
+
+
+class Critic(GuidanceNet):
+    """V_θ(σ, x; M, y): spatial mean of the trunk's features, then a linear map to a scalar."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.head = nn.Linear(self.width, 1)
+
+    def forward(self, sigma, x, M, y):
+        return self.head(self.features(sigma, x, M, y).mean(dim=(2, 3))).squeeze(1)
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())

@@ -1,0 +1,237 @@
+"""`aid train`: learn the guidance module with the continuous-time actor–critic (method.md §4–§6, Algorithm 1).
+
+One iteration, for a batch of tasks:
+  1. x0 from the training split, M from the free-form brush distribution, y = M ⊙ x0, X_0 ~ N(0, σmax² I).
+  2. Roll out the controlled ODE (the same sampler loop and `aid` method as deployment) with sampled actions
+     a_n = μ_φ(t_n, X_n; ξ) + √γ ε_n, no gradient through the backbone.
+  3. Running costs r_n = (β/2)(‖a_n‖²/d − γ)·Δt  (centred, eq. 5; means over the d pixels, as ℓ).
+     Terminal target ℓ(X_N) = (λ_vis/2)·mean(M ⊙ (X_N − x0))² + (λ_hole/2)·mean(M̄ ⊙ (X_N − x0))²   (eq. 2).
+     TD residuals δ_n = V_θ(t_{n+1}, X_{n+1}) − V_θ(t_n, X_n) + r_n, with V_θ(T, X_N) replaced by ℓ(X_N).
+  4. Critic (eq. 10): descend Σ_n δ_n²/2 with the next-state value detached (semi-gradient TD).
+  5. Actor (eq. 11): φ ← φ − α_φ Σ_n δ_n ∇_φ log π_φ(a_n | t_n, X_n), ∇_φ log π = ((a_n − μ_n)/γ)·∇_φ μ_n,
+     i.e. descend Σ_n sg(δ_n)·log π_φ(a_n) with log π = −‖a_n − μ_n‖²/(2γ) + const.
+  6. Adam for both, constant learning rates, gradient-norm clipping.
+Pixel sums vs means: ℓ and the running cost both use means over the d = C·H·W entries (recorded in the config);
+log π is the true Gaussian log-density (a sum over entries).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..backbones.checkpoint import load_backbone, sha256_file
+from ..data.datasets import load_image_set
+from ..data.masks import eval_masks, training_masks
+from ..errors import UserError
+from ..fileio import atomic_write_text
+from ..methods.aid import AID
+from ..metrics.quality import psnr_hole
+from ..sampling.heun import edm_sigmas, sample, sample_generators
+from ..task import Task
+from ..training import init_distributed, load_state, save_state, step_generator
+from .checkpoint import save_guidance
+from .networks import Actor, Critic, count_parameters
+
+STATE_FILE = "training-state.safetensors"
+GUIDANCE_FILE = "guidance.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    dataset: str
+    out: str
+    backbone: str
+    steps: int = 18  # N of the training rollouts
+    batch: int = 16
+    iters: int = 2000
+    beta: float = 0.1  # running-cost weight β (value lost in the paper: tuned)
+    gamma: float = 0.01  # exploration temperature γ (value lost: tuned)
+    lambda_vis: float = 2.0  # pixel EDM values of the paper
+    lambda_hole: float = 1.0
+    lr_actor: float = 1e-4
+    lr_critic: float = 1e-3
+    clip: float = 1.0  # gradient-norm clipping of each network
+    hole_min: float = 0.2
+    hole_max: float = 0.6
+    width: int = 16  # actor/critic width C
+    critic_width: int = 32
+    seed: int = 0
+    val_every: int = 100  # iterations between validation PSNRs
+    val_n: int = 32  # fixed val images (free-form masks v1, seed 0) for the validation PSNR
+    checkpoint_every: int = 50  # iterations between resumable states
+    val_dataset: str | None = None
+    reductions: str = "mean over C·H·W in both the terminal loss and the running cost"
+
+    def actor_kwargs(self, channels: int) -> dict:
+        return dict(channels=channels, width=self.width, emb_dim=16)
+
+    def critic_kwargs(self, channels: int) -> dict:
+        return dict(channels=channels, width=self.critic_width, emb_dim=16)
+
+
+def terminal_loss(x: torch.Tensor, x0: torch.Tensor, M: torch.Tensor, lambda_vis: float, lambda_hole: float):
+    """ℓ(x; x0, M) per image, means over all entries (eq. 2)."""
+    err2 = (x - x0) ** 2
+    return (lambda_vis / 2) * (M * err2).mean(dim=(1, 2, 3)) + (lambda_hole / 2) * ((1 - M) * err2).mean(dim=(1, 2, 3))
+
+
+def rollout(backbone, actor: Actor, task: Task, steps: int, gamma: float, generators) -> tuple[torch.Tensor, ...]:
+    """Sampled-action rollout through the ordinary sampler loop: (X [N,B,...], A [N,B,...], X_N [B,...])."""
+    policy = AID(actor=actor, gamma=gamma, record=True)
+    result = sample(backbone, task, policy, num_steps=steps, generators=generators)
+    X = torch.stack([x for _, x, _ in policy.trajectory])
+    A = torch.stack([a for _, _, a in policy.trajectory])
+    return X, A, result.x
+
+
+def actor_critic_losses(cfg: TrainConfig, actor, critic, X, A, X_N, x0, task: Task, sigmas) -> dict:
+    """The TD residuals and both losses of one batch of rollouts (steps 3–5 above)."""
+    N, B = X.shape[:2]
+    dt = 1.0 / N
+    M, y = task.M, task.y
+    flat = lambda t: t.reshape(N * B, *t.shape[2:])  # noqa: E731
+    rep = lambda t: t.unsqueeze(0).expand(N, *t.shape).reshape(N * B, *t.shape[1:])  # noqa: E731
+    sig = sigmas[:N].to(X.device).repeat_interleave(B)
+    r = (cfg.beta / 2) * ((A ** 2).mean(dim=(2, 3, 4)) - cfg.gamma) * dt  # [N, B]
+    ell = terminal_loss(X_N, x0, M, cfg.lambda_vis, cfg.lambda_hole)  # [B]
+    V = critic(sig, flat(X), rep(M), rep(y)).reshape(N, B)
+    V_next = torch.cat([V[1:].detach(), ell[None]], dim=0)
+    delta = V_next - V + r
+    critic_loss = 0.5 * (delta ** 2).sum(0).mean()
+    mu = actor(sig, flat(X), rep(M), rep(y)).reshape(A.shape)
+    log_pi = -((A - mu) ** 2).sum(dim=(2, 3, 4)) / (2 * cfg.gamma)  # up to a constant
+    actor_loss = (delta.detach() * log_pi).sum(0).mean()
+    return {"critic_loss": critic_loss, "actor_loss": actor_loss, "delta": delta.detach(), "terminal": ell.detach(),
+            "energy": (A ** 2).mean(dim=(2, 3, 4)).sum(0).mul(dt).detach(), "V0": V[0].detach()}
+
+
+@torch.no_grad()
+def validation_psnr(backbone, actor, images: torch.Tensor, M: torch.Tensor, steps: int, batch: int = 64) -> float:
+    """Mean hole PSNR of the deterministic actor (the policy's mean) on fixed images and masks."""
+    policy = AID(actor=actor, gamma=0.0)
+    values = []
+    for i in range(0, len(images), batch):
+        x0, m = images[i:i + batch], M[i:i + batch]
+        task = Task.from_image(x0, m)
+        out = sample(backbone, task, policy, num_steps=steps, generators=sample_generators(0, len(x0), offset=i))
+        values.append(psnr_hole(out.completed, x0, m))
+    return float(torch.cat(values).mean())
+
+
+def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int | None = None, progress: bool = True,
+          log=print) -> Path:
+    rank, world, device = init_distributed(torch.device(device))
+    if cfg.batch % world:
+        raise UserError(f"--batch {cfg.batch} is not divisible by the {world} processes")
+    run = Path(cfg.out)
+    state_path = run / STATE_FILE
+    if resume:
+        if not state_path.is_file():
+            raise UserError(f"--resume: no {STATE_FILE} in {run}")
+        saved = json.loads((run / "config.json").read_text())
+        free = ("dataset", "out", "iters", "val_dataset", "checkpoint_every", "val_every")
+        kept = {k: v for k, v in saved.items() if k not in free and k in dataclasses.asdict(cfg)}
+        changed = [f"{k}={v}" for k, v in kept.items() if dataclasses.asdict(cfg)[k] != v]
+        if changed:
+            log(f"--resume: keeping the run's own {', '.join(changed)}")
+        cfg = dataclasses.replace(cfg, **kept)
+    elif state_path.exists():
+        raise UserError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+
+    backbone, binfo = load_backbone(cfg.backbone, device=device)
+    backbone_sha = sha256_file(cfg.backbone)
+    res, C = binfo["resolution"], binfo["channels"]
+    data = load_image_set(cfg.dataset, resolution=res)
+    val = load_image_set(cfg.val_dataset, resolution=res, limit=cfg.val_n) if cfg.val_dataset else None
+    val_M = eval_masks("freeform", len(val), res, seed=0).to(device) if val else None
+
+    torch.manual_seed(cfg.seed)
+    actor = Actor(**cfg.actor_kwargs(C)).to(device)
+    critic = Critic(**cfg.critic_kwargs(C)).to(device)
+    opt_actor = torch.optim.Adam(actor.parameters(), lr=cfg.lr_actor)
+    opt_critic = torch.optim.Adam(critic.parameters(), lr=cfg.lr_critic)
+    it, elapsed = 0, 0.0
+    if resume:
+        meta = load_state(state_path, {"actor": actor, "critic": critic},
+                          {"opt_actor": opt_actor, "opt_critic": opt_critic}, device=device)
+        it, elapsed = meta["iteration"], meta["elapsed_s"]
+    ddp = (lambda m: torch.nn.parallel.DistributedDataParallel(m, device_ids=[device] if device.type == "cuda" else None)) \
+        if world > 1 else (lambda m: m)
+    actor_t, critic_t = ddp(actor), ddp(critic)
+    sigmas = edm_sigmas(cfg.steps, device=device)
+
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        n_actor, n_backbone = count_parameters(actor), count_parameters(backbone)
+        log(f"{'resuming' if resume else 'training'} AID guidance: actor {n_actor:,} parameters "
+            f"({100 * n_actor / n_backbone:.2f} % of the {n_backbone:,}-parameter backbone), critic "
+            f"{count_parameters(critic):,}; {len(data):,} training images → {run}")
+
+    def checkpoint():
+        save_state(state_path, {"actor": actor, "critic": critic}, {"opt_actor": opt_actor, "opt_critic": opt_critic},
+                   {"config": dataclasses.asdict(cfg), "iteration": it, "elapsed_s": elapsed})
+        save_guidance(run / GUIDANCE_FILE, actor, cfg.actor_kwargs(C), backbone_sha,
+                      training={**dataclasses.asdict(cfg), "iterations": it, "train_seconds": round(elapsed, 1),
+                                "backbone": str(cfg.backbone)})
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    B_local = cfg.batch // world
+    bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} it"),
+                   TextColumn("TD {task.fields[td]:.4f}  ℓ {task.fields[ell]:.4f}"), TimeRemainingColumn(),
+                   disable=not progress or rank != 0)
+    with bar:
+        ptask = bar.add_task("train", total=cfg.iters, completed=it, td=float("nan"), ell=float("nan"))
+        while it < cfg.iters and (max_iters is None or it < max_iters):
+            t0 = time.time()
+            g = step_generator(cfg.seed, it)
+            idx = torch.randint(len(data), (cfg.batch,), generator=g)
+            M_all = training_masks(cfg.batch, res, cfg.seed, it, hole_range=(cfg.hole_min, cfg.hole_max))
+            sl = slice(rank * B_local, (rank + 1) * B_local)
+            x0 = data.as_float(idx[sl]).to(device)
+            task = Task.from_image(x0, M_all[sl].to(device))
+            gens = sample_generators(int(torch.randint(2 ** 62, (1,), generator=g)), cfg.batch)[sl]
+            with torch.no_grad():
+                X, A, X_N = rollout(backbone, actor, task, cfg.steps, cfg.gamma, gens)
+            out = actor_critic_losses(cfg, actor_t, critic_t, X, A, X_N, x0, task, sigmas)
+            if not (math.isfinite(out["critic_loss"].item()) and math.isfinite(out["actor_loss"].item())):
+                raise RuntimeError(f"non-finite loss at iteration {it}; the last checkpoint in {run} is intact")
+            opt_critic.zero_grad(set_to_none=True)
+            opt_actor.zero_grad(set_to_none=True)
+            out["critic_loss"].backward()
+            out["actor_loss"].backward()
+            gn_critic = torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.clip)
+            gn_actor = torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.clip)
+            opt_critic.step()
+            opt_actor.step()
+            it += 1
+            elapsed += time.time() - t0
+            if rank != 0:
+                continue
+            d = out["delta"]
+            rec = {"iteration": it, "critic_loss": out["critic_loss"].item(), "delta_mean": d.mean().item(),
+                   "delta_std": d.std().item(), "actor_grad_norm": float(gn_actor), "critic_grad_norm": float(gn_critic),
+                   "terminal": out["terminal"].mean().item(), "control_energy": out["energy"].mean().item(),
+                   "V0": out["V0"].mean().item(), "seconds": round(time.time() - t0, 3)}
+            if val is not None and (it % cfg.val_every == 0 or it == cfg.iters):
+                vx = val.as_float(slice(None)).to(device)
+                rec["val_psnr_hole_18"] = validation_psnr(backbone, actor, vx, val_M, 18)
+                rec["val_psnr_hole_12"] = validation_psnr(backbone, actor, vx, val_M, 12)
+                log(f"it {it}: val PSNR-hole {rec['val_psnr_hole_18']:.2f} dB (N=18), "
+                    f"{rec['val_psnr_hole_12']:.2f} dB (N=12)")
+            with open(run / "stats.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            bar.update(ptask, completed=it, td=rec["critic_loss"], ell=rec["terminal"])
+            if it % cfg.checkpoint_every == 0 or it == cfg.iters or (max_iters is not None and it >= max_iters):
+                checkpoint()
+    if world > 1:
+        torch.distributed.barrier()
+    return run

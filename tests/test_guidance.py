@@ -1,0 +1,138 @@
+"""AID's actor–critic: networks, the policy-gradient term, a few training iterations, exact resume, deployment."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from aid_cli.errors import CheckpointError
+from aid_cli.guidance.checkpoint import load_guidance, save_guidance
+from aid_cli.guidance.networks import Actor, Critic, count_parameters
+from aid_cli.guidance.trainer import STATE_FILE, TrainConfig, actor_critic_losses, rollout, train
+from aid_cli.methods import get_method
+from aid_cli.sampling.heun import edm_sigmas, sample, sample_generators
+from aid_cli.task import Task
+
+from .conftest import TINY_KWARGS
+
+
+def tiny_task(n=2, res=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(n, 3, res, res, generator=g) * 2 - 1
+    M = torch.ones(n, 1, res, res)
+    M[:, :, 3:11, 4:12] = 0
+    return Task.from_image(x0, M), x0
+
+
+def test_shapes_zero_init_and_budget():
+    actor, critic = Actor(width=16), Critic(width=16)
+    task, x0 = tiny_task()
+    sigma = torch.tensor([80.0, 0.002])
+    assert actor(sigma, x0, task.M, task.y).shape == x0.shape
+    assert torch.equal(actor(sigma, x0, task.M, task.y), torch.zeros_like(x0))  # starts as the unguided sampler
+    assert critic(sigma, x0, task.M, task.y).shape == (2,)
+    # the default actor for the official 61.8 M EDM-64 backbone stays under 1 % of it
+    assert count_parameters(Actor(width=64)) < 0.01 * 61_805_571
+
+
+def test_log_prob_gradient_matches_autograd():
+    """∇_φ log π(a|x) = ((a − μ)/γ)·∇_φ μ: the surrogate the trainer descends has exactly that gradient."""
+    torch.manual_seed(0)
+    actor = Actor(width=8).double()
+    torch.nn.init.normal_(actor.out.weight, std=0.1)
+    task, x = tiny_task(n=1)
+    task, x = Task(y=task.y.double(), M=task.M.double()), x.double()
+    sigma, gamma = torch.tensor([1.5], dtype=torch.float64), 0.3
+    with torch.no_grad():
+        a = actor(sigma, x, task.M, task.y) + gamma ** 0.5 * torch.randn_like(x)
+    mu = actor(sigma, x, task.M, task.y)
+    log_pi = -((a - mu) ** 2).sum() / (2 * gamma)
+    g_auto = torch.autograd.grad(log_pi, list(actor.parameters()))
+    mu = actor(sigma, x, task.M, task.y)
+    g_formula = torch.autograd.grad(mu, list(actor.parameters()), grad_outputs=(a - mu.detach()) / gamma)
+    for ga, gf in zip(g_auto, g_formula):
+        assert torch.allclose(ga, gf, atol=1e-10, rtol=1e-10)
+    # and the true Gaussian log-density differs from the surrogate only by a constant
+    dist = torch.distributions.Normal(mu.detach(), gamma ** 0.5)
+    const = dist.log_prob(a).sum() - (-((a - mu.detach()) ** 2).sum() / (2 * gamma))
+    assert torch.isclose(const, torch.tensor(-0.5 * a.numel() * np.log(2 * np.pi * gamma), dtype=const.dtype), rtol=1e-5)
+
+
+def test_td_residuals_use_terminal_target(tiny_net):
+    task, x0 = tiny_task()
+    cfg = TrainConfig(dataset="", out="", backbone="", steps=3, beta=0.5, gamma=0.1)
+    actor, critic = Actor(width=8), Critic(width=8)
+    X, A, X_N = rollout(tiny_net, actor, task, 3, cfg.gamma, sample_generators(0, 2))
+    assert X.shape == (3, 2, 3, 16, 16) and A.shape == X.shape
+    out = actor_critic_losses(cfg, actor, critic, X, A, X_N, x0, task, edm_sigmas(3))
+    with torch.no_grad():
+        V = torch.stack([critic(edm_sigmas(3)[n].expand(2), X[n], task.M, task.y) for n in range(3)])
+    r = 0.25 * ((A ** 2).mean(dim=(2, 3, 4)) - 0.1) / 3
+    # the last residual closes on ℓ(X_N), the others on the next state's value
+    assert torch.allclose(out["delta"][-1], out["terminal"] - V[-1] + r[-1], atol=1e-5)
+    assert torch.allclose(out["delta"][0], V[1] - V[0] + r[0], atol=1e-5)
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def cfg_for(data, out, backbone, **kw):
+    base = dict(dataset=str(data), out=str(out), backbone=str(backbone), steps=3, batch=4, iters=6, width=8,
+                critic_width=8, lr_actor=1e-3, lr_critic=3e-3, val_every=3, val_n=2, checkpoint_every=3,
+                val_dataset=str(data), seed=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_updates_both_networks_and_lowers_td_loss(tiny_data, tiny_checkpoint, tmp_path):
+    run = train(cfg_for(tiny_data, tmp_path / "r", tiny_checkpoint, iters=40, val_every=20, checkpoint_every=20),
+                progress=False, log=lambda *a: None)
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    first, last = np.mean([s["critic_loss"] for s in stats[:5]]), np.mean([s["critic_loss"] for s in stats[-5:]])
+    assert last < first
+    assert "val_psnr_hole_18" in stats[19] and "val_psnr_hole_12" in stats[19]
+    for key in ("delta_mean", "delta_std", "actor_grad_norm", "terminal", "control_energy"):
+        assert np.isfinite(stats[-1][key])
+    state = load_file(str(run / STATE_FILE))
+    actor_out = state["actor.out.weight"]
+    assert actor_out.abs().sum() > 0  # moved away from the zero initialisation
+    actor, info = load_guidance(run / "guidance.safetensors")
+    assert info["training"]["iterations"] == 40
+
+
+def test_resume_equals_uninterrupted(tiny_data, tiny_checkpoint, tmp_path):
+    train(cfg_for(tiny_data, tmp_path / "a", tiny_checkpoint), progress=False, log=lambda *a: None)
+    train(cfg_for(tiny_data, tmp_path / "b", tiny_checkpoint), max_iters=3, progress=False, log=lambda *a: None)
+    train(cfg_for(tiny_data, tmp_path / "b", tiny_checkpoint), resume=True, progress=False, log=lambda *a: None)
+    a, b = load_file(str(tmp_path / "a" / STATE_FILE)), load_file(str(tmp_path / "b" / STATE_FILE))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_deployment_uses_the_mean_and_checks_the_backbone(tiny_net, tmp_path):
+    torch.manual_seed(0)
+    actor = Actor(width=8)
+    torch.nn.init.normal_(actor.out.weight, std=0.05)
+    path = save_guidance(tmp_path / "g.safetensors", actor, dict(channels=3, width=8, emb_dim=16), "a" * 64)
+    task, _ = tiny_task()
+    method = get_method("aid", guidance=path, backbone_sha256="a" * 64)
+    out = sample(tiny_net, task, method, num_steps=3, seed=0)
+    assert out.nfe == 5 and out.backward == 0
+    plain = sample(tiny_net, task, get_method("unguided"), num_steps=3, seed=0)
+    assert not torch.allclose(out.completed, plain.completed)
+    again = sample(tiny_net, task, get_method("aid", guidance=path), num_steps=3, seed=0)
+    assert torch.equal(out.completed, again.completed)  # deterministic: the policy's mean
+    with pytest.raises(CheckpointError, match="trained on backbone"):
+        get_method("aid", guidance=path, backbone_sha256="b" * 64)
+    assert TINY_KWARGS["img_resolution"] == 16
