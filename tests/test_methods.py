@@ -10,6 +10,7 @@ from aid_cli.methods.gradpaint import alignment_loss
 from aid_cli.methods.repaint import jump_schedule
 from aid_cli.sampling.heun import sample
 
+from .conftest import method_params
 from .test_sampler import make_task
 
 N = 3
@@ -27,6 +28,7 @@ COUNTS = {
     # G = 2: per step 1 forward at x_n, G trial forwards (each reused for the next gradient), G backwards, then the Heun
     # step reuses the last evaluation and adds its second one (none on the last step): (G + 2)N − 1, plus one per retry
     "copaint": ((2 + 2) * N - 1, 2 * N),
+    "aid": (2 * N - 1, 0),  # the actor is a separate small net: backbone forwards only, no backward at deployment
     "copy": (0, 0),
     "greyfill": (0, 0),
 }
@@ -39,7 +41,7 @@ def test_every_method_has_a_hand_count():
 @pytest.mark.parametrize("name", sorted(COUNTS))
 def test_visible_pixels_exact_and_counts_honest(tiny_net, name):
     task, x0 = make_task()
-    params = {"adaptive": False} if name == "copaint" else {}  # no line search: the count is exact
+    params = method_params(name)
     extras = {"x0": x0} if METHODS[name].oracle else None
     r = sample(tiny_net, task, get_method(name, **params), num_steps=N, seed=0, extras=extras)
     visible = task.M.expand_as(r.completed) > 0

@@ -6,6 +6,8 @@ from aid_cli.methods import METHODS, get_method
 from aid_cli.sampling.heun import Method, sample
 from aid_cli.task import Task
 
+from .conftest import method_params
+
 
 def make_task(n=3, res=16, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -44,7 +46,7 @@ def test_every_method_keeps_visible_pixels_exact(tiny_net):
     task, x0 = make_task()
     for name, cls in METHODS.items():
         extras = {"x0": x0} if cls.oracle else None  # only oracles get the ground truth (as only `aid bench` gives it)
-        out = sample(tiny_net, task, get_method(name), num_steps=3, seed=0, extras=extras).completed
+        out = sample(tiny_net, task, get_method(name, **method_params(name)), num_steps=3, seed=0, extras=extras).completed
         visible = task.M.expand_as(out) > 0
         assert torch.equal(out[visible], (task.M * x0).expand_as(out)[visible]), name
         if name != "greyfill":  # greyfill's hole is 0 by definition
