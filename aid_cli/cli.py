@@ -128,7 +128,7 @@ def inpaint(
     from .devices import resolve_device
     from .inpaint import InpaintOptions, check_outputs, inpaint_one, plan_outputs
     from .methods import get_method
-    from .registry import resolve_backbone
+    from .registry import resolve_backbone, tuned_params
 
     if fit not in ("crop", "resize"):
         raise UserError(f"--fit must be crop or resize, got {fit!r}")
@@ -140,13 +140,17 @@ def inpaint(
     if folder_mode and not output.exists() and not output.parent.is_dir():
         raise UserError(f"output folder's parent does not exist: {output.parent}")
     dev = resolve_device(device)
-    net, info = load_backbone(resolve_backbone(model), device=dev)
+    checkpoint = resolve_backbone(model)
+    net, info = load_backbone(checkpoint, device=dev)
+    params = tuned_params(checkpoint, method, notice=lambda m: err.print(escape(m), soft_wrap=True))
+    if params:
+        err.print(f"{method}: this backbone's tuned params {escape(json.dumps(params))} (aid bench --tune)")
     if folder_mode and not output.exists():
         output.mkdir()  # only once everything that can fail before the first image has passed
     jobs = plan_outputs(pairs, output, samples, folder_mode)
     check_outputs(jobs)
     opts = InpaintOptions(method=method, steps=steps, seed=seed, samples=samples, invert_mask=invert_mask,
-                          resize_mask=resize_mask, fit=fit)
+                          resize_mask=resize_mask, fit=fit, params=params)
     from rich.progress import Progress
 
     # redirect_stdout=False: on a terminal, Progress would otherwise route print() through `err`, sending the
@@ -322,6 +326,135 @@ def metrics_cmd(
     err.print(f"{line}, SSIM {fmt(result['ssim'], '.4f')}, LPIPS {fmt(result['lpips'], '.4f')} (alex v0.1)")
     if json_out:
         print(json.dumps(result))
+
+
+def _wide(console: Console) -> Console:
+    """A terminal console as is; for logs and pipes (80 columns by default) a wider one, so tables do not wrap."""
+    return console if console.is_terminal else Console(stderr=True, highlight=False, width=160)
+
+
+@app.command()
+def bench(
+    methods_list: Optional[str] = typer.Option(None, "--methods", help="Comma list of methods (see `aid methods`); "
+                                               "aid-12 / aid-18 name AID's operating points."),
+    dataset: Path = typer.Option(..., "--dataset", help="Images: folder or EDM zip (the first --n, sorted by name)."),
+    masks: str = typer.Option("freeform,center,strip", "--masks", help="Mask families, comma list (fixed, versioned)."),
+    n: Optional[int] = typer.Option(None, "--n", "-n", min=1,
+                                    help="Images per cell (default 100; with --tune, 16). Under torchrun: -n."),
+    seeds: str = typer.Option("3", "--seeds", help="Noise seeds: a count (3 = seeds 0,1,2) or a list (0,5,7)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Backbone checkpoint (.safetensors); default: embedded"),
+    steps: int = typer.Option(18, "--steps", min=2, help="EDM grid steps N (NFE = 2N-1 for most methods)."),
+    batch: int = typer.Option(16, "--batch", min=1, help="Images per sampler call (results do not depend on it)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Result folder: bench.json/.csv, grids, plot, cells.jsonl."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results (bench.json) to this file."),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps (auto: cuda, then mps, then cpu)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the benchmark in --out, skipping finished cells."),
+    tune_method: Optional[str] = typer.Option(None, "--tune", metavar="METHOD",
+                                              help="Tune METHOD's step size (dps, mcg, gradpaint, copaint) on "
+                                                   "--dataset (use the validation split) and record it."),
+    guidance: Optional[Path] = typer.Option(None, "--guidance", help="AID's guidance module (default: the embedded)."),
+    mask_seed: int = typer.Option(0, "--mask-seed", min=0, help="Seed of the evaluation mask set."),
+    examples: int = typer.Option(6, "--examples", min=1, help="Images per grid."),
+    offline: bool = typer.Option(False, "--offline", help="Never download LPIPS weights (also: HF_HUB_OFFLINE=1)."),
+):
+    """Benchmark inpainting methods on the same images, fixed masks and noise: quality, NFE, speed, memory.
+
+    A cell is one method × mask family × seed; rows show mean ± std over seeds of hole PSNR, SSIM and LPIPS.
+
+    Seconds per image are measured in this run, on this device, after a warm-up batch; NFE as the sampler counts it.
+
+    Writes OUT/bench.json, bench.csv, grid-MASK.png and quality-speed.png, rebuilt from OUT/cells.jsonl.
+
+    Cells are saved as they finish: an interrupted run continues with --resume. Under torchrun, images are sharded.
+
+    --tune METHOD tries step sizes from 0.1 to 10 × the default on --n images and keeps the best hole PSNR.
+
+    The choice is recorded beside the checkpoint (STEM.tuned.json); `aid inpaint` and `aid bench` then use it.
+
+    Examples:
+
+      [bold]aid bench --methods replace,dps,repaint,copy --dataset test.zip --n 100 --out bench/[/]
+
+      [bold]aid bench --tune dps --dataset val.zip --n 16[/]
+
+      [bold]torchrun --nproc-per-node 4 -m aid_cli.cli bench --methods dps,mcg --dataset test.zip -n 100 --out bench/[/]
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    import os
+
+    from .bench import BenchConfig, check_masks, parse_list, parse_seeds, rich_table, run_bench, tune
+    from .devices import resolve_device
+    from .fileio import atomic_write_text
+
+    seed_list = parse_seeds(seeds)
+    if json_path is not None:
+        check_writable_dir(json_path)
+    dev = resolve_device(device)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=err, transient=True, redirect_stdout=False,
+                   disable=os.environ.get("RANK", "0") != "0")  # under torchrun, rank 0 alone shows progress
+    ptask = bar.add_task("bench", total=None)
+
+    def progress(done: int, total: int, description: str) -> None:
+        bar.update(ptask, completed=done, total=total, description=escape(description))
+
+    def log(message: str) -> None:
+        err.print(escape(message), soft_wrap=True)
+
+    if tune_method is not None:
+        if methods_list or resume:
+            raise UserError("--tune runs alone: drop --methods/--resume")
+        if out is not None and out.exists() and not out.is_dir():
+            raise UserError(f"--out must be a folder, got the file {out}")
+        with bar:
+            entry = tune(tune_method, str(dataset), model, n=n or 16, steps=steps, seed=seed_list[0], batch=batch,
+                         mask_seed=mask_seed, device=dev, log=log, progress=progress, lpips_offline=offline or None)
+        if entry is None:  # not rank 0
+            return
+        from rich.table import Table
+
+        param = entry["param"]
+        t = Table(title=f"--tune {tune_method}: {entry['n']} images, free-form masks, seed {entry['seed']}, "
+                        f"{entry['steps']} steps")
+        for col in (param, "PSNR-hole dB", "SSIM", "LPIPS", "diverged"):
+            t.add_column(col, justify="right")
+        for s in entry["scores"]:
+            fmt = lambda v, d: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
+            t.add_row(f"{s[param]:g}" + (" *" if s[param] == entry["params"][param] else ""), fmt(s["psnr_hole"], 2),
+                      fmt(s["ssim"], 3), fmt(s["lpips"], 3), str(s["images_nonfinite"]))
+        _wide(err).print(t)
+        err.print(f"{tune_method}: {param} = {entry['params'][param]:g} (default {entry['default']:g}); recorded in "
+                  f"{escape(entry['record'])}", soft_wrap=True)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / f"tune-{tune_method}.json", json.dumps(entry, indent=2) + "\n")
+        if json_path is not None:
+            atomic_write_text(json_path, json.dumps(entry, indent=2) + "\n")
+        return
+
+    if not methods_list:
+        raise UserError("--methods is required (e.g. --methods replace,dps,copy), or --tune METHOD")
+    if out is None:
+        raise UserError("--out DIR is required: the results and the resumable cells go there")
+    cfg = BenchConfig(dataset=str(dataset), methods=parse_list(methods_list, "--methods"),
+                      masks=check_masks(parse_list(masks, "--masks")), n=n or 100, seeds=seed_list, steps=steps,
+                      batch=batch, mask_seed=mask_seed, examples=examples, lpips_offline=offline or None,
+                      guidance=str(guidance) if guidance else None)
+    try:
+        with bar:
+            result = run_bench(cfg, out, model=model, device=dev, resume=resume, log=log, progress=progress)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: finished cells are kept in {escape(str(out))}/cells.jsonl; rerun with --resume to "
+                  f"continue", soft_wrap=True)
+        sys.exit(130)  # (Typer would turn the KeyboardInterrupt into a returned exit code that main() drops)
+    if result is None:  # not rank 0
+        return
+    _wide(err).print(rich_table(result))
+    err.print(f"wrote {escape(str(out))}/bench.json, bench.csv, grid-*.png, quality-speed.png", soft_wrap=True)
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
 
 
 @app.command()

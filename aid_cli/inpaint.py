@@ -7,7 +7,7 @@ composited back at the original resolution (visible pixels bit-exact) → file, 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +33,7 @@ class InpaintOptions:
     invert_mask: bool = False
     resize_mask: bool = False
     fit: str = "crop"
+    params: dict = field(default_factory=dict)  # method params (the backbone's tuned ones, registry.tuned_params)
 
 
 @dataclass
@@ -96,7 +97,7 @@ def inpaint_one(net, resolution: int, job: Job, opts: InpaintOptions, device: to
     x, M = to_task_tensors(img, hole, fit)
     K = opts.samples
     task = Task(y=x.repeat(K, 1, 1, 1), M=M.repeat(K, 1, 1, 1)).to(device)
-    method = get_method(opts.method)
+    method = get_method(opts.method, **opts.params)
     t0 = time.perf_counter()
     result = sample(net, task, method, num_steps=opts.steps, generators=sample_generators(opts.seed, K))
     seconds = (time.perf_counter() - t0) / K
@@ -111,7 +112,7 @@ def inpaint_one(net, resolution: int, job: Job, opts: InpaintOptions, device: to
 def _record(path: Path, job: Job, opts: InpaintOptions, k: int, nfe: int, backward: int, seconds: float,
             fit: str) -> dict:
     return {"path": str(path), "input": str(job.image), "mask": str(job.mask), "seed": opts.seed + k,
-            "method": opts.method, "steps": opts.steps, "nfe": nfe, "backward": backward,
+            "method": opts.method, "params": dict(opts.params), "steps": opts.steps, "nfe": nfe, "backward": backward,
             "seconds": round(seconds, 4), "fit": fit}
 
 

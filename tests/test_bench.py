@@ -1,0 +1,377 @@
+"""`aid bench` on a tiny random backbone and four 16×16 images: reports and their schema, oracles, resume, batch-size
+invariance, tuned step sizes picked up by `inpaint` and `bench`, and visible pixels kept exactly by every method."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aid_cli import bench as bench_mod
+from aid_cli import registry
+from aid_cli.backbones.checkpoint import save_backbone, sha256_file
+from aid_cli.backbones.edm import build_precond
+from aid_cli.bench import BenchConfig, read_cells, resolve_method, run_bench, tune_grid
+from aid_cli.data.masks import MASKS_VERSION
+from aid_cli.methods import METHODS, Method
+
+from .conftest import REPO, TINY_KWARGS
+from .test_cli_inpaint import assert_user_error, run_cli
+
+STEPS = "2"
+
+
+@pytest.fixture(scope="session")
+def lpips_cache(tmp_path_factory):
+    """A cache folder holding the converted LPIPS weights (built once per session; None if LPIPS is unavailable)."""
+    import os
+
+    from aid_cli.metrics.lpips import CACHE_FILE, LPIPSUnavailable, load_lpips
+
+    folder = tmp_path_factory.mktemp("lpips-cache")
+    try:
+        load_lpips(offline=True, cache=folder)
+    except LPIPSUnavailable:
+        return None
+    assert os.path.isfile(folder / CACHE_FILE)
+    return folder / CACHE_FILE
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch, lpips_cache):
+    """Each test gets its own aid cache (tuned records), offline, with the LPIPS weights already converted."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if lpips_cache is not None:
+        shutil.copy(lpips_cache, cache / lpips_cache.name)
+    monkeypatch.setenv("AID_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def _dataset(folder, n=4, res=16, seed=0):
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+@pytest.fixture
+def data(tmp_path):
+    return _dataset(tmp_path / "data")
+
+
+def _guidance(path, backbone_sha256):
+    """A random (non-zero) AID guidance module for a backbone."""
+    from aid_cli.guidance.checkpoint import save_guidance
+    from aid_cli.guidance.networks import Actor
+
+    torch.manual_seed(0)
+    actor = Actor(width=8)
+    torch.nn.init.normal_(actor.out.weight, std=0.05)
+    return save_guidance(path, actor, {"width": 8}, backbone_sha256)
+
+
+def _bench_args(data, ckpt, out, methods="dps,copy", masks="freeform,center", seeds="2", batch="4", *extra):
+    return ["bench", "--methods", methods, "--dataset", data, "--model", ckpt, "--masks", masks, "--n", "4",
+            "--seeds", seeds, "--steps", STEPS, "--batch", batch, "--device", "cpu", "--out", out, *extra]
+
+
+def test_bench_writes_json_csv_grids_and_plot(tmp_path, data, tiny_checkpoint, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(_bench_args(data, tiny_checkpoint, out, "dps,copy", "freeform,center", "2", "4",
+                                            "--json", tmp_path / "b.json"), capsys)
+    assert code == 0, err
+    assert stdout == ""
+    assert "NFE" in err and "dps" in err  # the table (on stderr)
+    result = json.loads((out / "bench.json").read_text())
+    assert json.loads((tmp_path / "b.json").read_text()) == result
+
+    cfg = result["config"]
+    assert cfg["n"] == 4 and cfg["seeds"] == [0, 1] and cfg["steps"] == 2
+    assert cfg["masks"]["version"] == MASKS_VERSION and cfg["masks"]["families"] == ["freeform", "center"]
+    assert cfg["model"]["sha256"] == sha256_file(tiny_checkpoint)
+    assert cfg["model"]["path"] == str(tiny_checkpoint.resolve())
+    assert cfg["device"].startswith("cpu") and cfg["torch"] == torch.__version__
+    assert {"psnr_hole", "ssim", "lpips", "aggregation", "sec_per_image"} <= cfg["metrics"].keys()
+    assert cfg["peak_memory"]["kind"] in ("process_rss_peak_sampled", "process_maxrss_lifetime")
+    assert cfg["methods"]["dps"] == {"method": "dps", "params": {}, "params_source": "defaults", "steps": 2}
+
+    rows = result["rows"]
+    assert [(r["method"], r["mask"]) for r in rows] == [("dps", "freeform"), ("dps", "center"), ("copy", "freeform"),
+                                                         ("copy", "center")]
+    for r in rows:
+        assert {"method", "mask", "nfe", "backward", "sec_per_image", "psnr_hole", "ssim", "lpips",
+                "peak_memory_mib"} <= r.keys()
+        for metric in ("psnr_hole", "ssim", "lpips"):
+            assert {"mean", "std"} <= r[metric].keys()
+        assert r["sec_per_image"] >= 0 and r["peak_memory_mib"] > 0 and r["seeds"] == [0, 1]
+        assert r["lpips"]["mean"] is None  # 16×16 is below LPIPS's 31×31 minimum: null, with one notice
+    dps, copy = rows[0], rows[2]
+    assert (dps["nfe"], dps["backward"]) == (3, 2)  # 2N − 1 forwards, N backwards
+    assert isinstance(dps["psnr_hole"]["mean"], float) and dps["psnr_hole"]["std"] > 0  # seeds draw other noise
+    assert [p["seed"] for p in dps["per_seed"]] == [0, 1]
+    assert (copy["nfe"], copy["backward"]) == (0, 0)
+    assert copy["psnr_hole"] == {"mean": None, "std": None, "value": "inf"}  # exact hole: +inf, null in JSON
+    assert copy["ssim"]["mean"] == pytest.approx(1.0) and copy["ssim"]["std"] == pytest.approx(0.0)
+    assert err.count("lpips is null") == 1
+
+    with open(out / "bench.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["method"], r["mask"]) for r in table] == [(r["method"], r["mask"]) for r in rows]
+    assert table[2]["psnr_hole_mean"] == "inf" and float(table[0]["psnr_hole_mean"]) == dps["psnr_hole"]["mean"]
+    for family in ("freeform", "center"):
+        with Image.open(out / f"grid-{family}.png") as im:
+            assert im.height >= 4 * 64  # input, dps, copy, ground truth; tiles scaled up to ≥ 64 px
+    with Image.open(out / "quality-speed.png") as im:
+        assert im.size == (720, 480)
+    assert len(read_cells(out)) == 8  # 2 methods × 2 masks × 2 seeds
+
+
+def _assert_visible_exact(completed, x0, M):
+    vis = M.expand_as(x0) > 0.5
+    assert torch.equal(completed[vis], x0[vis])
+
+
+def test_copy_oracle_has_lpips_zero(tmp_path, lpips_cache):
+    if lpips_cache is None:
+        pytest.skip("LPIPS weights unavailable offline")
+    kwargs = dict(TINY_KWARGS, img_resolution=32)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny32.safetensors"
+    save_backbone(ckpt, build_precond("EDMPrecond", dict(kwargs)).eval(), "EDMPrecond", kwargs)
+    data = _dataset(tmp_path / "data32", n=2, res=32)
+    cfg = BenchConfig(dataset=str(data), methods=["copy", "greyfill"], masks=["center"], n=2, seeds=[0], steps=2,
+                      batch=2)
+    rows = run_bench(cfg, tmp_path / "out", model=ckpt, device="cpu", log=lambda m: None)["rows"]
+    assert rows[0]["lpips"]["mean"] == 0.0 and rows[0]["ssim"]["mean"] == pytest.approx(1.0)
+    assert rows[0]["lpips"]["std"] is None  # one seed
+    assert rows[1]["lpips"]["mean"] > 0.01 and rows[1]["psnr_hole"]["mean"] is not None
+
+
+def test_resume_skips_finished_cells_and_survives_an_interruption(tmp_path, data, tiny_checkpoint, capsys,
+                                                                  monkeypatch):
+    out = tmp_path / "out"
+    calls, interrupt_at = [], [4]
+    real_sample = bench_mod.sample
+
+    def counting(*args, **kwargs):
+        calls.append(args[2].name)
+        if len(calls) == interrupt_at[0]:
+            raise KeyboardInterrupt
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(bench_mod, "sample", counting)
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, out, "replace", "freeform,center", "2"), capsys)
+    assert code == 130 and "--resume" in err, (code, err)
+    # warm-up + cells (replace, freeform, 0) and (replace, freeform, 1); the interrupt hit the third cell
+    first = (out / "cells.jsonl").read_text().splitlines()
+    assert [(c["method"], c["mask"], c["seed"]) for c in read_cells(out)] == [("replace", "freeform", 0),
+                                                                              ("replace", "freeform", 1)]
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, out, "replace", "freeform,center", "2"), capsys)
+    assert_user_error(code, "", err, "--resume")  # never silently mixed into an existing run
+
+    with open(out / "cells.jsonl", "a") as f:
+        f.write('{"method": "repl')  # a torn line, as a crash in mid-write would leave: ignored, never glued on
+    calls.clear()
+    interrupt_at[0] = None
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, out, "replace,copy", "freeform,center", "2", "4",
+                                       "--resume"), capsys)
+    assert code == 0, err
+    assert "2 finished cell(s) skipped" in err
+    # replace: warm-up + 2 remaining center cells; copy: warm-up + 4 cells
+    assert calls == ["replace"] * 3 + ["copy"] * 5
+    lines = (out / "cells.jsonl").read_text().splitlines()
+    assert lines[:2] == first and len(lines) == 9 and len(read_cells(out)) == 8
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert len(rows) == 4 and all(r["seeds"] == [0, 1] for r in rows)
+
+    calls.clear()
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, out, "replace,copy", "freeform,center", "2", "4",
+                                       "--resume"), capsys)
+    assert code == 0 and calls == []  # everything finished: reports rebuilt from the cells alone
+
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, out, "replace", "center", "2", "4", "--resume",
+                                       "--mask-seed", "1"), capsys)
+    assert_user_error(code, "", err, "mask_seed")  # a different setup is refused
+
+
+def test_results_do_not_depend_on_batch_size(tmp_path, data, tiny_checkpoint, monkeypatch):
+    seen = {}
+    real_sample = bench_mod.sample
+
+    def recording(net, task, method, **kwargs):
+        for g, y in zip(kwargs["generators"], task.y):
+            seen.setdefault(g.initial_seed(), set()).add(float(y.abs().sum()))
+        return real_sample(net, task, method, **kwargs)
+
+    monkeypatch.setattr(bench_mod, "sample", recording)
+    cells = {}
+    for batch in (1, 4):
+        cfg = BenchConfig(dataset=str(data), methods=["dps", "replace"], masks=["freeform"], n=4, seeds=[0, 1],
+                          steps=2, batch=batch)
+        run_bench(cfg, tmp_path / f"b{batch}", model=tiny_checkpoint, device="cpu", log=lambda m: None)
+        cells[batch] = read_cells(tmp_path / f"b{batch}")
+    assert sorted(seen) == [s * 2 ** 20 + i for s in (0, 1) for i in range(4)]  # image i, seed s: s·2²⁰ + i
+    first_draws = {float(torch.randn(1, generator=torch.Generator().manual_seed(k))) for k in seen}
+    assert len(first_draws) == len(seen)  # distinct noise (torch keeps only a seed's low 32 bits)
+    assert all(len(v) == 1 for v in seen.values())  # each generator always met the same image
+    for a, b in zip(cells[1], cells[4]):
+        assert (a["method"], a["seed"], a["batch"], b["batch"]) == (b["method"], b["seed"], 1, 4)
+        for metric in ("psnr_hole", "ssim"):
+            np.testing.assert_allclose(a[metric], b[metric], rtol=1e-6)
+
+
+def test_tune_records_params_that_inpaint_and_bench_use(tmp_path, data, tiny_checkpoint, capsys):
+    code, _, err = run_cli(["bench", "--tune", "dps", "--dataset", data, "--model", tiny_checkpoint, "--n", "2",
+                            "--steps", STEPS, "--device", "cpu", "--json", tmp_path / "tune.json"], capsys)
+    assert code == 0, err
+    sidecar = tiny_checkpoint.with_name("tiny.tuned.json")
+    record = json.loads(sidecar.read_text())
+    assert record["backbone_sha256"] == sha256_file(tiny_checkpoint)
+    entry = record["methods"]["dps"]
+    param, grid = tune_grid("dps")
+    assert param == "zeta" and entry["grid"] == grid and len(grid) == 5 and 0.5 in grid
+    assert len(entry["scores"]) == 5 and entry["params"]["zeta"] in grid
+    assert entry["criterion"].startswith("max mean psnr_hole")
+    assert (entry["dataset"], entry["n"], entry["masks"], entry["steps"]) == (str(data), 2, "freeform v1", 2)
+    assert "date" in entry and json.loads((tmp_path / "tune.json").read_text())["params"] == entry["params"]
+    zeta = entry["params"]["zeta"]
+
+    # merging: a second method's record keeps the first
+    registry.write_tuned(tiny_checkpoint, "mcg", {"params": {"alpha": 0.25}}, sha256_file(tiny_checkpoint))
+    assert registry.tuned_params(tiny_checkpoint, "dps") == {"zeta": zeta}
+    assert registry.tuned_params(tiny_checkpoint, "mcg") == {"alpha": 0.25}
+    assert registry.tuned_params(tiny_checkpoint, "replace") == {}
+
+    # bench uses it, and says so
+    spec = resolve_method("dps", 2, tiny_checkpoint)
+    assert spec.params == {"zeta": zeta} and spec.params_source.startswith("tuned")
+    # inpaint uses it: the method is built with the tuned value
+    img, mask = tmp_path / "img.png", tmp_path / "mask.png"
+    Image.fromarray(np.full((16, 16, 3), 100, np.uint8)).save(img)
+    m = np.zeros((16, 16), np.uint8)
+    m[4:12, 4:12] = 255
+    Image.fromarray(m).save(mask)
+    code, stdout, err = run_cli(["inpaint", img, "--mask", mask, "-o", tmp_path / "out.png", "--model", tiny_checkpoint,
+                                 "--method", "dps", "--steps", STEPS, "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["params"] == {"zeta": zeta} and "tuned" in err
+
+
+def test_tuned_record_for_another_backbone_is_refused(tmp_path, tiny_checkpoint):
+    sidecar = registry.tuned_sidecar(tiny_checkpoint)
+    sidecar.write_text(json.dumps({"backbone_sha256": "0" * 64, "methods": {"dps": {"params": {"zeta": 9.0}}}}))
+    notes = []
+    assert registry.tuned_params(tiny_checkpoint, "dps", notice=notes.append) == {}
+    assert len(notes) == 1 and "sha256" in notes[0] and "defaults" in notes[0]
+    assert resolve_method("dps", 18, tiny_checkpoint).params == {}
+
+
+def test_tuned_record_goes_to_the_cache_when_the_folder_is_read_only(tmp_path, tiny_checkpoint, monkeypatch,
+                                                                     isolated_cache):
+    folder = str(tiny_checkpoint.resolve().parent)
+    real_access = registry.os.access
+    monkeypatch.setattr(registry.os, "access", lambda p, mode: False if str(p) == folder else real_access(p, mode))
+    sha = sha256_file(tiny_checkpoint)
+    path = registry.write_tuned(tiny_checkpoint, "gradpaint", {"params": {"alpha": 0.01}}, sha)
+    assert path == isolated_cache / "tuned" / f"{sha}.json"
+    assert not registry.tuned_sidecar(tiny_checkpoint).exists()
+    assert registry.tuned_params(tiny_checkpoint, "gradpaint") == {"alpha": 0.01}
+
+
+def test_every_method_keeps_visible_pixels_exact(tmp_path, data, tiny_checkpoint, monkeypatch):
+    real_sample = bench_mod.sample
+    checked = set()
+
+    def checking(net, task, method, **kwargs):
+        result = real_sample(net, task, method, **kwargs)
+        vis = task.M.expand_as(task.y) > 0.5
+        assert torch.equal(result.completed[vis], task.y[vis]), method.name
+        checked.add(method.name)
+        return result
+
+    monkeypatch.setattr(bench_mod, "sample", checking)
+    guidance = _guidance(tmp_path / "guidance.safetensors", sha256_file(tiny_checkpoint))
+    names = sorted(METHODS) + ["aid-12"]  # every registered method, and an AID operating point
+    cfg = BenchConfig(dataset=str(data), methods=names, masks=["freeform"], n=2, seeds=[0], steps=2, batch=2,
+                      guidance=str(guidance))
+    result = run_bench(cfg, tmp_path / "all", model=tiny_checkpoint, device="cpu", log=lambda m: None)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert checked == set(METHODS) and list(rows) == names
+    assert (rows["aid"]["nfe"], rows["aid-12"]["nfe"], rows["aid-12"]["steps"]) == (3, 23, 12)  # 2N − 1
+    assert result["config"]["methods"]["aid-12"]["resources"] == {"guidance_sha256": sha256_file(guidance)}
+
+    class Broken(Method):  # forgets to paste the visible pixels back
+        name = "broken"
+
+        def finish(self, s, x):
+            return x
+
+    monkeypatch.setattr(bench_mod, "sample", real_sample)  # the bench's own check must catch it
+    monkeypatch.setitem(METHODS, "broken", Broken)
+    cfg = BenchConfig(dataset=str(data), methods=["broken"], masks=["center"], n=2, seeds=[0], steps=2, batch=2)
+    with pytest.raises(RuntimeError, match="visible pixels"):
+        run_bench(cfg, tmp_path / "broken", model=tiny_checkpoint, device="cpu", log=lambda m: None)
+
+
+def test_method_names_and_bad_options_fail_with_one_line(tmp_path, data, tiny_checkpoint, capsys, monkeypatch):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(_bench_args(data, tiny_checkpoint, out, "dps,nope"), capsys)
+    assert_user_error(code, stdout, err, "unknown method 'nope'")
+    foreign = _guidance(tmp_path / "foreign.safetensors", "0" * 64)  # trained on another backbone
+    code, stdout, err = run_cli(_bench_args(data, tiny_checkpoint, out, "aid-18", "center", "1", "4", "--guidance",
+                                            foreign), capsys)
+    assert_user_error(code, stdout, err, "trained on backbone")
+    code, stdout, err = run_cli(_bench_args(data, tiny_checkpoint, out, "dps", "freeform,circle"), capsys)
+    assert_user_error(code, stdout, err, "circle")
+    code, stdout, err = run_cli(_bench_args(data, tiny_checkpoint, out, "dps", "center", "x"), capsys)
+    assert_user_error(code, stdout, err, "--seeds")
+    code, stdout, err = run_cli(["bench", "--methods", "dps", "--dataset", data, "--model", tiny_checkpoint, "--n",
+                                 "9", "--out", out, "--device", "cpu"], capsys)
+    assert_user_error(code, stdout, err, "only 4")
+    code, stdout, err = run_cli(["bench", "--tune", "replace", "--dataset", data, "--model", tiny_checkpoint], capsys)
+    assert_user_error(code, stdout, err, "--tune")
+
+    # operating points: aid-12 / aid-18 are method `aid` at 12 / 18 steps; without the method, one clear line
+    sha = sha256_file(tiny_checkpoint)
+    guidance = str(_guidance(tmp_path / "g.safetensors", sha))
+    for label, steps in (("aid-12", 12), ("aid-18", 18)):
+        spec = resolve_method(label, 5, tiny_checkpoint, sha, guidance=guidance)
+        assert (spec.method, spec.steps, spec.params) == ("aid", steps, {"guidance": str(Path(guidance).resolve())})
+    monkeypatch.delitem(METHODS, "aid")
+    code, stdout, err = run_cli(_bench_args(data, tiny_checkpoint, out, "aid-18"), capsys)
+    assert_user_error(code, stdout, err, "aid-18", "'aid'")
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_shards_images_and_matches_one_process(tmp_path, data, tiny_checkpoint):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "aid_cli.cli",
+           "bench", "--methods", "dps,copy", "--dataset", str(data), "--model", str(tiny_checkpoint), "--masks",
+           "freeform", "-n", "3", "--seeds", "2", "--steps", STEPS, "--batch", "1", "--device", "cpu", "--out",
+           str(out)]  # -n: torchrun's own parser takes --n for an ambiguous abbreviation of its options
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120,
+                       cwd=REPO)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    assert r.stderr.count("wrote ") == 1  # rank 0 alone reports and writes
+    ddp = read_cells(out)
+    assert [(c["method"], c["seed"], c["world_size"]) for c in ddp] == [("dps", 0, 2), ("dps", 1, 2), ("copy", 0, 2),
+                                                                       ("copy", 1, 2)]
+    cfg = BenchConfig(dataset=str(data), methods=["dps", "copy"], masks=["freeform"], n=3, seeds=[0, 1], steps=2,
+                      batch=3)
+    run_bench(cfg, tmp_path / "one", model=tiny_checkpoint, device="cpu", log=lambda m: None)
+    for a, b in zip(ddp, read_cells(tmp_path / "one")):  # images 0, 2 on rank 0 and 1 on rank 1: same numbers
+        for metric in ("psnr_hole", "ssim"):
+            np.testing.assert_allclose(a[metric], b[metric], rtol=1e-6)
+    assert json.loads((out / "bench.json").read_text())["config"]["world_size"] == 2
