@@ -114,6 +114,7 @@ def inpaint(
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps (auto: cuda, then mps, then cpu)."),
     invert_mask: bool = typer.Option(False, "--invert-mask", help="Masks are white = keep (RePaint convention)."),
     resize_mask: bool = typer.Option(False, "--resize-mask", help="Scale a mask whose size differs from the image's."),
+    guidance: Optional[Path] = typer.Option(None, "--guidance", help="AID's guidance module (default: the embedded one)."),
     fit: str = typer.Option("crop", "--fit", help="crop: a box around the mask at native scale; resize: whole image."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON record per output on stdout."),
 ):
@@ -127,12 +128,12 @@ def inpaint(
     from .data.images import pair_inputs
     from .devices import resolve_device
     from .inpaint import InpaintOptions, check_outputs, inpaint_one, plan_outputs
-    from .methods import get_method
+    from .methods.base import check_method_name
     from .registry import resolve_backbone, tuned_params
 
     if fit not in ("crop", "resize"):
         raise UserError(f"--fit must be crop or resize, got {fit!r}")
-    get_method(method)  # unknown names fail before any loading
+    check_method_name(method)  # unknown names fail before any loading
     folder_mode = image.is_dir()
     if folder_mode and output.exists() and not output.is_dir():
         raise UserError(f"{image} is a folder, so -o must be a folder too (got the file {output})")
@@ -145,6 +146,14 @@ def inpaint(
     params = tuned_params(checkpoint, method, notice=lambda m: err.print(escape(m), soft_wrap=True))
     if params:
         err.print(f"{method}: this backbone's tuned params {escape(json.dumps(params))} (aid bench --tune)")
+    if method == "aid":  # the guidance module must have been trained on this very backbone
+        from .backbones.checkpoint import sha256_file
+        from .guidance.checkpoint import load_guidance
+        from .registry import resolve_guidance
+
+        params["guidance"] = str(resolve_guidance(guidance))
+        params["backbone_sha256"] = sha256_file(checkpoint)
+        load_guidance(params["guidance"], backbone_sha256=params["backbone_sha256"])
     if folder_mode and not output.exists():
         output.mkdir()  # only once everything that can fail before the first image has passed
     jobs = plan_outputs(pairs, output, samples, folder_mode)
@@ -458,6 +467,56 @@ def bench(
 
 
 @app.command()
+def train(
+    dataset: str = typer.Option(..., "--dataset", help="Folder, EDM zip, or a name: cats, ffhq, afhqv2, imagenet."),
+    out: Path = typer.Option(..., "--out", help="Run folder (created): config, stats.jsonl, checkpoints, guidance."),
+    backbone: Optional[Path] = typer.Option(None, "--backbone", help="Backbone checkpoint; default: the embedded one."),
+    steps: int = typer.Option(18, "--steps", min=2, help="Grid steps N of the training rollouts."),
+    batch: int = typer.Option(16, "--batch", min=1, help="Tasks per iteration (split across torchrun processes)."),
+    iters: int = typer.Option(2000, "--iters", min=1, help="Actor-critic iterations."),
+    beta: float = typer.Option(0.1, "--beta", help="Running-cost weight β (control energy penalty)."),
+    gamma: float = typer.Option(0.01, "--gamma", help="Exploration temperature γ: the policy's variance."),
+    lambda_vis: float = typer.Option(2.0, "--lambda-vis", help="Terminal-loss weight on visible pixels."),
+    lambda_hole: float = typer.Option(1.0, "--lambda-hole", help="Terminal-loss weight on hole pixels."),
+    lr_actor: float = typer.Option(1e-4, "--lr-actor", help="Adam learning rate of the actor."),
+    lr_critic: float = typer.Option(1e-3, "--lr-critic", help="Adam learning rate of the critic."),
+    clip: float = typer.Option(1.0, "--clip", help="Gradient-norm clipping of each network."),
+    hole_range: str = typer.Option("0.2-0.6", "--hole-range", help="Missing fraction of training masks, MIN-MAX."),
+    width: int = typer.Option(16, "--width", help="Actor width C (the critic is twice as wide)."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Validation images for the periodic PSNR (folder or zip)."),
+    val_every: int = typer.Option(100, "--val-every", help="Iterations between validation PSNRs."),
+    seed: int = typer.Option(0, "--seed", help="Seed of initialisation and of every iteration."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it left off."),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
+):
+    """Learn the AID guidance module for a frozen backbone with the continuous-time actor-critic.
+
+    The module (the actor's weights) is written to OUT/guidance.safetensors at every checkpoint; use it with
+    [bold]aid inpaint --method aid --guidance OUT/guidance.safetensors[/].
+
+    Example: [bold]aid train --dataset ../shared/data/cats64/train.zip --val ../shared/data/cats64/val.zip --out ~/aid-runs/aid-cats[/]
+    """
+    from .devices import resolve_device
+    from .guidance.trainer import TrainConfig
+    from .guidance.trainer import train as run_train
+    from .registry import resolve_backbone, resolve_dataset
+
+    try:
+        lo, hi = (float(v) for v in hole_range.split("-"))
+    except ValueError:
+        raise UserError(f"--hole-range must look like 0.2-0.6, got {hole_range!r}") from None
+    if not 0 < lo <= hi < 1:
+        raise UserError(f"--hole-range must satisfy 0 < MIN <= MAX < 1, got {hole_range}")
+    cfg = TrainConfig(dataset=str(resolve_dataset(dataset)), out=str(out), backbone=str(resolve_backbone(backbone)),
+                      steps=steps, batch=batch, iters=iters, beta=beta, gamma=gamma, lambda_vis=lambda_vis,
+                      lambda_hole=lambda_hole, lr_actor=lr_actor, lr_critic=lr_critic, clip=clip, hole_min=lo,
+                      hole_max=hi, width=width, critic_width=2 * width, seed=seed, val_every=val_every,
+                      val_dataset=str(val) if val else None)
+    run = run_train(cfg, resume=resume, device=resolve_device(device), log=err.print)
+    err.print(f"done: {run / 'guidance.safetensors'}")
+
+
+@app.command()
 def methods():
     """List the inpainting methods."""
     from .methods import METHODS
@@ -470,7 +529,9 @@ def methods():
 def main(argv: List[str] | None = None) -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:  # click returns the exit code of an abort (Ctrl-C) instead of raising
+            sys.exit(code)
     except UserError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(e.exit_code)

@@ -157,3 +157,40 @@ def write_tuned(checkpoint: str | os.PathLike, method: str, entry: dict, sha256:
     record["methods"][method] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------------ dataset names
+# `aid train --dataset NAME`: a name resolves to a local copy; none of these can be downloaded by aid itself (licences
+# and sizes differ), so a name that is not found locally fails at once with what to fetch and where to put it.
+
+DATASETS = {
+    "cats": ("cats64/train.zip", "the 64x64 cat faces (EDM zip layout); set AID_DATA to the folder holding cats64/"),
+    "ffhq": ("ffhq-64x64.zip", "FFHQ at 64x64: build it with NVlabs/edm dataset_tool.py from the FFHQ images "
+             "(github.com/NVlabs/ffhq-dataset)"),
+    "afhqv2": ("afhqv2-64x64.zip", "AFHQv2 at 64x64: build it with NVlabs/edm dataset_tool.py from AFHQv2 "
+               "(github.com/clovaai/stargan-v2)"),
+    "imagenet": ("imagenet-512x512.zip", "ImageNet at 512x512: build it with NVlabs/edm2 dataset_tool.py from the "
+                 "ILSVRC2012 training set (image-net.org)"),
+}
+
+
+def data_dir() -> Path:
+    """Where named datasets are looked for: $AID_DATA, else aid's cache folder's data/."""
+    return Path(os.environ["AID_DATA"]) if os.environ.get("AID_DATA") else cache_dir() / "data"
+
+
+def resolve_dataset(name_or_path: str) -> Path:
+    """A folder or zip path as given, or a dataset name resolved under `data_dir()`; fails at once, in one line."""
+    from .errors import UserError
+
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    if name_or_path in DATASETS:
+        relative, howto = DATASETS[name_or_path]
+        candidate = data_dir() / relative
+        if candidate.exists():
+            return candidate
+        raise UserError(f"dataset {name_or_path!r} is not available offline: expected {candidate} ({howto}); or pass "
+                        f"--dataset PATH to a folder or EDM zip")
+    raise UserError(f"dataset not found: {name_or_path} (a folder, an EDM zip, or one of {', '.join(DATASETS)})")

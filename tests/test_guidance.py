@@ -136,3 +136,44 @@ def test_deployment_uses_the_mean_and_checks_the_backbone(tiny_net, tmp_path):
     with pytest.raises(CheckpointError, match="trained on backbone"):
         get_method("aid", guidance=path, backbone_sha256="b" * 64)
     assert TINY_KWARGS["img_resolution"] == 16
+
+
+def test_cli_train_then_inpaint_with_the_module(tiny_data, tiny_checkpoint, tmp_path, capsys):
+    from aid_cli.cli import main
+
+    out = tmp_path / "run"
+    main(["train", "--dataset", str(tiny_data), "--out", str(out), "--backbone", str(tiny_checkpoint), "--steps", "3",
+          "--batch", "2", "--iters", "2", "--width", "8", "--device", "cpu"])
+    guidance = out / "guidance.safetensors"
+    assert guidance.is_file()
+    image, mask = tiny_data / "0.png", tmp_path / "mask.png"
+    Image.fromarray(np.pad(np.full((6, 6), 255, np.uint8), 5)).save(mask)
+    main(["inpaint", str(image), "--mask", str(mask), "-o", str(tmp_path / "o.png"), "--model", str(tiny_checkpoint),
+          "--method", "aid", "--guidance", str(guidance), "--steps", "3", "--json"])
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["method"] == "aid" and record["nfe"] == 5
+
+
+def test_named_dataset_that_is_not_offline_fails_at_once(tmp_path, monkeypatch, tiny_checkpoint, capsys):
+    from aid_cli.cli import main
+
+    monkeypatch.setenv("AID_DATA", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--dataset", "ffhq", "--out", str(tmp_path / "r"), "--backbone", str(tiny_checkpoint)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "not available offline" in err and "dataset_tool.py" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_guidance_for_another_backbone_is_refused_by_inpaint(tiny_data, tiny_checkpoint, tmp_path, capsys):
+    from aid_cli.cli import main
+
+    path = save_guidance(tmp_path / "g.safetensors", Actor(width=8), dict(channels=3, width=8, emb_dim=16), "f" * 64)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.pad(np.full((6, 6), 255, np.uint8), 5)).save(mask)
+    with pytest.raises(SystemExit) as e:
+        main(["inpaint", str(tiny_data / "0.png"), "--mask", str(mask), "-o", str(tmp_path / "o.png"), "--model",
+              str(tiny_checkpoint), "--method", "aid", "--guidance", str(path), "--steps", "3"])
+    assert e.value.code == 2 and "trained on backbone" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()

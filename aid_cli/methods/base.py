@@ -14,11 +14,16 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def get_method(name: str, **params) -> Method:
-    """Instantiate a registered method by name; an unknown name is a user error listing the known ones."""
+def check_method_name(name: str) -> None:
+    """An unknown name is a user error listing the known ones."""
     if name not in METHODS:
         raise UserError(f"unknown method {name!r} (available: {', '.join(sorted(METHODS))})")
+
+
+def get_method(name: str, **params) -> Method:
+    """Instantiate a registered method by name."""
+    check_method_name(name)
     return METHODS[name](**params)
 
 
-__all__ = ["Method", "METHODS", "register", "get_method"]
+__all__ = ["Method", "METHODS", "register", "get_method", "check_method_name"]
