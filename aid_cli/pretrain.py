@@ -32,7 +32,7 @@ from .errors import UserError
 from .fileio import atomic_write_text
 from .sampling.heun import sample
 from .task import Task
-from .training import init_distributed, load_state, save_state, step_generator
+from .training import GracefulStop, init_distributed, load_state, save_state, step_generator
 
 STATE_FILE = "training-state.safetensors"
 
@@ -141,7 +141,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.1f} img/s"),
                    TimeRemainingColumn(), disable=not progress or rank != 0, transient=False)
     stats_path = run / "stats.jsonl"
-    with bar:
+    with bar, GracefulStop() as stop:
         ptask = bar.add_task("pretrain", total=total, completed=nimg, loss=float("nan"), ips=0.0)
         while nimg < total and (max_steps is None or step < max_steps):
             t0 = time.time()
@@ -175,7 +175,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
 
             tick_loss += loss.item()
             tick_n += 1
-            done = nimg >= total or (max_steps is not None and step >= max_steps)
+            stopping = stop.agreed(world, device)
+            done = nimg >= total or (max_steps is not None and step >= max_steps) or stopping
             if rank == 0:
                 dt = time.time() - tick_start
                 ips = (nimg - tick_nimg) / max(dt, 1e-9)
@@ -195,6 +196,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
                     save_state(state_path, {"net": net, "ema": ema}, {"opt": opt},
                                {"config": dataclasses.asdict(cfg), "step": step, "nimg": nimg, "elapsed_s": elapsed})
                     last_ckpt = time.time()
+            if stopping:
+                if rank == 0:
+                    log(f"stopped at {nimg / 1000:.1f} kimg; state and snapshot saved; continue with --resume")
+                break
     if world > 1:
         torch.distributed.barrier()
     return run

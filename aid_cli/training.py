@@ -78,3 +78,44 @@ def load_state(path, modules: dict, optimizers: dict, device="cpu") -> dict:
                 state.setdefault(int(head), {})[tail] = v
         opt.load_state_dict({"state": state, "param_groups": groups[name]})
     return {k: json.loads(v) for k, v in metadata.items()}
+
+
+class GracefulStop:
+    """Within `with GracefulStop() as stop:`, SIGINT/SIGTERM only set `stop.requested`, so the training loop can write
+    its state and snapshot before leaving (a second signal interrupts at once). Under torchrun every rank agrees."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.requested:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def agreed(self, world: int, device) -> bool:
+        """True once any rank was asked to stop."""
+        if world == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
