@@ -32,7 +32,7 @@ from .errors import UserError
 from .fileio import atomic_write_text
 from .sampling.heun import sample
 from .task import Task
-from .training import GracefulStop, init_distributed, load_state, save_state, step_generator
+from .training import GracefulStop, init_distributed, load_state, prepare_run, save_state, step_generator
 
 STATE_FILE = "training-state.safetensors"
 
@@ -90,19 +90,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
         raise UserError(f"--batch {cfg.batch} is not divisible by the {world} processes")
     run = Path(cfg.out)
     state_path = run / STATE_FILE
-    if resume:
-        if not state_path.is_file():
-            raise UserError(f"--resume: no {STATE_FILE} in {run}")
-        saved = json.loads((run / "config.json").read_text())
-        # The run's own settings win; only where the data is and how long/how often to save may change on resume.
-        free = ("dataset", "out", "duration_kimg", "snapshot_kimg", "checkpoint_minutes")
-        kept = {k: v for k, v in saved.items() if k not in free and k in dataclasses.asdict(cfg)}
-        changed = [f"{k}={v}" for k, v in kept.items() if dataclasses.asdict(cfg)[k] != v]
-        if changed:
-            log(f"--resume: keeping the run's own {', '.join(changed)}")
-        cfg = dataclasses.replace(cfg, **kept)
-    elif state_path.exists():
-        raise UserError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+    cfg = prepare_run(cfg, run, STATE_FILE, resume, log=log,
+                      free=("dataset", "out", "duration_kimg", "snapshot_kimg", "checkpoint_minutes"))
 
     # Data.
     data = load_image_set(cfg.dataset, resolution=cfg.resolution,

@@ -26,14 +26,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aid"
 
 
+def _resolve(given, embedded: str, what: str, missing_embedded: str) -> Path:
+    """A checkpoint path as given, or the embedded file `embedded` in weights/ when none is given."""
+    if given is None:
+        path = weights_dir() / embedded
+        if not path.is_file():
+            raise CheckpointError(f"{missing_embedded} ({path})")
+        return path
+    path = Path(given).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{what} is a folder, not a file: {path}")
+    return path
+
+
 def resolve_backbone(model: str | os.PathLike | None) -> Path:
     """The checkpoint file for `--model` (a path), or the embedded default when none is given."""
-    if model is None:
-        path = weights_dir() / EMBEDDED_BACKBONE
-        if not path.is_file():
-            raise CheckpointError(f"the embedded default backbone is missing ({path}); reinstall aid from its "
-                                  f"repository or pass --model PATH.safetensors")
-        return path
+    return _resolve(model, EMBEDDED_BACKBONE, "checkpoint", "the embedded default backbone is missing; reinstall aid "
+                    "from its repository or pass --model PATH.safetensors")
     path = Path(model).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -44,12 +55,8 @@ def resolve_backbone(model: str | os.PathLike | None) -> Path:
 
 def resolve_guidance(guidance: str | os.PathLike | None) -> Path:
     """The guidance module for `--guidance` (a path), or the embedded default's when none is given."""
-    if guidance is None:
-        path = weights_dir() / EMBEDDED_GUIDANCE
-        if not path.is_file():
-            raise CheckpointError(f"no guidance module for the embedded backbone is installed ({path}); train one with "
-                                  f"`aid train` and pass --guidance PATH")
-        return path
+    return _resolve(guidance, EMBEDDED_GUIDANCE, "guidance module", "no guidance module for the embedded backbone is "
+                    "installed; train one with `aid train` and pass --guidance PATH")
     path = Path(guidance).expanduser()
     if not path.is_file():
         raise CheckpointError(f"guidance module not found: {path}")

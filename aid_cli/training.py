@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -78,6 +79,29 @@ def load_state(path, modules: dict, optimizers: dict, device="cpu") -> dict:
                 state.setdefault(int(head), {})[tail] = v
         opt.load_state_dict({"state": state, "param_groups": groups[name]})
     return {k: json.loads(v) for k, v in metadata.items()}
+
+
+def prepare_run(cfg, run: Path, state_file: str, resume: bool, free: tuple[str, ...], log):
+    """The config a run continues with. On --resume the run's own saved settings win, except the keys in `free`
+    (where the data is, how long, how often to save); without --resume an existing run is never overwritten."""
+    import dataclasses
+
+    from .errors import UserError
+
+    state_path = run / state_file
+    if not resume:
+        if state_path.exists():
+            raise UserError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+        return cfg
+    if not state_path.is_file():
+        raise UserError(f"--resume: no {state_file} in {run}")
+    saved = json.loads((run / "config.json").read_text())
+    given = dataclasses.asdict(cfg)
+    kept = {k: v for k, v in saved.items() if k not in free and k in given}
+    changed = [f"{k}={v}" for k, v in kept.items() if given[k] != v]
+    if changed:
+        log(f"--resume: keeping the run's own {', '.join(changed)}")
+    return dataclasses.replace(cfg, **kept)
 
 
 class GracefulStop:

@@ -35,7 +35,7 @@ from ..methods.aid import AID
 from ..metrics.quality import psnr_hole
 from ..sampling.heun import edm_sigmas, sample, sample_generators
 from ..task import Task
-from ..training import init_distributed, load_state, save_state, step_generator
+from ..training import init_distributed, load_state, prepare_run, save_state, step_generator
 from .checkpoint import save_guidance
 from .networks import Actor, Critic, count_parameters
 
@@ -132,18 +132,8 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
         raise UserError(f"--batch {cfg.batch} is not divisible by the {world} processes")
     run = Path(cfg.out)
     state_path = run / STATE_FILE
-    if resume:
-        if not state_path.is_file():
-            raise UserError(f"--resume: no {STATE_FILE} in {run}")
-        saved = json.loads((run / "config.json").read_text())
-        free = ("dataset", "out", "iters", "val_dataset", "checkpoint_every", "val_every")
-        kept = {k: v for k, v in saved.items() if k not in free and k in dataclasses.asdict(cfg)}
-        changed = [f"{k}={v}" for k, v in kept.items() if dataclasses.asdict(cfg)[k] != v]
-        if changed:
-            log(f"--resume: keeping the run's own {', '.join(changed)}")
-        cfg = dataclasses.replace(cfg, **kept)
-    elif state_path.exists():
-        raise UserError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+    cfg = prepare_run(cfg, run, STATE_FILE, resume, log=log,
+                      free=("dataset", "out", "iters", "val_dataset", "checkpoint_every", "val_every"))
 
     backbone, binfo = load_backbone(cfg.backbone, device=device)
     backbone_sha = sha256_file(cfg.backbone)
