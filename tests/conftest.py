@@ -22,6 +22,20 @@ def need_shared(*parts: str) -> Path:
     return path
 
 
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    """Run `aid ARGS` in-process; returns (exit code, stdout, stderr). A normal return is exit code 0."""
+    from aid_cli import cli
+
+    capsys.readouterr()  # drop anything printed before
+    try:
+        cli.main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 TINY_KWARGS = dict(img_resolution=16, img_channels=3, label_dim=0, use_fp16=False, model_type="SongUNet",
                    embedding_type="positional", encoder_type="standard", decoder_type="standard", channel_mult_noise=1,
                    resample_filter=[1, 1], model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from aid_cli import cli
 
-from .conftest import REPO
+from .conftest import REPO, run_cli
 
 STEPS = 3
 W, H = 451, 300  # odd, non-square: exercises the crop box, reflection padding and resizing
@@ -32,17 +32,6 @@ HOLE_BOX = (120, 80, 190, 150)  # left, top, right, bottom
 
 
 # ------------------------------------------------------------------------------------------------------------ helpers
-
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    """Run `aid ARGS` in-process; returns (exit code, stdout, stderr). A normal return is exit code 0."""
-    capsys.readouterr()  # drop anything printed before
-    try:
-        cli.main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_user_error(code: int, out: str, err: str, *phrases: str) -> str:

