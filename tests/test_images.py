@@ -277,3 +277,14 @@ def test_pairing_with_masks_beside_their_images(tmp_path):
     assert [(i.name, m.name) for i, m in pairs] == [("a.png", "a_mask.png"), ("b.png", "b-mask.png")]
     Image.new("RGB", (4, 4)).save(tmp_path / "a.jpg")  # now a.png and a.jpg share a stem: fine, both use a_mask
     assert len(I.pair_inputs(tmp_path, tmp_path)) == 3
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+
+    from aid_cli.fileio import atomic_write_text
+
+    path = atomic_write_text(tmp_path / "x.txt", "hi")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~mask
