@@ -130,8 +130,8 @@ class Method:
         return x + (sigma_to ** 2 - sigma_from ** 2).sqrt() * s.randn_like(x)
 
     def fill(self, s: SamplerState) -> torch.Tensor:
-        """An oracle's x̂ (only called when `oracle` is True)."""
-        raise NotImplementedError
+        """An oracle's x̂; the loop calls it only for methods with `oracle = True`, which override it."""
+        raise TypeError(f"{self.name} is not an oracle: it samples, it does not fill")
 
     def finish(self, s: SamplerState, x: torch.Tensor) -> torch.Tensor:
         """Completed image: visible pixels pasted back, M ⊙ y + M̄ ⊙ x̂."""
