@@ -23,16 +23,21 @@ VAL_SIGMAS = (0.05, 0.2, 0.5, 2.0, 10.0)
 @torch.no_grad()
 def validation_loss(net, data: ImageSet, seed: int = 0, batch: int = 100, device="cpu") -> dict:
     """EDM loss (λ(σ)-weighted, σ ~ the training distribution; summed over pixels, mean over images) on `data`,
-    plus the plain per-pixel MSE of D at a few fixed noise levels."""
+    plus the plain per-pixel MSE of D at a few fixed noise levels.
+
+    Image i draws its σ and noise from its own generator (seed + i), so the figures do not depend on `batch`.
+    """
     loss_fn = EDMLoss()
-    g = torch.Generator().manual_seed(seed)
     total, per_sigma = 0.0, {s: 0.0 for s in VAL_SIGMAS}
     for i in range(0, len(data), batch):
         y = data.as_float(slice(i, i + batch)).to(device)
-        sigma, z = loss_fn.draw(y.shape, g)
+        draws = [loss_fn.draw((1, *y.shape[1:]), g) + tuple(torch.randn((1, *y.shape[1:]), generator=g)
+                                                              for _ in VAL_SIGMAS)
+                 for g in sample_generators(seed, y.shape[0], offset=i)]
+        sigma, z = (torch.cat([d[k] for d in draws]) for k in (0, 1))
         total += loss_fn(net, y, sigma, z).sum().item()
-        for s in VAL_SIGMAS:
-            zs = torch.randn(y.shape, generator=g).to(device)
+        for k, s in enumerate(VAL_SIGMAS):
+            zs = torch.cat([d[2 + k] for d in draws]).to(device)
             D = net(y + s * zs, torch.full((y.shape[0],), s, device=device), None)
             per_sigma[s] += ((D - y) ** 2).mean(dim=(1, 2, 3)).sum().item()
     n = len(data)
