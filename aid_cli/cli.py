@@ -485,6 +485,11 @@ def train(
     width: int = typer.Option(16, "--width", help="Actor width C (the critic is twice as wide)."),
     val: Optional[Path] = typer.Option(None, "--val", help="Validation images for the periodic PSNR (folder or zip)."),
     val_every: int = typer.Option(100, "--val-every", help="Iterations between validation PSNRs."),
+    val_n: int = typer.Option(32, "--val-n", min=1, help="Validation images (the first N of --val, fixed masks)."),
+    estimator: str = typer.Option("score", "--estimator",
+                                  help="Actor gradient: score (the paper's eq. 11), pathwise (one-step gradient through "
+                                       "the critic), proxy (ablation: backpropagate through the whole frozen solve)."),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", min=1, help="Iterations between checkpoints."),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation and of every iteration."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it left off."),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
@@ -510,8 +515,8 @@ def train(
     cfg = TrainConfig(dataset=str(resolve_dataset(dataset)), out=str(out), backbone=str(resolve_backbone(backbone)),
                       steps=steps, batch=batch, iters=iters, beta=beta, gamma=gamma, lambda_vis=lambda_vis,
                       lambda_hole=lambda_hole, lr_actor=lr_actor, lr_critic=lr_critic, clip=clip, hole_min=lo,
-                      hole_max=hi, width=width, critic_width=2 * width, seed=seed, val_every=val_every,
-                      val_dataset=str(val) if val else None)
+                      hole_max=hi, width=width, critic_width=2 * width, seed=seed, val_every=val_every, val_n=val_n,
+                      checkpoint_every=checkpoint_every, estimator=estimator, val_dataset=str(val) if val else None)
     run = run_train(cfg, resume=resume, device=resolve_device(device), log=err.print)
     err.print(f"done: {run / 'guidance.safetensors'}")
 

@@ -98,6 +98,8 @@ def test_training_updates_both_networks_and_lowers_td_loss(tiny_data, tiny_check
     run = train(cfg_for(tiny_data, tmp_path / "r", tiny_checkpoint, iters=40, val_every=20, checkpoint_every=20),
                 progress=False, log=lambda *a: None)
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert stats[0]["iteration"] == 0 and "val_psnr_hole_18" in stats[0]  # the unguided starting point
+    stats = stats[1:]
     first, last = np.mean([s["critic_loss"] for s in stats[:5]]), np.mean([s["critic_loss"] for s in stats[-5:]])
     assert last < first
     assert "val_psnr_hole_18" in stats[19] and "val_psnr_hole_12" in stats[19]
@@ -177,3 +179,68 @@ def test_guidance_for_another_backbone_is_refused_by_inpaint(tiny_data, tiny_che
               str(tiny_checkpoint), "--method", "aid", "--guidance", str(path), "--steps", "3"])
     assert e.value.code == 2 and "trained on backbone" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_pathwise_actor_loss_is_the_one_step_cost_to_go(tiny_net):
+    """pathwise: Σ_n (β/2)·mean(μ_n²)·Δt + V_θ(t_{n+1}, Heun(X_n) + μ_n·Δt), ℓ at the end; no gradient to the critic."""
+    task, x0 = tiny_task()
+    cfg = TrainConfig(dataset="", out="", backbone="", steps=3, beta=0.5, gamma=0.1, estimator="pathwise")
+    torch.manual_seed(0)
+    actor, critic = Actor(width=8), Critic(width=8)
+    torch.nn.init.normal_(actor.out.weight, std=0.05)
+    sig = edm_sigmas(3)
+    X, A, X_N = rollout(tiny_net, actor, task, 3, cfg.gamma, sample_generators(0, 2))
+    out = actor_critic_losses(cfg, actor, critic, X, A, X_N, x0, task, sig)
+    with torch.no_grad():  # the same quantity, written out step by step from a fresh deterministic step
+        mu = [actor(sig[n].expand(2), X[n], task.M, task.y) for n in range(3)]
+        nxt = [X[1], X[2], X_N]
+        total = 0
+        for n in range(3):
+            x_hat = nxt[n] - A[n] / 3 + mu[n] / 3
+            v = (critic(sig[n + 1].expand(2), x_hat, task.M, task.y) if n < 2
+                 else 1.0 * ((task.M * (x_hat - x0) ** 2).mean(dim=(1, 2, 3))) + 0.5 * (((1 - task.M) * (x_hat - x0) ** 2).mean(dim=(1, 2, 3))))
+            total = total + 0.25 * (mu[n] ** 2).mean(dim=(1, 2, 3)) / 3 + v
+    assert torch.allclose(out["actor_loss"], total.mean(), rtol=1e-5)
+    out["actor_loss"].backward()
+    assert all(p.grad is None for p in critic.parameters())  # the critic is held fixed in the actor's loss
+    assert sum(p.grad.abs().sum() for p in actor.parameters() if p.grad is not None) > 0
+
+
+def test_proxy_backpropagates_through_the_solve(tiny_net):
+    """proxy: the loss is ℓ of the deterministic AID solve plus the control energy, and its gradient reaches the actor."""
+    from aid_cli.guidance.trainer import proxy_loss, terminal_loss
+
+    task, x0 = tiny_task()
+    cfg = TrainConfig(dataset="", out="", backbone="", steps=3, beta=0.5, estimator="proxy")
+    torch.manual_seed(0)
+    actor = Actor(width=8)
+    torch.nn.init.normal_(actor.out.weight, std=0.05)
+    out = proxy_loss(cfg, tiny_net, actor, task, x0, sample_generators(0, 2))
+    with torch.no_grad():
+        ref = sample(tiny_net, task, get_method("aid", actor=actor), num_steps=3, generators=sample_generators(0, 2))
+    assert torch.allclose(out["terminal"], terminal_loss(ref.x, x0, task.M, 2.0, 1.0), rtol=1e-5)
+    out["actor_loss"].backward()
+    assert actor.out.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tiny_net.parameters())  # the backbone stays frozen
+
+
+@pytest.mark.parametrize("estimator", ["pathwise", "proxy"])
+def test_variants_train_and_resume_exactly(estimator, tiny_data, tiny_checkpoint, tmp_path):
+    kw = dict(estimator=estimator, iters=4, val_every=4, checkpoint_every=2)
+    run = train(cfg_for(tiny_data, tmp_path / "a", tiny_checkpoint, **kw), progress=False, log=lambda *a: None)
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()][1:]
+    assert len(stats) == 4 and np.isfinite(stats[-1]["terminal"]) and "val_psnr_hole_18" in stats[-1]
+    assert ("critic_loss" in stats[-1]) == (estimator != "proxy")
+    train(cfg_for(tiny_data, tmp_path / "b", tiny_checkpoint, **kw), max_iters=2, progress=False, log=lambda *a: None)
+    train(cfg_for(tiny_data, tmp_path / "b", tiny_checkpoint, **kw), resume=True, progress=False, log=lambda *a: None)
+    a, b = load_file(str(tmp_path / "a" / STATE_FILE)), load_file(str(tmp_path / "b" / STATE_FILE))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["actor.out.weight"].abs().sum() > 0
+
+
+def test_unknown_estimator_is_one_line(tiny_data, tiny_checkpoint, tmp_path, capsys):
+    from .conftest import run_cli
+
+    code, _, err = run_cli(["train", "--dataset", tiny_data, "--out", tmp_path / "r", "--backbone", tiny_checkpoint,
+                            "--estimator", "magic"], capsys)
+    assert code == 2 and "unknown --estimator 'magic'" in err and len(err.strip().splitlines()) == 1

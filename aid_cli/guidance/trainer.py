@@ -13,6 +13,16 @@ One iteration, for a batch of tasks:
   6. Adam for both, constant learning rates, gradient-norm clipping.
 Pixel sums vs means: ℓ and the running cost both use means over the d = C·H·W entries (recorded in the config);
 log π is the true Gaussian log-density (a sum over entries).
+
+`--estimator` chooses the actor's gradient; the critic's update (eq. 10) is the same for the first two:
+  score     the paper's eq. 11 above (faithful; the default).
+  pathwise  a one-step pathwise gradient through the critic (method.md §6's variant, DDPG/SVG(0)-style). The control
+            enters the step additively, X_{n+1} = Heun(X_n) + a_n·Δt, so with X̂_{n+1} = X_{n+1} − a_n·Δt the actor
+            descends Σ_n (β/2)·mean(μ_n²)·Δt + V_θ(t_{n+1}, X̂_{n+1} + μ_n·Δt), with V_θ(T, ·) = ℓ exactly, the critic's
+            weights held fixed: ∇_a of the one-step cost-to-go, no backbone gradient.
+  proxy     the "supervised proxy" ablation: no critic, no sampled actions; backpropagate
+            ℓ(X_N) + Σ_n (β/2)·mean(μ_n²)·Δt through the whole deterministic frozen solve (every backbone evaluation
+            gets a backward pass).
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..methods.aid import AID
 from ..metrics.quality import psnr_hole
-from ..sampling.heun import edm_sigmas, sample, sample_generators
+from ..sampling.heun import SamplerState, edm_sigmas, heun_step, sample, sample_generators
 from ..task import Task
 from ..training import init_distributed, load_state, prepare_run, save_state, step_generator
 from .checkpoint import save_guidance
@@ -41,6 +51,7 @@ from .networks import Actor, Critic, count_parameters
 
 STATE_FILE = "training-state.safetensors"
 GUIDANCE_FILE = "guidance.safetensors"
+ESTIMATORS = ("score", "pathwise", "proxy")
 
 
 @dataclass
@@ -67,6 +78,7 @@ class TrainConfig:
     val_n: int = 32  # fixed val images (free-form masks v1, seed 0) for the validation PSNR
     checkpoint_every: int = 50  # iterations between resumable states
     val_dataset: str | None = None
+    estimator: str = "score"  # actor gradient: score (eq. 11) | pathwise | proxy (see the module docstring)
     reductions: str = "mean over C·H·W in both the terminal loss and the running cost"
 
     def actor_kwargs(self, channels: int) -> dict:
@@ -106,10 +118,55 @@ def actor_critic_losses(cfg: TrainConfig, actor, critic, X, A, X_N, x0, task: Ta
     delta = V_next - V + r
     critic_loss = 0.5 * (delta ** 2).sum(0).mean()
     mu = actor(sig, flat(X), rep(M), rep(y)).reshape(A.shape)
-    log_pi = -((A - mu) ** 2).sum(dim=(2, 3, 4)) / (2 * cfg.gamma)  # up to a constant
-    actor_loss = (delta.detach() * log_pi).sum(0).mean()
+    if cfg.estimator == "pathwise":
+        actor_loss = pathwise_actor_loss(cfg, critic, X, A, X_N, mu, x0, task, sigmas)
+    else:  # eq. 11: Σ_n sg(δ_n)·log π_φ(a_n | t_n, X_n)
+        log_pi = -((A - mu) ** 2).sum(dim=(2, 3, 4)) / (2 * cfg.gamma)  # up to a constant
+        actor_loss = (delta.detach() * log_pi).sum(0).mean()
+    target = V_next.detach() + r  # what V_θ(t_n, X_n) regresses on; explained variance = 1 − var(δ)/var(target)
     return {"critic_loss": critic_loss, "actor_loss": actor_loss, "delta": delta.detach(), "terminal": ell.detach(),
-            "energy": (A ** 2).mean(dim=(2, 3, 4)).sum(0).mul(dt).detach(), "V0": V[0].detach()}
+            "energy": (A ** 2).mean(dim=(2, 3, 4)).sum(0).mul(dt).detach(), "V0": V[0].detach(),
+            "critic_ev": (1 - delta.detach().var() / target.var().clamp_min(1e-12)).item()}
+
+
+def _frozen(net):
+    """`net` as a function of its input only: its weights enter as constants (no gradient to them, DDP or not)."""
+    module = getattr(net, "module", net)
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    return lambda *args: torch.func.functional_call(module, params, args)
+
+
+def pathwise_actor_loss(cfg: TrainConfig, critic, X, A, X_N, mu, x0, task: Task, sigmas) -> torch.Tensor:
+    """Σ_n (β/2)·mean(μ_n²)·Δt + V_θ(t_{n+1}, X̂_{n+1} + μ_n·Δt), V_θ(T, ·) = ℓ; mean over the batch (estimator pathwise)."""
+    N, B = X.shape[:2]
+    dt = 1.0 / N
+    X_next_hat = torch.cat([X[1:], X_N[None]]) - A * dt  # Heun(X_n): the step without its control
+    X_next = X_next_hat + mu * dt
+    V = _frozen(critic)
+    values = [V(sigmas[n + 1].to(X.device).expand(B), X_next[n], task.M, task.y) for n in range(N - 1)]
+    values.append(terminal_loss(X_next[-1], x0, task.M, cfg.lambda_vis, cfg.lambda_hole))
+    running = (cfg.beta / 2) * (mu ** 2).mean(dim=(2, 3, 4)) * dt
+    return (running + torch.stack(values)).sum(0).mean()
+
+
+def proxy_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators) -> dict:
+    """The supervised proxy: ℓ(X_N) + Σ_n (β/2)·mean(μ_n²)·Δt through the whole deterministic solve (backbone included)."""
+    energy = []
+
+    class Recorded(AID):
+        def drift(self, s, n, x):
+            u = super().drift(s, n, x)
+            energy.append((u ** 2).mean(dim=(1, 2, 3)))
+            return u
+
+    s = SamplerState(net=backbone, task=task, sigmas=edm_sigmas(cfg.steps, device=x0.device), generators=generators)
+    policy = Recorded(actor=actor, gamma=0.0)
+    x = s.randn_like(task.y) * s.sigmas[0]
+    for n in range(cfg.steps):
+        x = heun_step(s, policy, n, x)
+    ell = terminal_loss(x, x0, task.M, cfg.lambda_vis, cfg.lambda_hole)
+    E = torch.stack(energy).sum(0) * s.dt
+    return {"actor_loss": (ell + (cfg.beta / 2) * E).mean(), "terminal": ell.detach(), "energy": E.detach()}
 
 
 @torch.no_grad()
@@ -128,6 +185,8 @@ def validation_psnr(backbone, actor, images: torch.Tensor, M: torch.Tensor, step
 def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int | None = None, progress: bool = True,
           log=print) -> Path:
     rank, world, device = init_distributed(torch.device(device))
+    if cfg.estimator not in ESTIMATORS:
+        raise UserError(f"unknown --estimator {cfg.estimator!r}: choose one of {', '.join(ESTIMATORS)}")
     if cfg.batch % world:
         raise UserError(f"--batch {cfg.batch} is not divisible by the {world} processes")
     run = Path(cfg.out)
@@ -180,6 +239,13 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
                    disable=not progress or rank != 0)
     with bar:
         ptask = bar.add_task("train", total=cfg.iters, completed=it, td=float("nan"), ell=float("nan"))
+        if it == 0 and val is not None and rank == 0:  # the starting point: u ≡ 0 is the unguided sampler
+            vx = val.as_float(slice(None)).to(device)
+            rec = {"iteration": 0, "val_psnr_hole_18": validation_psnr(backbone, actor, vx, val_M, 18),
+                   "val_psnr_hole_12": validation_psnr(backbone, actor, vx, val_M, 12)}
+            log(f"it 0: val PSNR-hole {rec['val_psnr_hole_18']:.2f} dB (N=18), {rec['val_psnr_hole_12']:.2f} dB (N=12)")
+            with open(run / "stats.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
         while it < cfg.iters and (max_iters is None or it < max_iters):
             t0 = time.time()
             g = step_generator(cfg.seed, it)
@@ -189,15 +255,25 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
             x0 = data.as_float(idx[sl]).to(device)
             task = Task.from_image(x0, M_all[sl].to(device))
             gens = sample_generators(int(torch.randint(2 ** 62, (1,), generator=g)), cfg.batch)[sl]
-            with torch.no_grad():
-                X, A, X_N = rollout(backbone, actor, task, cfg.steps, cfg.gamma, gens)
-            out = actor_critic_losses(cfg, actor_t, critic_t, X, A, X_N, x0, task, sigmas)
+            if cfg.estimator == "proxy":  # the ablation: backpropagate through the whole frozen solve
+                out = proxy_loss(cfg, backbone, actor, task, x0, gens)
+                out["critic_loss"] = torch.zeros(())
+            else:
+                with torch.no_grad():
+                    X, A, X_N = rollout(backbone, actor, task, cfg.steps, cfg.gamma, gens)
+                out = actor_critic_losses(cfg, actor_t, critic_t, X, A, X_N, x0, task, sigmas)
             if not (math.isfinite(out["critic_loss"].item()) and math.isfinite(out["actor_loss"].item())):
                 raise RuntimeError(f"non-finite loss at iteration {it}; the last checkpoint in {run} is intact")
             opt_critic.zero_grad(set_to_none=True)
             opt_actor.zero_grad(set_to_none=True)
-            out["critic_loss"].backward()
             out["actor_loss"].backward()
+            if cfg.estimator == "proxy":
+                if world > 1:  # the raw actor ran N times in the loop: average its gradients by hand
+                    for p in actor.parameters():
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= world
+            else:
+                out["critic_loss"].backward()
             gn_critic = torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.clip)
             gn_actor = torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.clip)
             opt_critic.step()
@@ -206,11 +282,14 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
             elapsed += time.time() - t0
             if rank != 0:
                 continue
-            d = out["delta"]
-            rec = {"iteration": it, "critic_loss": out["critic_loss"].item(), "delta_mean": d.mean().item(),
-                   "delta_std": d.std().item(), "actor_grad_norm": float(gn_actor), "critic_grad_norm": float(gn_critic),
+            rec = {"iteration": it, "actor_loss": out["actor_loss"].item(), "actor_grad_norm": float(gn_actor),
                    "terminal": out["terminal"].mean().item(), "control_energy": out["energy"].mean().item(),
-                   "V0": out["V0"].mean().item(), "seconds": round(time.time() - t0, 3)}
+                   "seconds": round(time.time() - t0, 3)}
+            if cfg.estimator != "proxy":
+                d = out["delta"]
+                rec.update({"critic_loss": out["critic_loss"].item(), "delta_mean": d.mean().item(),
+                            "delta_std": d.std().item(), "critic_grad_norm": float(gn_critic),
+                            "critic_ev": out["critic_ev"], "V0": out["V0"].mean().item()})
             if val is not None and (it % cfg.val_every == 0 or it == cfg.iters):
                 vx = val.as_float(slice(None)).to(device)
                 rec["val_psnr_hole_18"] = validation_psnr(backbone, actor, vx, val_M, 18)
@@ -219,7 +298,7 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
                     f"{rec['val_psnr_hole_12']:.2f} dB (N=12)")
             with open(run / "stats.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            bar.update(ptask, completed=it, td=rec["critic_loss"], ell=rec["terminal"])
+            bar.update(ptask, completed=it, td=rec.get("critic_loss", float("nan")), ell=rec["terminal"])
             if it % cfg.checkpoint_every == 0 or it == cfg.iters or (max_iters is not None and it >= max_iters):
                 checkpoint()
     if world > 1:
