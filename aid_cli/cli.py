@@ -482,7 +482,8 @@ def train(
     lr_critic: float = typer.Option(1e-3, "--lr-critic", help="Adam learning rate of the critic."),
     clip: float = typer.Option(1.0, "--clip", help="Gradient-norm clipping of each network."),
     hole_range: str = typer.Option("0.2-0.6", "--hole-range", help="Missing fraction of training masks, MIN-MAX."),
-    width: int = typer.Option(16, "--width", help="Actor width C (the critic is twice as wide)."),
+    width: int = typer.Option(16, "--width", help="Actor width C."),
+    critic_width: Optional[int] = typer.Option(None, "--critic-width", min=1, help="Critic width (default: 2C)."),
     val: Optional[Path] = typer.Option(None, "--val", help="Validation images for the periodic PSNR (folder or zip)."),
     val_every: int = typer.Option(100, "--val-every", help="Iterations between validation PSNRs."),
     val_n: int = typer.Option(32, "--val-n", min=1, help="Validation images (the first N of --val, fixed masks)."),
@@ -515,8 +516,8 @@ def train(
     cfg = TrainConfig(dataset=str(resolve_dataset(dataset)), out=str(out), backbone=str(resolve_backbone(backbone)),
                       steps=steps, batch=batch, iters=iters, beta=beta, gamma=gamma, lambda_vis=lambda_vis,
                       lambda_hole=lambda_hole, lr_actor=lr_actor, lr_critic=lr_critic, clip=clip, hole_min=lo,
-                      hole_max=hi, width=width, critic_width=2 * width, seed=seed, val_every=val_every, val_n=val_n,
-                      checkpoint_every=checkpoint_every, estimator=estimator, val_dataset=str(val) if val else None)
+                      hole_max=hi, width=width, critic_width=critic_width or 2 * width, seed=seed,
+                      val_every=val_every, val_n=val_n, checkpoint_every=checkpoint_every, estimator=estimator, val_dataset=str(val) if val else None)
     run = run_train(cfg, resume=resume, device=resolve_device(device), log=err.print)
     err.print(f"done: {run / 'guidance.safetensors'}")
 

@@ -246,6 +246,7 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
             log(f"it 0: val PSNR-hole {rec['val_psnr_hole_18']:.2f} dB (N=18), {rec['val_psnr_hole_12']:.2f} dB (N=12)")
             with open(run / "stats.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
+        prev_grad = None
         while it < cfg.iters and (max_iters is None or it < max_iters):
             t0 = time.time()
             g = step_generator(cfg.seed, it)
@@ -276,6 +277,11 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
                 out["critic_loss"].backward()
             gn_critic = torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.clip)
             gn_actor = torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.clip)
+            grad = torch.cat([p.grad.flatten() for p in actor.parameters() if p.grad is not None])
+            # cosine between successive actor-gradient estimates: ≈ 0 when the estimator's noise swamps its signal
+            grad_cos = float(torch.nn.functional.cosine_similarity(grad, prev_grad, dim=0)) \
+                if prev_grad is not None and len(prev_grad) == len(grad) else float("nan")
+            prev_grad = grad
             opt_critic.step()
             opt_actor.step()
             it += 1
@@ -283,6 +289,7 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
             if rank != 0:
                 continue
             rec = {"iteration": it, "actor_loss": out["actor_loss"].item(), "actor_grad_norm": float(gn_actor),
+                   "actor_grad_cos_prev": grad_cos,
                    "terminal": out["terminal"].mean().item(), "control_energy": out["energy"].mean().item(),
                    "seconds": round(time.time() - t0, 3)}
             if cfg.estimator != "proxy":
