@@ -244,3 +244,16 @@ def test_unknown_estimator_is_one_line(tiny_data, tiny_checkpoint, tmp_path, cap
     code, _, err = run_cli(["train", "--dataset", tiny_data, "--out", tmp_path / "r", "--backbone", tiny_checkpoint,
                             "--estimator", "magic"], capsys)
     assert code == 2 and "unknown --estimator 'magic'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_curves_png_from_a_run(tiny_data, tiny_checkpoint, tmp_path):
+    from aid_cli.guidance.curves import read_stats, training_curves
+
+    run = train(cfg_for(tiny_data, tmp_path / "r", tiny_checkpoint), progress=False, log=lambda *a: None)
+    im = Image.open(run / "curves.png")  # written with every checkpoint
+    assert im.size == (960, 640)
+    stats = read_stats(run / "stats.jsonl")
+    path = training_curves(stats + [{"iteration": 7, "terminal": float("nan")}], tmp_path / "c.png", "t")
+    assert np.asarray(Image.open(path)).std() > 0  # not a blank image
+    empty = training_curves([], tmp_path / "e.png", "no stats yet")  # a fresh run: panels say "not recorded"
+    assert empty.is_file()

@@ -47,10 +47,12 @@ from ..sampling.heun import SamplerState, edm_sigmas, heun_step, sample, sample_
 from ..task import Task
 from ..training import init_distributed, load_state, prepare_run, save_state, step_generator
 from .checkpoint import save_guidance
+from .curves import read_stats, training_curves
 from .networks import Actor, Critic, count_parameters
 
 STATE_FILE = "training-state.safetensors"
 GUIDANCE_FILE = "guidance.safetensors"
+CURVES_FILE = "curves.png"
 ESTIMATORS = ("score", "pathwise", "proxy")
 
 
@@ -227,6 +229,8 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
     def checkpoint():
         save_state(state_path, {"actor": actor, "critic": critic}, {"opt_actor": opt_actor, "opt_critic": opt_critic},
                    {"config": dataclasses.asdict(cfg), "iteration": it, "elapsed_s": elapsed})
+        training_curves(read_stats(run / "stats.jsonl"), run / CURVES_FILE,
+                        f"aid train ({cfg.estimator}): {run.name}, batch {cfg.batch}, N = {cfg.steps}")
         save_guidance(run / GUIDANCE_FILE, actor, cfg.actor_kwargs(C), backbone_sha,
                       training={**dataclasses.asdict(cfg), "iterations": it, "train_seconds": round(elapsed, 1),
                                 "backbone": str(cfg.backbone)})
