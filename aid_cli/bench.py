@@ -127,6 +127,7 @@ class BenchConfig:
     examples: int = 6  # images per grid
     lpips_offline: bool | None = None
     guidance: str | None = None  # AID's guidance module (default: the embedded one)
+    guidances: dict = field(default_factory=dict)  # NAME → module, for the labels aid-18:NAME (variants side by side)
 
 
 # ------------------------------------------------------------------------------------------------------- resolution
@@ -161,9 +162,21 @@ def check_masks(families: list[str]) -> list[str]:
     return families
 
 
-def check_method_names(labels: list[str]) -> None:
+def split_variant(label: str) -> tuple[str, str | None]:
+    """`aid-18:pathwise` → ("aid-18", "pathwise"): an AID operating point with the guidance module named `pathwise`."""
+    base, sep, variant = label.partition(":")
+    return base, (variant if sep else None)
+
+
+def check_method_names(labels: list[str], guidances: dict | None = None) -> None:
     """Fail fast, before anything is loaded, on a name that is neither a method nor an operating point."""
     for label in labels:
+        label, variant = split_variant(label)
+        if variant is not None:
+            if label not in OPERATING_POINTS and label != "aid":
+                raise UserError(f"only AID takes a guidance variant (aid-18:NAME), got {label}:{variant}")
+            if guidances is not None and variant not in guidances:
+                raise UserError(f"no guidance module named {variant!r}: add --guidance {variant}=PATH")
         if label in OPERATING_POINTS:
             name = OPERATING_POINTS[label][0]
             if name not in METHODS:
@@ -176,15 +189,19 @@ def check_method_names(labels: list[str]) -> None:
 
 def resolve_method(label: str, steps: int, checkpoint: Path | None = None, sha256: str | None = None,
                    notice: Callable[[str], None] | None = None,
-                   guidance: str | os.PathLike | None = None) -> MethodSpec:
+                   guidance: str | os.PathLike | None = None, guidances: dict | None = None) -> MethodSpec:
     """A command-line method name → what runs: an operating point (aid-18: method `aid` at 18 steps), or a registered
     method with the backbone's tuned params (registry.tuned_params) when it has them, else the method's defaults.
-    AID gets its guidance module (`guidance`, default: the embedded one), checked against the backbone here."""
+    AID gets its guidance module (`guidance`, default: the embedded one; `aid-18:NAME` takes `guidances[NAME]`),
+    checked against the backbone here."""
     from .registry import tuned_entries
 
-    check_method_names([label])
-    if label in OPERATING_POINTS:
-        name, params, point_steps = OPERATING_POINTS[label]
+    check_method_names([label], guidances)
+    base, variant = split_variant(label)
+    if variant is not None:
+        guidance = guidances[variant]
+    if base in OPERATING_POINTS:
+        name, params, point_steps = OPERATING_POINTS[base]
         spec = MethodSpec(label, name, dict(params), point_steps or steps, "operating point")
     else:
         entry = tuned_entries(checkpoint, sha256, notice).get(label) if checkpoint is not None else None
@@ -192,7 +209,7 @@ def resolve_method(label: str, steps: int, checkpoint: Path | None = None, sha25
             spec = MethodSpec(label, label, dict(entry["params"]), steps,
                               f"tuned: {entry.get('record', '?')} ({entry.get('date', 'undated')})")
         else:
-            spec = MethodSpec(label, label, {}, steps, "defaults")
+            spec = MethodSpec(label, base, {}, steps, "defaults")
     if spec.method == "aid":
         from .backbones.checkpoint import sha256_file
         from .guidance.checkpoint import load_guidance
@@ -892,13 +909,13 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
               runner: Runner | None = None) -> dict | None:
     """Run (or resume) a benchmark into `out`; returns the bench.json dict on rank 0 (None on other ranks)."""
     check_masks(cfg.masks)
-    check_method_names(cfg.methods)
+    check_method_names(cfg.methods, cfg.guidances)
     out = Path(out)
     state = {"total": 0}
     runner = runner or Runner(model, cfg.dataset, cfg.n, cfg.masks, cfg.mask_seed, device, log=log,
                               lpips_offline=cfg.lpips_offline,
                               progress=(lambda done, desc: progress(done, state["total"], desc)) if progress else None)
-    specs = [resolve_method(m, cfg.steps, runner.checkpoint, runner.sha256, runner.note, cfg.guidance)
+    specs = [resolve_method(m, cfg.steps, runner.checkpoint, runner.sha256, runner.note, cfg.guidance, cfg.guidances)
              for m in cfg.methods]
     identity = _identity(runner, cfg, cfg.dataset)
     done, error = _prepare_out(out, identity, resume) if runner.rank == 0 else ({}, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -342,6 +343,21 @@ def _wide(console: Console) -> Console:
     return console if console.is_terminal else Console(stderr=True, highlight=False, width=160)
 
 
+def parse_guidance_options(values: list[str]) -> dict:
+    """--guidance PATH (the module of plain aid-18/aid-12) and --guidance NAME=PATH (of aid-18:NAME)."""
+    plain = [v for v in values if "=" not in v]
+    if len(plain) > 1:
+        raise UserError("--guidance PATH may be given once; name the others: --guidance NAME=PATH")
+    named = {}
+    for v in values:
+        if "=" in v:
+            name, path = v.split("=", 1)
+            if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in named:
+                raise UserError(f"--guidance NAME=PATH needs a distinct name of letters, digits, '.', '_', '-': {v!r}")
+            named[name] = path
+    return {"guidance": plain[0] if plain else None, "guidances": named}
+
+
 @app.command()
 def bench(
     methods_list: Optional[str] = typer.Option(None, "--methods", help="Comma list of methods (see `aid methods`); "
@@ -361,7 +377,9 @@ def bench(
     tune_method: Optional[str] = typer.Option(None, "--tune", metavar="METHOD",
                                               help="Tune METHOD's step size (dps, mcg, gradpaint, copaint) on "
                                                    "--dataset (use the validation split) and record it."),
-    guidance: Optional[Path] = typer.Option(None, "--guidance", help="AID's guidance module (default: the embedded)."),
+    guidance: Optional[List[str]] = typer.Option(None, "--guidance",
+                                                 help="AID's guidance module (default: the embedded one); repeat as "
+                                                      "NAME=PATH to compare modules: --methods aid-18:NAME."),
     mask_seed: int = typer.Option(0, "--mask-seed", min=0, help="Seed of the evaluation mask set."),
     examples: int = typer.Option(6, "--examples", min=1, help="Images per grid."),
     offline: bool = typer.Option(False, "--offline", help="Never download LPIPS weights (also: HF_HUB_OFFLINE=1)."),
@@ -450,7 +468,7 @@ def bench(
     cfg = BenchConfig(dataset=str(dataset), methods=parse_list(methods_list, "--methods"),
                       masks=check_masks(parse_list(masks, "--masks")), n=n or 100, seeds=seed_list, steps=steps,
                       batch=batch, mask_seed=mask_seed, examples=examples, lpips_offline=offline or None,
-                      guidance=str(guidance) if guidance else None)
+                      **parse_guidance_options(guidance or []))
     try:
         with bar:
             result = run_bench(cfg, out, model=model, device=dev, resume=resume, log=log, progress=progress)

@@ -71,12 +71,12 @@ def data(tmp_path):
     return _dataset(tmp_path / "data")
 
 
-def _guidance(path, backbone_sha256):
+def _guidance(path, backbone_sha256, seed=0):
     """A random (non-zero) AID guidance module for a backbone."""
     from aid_cli.guidance.checkpoint import save_guidance
     from aid_cli.guidance.networks import Actor
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     actor = Actor(width=8)
     torch.nn.init.normal_(actor.out.weight, std=0.05)
     return save_guidance(path, actor, {"width": 8}, backbone_sha256)
@@ -375,3 +375,29 @@ def test_torchrun_shards_images_and_matches_one_process(tmp_path, data, tiny_che
         for metric in ("psnr_hole", "ssim"):
             np.testing.assert_allclose(a[metric], b[metric], rtol=1e-6)
     assert json.loads((out / "bench.json").read_text())["config"]["world_size"] == 2
+
+
+def test_guidance_variants_side_by_side(tmp_path, data, tiny_checkpoint, capsys):
+    """aid-18:NAME runs AID with the module given as --guidance NAME=PATH, so estimators share one table."""
+    sha = sha256_file(tiny_checkpoint)
+    a = _guidance(tmp_path / "a.safetensors", sha)
+    b = _guidance(tmp_path / "b.safetensors", sha, seed=5)
+    assert sha256_file(a) != sha256_file(b)
+    out = tmp_path / "out"
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, out, "aid-18:one,aid-12:two,aid-18", "center", "1", "4",
+                                       "--guidance", f"one={a}", "--guidance", f"two={b}", "--guidance", a), capsys)
+    assert code == 0, err
+    result = json.loads((out / "bench.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["aid-18:one", "aid-12:two", "aid-18"]
+    assert (rows["aid-18:one"]["nfe"], rows["aid-12:two"]["nfe"]) == (35, 23)
+    methods = result["config"]["methods"]
+    assert methods["aid-18:one"]["resources"]["guidance_sha256"] == sha256_file(a)
+    assert methods["aid-12:two"]["resources"]["guidance_sha256"] == sha256_file(b)
+    assert rows["aid-18:one"]["psnr_hole"] == rows["aid-18"]["psnr_hole"]  # the same module gives the same numbers
+    code, stdout, err = run_cli(_bench_args(data, tiny_checkpoint, out, "aid-18:three", "center", "1", "4",
+                                            "--guidance", f"one={a}"), capsys)
+    assert_user_error(code, stdout, err, "no guidance module named 'three'")
+    code, stdout, err = run_cli(_bench_args(data, tiny_checkpoint, out, "dps:one", "center", "1", "4",
+                                            "--guidance", f"one={a}"), capsys)
+    assert_user_error(code, stdout, err, "only AID takes a guidance variant")
