@@ -703,6 +703,42 @@ def rich_table(result: dict):
     return t
 
 
+MD_START, MD_END = "<!-- aid bench: start -->", "<!-- aid bench: end -->"
+
+
+def rows_markdown(result: dict) -> str:
+    """The table as Markdown (what README shows), with the run's size, device and date in the caption."""
+    cfg = result["config"]
+    lines = [f"{cfg['n']} images of `{Path(cfg['dataset']).name}` × {len(cfg['seeds'])} seeds, masks "
+             f"{cfg['masks']['version']}, {cfg['device']}, aid {cfg['aid']}, {cfg['date'][:10]}; mean ± std over "
+             f"seeds; seconds per image measured in the same run.",
+             "",
+             "| method | mask | NFE | backward | s/image | PSNR-hole dB ↑ | SSIM ↑ | LPIPS ↓ |",
+             "|---|---|--:|--:|--:|--:|--:|--:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['method']} | {r['mask']} | {r['nfe']} | {r['backward']} | {r['sec_per_image']:.3g} | "
+                     f"{format_stat(r['psnr_hole'], 2)} | {format_stat(r['ssim'], 3)} | {format_stat(r['lpips'], 3)} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_parts(path: Path) -> tuple[str, str]:
+    """(text up to MD_START, text from MD_END on) of `path`, or one clear error when the markers are not there."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--markdown file not found: {path}")
+    text = path.read_text()
+    if text.count(MD_START) != 1 or text.count(MD_END) != 1 or text.index(MD_START) > text.index(MD_END):
+        raise UserError(f"{path} needs one line '{MD_START}' and, below it, one '{MD_END}' to put the table between")
+    head, rest = text.split(MD_START)
+    return head + MD_START, MD_END + rest.split(MD_END)[1]
+
+
+def splice_markdown(path: Path, table: str) -> None:
+    """Replace what lies between the MD_START and MD_END markers of `path` (a README) with `table`, atomically."""
+    head, tail = markdown_parts(path)
+    atomic_write_text(Path(path), f"{head}\n{table}{tail}")
+
+
 def _safe_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", label)
 
@@ -982,6 +1018,7 @@ def write_reports(out: Path, cfg: BenchConfig, runner: Runner, specs: list[Metho
     result = {"config": config, "rows": rows}
     atomic_write_text(out / "bench.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out / "bench.csv", rows_csv(rows))
+    atomic_write_text(out / "bench.md", rows_markdown(result))
     write_grids(out, runner, specs, cfg.masks, cfg.examples)
     family = "freeform" if "freeform" in cfg.masks else cfg.masks[0]
     quality_speed_plot(out / "quality-speed.png", rows, family,

@@ -383,6 +383,8 @@ def bench(
     mask_seed: int = typer.Option(0, "--mask-seed", min=0, help="Seed of the evaluation mask set."),
     examples: int = typer.Option(6, "--examples", min=1, help="Images per grid."),
     offline: bool = typer.Option(False, "--offline", help="Never download LPIPS weights (also: HF_HUB_OFFLINE=1)."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Put the table (Markdown) into this file between "
+                                            "the lines <!-- aid bench: start --> and <!-- aid bench: end -->."),
 ):
     """Benchmark inpainting methods on the same images, fixed masks and noise: quality, NFE, speed, memory.
 
@@ -411,7 +413,8 @@ def bench(
 
     import os
 
-    from .bench import BenchConfig, check_masks, parse_list, parse_seeds, rich_table, run_bench, tune
+    from .bench import BenchConfig, check_masks, markdown_parts, parse_list, parse_seeds, rich_table, rows_markdown, \
+        run_bench, splice_markdown, tune
     from .devices import resolve_device
     from .fileio import atomic_write_text
 
@@ -469,6 +472,8 @@ def bench(
                       masks=check_masks(parse_list(masks, "--masks")), n=n or 100, seeds=seed_list, steps=steps,
                       batch=batch, mask_seed=mask_seed, examples=examples, lpips_offline=offline or None,
                       **parse_guidance_options(guidance or []))
+    if markdown is not None:
+        markdown_parts(markdown)  # fail now, not after the benchmark
     try:
         with bar:
             result = run_bench(cfg, out, model=model, device=dev, resume=resume, log=log, progress=progress)
@@ -482,6 +487,9 @@ def bench(
     err.print(f"wrote {escape(str(out))}/bench.json, bench.csv, grid-*.png, quality-speed.png", soft_wrap=True)
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    if markdown is not None:
+        splice_markdown(markdown, rows_markdown(result))
+        err.print(f"table written into {escape(str(markdown))}", soft_wrap=True)
 
 
 @app.command()

@@ -401,3 +401,26 @@ def test_guidance_variants_side_by_side(tmp_path, data, tiny_checkpoint, capsys)
     code, stdout, err = run_cli(_bench_args(data, tiny_checkpoint, out, "dps:one", "center", "1", "4",
                                             "--guidance", f"one={a}"), capsys)
     assert_user_error(code, stdout, err, "only AID takes a guidance variant")
+
+
+def test_markdown_table_goes_between_the_readme_markers(tmp_path, data, tiny_checkpoint, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- aid bench: start -->\nold table\n<!-- aid bench: end -->\n\nafter\n")
+    out = tmp_path / "out"
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, out, "copy,greyfill", "center", "1", "4",
+                                       "--markdown", readme), capsys)
+    assert code == 0, err
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# x\n") and text.endswith("<!-- aid bench: end -->\n\nafter\n")
+    assert "| copy | center | 0 | 0 |" in text and "| greyfill | center |" in text
+    assert (out / "bench.md").read_text() in text
+    before = text
+    code, _, _ = run_cli(_bench_args(data, tiny_checkpoint, out, "copy", "center", "1", "4", "--resume",
+                                     "--markdown", readme), capsys)
+    assert code == 0 and readme.read_text().count("<!-- aid bench: start -->") == 1 and readme.read_text() != before
+    bare = tmp_path / "bare.md"
+    bare.write_text("no markers\n")
+    code, stdout, err = run_cli(_bench_args(data, tiny_checkpoint, tmp_path / "o2", "copy", "center", "1", "4",
+                                            "--markdown", bare), capsys)
+    assert_user_error(code, stdout, err, "aid bench: start")
+    assert not (tmp_path / "o2").exists() and bare.read_text() == "no markers\n"  # failed before running anything
