@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 
 from ..backbones.checkpoint import load_backbone, sha256_file
 from ..data.datasets import load_image_set
@@ -164,8 +165,8 @@ def proxy_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators) ->
     s = SamplerState(net=backbone, task=task, sigmas=edm_sigmas(cfg.steps, device=x0.device), generators=generators)
     policy = Recorded(actor=actor, gamma=0.0)
     x = s.randn_like(task.y) * s.sigmas[0]
-    for n in range(cfg.steps):
-        x = heun_step(s, policy, n, x)
+    for n in range(cfg.steps):  # each step's activations are recomputed in the backward pass: memory of one step
+        x = torch.utils.checkpoint.checkpoint(heun_step, s, policy, n, x, use_reentrant=False)
     ell = terminal_loss(x, x0, task.M, cfg.lambda_vis, cfg.lambda_hole)
     E = torch.stack(energy).sum(0) * s.dt
     return {"actor_loss": (ell + (cfg.beta / 2) * E).mean(), "terminal": ell.detach(), "energy": E.detach()}
