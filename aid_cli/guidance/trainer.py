@@ -285,7 +285,7 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
             grad = torch.cat([p.grad.flatten() for p in actor.parameters() if p.grad is not None])
             # cosine between successive actor-gradient estimates: ≈ 0 when the estimator's noise swamps its signal
             grad_cos = float(torch.nn.functional.cosine_similarity(grad, prev_grad, dim=0)) \
-                if prev_grad is not None and len(prev_grad) == len(grad) else float("nan")
+                if prev_grad is not None and len(prev_grad) == len(grad) else None
             prev_grad = grad
             opt_critic.step()
             opt_actor.step()
