@@ -1,7 +1,11 @@
 """`aid bench`: every method on the same images, the same fixed masks and the same noise; quality, cost and speed.
 
 The path of an image is `aid inpaint`'s (design.md): `Task.from_image(x0, M)` → the one sampler loop (`sample`) with one
-registered method → completed image M ⊙ y + M̄ ⊙ x̂. Nothing here re-implements a method or the loop.
+registered method → completed image M ⊙ y + M̄ ⊙ x̂. Nothing here re-implements a method or the loop. Latent backbones
+(EDM2) take the same path through their space (backbones/latent.py): images and masks at the VAE's pixel resolution
+(8 × the network's), the Task on the latent grid, the completion decoded and its visible pixels pasted back; metrics are
+computed in pixel space as for every backbone, and the timing includes the VAE's encoding and decoding.
+Class-conditional backbones get `--class N` for every image, or else each image's label from the dataset's dataset.json.
 
 Protocol (method.md §9)
   * Images: the first `n` of the dataset (folder or EDM zip, sorted by name, as `load_image_set` reads them) at the
@@ -61,7 +65,6 @@ from .errors import UserError
 from .fileio import atomic_write, atomic_write_text
 from .methods import METHODS, get_method
 from .sampling.heun import sample
-from .task import Task
 
 # Operating points: a name on the command line → (registered method, params, steps or None for --steps). AID is not
 # registered yet; `aid-18` will run method `aid` with N = 18 once it is.
@@ -128,6 +131,8 @@ class BenchConfig:
     lpips_offline: bool | None = None
     guidance: str | None = None  # AID's guidance module (default: the embedded one)
     guidances: dict = field(default_factory=dict)  # NAME → module, for the labels aid-18:NAME (variants side by side)
+    class_label: int | None = None  # --class N (class-conditional backbones; default: the dataset's labels)
+    vae: str | None = None  # latent backbones: a local VAE folder instead of the pinned hub VAE
 
 
 # ------------------------------------------------------------------------------------------------------- resolution
@@ -397,8 +402,10 @@ class Runner:
 
     def __init__(self, checkpoint: Path | None, dataset: str, n: int, families: list[str], mask_seed: int,
                  device, log: Callable[[str], None] = print, lpips_offline: bool | None = None,
-                 progress: Callable[[int, str], None] | None = None):
+                 progress: Callable[[int, str], None] | None = None, class_label: int | None = None,
+                 vae: str | None = None):
         from .backbones.checkpoint import load_backbone, sha256_file
+        from .backbones.latent import class_labels, model_space
         from .registry import resolve_backbone
         from .training import init_distributed
 
@@ -408,17 +415,30 @@ class Runner:
         self.checkpoint = resolve_backbone(checkpoint)
         self.sha256 = sha256_file(self.checkpoint)
         self.net, self.info = load_backbone(self.checkpoint, device=self.device)
-        if self.info.get("label_dim"):
-            raise UserError(f"{self.checkpoint}: class-conditional backbones are not benchmarked yet")
-        self.resolution = self.info["resolution"]
+        label_dim = self.info.get("label_dim", 0)
+        if label_dim == 0 or class_label is not None:
+            class_labels(class_label, label_dim, 1)  # --class checked against the backbone (one-line errors)
+        self.space = model_space(self.info, vae, device=self.device)
+        self.resolution = self.info["resolution"] * self.space.factor  # pixels (latent backbones: the VAE's 8x)
         skipped = []
-        self.data = load_image_set(dataset, resolution=self.resolution, channels=self.info["channels"], limit=n,
+        self.data = load_image_set(dataset, resolution=self.resolution,
+                                   channels=3 if self.space.latent else self.info["channels"], limit=n,
                                    on_skip=lambda name, why: skipped.append(name))
         if skipped:
             self.log(f"note: skipped {len(skipped)} unreadable image(s) of {dataset}, e.g. {skipped[0]}")
         if len(self.data) < n:
             raise UserError(f"--n {n}, but {dataset} has only {len(self.data)} readable images")
         self.n = n
+        self.class_label, self.labels = class_label, None  # labels: int64 [n] per image, class-conditional only
+        if label_dim and class_label is not None:
+            self.labels = torch.full((n,), int(class_label), dtype=torch.int64)
+        elif label_dim:
+            if self.data.labels is None:
+                raise UserError(f"this backbone is class-conditional ({label_dim} classes) and {dataset} has no "
+                                f"dataset.json labels: pass --class N")
+            self.labels = self.data.labels[:n]
+            if int(self.labels.min()) < 0 or int(self.labels.max()) >= label_dim:
+                raise UserError(f"{dataset}: dataset.json labels lie outside the backbone's classes 0..{label_dim - 1}")
         self.masks = {f: eval_masks(f, n, self.resolution, mask_seed) for f in families}
         self.indices = list(range(n))[self.rank::self.world]  # this process's shard
         self.warmed: set[tuple] = set()  # (method, steps) already warmed up in this process
@@ -490,18 +510,24 @@ class Runner:
 
     def _run_batch(self, method, spec: MethodSpec, family: str, seed: int, idx: list[int],
                    mem: PeakMemory | None = None):
+        """(sampler result, completed pixels, seconds, x0, M) of one batch; latent backbones' VAE calls are timed."""
         x0 = self.data.as_float(idx)
         M = self.masks[family][idx]
-        task = Task.from_image(x0, M).to(self.device)
+        labels = (torch.nn.functional.one_hot(self.labels[idx], self.info["label_dim"]).to(torch.float32)
+                  .to(self.device) if self.labels is not None else None)
         extras = {"x0": x0.to(self.device)} if method.oracle else None  # only oracles see the ground truth
+        space = self.space.for_method(method)
+        x0_d, M_d = x0.to(self.device), M.to(self.device)
         with mem.measure() if mem else contextlib.nullcontext():
             synchronize(self.device)
             t0 = time.perf_counter()
+            task = space.task(x0_d, M_d, labels)  # latent backbones: encoded here, inside the timed window
             result = sample(self.net, task, method, num_steps=spec.steps, generators=bench_generators(seed, idx),
                             extras=extras)
+            completed = space.to_pixels(x0_d, M_d, result.completed)
             synchronize(self.device)
             dt = time.perf_counter() - t0
-        return result, dt, x0, M
+        return result, completed, dt, x0, M
 
     def cell(self, spec: MethodSpec, family: str, seed: int, batch: int, examples: int = 0,
              done_before: int = 0) -> dict | None:
@@ -519,11 +545,11 @@ class Runner:
         seconds, nfe_sum, bwd_sum, kept = 0.0, 0.0, 0.0, {}
         mem = PeakMemory(self.device)
         for idx in self._batches(batch):
-            result, dt, x0, M = self._run_batch(method, spec, family, seed, idx, mem)
+            result, completed, dt, x0, M = self._run_batch(method, spec, family, seed, idx, mem)
             seconds += dt
             nfe_sum += result.nfe * len(idx)
             bwd_sum += result.backward * len(idx)
-            completed = result.completed.detach().to("cpu", torch.float32)
+            completed = completed.detach().to("cpu", torch.float32)
             del result
             m = self._metrics(completed, x0, M, spec.label)
             for j, i in enumerate(idx):
@@ -908,8 +934,13 @@ def quality_speed_plot(path: Path, rows: list[dict], family: str, title: str) ->
 
 def _identity(runner: Runner, cfg: BenchConfig, dataset: str) -> dict:
     """What every cell of one OUT folder must share (a resumed run must match it)."""
-    return {"dataset": str(Path(dataset).resolve()), "n": cfg.n, "model_sha256": runner.sha256,
-            "resolution": runner.resolution, "masks_version": MASKS_VERSION, "mask_seed": cfg.mask_seed}
+    identity = {"dataset": str(Path(dataset).resolve()), "n": cfg.n, "model_sha256": runner.sha256,
+                "resolution": runner.resolution, "masks_version": MASKS_VERSION, "mask_seed": cfg.mask_seed}
+    if runner.space.latent:
+        identity["space"] = runner.space.describe()
+    if runner.labels is not None:
+        identity["class"] = runner.class_label if runner.class_label is not None else "dataset.json"
+    return identity
 
 
 def _prepare_out(out: Path, identity: dict, resume: bool) -> tuple[dict, str | None]:
@@ -950,7 +981,8 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
     state = {"total": 0}
     runner = runner or Runner(model, cfg.dataset, cfg.n, cfg.masks, cfg.mask_seed, device, log=log,
                               lpips_offline=cfg.lpips_offline,
-                              progress=(lambda done, desc: progress(done, state["total"], desc)) if progress else None)
+                              progress=(lambda done, desc: progress(done, state["total"], desc)) if progress else None,
+                              class_label=cfg.class_label, vae=cfg.vae)
     specs = [resolve_method(m, cfg.steps, runner.checkpoint, runner.sha256, runner.note, cfg.guidance, cfg.guidances)
              for m in cfg.methods]
     identity = _identity(runner, cfg, cfg.dataset)
@@ -1000,7 +1032,10 @@ def write_reports(out: Path, cfg: BenchConfig, runner: Runner, specs: list[Metho
                   "definitions": {f: describe(f) for f in cfg.masks},
                   "hole_fraction": {f: round(float(1 - runner.masks[f].mean()), 4) for f in cfg.masks}},
         "model": {"path": str(Path(runner.checkpoint).resolve()), "sha256": runner.sha256,
-                  "resolution": runner.resolution, "precond": runner.info.get("precond")},
+                  "resolution": runner.resolution, "precond": runner.info.get("precond"),
+                  "space": runner.space.describe(),
+                  "class": (None if runner.labels is None else
+                            runner.class_label if runner.class_label is not None else "dataset.json")},
         "methods": {s.label: {"method": s.method, "params": s.params, "params_source": s.params_source,
                               "steps": s.steps, **({"resources": s.resources} if s.resources else {})}
                     for s in specs},
@@ -1032,7 +1067,7 @@ def write_reports(out: Path, cfg: BenchConfig, runner: Runner, specs: list[Metho
 def tune(method: str, dataset: str, model: Path | None = None, n: int = 16, steps: int = 18, seed: int = 0,
          batch: int = 16, mask_seed: int = 0, device="cpu", log: Callable[[str], None] = print,
          progress: Callable[[int, int, str], None] | None = None, lpips_offline: bool | None = None,
-         write: bool = True) -> dict | None:
+         write: bool = True, class_label: int | None = None, vae: str | None = None) -> dict | None:
     """Pick `method`'s step size on `dataset` (the validation split) and record it for the backbone.
 
     Grid: the method's default × (0.1, 0.316, 1, 3.16, 10); n images, free-form masks (mask seed `mask_seed`), one noise
@@ -1044,7 +1079,8 @@ def tune(method: str, dataset: str, model: Path | None = None, n: int = 16, step
     param, grid = tune_grid(method)
     state = {"total": len(grid) * n}
     runner = Runner(model, dataset, n, ["freeform"], mask_seed, device, log=log, lpips_offline=lpips_offline,
-                    progress=(lambda done, desc: progress(done, state["total"], desc)) if progress else None)
+                    progress=(lambda done, desc: progress(done, state["total"], desc)) if progress else None,
+                    class_label=class_label, vae=vae)
     scores = []
     for c, value in enumerate(grid):
         spec = MethodSpec(f"{method}[{param}={value:g}]", method, {param: value}, steps, "tune grid")

@@ -82,22 +82,29 @@ def pretrain(
 
 @models_app.command("convert")
 def models_convert(
-    src: Path = typer.Argument(..., help="Official NVIDIA EDM pickle, e.g. edm-ffhq-64x64-uncond-vp.pkl."),
+    src: Path = typer.Argument(..., help="Official NVIDIA EDM or EDM2 pickle, e.g. edm-ffhq-64x64-uncond-vp.pkl."),
     dst: Path = typer.Argument(..., help="Checkpoint to write (.safetensors, written atomically)."),
     json_out: bool = typer.Option(False, "--json", help="Also print the summary as one JSON object on stdout."),
 ):
-    """Convert an official EDM pickle to a safetensors checkpoint, without running any code from the pickle.
+    """Convert an official EDM or EDM2 pickle to a safetensors checkpoint, without running any code from the pickle.
 
     Only the globals an official file needs are resolved; the module source code stored in the pickle is never run.
+    EDM2's float16 EMA weights are written as float32; a latent model keeps its VAE name and latent scaling.
 
-    Example: [bold]aid models convert edm-ffhq-64x64-uncond-vp.pkl weights/ffhq64-vp.safetensors[/]
+    Examples:
+      [bold]aid models convert edm-ffhq-64x64-uncond-vp.pkl weights/ffhq64-vp.safetensors[/]
+      [bold]aid models convert edm2-img512-xs-2147483-0.135.pkl img512-xs.safetensors[/]
     """
     from .backbones.convert import convert_pickle
 
     summary = convert_pickle(src, dst)
     res = summary["resolution"]
-    err.print(f"converted {escape(str(src))} -> {escape(str(dst))}: {summary['precond']}, {summary['parameters']:,} "
-              f"parameters, {res}x{res}, sha256 {summary['sha256'][:16]}", soft_wrap=True)
+    kind = summary["precond"] if summary["family"] == "edm" else f"{summary['precond']} (EDM2)"
+    space = f"latent {summary['channels']}x{res}x{res} (VAE {summary['encoder']['vae_name']})" if summary["encoder"] \
+        else f"{res}x{res}"
+    labels = f", {summary['label_dim']} classes" if summary["label_dim"] else ""
+    err.print(f"converted {escape(str(src))} -> {escape(str(dst))}: {kind}, {summary['parameters']:,} parameters, "
+              f"{escape(space)}{labels}, sha256 {summary['sha256'][:16]}", soft_wrap=True)
     if json_out:
         print(json.dumps(summary))
 
@@ -117,15 +124,24 @@ def inpaint(
     resize_mask: bool = typer.Option(False, "--resize-mask", help="Scale a mask whose size differs from the image's."),
     guidance: Optional[Path] = typer.Option(None, "--guidance", help="AID's guidance module (default: the embedded one)."),
     fit: str = typer.Option("crop", "--fit", help="crop: a box around the mask at native scale; resize: whole image."),
+    class_label: Optional[int] = typer.Option(None, "--class", min=0,
+                                              help="Class N for a class-conditional backbone (e.g. ImageNet)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Latent backbones: a local diffusers VAE folder instead of "
+                                      "the pinned stabilityai/sd-vae-ft-mse from the Hugging Face cache/hub."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON record per output on stdout."),
 ):
     """Fill the white region of MASK in IMAGE; every other pixel of the output equals the input's.
 
+    Latent backbones (EDM2 img512) inpaint at 512x512 pixels through the Stable Diffusion VAE (pip install
+    "aid-inpaint[latent]"); the visible pixels are still pasted back exactly.
+
     Examples:
       [bold]aid inpaint photo.png --mask mask.png -o filled.png[/]
       [bold]aid inpaint photos/ --mask masks/ -o filled/ --samples 4 --json[/]
+      [bold]aid inpaint dog.png --mask hole.png -o out.png --model img512-xs.safetensors --class 207[/]
     """
     from .backbones.checkpoint import load_backbone
+    from .backbones.latent import class_labels, model_space
     from .data.images import pair_inputs
     from .devices import resolve_device
     from .inpaint import InpaintOptions, check_outputs, inpaint_one, plan_outputs
@@ -144,6 +160,8 @@ def inpaint(
     dev = resolve_device(device)
     checkpoint = resolve_backbone(model)
     net, info = load_backbone(checkpoint, device=dev)
+    labels = class_labels(class_label, info["label_dim"], 1)
+    space = model_space(info, vae, device=dev)  # latent backbones: their VAE (fails here, in one line, if missing)
     params = tuned_params(checkpoint, method, notice=lambda m: err.print(escape(m), soft_wrap=True))
     if params:
         err.print(f"{method}: this backbone's tuned params {escape(json.dumps(params))} (aid bench --tune)")
@@ -160,7 +178,8 @@ def inpaint(
     jobs = plan_outputs(pairs, output, samples, folder_mode)
     check_outputs(jobs)
     opts = InpaintOptions(method=method, steps=steps, seed=seed, samples=samples, invert_mask=invert_mask,
-                          resize_mask=resize_mask, fit=fit, params=params)
+                          resize_mask=resize_mask, fit=fit, params=params, class_label=class_label)
+    resolution = info["resolution"] * space.factor  # pixels the image is fitted to (latent: the VAE's 8x)
     from rich.progress import Progress
 
     # redirect_stdout=False: on a terminal, Progress would otherwise route print() through `err`, sending the
@@ -168,9 +187,11 @@ def inpaint(
     with Progress(console=err, transient=True, disable=len(jobs) * samples <= 1, redirect_stdout=False) as bar:
         task = bar.add_task("inpainting", total=len(jobs))
         for job in jobs:
-            for rec in inpaint_one(net, info["resolution"], job, opts, dev, notice=lambda m: err.print(escape(m))):
+            for rec in inpaint_one(net, resolution, job, opts, dev, notice=lambda m: err.print(escape(m)), space=space,
+                                   class_labels=labels):
+                where = f"; {rec['space']}" if space.latent and rec["space"] != "pixels" else ""
                 err.print(f"wrote {escape(rec['path'])} ({rec['method']}, {rec['nfe']} NFE, seed {rec['seed']}, "
-                          f"{rec['seconds']:.2f} s; {escape(rec['fit'])})", soft_wrap=True)
+                          f"{rec['seconds']:.2f} s; {escape(rec['fit'] + where)})", soft_wrap=True)
                 if json_out:
                     print(json.dumps(rec), flush=True)
             bar.advance(task)
@@ -216,6 +237,9 @@ def models_eval(
     dev = resolve_device(device)
     path = resolve_backbone(model)
     net, info = load_backbone(path, device=dev)
+    if info.get("encoder") is not None or info.get("label_dim"):
+        raise UserError(f"{path}: aid models eval measures unconditional pixel-space backbones; this one is "
+                        f"{'latent (EDM2)' if info.get('encoder') else 'class-conditional'}")
     res = info["resolution"]
     result = {"model": str(path), "sha256": sha256_file(path), "parameters": count_parameters(net),
               "resolution": res, "device": str(dev)}
@@ -385,6 +409,10 @@ def bench(
     offline: bool = typer.Option(False, "--offline", help="Never download LPIPS weights (also: HF_HUB_OFFLINE=1)."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Put the table (Markdown) into this file between "
                                             "the lines <!-- aid bench: start --> and <!-- aid bench: end -->."),
+    class_label: Optional[int] = typer.Option(None, "--class", min=0, help="Class-conditional backbones: class N for "
+                                              "every image (default: the labels in the dataset's dataset.json)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Latent backbones: a local diffusers VAE folder instead of "
+                                      "the pinned stabilityai/sd-vae-ft-mse."),
 ):
     """Benchmark inpainting methods on the same images, fixed masks and noise: quality, NFE, speed, memory.
 
@@ -440,7 +468,8 @@ def bench(
             raise UserError(f"--out must be a folder, got the file {out}")
         with bar:
             entry = tune(tune_method, str(dataset), model, n=n or 16, steps=steps, seed=seed_list[0], batch=batch,
-                         mask_seed=mask_seed, device=dev, log=log, progress=progress, lpips_offline=offline or None)
+                         mask_seed=mask_seed, device=dev, log=log, progress=progress, lpips_offline=offline or None,
+                         class_label=class_label, vae=vae)
         if entry is None:  # not rank 0
             return
         from rich.table import Table
@@ -471,7 +500,7 @@ def bench(
     cfg = BenchConfig(dataset=str(dataset), methods=parse_list(methods_list, "--methods"),
                       masks=check_masks(parse_list(masks, "--masks")), n=n or 100, seeds=seed_list, steps=steps,
                       batch=batch, mask_seed=mask_seed, examples=examples, lpips_offline=offline or None,
-                      **parse_guidance_options(guidance or []))
+                      class_label=class_label, vae=vae, **parse_guidance_options(guidance or []))
     if markdown is not None:
         markdown_parts(markdown)  # fail now, not after the benchmark
     try:
@@ -539,7 +568,18 @@ def train(
         raise UserError(f"--hole-range must look like 0.2-0.6, got {hole_range!r}") from None
     if not 0 < lo <= hi < 1:
         raise UserError(f"--hole-range must satisfy 0 < MIN <= MAX < 1, got {hole_range}")
-    cfg = TrainConfig(dataset=str(resolve_dataset(dataset)), out=str(out), backbone=str(resolve_backbone(backbone)),
+    from .backbones.checkpoint import read_metadata
+    from .errors import CheckpointError
+
+    backbone_path = resolve_backbone(backbone)
+    try:
+        latent = "aid.encoder" in read_metadata(backbone_path)
+    except CheckpointError:
+        latent = False  # the trainer's load_backbone says what is wrong with the file
+    if latent:
+        raise UserError(f"{backbone_path}: aid train does not learn guidance for latent (EDM2) backbones yet; "
+                        f"aid inpaint and aid bench run them")
+    cfg = TrainConfig(dataset=str(resolve_dataset(dataset)), out=str(out), backbone=str(backbone_path),
                       steps=steps, batch=batch, iters=iters, beta=beta, gamma=gamma, lambda_vis=lambda_vis,
                       lambda_hole=lambda_hole, lr_actor=lr_actor, lr_critic=lr_critic, clip=clip, hole_min=lo,
                       hole_max=hi, width=width, critic_width=critic_width or 2 * width, seed=seed,

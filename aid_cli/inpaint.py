@@ -2,6 +2,10 @@
 
 file + mask file → Task at model resolution (+ the Fit that says how) → sampler loop with one method → completed tensor →
 composited back at the original resolution (visible pixels bit-exact) → file, written atomically.
+
+Latent backbones (EDM2) take the same path through their space (backbones/latent.py): the fit is planned at the pixel
+resolution the VAE maps to the network's latent grid (8 × 64 = 512 for img512), the Task lives on the latent grid, the
+completion is decoded and its visible pixels pasted back before compositing.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from .errors import UserError
 from .fileio import check_writable_dir
 from .methods import get_method
 from .sampling.heun import sample, sample_generators
-from .task import Task
 
 INVERTED_WARNING_FRACTION = 0.9
 
@@ -34,6 +37,7 @@ class InpaintOptions:
     resize_mask: bool = False
     fit: str = "crop"
     params: dict = field(default_factory=dict)  # method params (the backbone's tuned ones, registry.tuned_params)
+    class_label: int | None = None  # --class N of a class-conditional backbone (recorded; the one-hot goes to the net)
 
 
 @dataclass
@@ -74,8 +78,15 @@ def check_outputs(jobs: list[Job]) -> None:
 
 
 def inpaint_one(net, resolution: int, job: Job, opts: InpaintOptions, device: torch.device,
-                notice: Callable[[str], None]) -> list[dict]:
-    """Inpaint one image (all its samples as one batch) and write its outputs; returns one record per output."""
+                notice: Callable[[str], None], space=None, class_labels: torch.Tensor | None = None) -> list[dict]:
+    """Inpaint one image (all its samples as one batch) and write its outputs; returns one record per output.
+
+    `resolution`: the pixel side the image is fitted to (the network's resolution × the space's factor). `space`: the
+    backbone's PixelSpace (default) or LatentSpace. `class_labels`: one-hot [1, label_dim] for class-conditional nets.
+    """
+    from .backbones.latent import PixelSpace
+
+    space = space or PixelSpace()
     img = load_image(job.image)
     hole = load_mask(job.mask, img.size, invert=opts.invert_mask, resize=opts.resize_mask)
     for note in img.notes:
@@ -96,24 +107,29 @@ def inpaint_one(net, resolution: int, job: Job, opts: InpaintOptions, device: to
     fit = plan_fit(hole, resolution, mode=opts.fit)
     x, M = to_task_tensors(img, hole, fit)
     K = opts.samples
-    task = Task(y=x.repeat(K, 1, 1, 1), M=M.repeat(K, 1, 1, 1)).to(device)
+    x, M = x.repeat(K, 1, 1, 1).to(device), M.repeat(K, 1, 1, 1).to(device)
+    labels = class_labels.expand(K, -1).to(device) if class_labels is not None else None
     method = get_method(opts.method, **opts.params)
+    space = space.for_method(method)
     t0 = time.perf_counter()
+    task = space.task(x, M, labels)  # latent backbones: y and M on the latent grid
     result = sample(net, task, method, num_steps=opts.steps, generators=sample_generators(opts.seed, K))
+    completed = space.to_pixels(x, M, result.completed)  # latent: decoded, visible pixels pasted back
     seconds = (time.perf_counter() - t0) / K
     for k, path in enumerate(job.outputs):
-        out = composite(img, hole, fit, result.completed[k:k + 1])
+        out = composite(img, hole, fit, completed[k:k + 1])
         for w in save_image(path, out, img, protect=[job.mask]):
             notice(f"{path.name}: {w}")
-        records.append(_record(path, job, opts, k, result.nfe, result.backward, seconds, fit.describe()))
+        records.append(_record(path, job, opts, k, result.nfe, result.backward, seconds, fit.describe(),
+                               space.describe()))
     return records
 
 
 def _record(path: Path, job: Job, opts: InpaintOptions, k: int, nfe: int, backward: int, seconds: float,
-            fit: str) -> dict:
+            fit: str, space: str = "pixels") -> dict:
     return {"path": str(path), "input": str(job.image), "mask": str(job.mask), "seed": opts.seed + k,
             "method": opts.method, "params": dict(opts.params), "steps": opts.steps, "nfe": nfe, "backward": backward,
-            "seconds": round(seconds, 4), "fit": fit}
+            "seconds": round(seconds, 4), "fit": fit, "space": space, "class": opts.class_label}
 
 
 __all__ = ["InpaintOptions", "Job", "plan_outputs", "check_outputs", "inpaint_one"]

@@ -14,7 +14,7 @@ import torch
 
 @dataclass
 class Task:
-    y: torch.Tensor  # observation M ⊙ x0, [B, C, H, W] in [−1, 1]
+    y: torch.Tensor  # observation M ⊙ x0, [B, C, H, W] in [−1, 1] (latent backbones: EDM2's latents, backbones/latent.py)
     M: torch.Tensor  # mask, [B, 1, H, W] (broadcast over channels), 1 = known, 0 = hole
     class_labels: torch.Tensor | None = None  # one-hot [B, label_dim] for class-conditional backbones
 

@@ -1,4 +1,4 @@
-"""Convert official NVIDIA EDM pickles (`edm-*.pkl`) to safetensors without running anything they contain.
+"""Convert official NVIDIA EDM and EDM2 pickles (`edm-*.pkl`, `edm2-*.pkl`) to safetensors without running anything.
 
 An official pickle rebuilds each network through `torch_utils.persistence._reconstruct_persistent_obj(meta)`, which in
 NVIDIA's code executes the Python source stored in `meta['module_src']`, and each tensor storage through
@@ -7,6 +7,11 @@ NVIDIA's code executes the Python source stored in `meta['module_src']`, and eac
 globals in `ALLOWED_GLOBALS`, each to a harmless stand-in: networks become `ModuleStub` records (class name, a hash of the
 never-run source, the pickled attributes), storages are read by `torch.load(..., weights_only=True)`, and any other
 global is refused before it can be called.
+
+EDM2 files (`dnnlib.util.EasyDict(encoder, dataset_kwargs, loss_fn, ema)`) store the EMA network in float16; it is
+written as float32 (exactly the float16 values). Their `encoder` (EDM2's `StabilityVAEEncoder` for latent models, a
+persistent object whose state holds the latent scale and bias as small numpy arrays, hence the numpy array globals) is
+kept as the checkpoint's `aid.encoder` record; a latent network from a file without one gets EDM2's defaults.
 """
 
 from __future__ import annotations
@@ -23,15 +28,18 @@ import torch._utils
 
 from ..errors import CheckpointError, UserError
 from ..fileio import check_writable_dir
-from .checkpoint import save_backbone, sha256_file
-from .edm import PRECONDS, build_precond, count_parameters
+from .checkpoint import NETWORKS, build_network, save_backbone, sha256_file
+from .edm import count_parameters
+from .latent import ENCODER_CLASS, check_encoder, stability_encoder
 
 try:
+    from numpy._core.multiarray import _reconstruct as _numpy_reconstruct
     from numpy._core.multiarray import scalar as _numpy_scalar
 except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct as _numpy_reconstruct
     from numpy.core.multiarray import scalar as _numpy_scalar
 
-EDM2_CLASSES = {"Precond"}
+PIXEL_ENCODER_CLASS = "StandardRGBEncoder"  # EDM2's pixel-space "encoder": x / 127.5 − 1, nothing to record
 
 
 class ModuleStub:
@@ -66,6 +74,16 @@ def _reconstruct_persistent_obj(meta) -> ModuleStub:
     return ModuleStub(meta["class_name"], src_hash, meta["state"])
 
 
+def _reconstruct_ndarray(subtype, shape, dtype):
+    """Stand-in for numpy's `_reconstruct` (how numpy pickles arrays): only a plain, empty ndarray, which the pickle's
+    BUILD then fills from bytes. An object-dtype array can only hold what this unpickler itself built; `_plain` refuses
+    any array that is not numeric anyway."""
+    if subtype is not np.ndarray:
+        raise CheckpointError(f"refused: a numpy array record names the class {getattr(subtype, '__name__', subtype)!r}; "
+                              f"nothing from it was run")
+    return _numpy_reconstruct(np.ndarray, shape, dtype)
+
+
 def _load_storage_bytes(data):
     """Stand-in for `torch.storage._load_from_bytes`: the nested load runs with `weights_only=True`."""
     if not isinstance(data, bytes):
@@ -89,6 +107,9 @@ ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
     ("numpy", "dtype"): np.dtype,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy", "ndarray"): np.ndarray,  # the subtype argument of _reconstruct (called directly: only an array)
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct_ndarray,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct_ndarray,
     ("dnnlib.util", "EasyDict"): EasyDict,
 }
 
@@ -155,7 +176,13 @@ def collect_state_dict(module: ModuleStub, prefix: str = "") -> dict[str, torch.
 
 def _plain(value):
     """`_init_kwargs` as JSON-ready values: numpy numbers become Python numbers, tuples lists, dict subclasses dicts."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise CheckpointError(f"unsupported numpy array of dtype {value.dtype} in the pickle")
+        return value.tolist()
     if isinstance(value, np.generic):
+        if value.dtype.kind not in "biuf":
+            raise CheckpointError(f"unsupported numpy value of dtype {value.dtype} in the pickle")
         return value.item()
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return {k: _plain(v) for k, v in value.items()}
@@ -167,17 +194,44 @@ def _plain(value):
 
 
 def _ema_network(data, name: str) -> ModuleStub:
-    """The `ema` network of an official pickle, checked to be one of the EDM preconditioners."""
+    """The `ema` network of an official pickle, checked to be an EDM preconditioner or EDM2's Precond."""
     ema = data.get("ema") if isinstance(data, dict) else None
     if not isinstance(ema, ModuleStub):
-        raise CheckpointError(f"{name}: no `ema` network in this pickle; is it an official NVIDIA EDM file?")
-    supported = ", ".join(PRECONDS)
-    if ema.class_name in EDM2_CLASSES:
-        raise CheckpointError(f"{name}: holds an EDM2 network ({ema.class_name}); EDM2 conversion is not supported yet "
-                              f"(supported: {supported})")
-    if ema.class_name not in PRECONDS:
+        raise CheckpointError(f"{name}: no `ema` network in this pickle; is it an official NVIDIA EDM or EDM2 file?")
+    if ema.class_name not in NETWORKS:
+        supported = ", ".join(f"{k} ({v[0].upper()})" for k, v in NETWORKS.items())
         raise CheckpointError(f"{name}: unknown network class {ema.class_name!r} (supported: {supported})")
     return ema
+
+
+def _encoder_record(data: dict, family: str, init_kwargs: dict, name: str) -> dict | None:
+    """The `aid.encoder` record of an EDM2 file's `encoder` (None: a pixel-space network)."""
+    if family != "edm2":
+        return None
+    channels = init_kwargs.get("img_channels")
+    enc = data.get("encoder")
+    if enc is None:  # no record: EDM2's latent models are the 4-channel ones, on the SD VAE with EDM2's constants
+        return stability_encoder() if channels == 4 else None
+    if not isinstance(enc, ModuleStub) or not isinstance(enc.state, dict):
+        raise CheckpointError(f"{name}: malformed `encoder` record ({type(enc).__name__})")
+    if enc.class_name == PIXEL_ENCODER_CLASS:
+        return None
+    if enc.class_name != ENCODER_CLASS:
+        raise CheckpointError(f"{name}: unknown encoder class {enc.class_name!r} (supported: {ENCODER_CLASS}, "
+                              f"{PIXEL_ENCODER_CLASS})")
+    state = enc.state
+    record = {"class_name": ENCODER_CLASS, "vae_name": _plain(state.get("vae_name")),
+              "scale": _plain(state.get("scale")), "bias": _plain(state.get("bias"))}
+    for key in ("scale", "bias"):  # a single number (numpy scalar) is one value for every channel
+        if isinstance(record[key], (int, float)) and not isinstance(record[key], bool):
+            record[key] = [float(record[key])] * (channels or 0)
+        elif isinstance(record[key], list):
+            record[key] = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in record[key]]
+    try:
+        check_encoder(record, channels)
+    except ValueError as e:
+        raise CheckpointError(f"{name}: unusable {ENCODER_CLASS} record ({e})") from None
+    return record
 
 
 def _init_kwargs(ema: ModuleStub, name: str) -> dict:
@@ -219,17 +273,21 @@ def convert_pickle(src: str | Path, dst: str | Path) -> dict:
     src, dst = Path(src), Path(dst)
     _check_paths(src, dst)
     source_sha256 = sha256_file(src)
-    ema = _ema_network(read_official_pickle(src), src.name)
+    data = read_official_pickle(src)
+    ema = _ema_network(data, src.name)
     precond, init_kwargs = ema.class_name, _init_kwargs(ema, src.name)
+    family = NETWORKS[precond][0]
+    encoder = _encoder_record(data, family, init_kwargs, src.name)
     try:
-        net = build_precond(precond, init_kwargs)
+        net = build_network(precond, init_kwargs)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{src.name}: cannot build {precond} from its _init_kwargs ({_one_line(e)})") from None
     sd = collect_state_dict(ema)
     _check_fit(sd, net, precond, src.name)
-    net.load_state_dict(sd, strict=True)
+    net.load_state_dict(sd, strict=True)  # EDM2's float16 EMA weights become float32 here, exactly
     provenance = {"source": src.name, "source_sha256": source_sha256, "converted_by": "aid models convert"}
-    save_backbone(dst, net, precond, init_kwargs, provenance=provenance)
-    return {"src": str(src), "dst": str(dst), "precond": precond, "parameters": count_parameters(net),
+    save_backbone(dst, net, precond, init_kwargs, provenance=provenance, encoder=encoder)
+    return {"src": str(src), "dst": str(dst), "precond": precond, "family": family, "encoder": encoder,
+            "parameters": count_parameters(net),
             "resolution": init_kwargs["img_resolution"], "channels": init_kwargs["img_channels"],
             "label_dim": init_kwargs.get("label_dim", 0), "source_sha256": source_sha256, "sha256": sha256_file(dst)}

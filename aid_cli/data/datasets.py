@@ -2,11 +2,14 @@
 
 Images are decoded once into a uint8 tensor [N, C, H, W] at the requested resolution (64×64 cat faces: 184 MB for 15,000),
 which keeps CPU training fast. Unreadable images are reported and skipped, never a crash half-way through.
+Class labels come from the EDM layout's `dataset.json` (`{"labels": [[name, class], ...]}`, at the top of the zip or
+folder) when it labels every image taken; otherwise `labels` is None.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,7 @@ class ImageSet:
     names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
     source: str = ""
+    labels: torch.Tensor | None = None  # int64 [N] class of each image (dataset.json), or None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -68,6 +72,26 @@ def _entries(path: Path):
         raise UserError(f"dataset not found: {path}")
 
 
+def _read_labels(path: Path) -> dict[str, int] | None:
+    """name → class from an EDM-layout `dataset.json`, or None when there is none (or it holds no labels)."""
+    try:
+        if path.is_dir():
+            meta = path / "dataset.json"
+            data = meta.read_bytes() if meta.is_file() else None
+        else:
+            with zipfile.ZipFile(path) as z:
+                data = z.read("dataset.json") if "dataset.json" in z.namelist() else None
+        labels = json.loads(data)["labels"] if data is not None else None
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: unreadable dataset.json ({e})") from None
+    if labels is None:
+        return None
+    try:
+        return {str(name).replace("\\", "/"): int(label) for name, label in labels}
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: dataset.json labels must be [name, class] pairs") from None
+
+
 def load_image_set(path: str | Path, resolution: int | None = None, channels: int = 3, limit: int | None = None,
                    on_skip=None) -> ImageSet:
     """Decode every image of a folder or EDM zip (sorted by name) at `resolution` (None: keep; all must then agree)."""
@@ -95,4 +119,8 @@ def load_image_set(path: str | Path, resolution: int | None = None, channels: in
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     if images.shape[-1] != images.shape[-2]:
         raise UserError(f"dataset images must be square (got {images.shape[-1]}x{images.shape[-2]}); pass a resolution")
-    return ImageSet(images=images, names=names, skipped=skipped, source=str(path))
+    table = _read_labels(path)
+    labels = None
+    if table is not None and all(n.replace("\\", "/") in table for n in names):
+        labels = torch.tensor([table[n.replace("\\", "/")] for n in names], dtype=torch.int64)
+    return ImageSet(images=images, names=names, skipped=skipped, source=str(path), labels=labels)
