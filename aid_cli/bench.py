@@ -78,6 +78,7 @@ OPERATING_POINTS: dict[str, tuple[str, dict, int | None]] = {
 TUNABLE = {"dps": "zeta", "mcg": "alpha", "gradpaint": "alpha", "copaint": "lr"}
 TUNE_FACTORS = (0.1, 10 ** -0.5, 1.0, 10 ** 0.5, 10.0)
 TUNE_TIE_DB = 0.01
+TUNE_MAX_EXTEND = 4  # grid points added beyond an edge that keeps winning
 
 CELLS_FILE = "cells.jsonl"
 RUN_FILE = "run.json"
@@ -1070,8 +1071,8 @@ def tune(method: str, dataset: str, model: Path | None = None, n: int = 16, step
          write: bool = True, class_label: int | None = None, vae: str | None = None) -> dict | None:
     """Pick `method`'s step size on `dataset` (the validation split) and record it for the backbone.
 
-    Grid: the method's default × (0.1, 0.316, 1, 3.16, 10); n images, free-form masks (mask seed `mask_seed`), one noise
-    seed. Criterion: the highest mean PSNR-hole; values within 0.01 dB of it are tied and the lowest LPIPS among them
+    Grid: the method's default × (0.1, 0.316, 1, 3.16, 10), extended half a decade at a time (up to TUNE_MAX_EXTEND
+    points) while the best value lies on its edge; n images, free-form masks (mask seed `mask_seed`), one noise seed. Criterion: the highest mean PSNR-hole; values within 0.01 dB of it are tied and the lowest LPIPS among them
     wins (without LPIPS: the first). A value whose completions diverge scores −inf. Returns the record entry (rank 0).
     """
     from .registry import write_tuned
@@ -1082,18 +1083,34 @@ def tune(method: str, dataset: str, model: Path | None = None, n: int = 16, step
                     progress=(lambda done, desc: progress(done, state["total"], desc)) if progress else None,
                     class_label=class_label, vae=vae)
     scores = []
-    for c, value in enumerate(grid):
-        spec = MethodSpec(f"{method}[{param}={value:g}]", method, {param: value}, steps, "tune grid")
-        rec = runner.cell(spec, "freeform", seed, batch, done_before=c * n)
-        if runner.rank == 0:
-            scores.append({param: value, "psnr_hole": _num(_mean(rec["psnr_hole"])), "ssim": _num(_mean(rec["ssim"])),
-                           "lpips": _num(_mean(rec["lpips"])), "images_nonfinite": rec["images_nonfinite"],
-                           "sec_per_image": rec["sec_per_image"], "nfe": rec["nfe"]})
-    if runner.rank != 0:
-        return None
 
     def psnr_of(s):
         return s["psnr_hole"] if s["psnr_hole"] is not None and not s["images_nonfinite"] else -math.inf
+
+    def evaluate(value):
+        spec = MethodSpec(f"{method}[{param}={value:g}]", method, {param: value}, steps, "tune grid")
+        rec = runner.cell(spec, "freeform", seed, batch, done_before=len(scores) * n)
+        scores.append({param: value, "psnr_hole": _num(_mean(rec["psnr_hole"])), "ssim": _num(_mean(rec["ssim"])),
+                       "lpips": _num(_mean(rec["lpips"])), "images_nonfinite": rec["images_nonfinite"],
+                       "sec_per_image": rec["sec_per_image"], "nfe": rec["nfe"]} if runner.rank == 0 else None)
+
+    for value in grid:
+        evaluate(value)
+    # a best value on the grid's edge is no optimum: step on, half a decade at a time, while it keeps winning
+    for _ in range(TUNE_MAX_EXTEND):
+        scores = runner.broadcast(scores)  # rank 0 holds the metrics; every rank must take the same branch
+        ordered = sorted(scores, key=lambda s: s[param])
+        best = max(ordered, key=psnr_of)
+        if psnr_of(best) == -math.inf or best not in (ordered[0], ordered[-1]):
+            break
+        value = float(f"{best[param] * (TUNE_FACTORS[3] if best is ordered[-1] else TUNE_FACTORS[1]):.4g}")
+        grid.append(value)
+        state["total"] += n
+        evaluate(value)
+    if runner.rank != 0:
+        return None
+    scores.sort(key=lambda s: s[param])
+    grid.sort()
 
     best_psnr = max(psnr_of(s) for s in scores)
     tied = [s for s in scores if psnr_of(s) >= best_psnr - TUNE_TIE_DB]

@@ -241,8 +241,9 @@ def test_tune_records_params_that_inpaint_and_bench_use(tmp_path, data, tiny_che
     assert record["backbone_sha256"] == sha256_file(tiny_checkpoint)
     entry = record["methods"]["dps"]
     param, grid = tune_grid("dps")
-    assert param == "zeta" and entry["grid"] == grid and len(grid) == 5 and 0.5 in grid
-    assert len(entry["scores"]) == 5 and entry["params"]["zeta"] in grid
+    assert param == "zeta" and set(grid) <= set(entry["grid"]) and len(grid) == 5 and 0.5 in grid
+    assert 5 <= len(entry["grid"]) <= 9 and [s["zeta"] for s in entry["scores"]] == entry["grid"] == sorted(entry["grid"])
+    assert entry["params"]["zeta"] in entry["grid"]
     assert entry["criterion"].startswith("max mean psnr_hole")
     assert (entry["dataset"], entry["n"], entry["masks"], entry["steps"]) == (str(data), 2, "freeform v1", 2)
     assert "date" in entry and json.loads((tmp_path / "tune.json").read_text())["params"] == entry["params"]
@@ -424,3 +425,27 @@ def test_markdown_table_goes_between_the_readme_markers(tmp_path, data, tiny_che
                                             "--markdown", bare), capsys)
     assert_user_error(code, stdout, err, "aid bench: start")
     assert not (tmp_path / "o2").exists() and bare.read_text() == "no markers\n"  # failed before running anything
+
+
+@pytest.mark.parametrize("shape, expect", [("rising", [0.05, 0.1581, 0.5, 1.581, 5, 15.81, 50, 158.1, 500]),
+                                           ("peaked", [0.05, 0.1581, 0.5, 1.581, 5]),
+                                           ("falling", [0.005, 0.01581, 0.05, 0.1581, 0.5, 1.581, 5]),
+                                           ])
+def test_tune_steps_past_a_winning_edge(shape, expect, tmp_path, data, tiny_checkpoint, monkeypatch):
+    """A best value on the grid's edge is no optimum: the grid grows half a decade at a time while the edge wins."""
+    import math
+
+    import aid_cli.bench as bench_mod
+
+    def psnr(z):  # a made-up response of the hole PSNR to ζ
+        lz = math.log10(z)
+        return {"rising": lz, "peaked": -abs(lz + 0.3), "falling": -lz if z > 0.01 else -lz - 10}[shape]
+
+    def cell(self, spec, family, seed, batch, **kw):
+        return {"psnr_hole": [psnr(spec.params["zeta"])], "ssim": [0.5], "lpips": [0.1], "images_nonfinite": 0,
+                "sec_per_image": 0.1, "nfe": 35}
+
+    monkeypatch.setattr(bench_mod.Runner, "cell", cell)
+    entry = bench_mod.tune("dps", str(data), tiny_checkpoint, n=2, steps=2, write=False, log=lambda m: None)
+    assert entry["grid"] == expect and [s["zeta"] for s in entry["scores"]] == expect
+    assert entry["params"]["zeta"] == {"rising": 500, "peaked": 0.5, "falling": 0.01581}[shape]
