@@ -134,6 +134,8 @@ class BenchConfig:
     guidances: dict = field(default_factory=dict)  # NAME → module, for the labels aid-18:NAME (variants side by side)
     class_label: int | None = None  # --class N (class-conditional backbones; default: the dataset's labels)
     vae: str | None = None  # latent backbones: a local VAE folder instead of the pinned hub VAE
+    precision: str = "auto"  # the backbone's (devices.prepare_backbone)
+    compile: bool = False  # torch.compile the backbone
 
 
 # ------------------------------------------------------------------------------------------------------- resolution
@@ -404,9 +406,10 @@ class Runner:
     def __init__(self, checkpoint: Path | None, dataset: str, n: int, families: list[str], mask_seed: int,
                  device, log: Callable[[str], None] = print, lpips_offline: bool | None = None,
                  progress: Callable[[int, str], None] | None = None, class_label: int | None = None,
-                 vae: str | None = None):
+                 vae: str | None = None, precision: str = "auto", compile: bool = False):
         from .backbones.checkpoint import load_backbone, sha256_file
         from .backbones.latent import class_labels, model_space
+        from .devices import prepare_backbone
         from .registry import resolve_backbone
         from .training import init_distributed
 
@@ -416,6 +419,8 @@ class Runner:
         self.checkpoint = resolve_backbone(checkpoint)
         self.sha256 = sha256_file(self.checkpoint)
         self.net, self.info = load_backbone(self.checkpoint, device=self.device)
+        self.precision, self.compile = precision, compile
+        self.net = prepare_backbone(self.net, self.device, precision, compile, notice=self.log)
         label_dim = self.info.get("label_dim", 0)
         if label_dim == 0 or class_label is not None:
             class_labels(class_label, label_dim, 1)  # --class checked against the backbone (one-line errors)
@@ -585,6 +590,7 @@ class Runner:
             "ssim": [images[i]["ssim"] for i in order],
             "lpips": [images[i]["lpips"] for i in order],
             "batch": batch, "world_size": self.world, "device": device_name(self.device), "session": self.session,
+            "precision": self.precision, "compile": self.compile,
             "date": _now(),
         }
         rec["_examples"] = [examples_out[i] for i in sorted(examples_out)]
@@ -941,6 +947,8 @@ def _identity(runner: Runner, cfg: BenchConfig, dataset: str) -> dict:
         identity["space"] = runner.space.describe()
     if runner.labels is not None:
         identity["class"] = runner.class_label if runner.class_label is not None else "dataset.json"
+    if cfg.precision != "auto":  # (older runs have no key: auto)
+        identity["precision"] = cfg.precision
     return identity
 
 
@@ -983,7 +991,7 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
     runner = runner or Runner(model, cfg.dataset, cfg.n, cfg.masks, cfg.mask_seed, device, log=log,
                               lpips_offline=cfg.lpips_offline,
                               progress=(lambda done, desc: progress(done, state["total"], desc)) if progress else None,
-                              class_label=cfg.class_label, vae=cfg.vae)
+                              class_label=cfg.class_label, vae=cfg.vae, precision=cfg.precision, compile=cfg.compile)
     specs = [resolve_method(m, cfg.steps, runner.checkpoint, runner.sha256, runner.note, cfg.guidance, cfg.guidances)
              for m in cfg.methods]
     identity = _identity(runner, cfg, cfg.dataset)
@@ -1041,6 +1049,7 @@ def write_reports(out: Path, cfg: BenchConfig, runner: Runner, specs: list[Metho
                               "steps": s.steps, **({"resources": s.resources} if s.resources else {})}
                     for s in specs},
         "steps": cfg.steps, "batch": cfg.batch, "device": device_name(runner.device), "world_size": runner.world,
+        "precision": cfg.precision, "compile": cfg.compile,
         "noise": "one CPU torch.Generator per image, seeded seed * 2**20 + image index",
         "torch": torch.__version__, "aid": _aid_version(), "python": platform.python_version(),
         "metrics": dict(METRIC_DEFINITIONS, lpips_weights=runner.lpips_source),
@@ -1068,7 +1077,8 @@ def write_reports(out: Path, cfg: BenchConfig, runner: Runner, specs: list[Metho
 def tune(method: str, dataset: str, model: Path | None = None, n: int = 16, steps: int = 18, seed: int = 0,
          batch: int = 16, mask_seed: int = 0, device="cpu", log: Callable[[str], None] = print,
          progress: Callable[[int, int, str], None] | None = None, lpips_offline: bool | None = None,
-         write: bool = True, class_label: int | None = None, vae: str | None = None) -> dict | None:
+         write: bool = True, class_label: int | None = None, vae: str | None = None, precision: str = "auto",
+         compile: bool = False) -> dict | None:
     """Pick `method`'s step size on `dataset` (the validation split) and record it for the backbone.
 
     Grid: the method's default × (0.1, 0.316, 1, 3.16, 10), extended half a decade at a time (up to TUNE_MAX_EXTEND
@@ -1081,7 +1091,7 @@ def tune(method: str, dataset: str, model: Path | None = None, n: int = 16, step
     state = {"total": len(grid) * n}
     runner = Runner(model, dataset, n, ["freeform"], mask_seed, device, log=log, lpips_offline=lpips_offline,
                     progress=(lambda done, desc: progress(done, state["total"], desc)) if progress else None,
-                    class_label=class_label, vae=vae)
+                    class_label=class_label, vae=vae, precision=precision, compile=compile)
     scores = []
 
     def psnr_of(s):

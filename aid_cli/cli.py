@@ -23,10 +23,57 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
-models_app = typer.Typer(help="Backbone checkpoints: convert official pickles safely.", no_args_is_help=True)
+models_app = typer.Typer(help="Models by name: list, info, download, convert official pickles safely, remove; eval.",
+                         no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # never hard-wrap: one message, one line (for grep, logs)
+
+
+CACHE_HELP = "Model cache folder (default: $AID_CACHE/models or ~/.cache/aid/models; hub files: the HF cache)."
+OFFLINE_HELP = "Never download: a model not in the cache fails at once (also: HF_HUB_OFFLINE=1)."
+
+
+class _DownloadBar:
+    """A rich progress bar on stderr for downloads, started only when bytes start to flow: bar(file, done, total)."""
+
+    def __init__(self):
+        self.bar, self.tasks = None, {}
+
+    def __call__(self, name: str, done: int, total: int | None) -> None:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, \
+            TransferSpeedColumn
+
+        if not err.is_terminal:  # logs and pipes get no bar
+            return
+        if self.bar is None:
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                TimeRemainingColumn(), console=err, transient=True, redirect_stdout=False)
+            self.bar.start()
+        if name not in self.tasks:
+            self.tasks[name] = self.bar.add_task(escape(name), total=total)
+        self.bar.update(self.tasks[name], completed=done, total=total)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _log(message: str) -> None:
+    err.print(escape(message), soft_wrap=True)
+
+
+def _model_file(model: Optional[str], cache: Optional[Path], offline: bool) -> Optional[Path]:
+    """`--model` as a checkpoint file: a path as given, a name fetched into the cache; None (the default) stays None."""
+    if model is None:
+        return None
+    from .registry import resolve_backbone
+
+    with _DownloadBar() as bar:
+        return resolve_backbone(model, cache=cache, offline=True if offline else None, progress=bar, log=_log)
 
 
 def _parse_ints(text: str, what: str) -> list[int]:
@@ -82,8 +129,10 @@ def pretrain(
 
 @models_app.command("convert")
 def models_convert(
-    src: Path = typer.Argument(..., help="Official NVIDIA EDM or EDM2 pickle, e.g. edm-ffhq-64x64-uncond-vp.pkl."),
-    dst: Path = typer.Argument(..., help="Checkpoint to write (.safetensors, written atomically)."),
+    src: str = typer.Argument(..., help="Official NVIDIA EDM or EDM2 pickle (e.g. edm-ffhq-64x64-uncond-vp.pkl), or "
+                                         "a model name."),
+    dst: Optional[Path] = typer.Argument(None, help="Checkpoint to write (.safetensors, atomically); not with a name."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Also print the summary as one JSON object on stdout."),
 ):
     """Convert an official EDM or EDM2 pickle to a safetensors checkpoint, without running any code from the pickle.
@@ -91,10 +140,32 @@ def models_convert(
     Only the globals an official file needs are resolved; the module source code stored in the pickle is never run.
     EDM2's float16 EMA weights are written as float32; a latent model keeps its VAE name and latent scaling.
 
+    With a model NAME, (re)converts the download kept in the cache, without downloading (`aid models download` converts
+    as it downloads; this is for a conversion that failed, or a pickle put in the cache by hand).
+
     Examples:
+
       [bold]aid models convert edm-ffhq-64x64-uncond-vp.pkl weights/ffhq64-vp.safetensors[/]
+
       [bold]aid models convert edm2-img512-xs-2147483-0.135.pkl img512-xs.safetensors[/]
+
+      [bold]aid models convert edm2-img512-xs[/]
     """
+    from .registry import convert_cached, lookup_model
+
+    entry = lookup_model(src) if not Path(src).exists() else None
+    if entry is not None:
+        if dst is not None:
+            raise UserError(f"{src} is a model name: it converts into the cache; drop {dst}, or give a pickle's path")
+        path = convert_cached(entry, cache=cache_dir, log=_log)
+        err.print(f"converted {escape(entry.name)} -> {escape(str(path))}", soft_wrap=True)
+        if json_out:
+            from .registry import describe_model
+
+            print(json.dumps(describe_model(entry, cache_dir)))
+        return
+    if dst is None:
+        raise UserError(f"missing DST: aid models convert {src} OUT.safetensors ({src} is not a model name)")
     from .backbones.convert import convert_pickle
 
     summary = convert_pickle(src, dst)
@@ -109,17 +180,151 @@ def models_convert(
         print(json.dumps(summary))
 
 
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+@models_app.command("list")
+def models_list(
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON list (name, kind, resolution, cached, license, …)."),
+):
+    """List the models aid knows by name: backbones and guidance modules, whether each is cached, licence and size.
+
+    Use a name with --model (downloaded on first use) or fetch it ahead with `aid models download NAME`.
+    """
+    from rich.table import Table
+
+    from .registry import MODELS, describe_model
+
+    records = [describe_model(m, cache_dir) for m in MODELS]
+    if json_out:
+        print(json.dumps(records, indent=2))
+        return
+    t = Table(box=None, pad_edge=False)
+    for col in ("name", "kind", "res", "cached", "size", "license", "description"):
+        t.add_column(col, overflow="fold")
+    for r in records:
+        name = r["name"] + (f" ({', '.join(r['aliases'])})" if r["aliases"] else "")
+        t.add_row(escape(name), r["kind"], str(r["resolution"]), "yes" if r["cached"] else "-", _size(r["size"]),
+                  escape(r["license"].split(" (")[0]), escape(r["description"]))
+    Console(highlight=False, width=max(Console().width, 200)).print(t)
+
+
+@models_app.command("info")
+def models_info(
+    name: str = typer.Argument(..., help="Model name (see `aid models list`)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the record as one JSON object."),
+):
+    """Everything known about one model: sources, licence, sha256 and size, where it is cached."""
+    from .registry import describe_model, find_model, model_folder
+
+    entry = find_model(name)
+    record = describe_model(entry, cache_dir)
+    if not entry.embedded:
+        record["cache_folder"] = str(model_folder(entry, cache_dir))
+        kept = model_folder(entry, cache_dir) / "record.json"
+        if kept.is_file():
+            record["record"] = json.loads(kept.read_text())
+    if json_out:
+        print(json.dumps(record, indent=2))
+        return
+    for key, value in record.items():
+        if isinstance(value, (list, dict)):
+            value = json.dumps(value)
+        print(f"{key:14s} {value if value is not None else '-'}")
+
+
+@models_app.command("download")
+def models_download(
+    names: List[str] = typer.Argument(..., help="Model names (see `aid models list`)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
+    keep_source: bool = typer.Option(False, "--keep-source", help="Keep an official pickle after converting it."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON record per model on stdout."),
+):
+    """Download models into the cache: resumable, verified by sha256, official pickles converted once to safetensors.
+
+    A file's sha256 is checked against the published value, or against the one recorded on its first download.
+
+    An interrupted download resumes where it stopped (next attempt, or next run). Offline (--offline, HF_HUB_OFFLINE=1)
+    a model not in the cache fails at once, naming the file to fetch and where to put it.
+
+    Example: [bold]aid models download edm-ffhq-64[/]
+    """
+    from .registry import describe_model, fetch_model, find_model
+
+    entries = [find_model(n) for n in names]  # every name checked before any download
+    for entry in entries:
+        with _DownloadBar() as bar:
+            path = fetch_model(entry, cache=cache_dir, offline=True if offline else None, progress=bar, log=_log,
+                               keep_source=keep_source)
+        err.print(f"{escape(entry.name)}: {escape(str(path))}", soft_wrap=True)
+        if json_out:
+            print(json.dumps(describe_model(entry, cache_dir)), flush=True)
+
+
+@models_app.command("rm")
+def models_rm(
+    names: Optional[List[str]] = typer.Argument(None, help="Model names to remove from the cache."),
+    all_models: bool = typer.Option(False, "--all", help="Remove every cached model."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+):
+    """Remove models from the cache (their downloads, conversions and hub files) and say how much was freed.
+
+    The sha256 recorded on a first download is kept, so a later download is still checked against it.
+    """
+    from .registry import MODELS, cached_path, find_model, remove_model
+
+    if all_models == bool(names):
+        raise UserError("name the models to remove, or pass --all")
+    entries = [m for m in MODELS if not m.embedded] if all_models else [find_model(n) for n in names]
+    total = 0
+    for entry in entries:
+        was_cached = cached_path(entry, cache_dir) is not None
+        freed = remove_model(entry, cache_dir)
+        total += freed
+        if freed or was_cached or not all_models:
+            err.print(f"{escape(entry.name)}: " + (f"removed, {_size(freed)} freed" if freed else "not in the cache"))
+    if len(entries) > 1:
+        err.print(f"{_size(total)} freed")
+
+
+@app.command("env")
+def env_cmd(
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print everything as one JSON object."),
+):
+    """Versions, devices, caches and weights: paste this into a bug report."""
+    from .environment import environment, format_environment
+
+    info = environment(cache_dir)
+    print(json.dumps(info, indent=2) if json_out else format_environment(info))
+
+
 @app.command()
 def inpaint(
     image: Path = typer.Argument(..., help="Image file, or a folder of images."),
     mask: Path = typer.Option(..., "--mask", "-m", help="Mask file (white = fill), or a folder of masks paired by stem."),
     output: Path = typer.Option(..., "--output", "-o", help="Output file (PNG keeps visible pixels exact), or a folder."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Backbone checkpoint (.safetensors); default: embedded."),
+    model: Optional[str] = typer.Option(None, "--model", help="Backbone: a .safetensors file or a model name (`aid "
+                                        "models list`; downloaded on first use); default: the embedded one."),
     method: str = typer.Option("replace", "--method", help="Inpainting method (see `aid methods`)."),
     steps: int = typer.Option(18, "--steps", min=2, help="EDM grid steps N; NFE = 2N-1 (18: 35 NFE, 12: 23 NFE)."),
     seed: int = typer.Option(0, "--seed", help="Seed of sample 0; sample k uses seed + k."),
     samples: int = typer.Option(1, "--samples", min=1, help="Completions per image (outputs get -0, -1, ... suffixes)."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Images per sampler call (folders; results do not depend on it)."),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps (auto: cuda, then mps, then cpu)."),
+    precision: str = typer.Option("auto", "--precision", help="auto|fp32|fp16|bf16 for the backbone (auto: as the "
+                                  "checkpoint says; fp16 needs a GPU)."),
+    compile_net: bool = typer.Option(False, "--compile", help="torch.compile the backbone (pays off on a GPU, for many "
+                                     "images; falls back with a notice where it cannot compile)."),
     invert_mask: bool = typer.Option(False, "--invert-mask", help="Masks are white = keep (RePaint convention)."),
     resize_mask: bool = typer.Option(False, "--resize-mask", help="Scale a mask whose size differs from the image's."),
     guidance: Optional[Path] = typer.Option(None, "--guidance", help="AID's guidance module (default: the embedded one)."),
@@ -128,6 +333,8 @@ def inpaint(
                                               help="Class N for a class-conditional backbone (e.g. ImageNet)."),
     vae: Optional[str] = typer.Option(None, "--vae", help="Latent backbones: a local diffusers VAE folder instead of "
                                       "the pinned stabilityai/sd-vae-ft-mse from the Hugging Face cache/hub."),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON record per output on stdout."),
 ):
     """Fill the white region of MASK in IMAGE; every other pixel of the output equals the input's.
@@ -139,12 +346,13 @@ def inpaint(
       [bold]aid inpaint photo.png --mask mask.png -o filled.png[/]
       [bold]aid inpaint photos/ --mask masks/ -o filled/ --samples 4 --json[/]
       [bold]aid inpaint dog.png --mask hole.png -o out.png --model img512-xs.safetensors --class 207[/]
+      [bold]aid inpaint face.png --mask mask.png -o filled.png --model edm-ffhq-64 --device cuda --precision fp16[/]
     """
     from .backbones.checkpoint import load_backbone
     from .backbones.latent import class_labels, model_space
     from .data.images import pair_inputs
-    from .devices import resolve_device
-    from .inpaint import InpaintOptions, check_outputs, inpaint_one, plan_outputs
+    from .devices import check_precision, prepare_backbone, resolve_device
+    from .inpaint import InpaintOptions, check_outputs, inpaint_batch, plan_outputs, prepare
     from .methods.base import check_method_name
     from .registry import resolve_backbone, tuned_params
 
@@ -158,10 +366,12 @@ def inpaint(
     if folder_mode and not output.exists() and not output.parent.is_dir():
         raise UserError(f"output folder's parent does not exist: {output.parent}")
     dev = resolve_device(device)
-    checkpoint = resolve_backbone(model)
+    check_precision(precision, dev)
+    checkpoint = resolve_backbone(_model_file(model, cache_dir, offline))
     net, info = load_backbone(checkpoint, device=dev)
     labels = class_labels(class_label, info["label_dim"], 1)
     space = model_space(info, vae, device=dev)  # latent backbones: their VAE (fails here, in one line, if missing)
+    net = prepare_backbone(net, dev, precision, compile_net, notice=_log)
     params = tuned_params(checkpoint, method, notice=lambda m: err.print(escape(m), soft_wrap=True))
     if params:
         err.print(f"{method}: this backbone's tuned params {escape(json.dumps(params))} (aid bench --tune)")
@@ -170,7 +380,7 @@ def inpaint(
         from .guidance.checkpoint import load_guidance
         from .registry import resolve_guidance
 
-        params["guidance"] = str(resolve_guidance(guidance))
+        params["guidance"] = str(resolve_guidance(guidance, cache=cache_dir, offline=True if offline else None))
         params["backbone_sha256"] = sha256_file(checkpoint)
         load_guidance(params["guidance"], backbone_sha256=params["backbone_sha256"])
     if folder_mode and not output.exists():
@@ -182,24 +392,36 @@ def inpaint(
     resolution = info["resolution"] * space.factor  # pixels the image is fitted to (latent: the VAE's 8x)
     from rich.progress import Progress
 
+    def report(records: list[dict]) -> None:
+        for rec in records:
+            where = f"; {rec['space']}" if space.latent and rec["space"] != "pixels" else ""
+            err.print(f"wrote {escape(rec['path'])} ({rec['method']}, {rec['nfe']} NFE, seed {rec['seed']}, "
+                      f"{rec['seconds']:.2f} s; {escape(rec['fit'] + where)})", soft_wrap=True)
+            if json_out:
+                print(json.dumps(rec), flush=True)
+
+    notice = lambda m: err.print(escape(m))  # noqa: E731
     # redirect_stdout=False: on a terminal, Progress would otherwise route print() through `err`, sending the
     # --json records to stderr instead of stdout
     with Progress(console=err, transient=True, disable=len(jobs) * samples <= 1, redirect_stdout=False) as bar:
         task = bar.add_task("inpainting", total=len(jobs))
-        for job in jobs:
-            for rec in inpaint_one(net, resolution, job, opts, dev, notice=lambda m: err.print(escape(m)), space=space,
-                                   class_labels=labels):
-                where = f"; {rec['space']}" if space.latent and rec["space"] != "pixels" else ""
-                err.print(f"wrote {escape(rec['path'])} ({rec['method']}, {rec['nfe']} NFE, seed {rec['seed']}, "
-                          f"{rec['seconds']:.2f} s; {escape(rec['fit'] + where)})", soft_wrap=True)
-                if json_out:
-                    print(json.dumps(rec), flush=True)
-            bar.advance(task)
+        pending = []
+        for i, job in enumerate(jobs):
+            item = prepare(job, resolution, opts, notice)
+            if isinstance(item, list):  # an empty mask: copied through
+                report(item)
+                bar.advance(task)
+            else:
+                pending.append(item)
+            if pending and (len(pending) == batch or i == len(jobs) - 1):
+                report(inpaint_batch(net, pending, opts, dev, notice, space=space, class_labels=labels))
+                bar.advance(task, len(pending))
+                pending = []
 
 
 @models_app.command("eval")
 def models_eval(
-    model: Optional[Path] = typer.Option(None, "--model", help="Backbone checkpoint; default: the embedded one."),
+    model: Optional[str] = typer.Option(None, "--model", help="Backbone: a file or a model name; default: embedded."),
     val: Optional[Path] = typer.Option(None, "--val", help="Held-out images (folder or EDM zip) for the denoising loss."),
     fid_ref: Optional[Path] = typer.Option(None, "--fid-ref", help="Reference images for FID (e.g. the training set)."),
     fid_samples: int = typer.Option(5000, "--fid-samples", min=2, help="Unconditional samples for FID."),
@@ -235,7 +457,7 @@ def models_eval(
     if json_path is not None:
         check_writable_dir(json_path)
     dev = resolve_device(device)
-    path = resolve_backbone(model)
+    path = resolve_backbone(_model_file(model, None, False))
     net, info = load_backbone(path, device=dev)
     if info.get("encoder") is not None or info.get("label_dim"):
         raise UserError(f"{path}: aid models eval measures unconditional pixel-space backbones; this one is "
@@ -391,12 +613,15 @@ def bench(
     n: Optional[int] = typer.Option(None, "--n", "-n", min=1,
                                     help="Images per cell (default 100; with --tune, 16). Under torchrun: -n."),
     seeds: str = typer.Option("3", "--seeds", help="Noise seeds: a count (3 = seeds 0,1,2) or a list (0,5,7)."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Backbone checkpoint (.safetensors); default: embedded"),
+    model: Optional[str] = typer.Option(None, "--model", help="Backbone: a .safetensors file or a model name; default: "
+                                        "embedded"),
     steps: int = typer.Option(18, "--steps", min=2, help="EDM grid steps N (NFE = 2N-1 for most methods)."),
     batch: int = typer.Option(16, "--batch", min=1, help="Images per sampler call (results do not depend on it)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Result folder: bench.json/.csv, grids, plot, cells.jsonl."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results (bench.json) to this file."),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps (auto: cuda, then mps, then cpu)."),
+    precision: str = typer.Option("auto", "--precision", help="auto|fp32|fp16|bf16 for the backbone (recorded)."),
+    compile_net: bool = typer.Option(False, "--compile", help="torch.compile the backbone (compiled in the warm-up)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the benchmark in --out, skipping finished cells."),
     tune_method: Optional[str] = typer.Option(None, "--tune", metavar="METHOD",
                                               help="Tune METHOD's step size (dps, mcg, gradpaint, copaint) on "
@@ -406,7 +631,9 @@ def bench(
                                                       "NAME=PATH to compare modules: --methods aid-18:NAME."),
     mask_seed: int = typer.Option(0, "--mask-seed", min=0, help="Seed of the evaluation mask set."),
     examples: int = typer.Option(6, "--examples", min=1, help="Images per grid."),
-    offline: bool = typer.Option(False, "--offline", help="Never download LPIPS weights (also: HF_HUB_OFFLINE=1)."),
+    offline: bool = typer.Option(False, "--offline", help="Never download LPIPS weights or models (also: "
+                                 "HF_HUB_OFFLINE=1)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Put the table (Markdown) into this file between "
                                             "the lines <!-- aid bench: start --> and <!-- aid bench: end -->."),
     class_label: Optional[int] = typer.Option(None, "--class", min=0, help="Class-conditional backbones: class N for "
@@ -443,13 +670,15 @@ def bench(
 
     from .bench import BenchConfig, check_masks, markdown_parts, parse_list, parse_seeds, rich_table, rows_markdown, \
         run_bench, splice_markdown, tune
-    from .devices import resolve_device
+    from .devices import check_precision, resolve_device
     from .fileio import atomic_write_text
 
     seed_list = parse_seeds(seeds)
     if json_path is not None:
         check_writable_dir(json_path)
     dev = resolve_device(device)
+    check_precision(precision, dev)
+    model = _model_file(model, cache_dir, offline)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn(), console=err, transient=True, redirect_stdout=False,
                    disable=os.environ.get("RANK", "0") != "0")  # under torchrun, rank 0 alone shows progress
@@ -469,7 +698,7 @@ def bench(
         with bar:
             entry = tune(tune_method, str(dataset), model, n=n or 16, steps=steps, seed=seed_list[0], batch=batch,
                          mask_seed=mask_seed, device=dev, log=log, progress=progress, lpips_offline=offline or None,
-                         class_label=class_label, vae=vae)
+                         class_label=class_label, vae=vae, precision=precision, compile=compile_net)
         if entry is None:  # not rank 0
             return
         from rich.table import Table
@@ -500,7 +729,8 @@ def bench(
     cfg = BenchConfig(dataset=str(dataset), methods=parse_list(methods_list, "--methods"),
                       masks=check_masks(parse_list(masks, "--masks")), n=n or 100, seeds=seed_list, steps=steps,
                       batch=batch, mask_seed=mask_seed, examples=examples, lpips_offline=offline or None,
-                      class_label=class_label, vae=vae, **parse_guidance_options(guidance or []))
+                      class_label=class_label, vae=vae, precision=precision, compile=compile_net,
+                      **parse_guidance_options(guidance or []))
     if markdown is not None:
         markdown_parts(markdown)  # fail now, not after the benchmark
     try:
@@ -525,7 +755,8 @@ def bench(
 def train(
     dataset: str = typer.Option(..., "--dataset", help="Folder, EDM zip, or a name: cats, ffhq, afhqv2, imagenet."),
     out: Path = typer.Option(..., "--out", help="Run folder (created): config, stats.jsonl, checkpoints, guidance."),
-    backbone: Optional[Path] = typer.Option(None, "--backbone", help="Backbone checkpoint; default: the embedded one."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Backbone: a file or a model name; default: "
+                                           "the embedded one."),
     steps: int = typer.Option(18, "--steps", min=2, help="Grid steps N of the training rollouts."),
     batch: int = typer.Option(16, "--batch", min=1, help="Tasks per iteration (split across torchrun processes)."),
     iters: int = typer.Option(2000, "--iters", min=1, help="Actor-critic iterations."),
@@ -571,7 +802,7 @@ def train(
     from .backbones.checkpoint import read_metadata
     from .errors import CheckpointError
 
-    backbone_path = resolve_backbone(backbone)
+    backbone_path = resolve_backbone(_model_file(backbone, None, False))
     try:
         latent = "aid.encoder" in read_metadata(backbone_path)
     except CheckpointError:

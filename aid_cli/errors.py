@@ -9,3 +9,11 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt, unsafe or of the wrong architecture."""
+
+
+class OfflineError(UserError):
+    """A model that is not in the cache while downloads are off (--offline, HF_HUB_OFFLINE=1)."""
+
+
+class DownloadError(UserError):
+    """A download that failed: unreachable source, HTTP error, interrupted transfer, or bytes that fail their sha256."""

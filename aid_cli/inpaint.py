@@ -77,24 +77,31 @@ def check_outputs(jobs: list[Job]) -> None:
                 raise UserError(f"refusing to write over an input file: {path}")
 
 
-def inpaint_one(net, resolution: int, job: Job, opts: InpaintOptions, device: torch.device,
-                notice: Callable[[str], None], space=None, class_labels: torch.Tensor | None = None) -> list[dict]:
-    """Inpaint one image (all its samples as one batch) and write its outputs; returns one record per output.
+@dataclass
+class Prepared:
+    """One input fitted for the sampler: the image, its hole, how it was fitted, and x, M at that resolution."""
 
-    `resolution`: the pixel side the image is fitted to (the network's resolution × the space's factor). `space`: the
-    backbone's PixelSpace (default) or LatentSpace. `class_labels`: one-hot [1, label_dim] for class-conditional nets.
+    job: Job
+    img: object
+    hole: object
+    fit: object
+    x: torch.Tensor
+    M: torch.Tensor
+
+
+def prepare(job: Job, resolution: int, opts: InpaintOptions, notice: Callable[[str], None]) -> Prepared | list[dict]:
+    """Load and fit one input; an empty mask is copied through at once (its records are returned instead).
+
+    `resolution`: the pixel side the image is fitted to (the network's resolution × the space's factor).
     """
-    from .backbones.latent import PixelSpace
-
-    space = space or PixelSpace()
     img = load_image(job.image)
     hole = load_mask(job.mask, img.size, invert=opts.invert_mask, resize=opts.resize_mask)
     for note in img.notes:
         notice(f"{job.image.name}: {note}")
     fraction = mask_stats(hole)
-    records = []
     if fraction == 0:
         notice(f"{job.mask.name}: the mask is empty (nothing to fill); {job.image.name} is copied through unchanged")
+        records = []
         for path in job.outputs:
             for w in save_image(path, img.pixels, img, protect=[job.mask]):
                 notice(f"{path.name}: {w}")
@@ -103,26 +110,51 @@ def inpaint_one(net, resolution: int, job: Job, opts: InpaintOptions, device: to
     if fraction > INVERTED_WARNING_FRACTION:
         notice(f"{job.mask.name}: {fraction:.0%} of the image is to be filled; if white was meant to be kept, "
                f"pass --invert-mask")
-
     fit = plan_fit(hole, resolution, mode=opts.fit)
     x, M = to_task_tensors(img, hole, fit)
+    return Prepared(job, img, hole, fit, x, M)
+
+
+def inpaint_batch(net, items: list[Prepared], opts: InpaintOptions, device: torch.device,
+                  notice: Callable[[str], None], space=None, class_labels: torch.Tensor | None = None) -> list[dict]:
+    """Inpaint prepared inputs in one sampler call (K samples each) and write their outputs; one record per output.
+
+    Sample k of an image uses the generator seeded seed + k whatever the batch, so its noise does not depend on it.
+    `space`: the backbone's PixelSpace (default) or LatentSpace. `class_labels`: one-hot [1, label_dim] for
+    class-conditional nets.
+    """
+    from .backbones.latent import PixelSpace
+
     K = opts.samples
-    x, M = x.repeat(K, 1, 1, 1).to(device), M.repeat(K, 1, 1, 1).to(device)
-    labels = class_labels.expand(K, -1).to(device) if class_labels is not None else None
+    x = torch.cat([p.x.repeat(K, 1, 1, 1) for p in items]).to(device)
+    M = torch.cat([p.M.repeat(K, 1, 1, 1) for p in items]).to(device)
+    labels = class_labels.expand(len(x), -1).to(device) if class_labels is not None else None
     method = get_method(opts.method, **opts.params)
-    space = space.for_method(method)
+    space = (space or PixelSpace()).for_method(method)
     t0 = time.perf_counter()
     task = space.task(x, M, labels)  # latent backbones: y and M on the latent grid
-    result = sample(net, task, method, num_steps=opts.steps, generators=sample_generators(opts.seed, K))
+    result = sample(net, task, method, num_steps=opts.steps,
+                    generators=[g for _ in items for g in sample_generators(opts.seed, K)])
     completed = space.to_pixels(x, M, result.completed)  # latent: decoded, visible pixels pasted back
-    seconds = (time.perf_counter() - t0) / K
-    for k, path in enumerate(job.outputs):
-        out = composite(img, hole, fit, completed[k:k + 1])
-        for w in save_image(path, out, img, protect=[job.mask]):
-            notice(f"{path.name}: {w}")
-        records.append(_record(path, job, opts, k, result.nfe, result.backward, seconds, fit.describe(),
-                               space.describe()))
+    seconds = (time.perf_counter() - t0) / len(x)
+    records = []
+    for i, p in enumerate(items):
+        for k, path in enumerate(p.job.outputs):
+            out = composite(p.img, p.hole, p.fit, completed[i * K + k:i * K + k + 1])
+            for w in save_image(path, out, p.img, protect=[p.job.mask]):
+                notice(f"{path.name}: {w}")
+            records.append(_record(path, p.job, opts, k, result.nfe, result.backward, seconds, p.fit.describe(),
+                                   space.describe()))
     return records
+
+
+def inpaint_one(net, resolution: int, job: Job, opts: InpaintOptions, device: torch.device,
+                notice: Callable[[str], None], space=None, class_labels: torch.Tensor | None = None) -> list[dict]:
+    """Inpaint one image (all its samples as one batch) and write its outputs; returns one record per output."""
+    item = prepare(job, resolution, opts, notice)
+    if isinstance(item, list):
+        return item
+    return inpaint_batch(net, [item], opts, device, notice, space=space, class_labels=class_labels)
 
 
 def _record(path: Path, job: Job, opts: InpaintOptions, k: int, nfe: int, backward: int, seconds: float,
@@ -132,4 +164,4 @@ def _record(path: Path, job: Job, opts: InpaintOptions, k: int, nfe: int, backwa
             "seconds": round(seconds, 4), "fit": fit, "space": space, "class": opts.class_label}
 
 
-__all__ = ["InpaintOptions", "Job", "plan_outputs", "check_outputs", "inpaint_one"]
+__all__ = ["InpaintOptions", "Job", "plan_outputs", "check_outputs", "prepare", "inpaint_batch", "inpaint_one"]

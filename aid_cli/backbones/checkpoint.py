@@ -13,7 +13,6 @@ Metadata keys (all strings, as safetensors requires):
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, sha256_file  # noqa: F401  (sha256_file: imported from here by many modules)
 from . import edm, edm2
 
 # Official class name → (family, class). Both families keep the official names, so a class name identifies its family.
@@ -35,14 +34,6 @@ def build_network(precond: str, init_kwargs: dict) -> torch.nn.Module:
     if precond not in NETWORKS:
         raise ValueError(f"unknown preconditioner {precond!r} (known: {', '.join(NETWORKS)})")
     return NETWORKS[precond][1](**init_kwargs)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
