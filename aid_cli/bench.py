@@ -78,7 +78,7 @@ OPERATING_POINTS: dict[str, tuple[str, dict, int | None]] = {
 TUNABLE = {"dps": "zeta", "mcg": "alpha", "gradpaint": "alpha", "copaint": "lr"}
 TUNE_FACTORS = (0.1, 10 ** -0.5, 1.0, 10 ** 0.5, 10.0)
 TUNE_TIE_DB = 0.01
-TUNE_MAX_EXTEND = 4  # grid points added beyond an edge that keeps winning
+TUNE_MAX_EXTEND = 8  # grid points added beyond an edge that keeps winning
 
 CELLS_FILE = "cells.jsonl"
 RUN_FILE = "run.json"

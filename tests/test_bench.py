@@ -242,7 +242,7 @@ def test_tune_records_params_that_inpaint_and_bench_use(tmp_path, data, tiny_che
     entry = record["methods"]["dps"]
     param, grid = tune_grid("dps")
     assert param == "zeta" and set(grid) <= set(entry["grid"]) and len(grid) == 5 and 0.5 in grid
-    assert 5 <= len(entry["grid"]) <= 9 and [s["zeta"] for s in entry["scores"]] == entry["grid"] == sorted(entry["grid"])
+    assert 5 <= len(entry["grid"]) <= 13 and [s["zeta"] for s in entry["scores"]] == entry["grid"] == sorted(entry["grid"])
     assert entry["params"]["zeta"] in entry["grid"]
     assert entry["criterion"].startswith("max mean psnr_hole")
     assert (entry["dataset"], entry["n"], entry["masks"], entry["steps"]) == (str(data), 2, "freeform v1", 2)
@@ -427,7 +427,7 @@ def test_markdown_table_goes_between_the_readme_markers(tmp_path, data, tiny_che
     assert not (tmp_path / "o2").exists() and bare.read_text() == "no markers\n"  # failed before running anything
 
 
-@pytest.mark.parametrize("shape, expect", [("rising", [0.05, 0.1581, 0.5, 1.581, 5, 15.81, 50, 158.1, 500]),
+@pytest.mark.parametrize("shape, expect", [("rising", [0.05, 0.1581, 0.5, 1.581, 5, 15.81, 50, 158.1, 500, 1581, 5000, 1.581e4, 5e4]),
                                            ("peaked", [0.05, 0.1581, 0.5, 1.581, 5]),
                                            ("falling", [0.005, 0.01581, 0.05, 0.1581, 0.5, 1.581, 5]),
                                            ])
@@ -448,4 +448,4 @@ def test_tune_steps_past_a_winning_edge(shape, expect, tmp_path, data, tiny_chec
     monkeypatch.setattr(bench_mod.Runner, "cell", cell)
     entry = bench_mod.tune("dps", str(data), tiny_checkpoint, n=2, steps=2, write=False, log=lambda m: None)
     assert entry["grid"] == expect and [s["zeta"] for s in entry["scores"]] == expect
-    assert entry["params"]["zeta"] == {"rising": 500, "peaked": 0.5, "falling": 0.01581}[shape]
+    assert entry["params"]["zeta"] == {"rising": 5e4, "peaked": 0.5, "falling": 0.01581}[shape]
