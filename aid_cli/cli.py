@@ -478,16 +478,27 @@ def models_eval(
         ref = load_image_set(fid_ref, resolution=res)
         t0 = time.perf_counter()
         with Progress(console=err, transient=True, redirect_stdout=False) as bar:
+            def tracker(what, total):
+                """Advance the bar; without a terminal (a log file), print a line at every tenth instead."""
+                task, state = bar.add_task(what, total=total), {"done": 0, "said": 0}
+
+                def advance(n):
+                    bar.advance(task, n)
+                    state["done"] += n
+                    tenth = 10 * state["done"] // total
+                    if not err.is_terminal and tenth > state["said"]:
+                        state["said"] = tenth
+                        err.print(f"{what}: {state['done']}/{total} ({time.perf_counter() - t0:.0f} s)")
+                return advance
+
             def features(images, what):
-                task = bar.add_task(what, total=len(images))
                 return inception_features(images, batch=min(batch, 100), model=inception,
-                                          on_batch=lambda n: bar.advance(task, n))
+                                          on_batch=tracker(what, len(images)))
 
             mu_r, sigma_r = cached_stats(cache_dir(), reference_key(ref),
                                          lambda: feature_stats(features(ref.images, "reference features")))
-            task = bar.add_task(f"sampling ({2 * steps - 1} NFE)", total=fid_samples)
             samples = generate(net, fid_samples, res, steps=steps, seed=seed, batch=batch, device=dev,
-                               on_batch=lambda n: bar.advance(task, n))
+                               on_batch=tracker(f"sampling ({2 * steps - 1} NFE)", fid_samples))
             mu_s, sigma_s = feature_stats(features(samples, "sample features"))
         fid = frechet_distance(mu_s, sigma_s, mu_r, sigma_r)
         result["fid"] = {"fid": fid, "samples": fid_samples, "steps": steps, "nfe": 2 * steps - 1, "seed": seed,
