@@ -495,6 +495,7 @@ def test_models_list_json_schema(capsys, monkeypatch, tmp_path):
     by_name = {r["name"]: r for r in records}
     assert by_name["aid-cats64"]["cached"] and by_name["aid-cats64"]["sha256"] == \
         "5e02999656fce2f843d2f8ec274099928cea118a1f4851939c6effd5e262104f"
+    assert by_name["aid-cats64-guidance"]["cached"] and by_name["aid-cats64-guidance"]["kind"] == "guidance"
     assert by_name["edm-ffhq-64-vp"]["aliases"] == ["edm-ffhq-64"]
     for name in REQUIRED - {"aid-cats64", "aid-cats64-guidance"}:
         assert by_name[name]["license"].startswith("CC BY-NC-SA 4.0")
@@ -512,7 +513,7 @@ def test_every_hub_source_is_pinned_to_a_commit():
     (["models", "info", "edm-ffhq"], "did you mean"),
     (["models", "rm"], "--all"),
     (["models", "rm", "aid-cats64"], "ships with aid"),
-    (["models", "download", "aid-cats64-guidance"], "train one"),
+    (["models", "rm", "aid-cats64-guidance"], "ships with aid"),
 ])
 def test_bad_model_commands_are_one_line(args, phrase, capsys):
     code, out, err = run_cli(args, capsys)
