@@ -773,7 +773,8 @@ def train(
     iters: int = typer.Option(2000, "--iters", min=1, help="Actor-critic iterations."),
     beta: float = typer.Option(0.1, "--beta", help="Running-cost weight β (control energy penalty)."),
     gamma: float = typer.Option(0.01, "--gamma", help="Exploration temperature γ: the policy's variance."),
-    lambda_vis: float = typer.Option(2.0, "--lambda-vis", help="Terminal-loss weight on visible pixels."),
+    lambda_vis: Optional[float] = typer.Option(None, "--lambda-vis", help="Terminal-loss weight on visible pixels "
+                                               "(default: 2 for pixel backbones, 1 for latent ones, as the paper)."),
     lambda_hole: float = typer.Option(1.0, "--lambda-hole", help="Terminal-loss weight on hole pixels."),
     lr_actor: float = typer.Option(1e-4, "--lr-actor", help="Adam learning rate of the actor."),
     lr_critic: float = typer.Option(1e-3, "--lr-critic", help="Adam learning rate of the critic."),
@@ -788,6 +789,10 @@ def train(
                                   help="Actor gradient: score (the paper's eq. 11), pathwise (one-step gradient through "
                                        "the critic), proxy (ablation: backpropagate through the whole frozen solve)."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", min=1, help="Iterations between checkpoints."),
+    class_label: Optional[int] = typer.Option(None, "--class", min=0, help="Class-conditional backbones: class N for "
+                                              "every image (default: the labels in the dataset's dataset.json)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Latent backbones: a local diffusers VAE folder instead of "
+                                      "the pinned stabilityai/sd-vae-ft-mse."),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation and of every iteration."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it left off."),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
@@ -818,14 +823,16 @@ def train(
         latent = "aid.encoder" in read_metadata(backbone_path)
     except CheckpointError:
         latent = False  # the trainer's load_backbone says what is wrong with the file
-    if latent:
-        raise UserError(f"{backbone_path}: aid train does not learn guidance for latent (EDM2) backbones yet; "
-                        f"aid inpaint and aid bench run them")
+    if vae is not None and not latent:
+        raise UserError("--vae: this backbone works on pixels and uses no VAE; drop --vae")
+    if lambda_vis is None:  # the paper's values: 2 on pixels (EDM), 1 on latents (EDM2)
+        lambda_vis = 1.0 if latent else 2.0
     cfg = TrainConfig(dataset=str(resolve_dataset(dataset)), out=str(out), backbone=str(backbone_path),
                       steps=steps, batch=batch, iters=iters, beta=beta, gamma=gamma, lambda_vis=lambda_vis,
                       lambda_hole=lambda_hole, lr_actor=lr_actor, lr_critic=lr_critic, clip=clip, hole_min=lo,
                       hole_max=hi, width=width, critic_width=critic_width or 2 * width, seed=seed,
-                      val_every=val_every, val_n=val_n, checkpoint_every=checkpoint_every, estimator=estimator, val_dataset=str(val) if val else None)
+                      val_every=val_every, val_n=val_n, checkpoint_every=checkpoint_every, estimator=estimator,
+                      val_dataset=str(val) if val else None, vae=vae, class_label=class_label)
     run = run_train(cfg, resume=resume, device=resolve_device(device), log=err.print)
     err.print(f"done: {run / 'guidance.safetensors'}")
 

@@ -331,9 +331,39 @@ def test_bench_needs_labels_for_a_class_conditional_backbone(tmp_path, vae_dir, 
     assert_user_error(code, stdout, err, "outside the backbone's classes")
 
 
-def test_train_refuses_a_latent_backbone_for_now(tmp_path, capsys):
-    ckpt = latent_checkpoint(tmp_path / "edm2.safetensors")
-    code, stdout, err = run_cli(["train", "--dataset", tmp_path, "--out", tmp_path / "run", "--backbone", ckpt],
-                                capsys)
-    assert_user_error(code, stdout, err, "latent (EDM2)")
-    assert not (tmp_path / "run").exists()
+@pytest.mark.parametrize("estimator", ["pathwise", "proxy"])
+def test_train_on_a_latent_class_conditional_backbone(estimator, tmp_path, vae_dir, capsys):
+    """aid train runs on latents: a 4-channel actor, the task on the latent grid, validation PSNR on pixels, labels
+    from dataset.json; the module then serves aid inpaint/bench on that backbone."""
+    from safetensors.torch import load_file
+
+    from aid_cli.guidance.checkpoint import load_guidance
+
+    ckpt = latent_checkpoint(tmp_path / "cond.safetensors", label_dim=3)
+    data = _labelled_zip(tmp_path / "data.zip", n=4, labels=(2, 0, 1, 1))
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "--dataset", data, "--val", data, "--val-n", "2", "--val-every", "2", "--out", run,
+                            "--backbone", ckpt, "--vae", vae_dir, "--steps", "2", "--batch", "2", "--iters", "2",
+                            "--width", "8", "--estimator", estimator, "--checkpoint-every", "2", "--device", "cpu"],
+                           capsys)
+    assert code == 0, err
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert [s["iteration"] for s in stats] == [0, 1, 2] and np.isfinite(stats[-1]["val_psnr_hole_18"])
+    assert json.loads((run / "config.json").read_text())["lambda_vis"] == 1.0  # the paper's latent value
+    actor, info = load_guidance(run / "guidance.safetensors", backbone_sha256=sha256_file(ckpt))
+    assert info["actor"]["channels"] == 4 and actor.out.weight.shape[0] == 4
+    assert load_file(str(run / "training-state.safetensors"))["actor.out.weight"].abs().sum() > 0
+    cfg = BenchConfig(dataset=str(data), methods=["aid-18"], masks=["center"], n=2, seeds=[0], steps=2, batch=2,
+                      guidance=str(run / "guidance.safetensors"), vae=str(vae_dir), lpips_offline=True)
+    assert run_bench(cfg, tmp_path / "b", model=ckpt, device="cpu", log=lambda m: None)["rows"][0]["nfe"] == 35
+
+
+def test_train_needs_labels_for_a_class_conditional_latent_backbone(tmp_path, vae_dir, capsys):
+    ckpt = latent_checkpoint(tmp_path / "cond.safetensors", label_dim=3)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((PIXELS, PIXELS, 3), np.uint8)).save(folder / "a.png")
+    code, stdout, err = run_cli(["train", "--dataset", folder, "--out", tmp_path / "run", "--backbone", ckpt, "--vae",
+                                 vae_dir, "--device", "cpu"], capsys)
+    assert_user_error(code, stdout, err, "no dataset.json labels", "--class")
+    assert not (tmp_path / "run" / "guidance.safetensors").exists()

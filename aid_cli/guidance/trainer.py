@@ -38,6 +38,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..backbones.checkpoint import load_backbone, sha256_file
+from ..backbones.latent import PixelSpace, model_space
 from ..data.datasets import load_image_set
 from ..data.masks import eval_masks, training_masks
 from ..errors import UserError
@@ -81,6 +82,8 @@ class TrainConfig:
     val_n: int = 32  # fixed val images (free-form masks v1, seed 0) for the validation PSNR
     checkpoint_every: int = 50  # iterations between resumable states
     val_dataset: str | None = None
+    vae: str | None = None  # latent backbones: a local diffusers VAE folder instead of the pinned hub VAE
+    class_label: int | None = None  # class-conditional backbones: this class for every image (else dataset.json)
     estimator: str = "score"  # actor gradient: score (eq. 11) | pathwise | proxy (see the module docstring)
     reductions: str = "mean over C·H·W in both the terminal loss and the running cost"
 
@@ -173,16 +176,37 @@ def proxy_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators) ->
 
 
 @torch.no_grad()
-def validation_psnr(backbone, actor, images: torch.Tensor, M: torch.Tensor, steps: int, batch: int = 64) -> float:
-    """Mean hole PSNR of the deterministic actor (the policy's mean) on fixed images and masks."""
+def validation_psnr(backbone, actor, images: torch.Tensor, M: torch.Tensor, steps: int, batch: int = 64,
+                    space=None, labels: torch.Tensor | None = None) -> float:
+    """Mean hole PSNR (on pixels) of the deterministic actor (the policy's mean) on fixed images and masks."""
+    space = space or PixelSpace()
     policy = AID(actor=actor, gamma=0.0)
     values = []
     for i in range(0, len(images), batch):
         x0, m = images[i:i + batch], M[i:i + batch]
-        task = Task.from_image(x0, m)
+        task = space.task(x0, m, None if labels is None else labels[i:i + batch])
         out = sample(backbone, task, policy, num_steps=steps, generators=sample_generators(0, len(x0), offset=i))
-        values.append(psnr_hole(out.completed, x0, m))
+        values.append(psnr_hole(space.to_pixels(x0, m, out.completed), x0, m))
     return float(torch.cat(values).mean())
+
+
+def one_hot_labels(data, label_dim: int, class_label: int | None, what: str) -> torch.Tensor | None:
+    """float [N, label_dim] class labels of a dataset for a class-conditional backbone (None for an unconditional one):
+    `--class N` for every image, else the dataset's dataset.json labels."""
+    if not label_dim:
+        if class_label is not None:
+            raise UserError("--class: this backbone is not class-conditional; drop --class")
+        return None
+    if class_label is not None:
+        labels = torch.full((len(data),), int(class_label), dtype=torch.int64)
+    elif data.labels is None:
+        raise UserError(f"{what}: the backbone is class-conditional ({label_dim} classes) and the dataset has no "
+                        f"dataset.json labels: pass --class N")
+    else:
+        labels = data.labels
+    if int(labels.min()) < 0 or int(labels.max()) >= label_dim:
+        raise UserError(f"{what}: class labels lie outside the backbone's classes 0..{label_dim - 1}")
+    return torch.nn.functional.one_hot(labels, label_dim).to(torch.float32)
 
 
 def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int | None = None, progress: bool = True,
@@ -199,10 +223,16 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
 
     backbone, binfo = load_backbone(cfg.backbone, device=device)
     backbone_sha = sha256_file(cfg.backbone)
-    res, C = binfo["resolution"], binfo["channels"]
+    # Latent (EDM2) backbones: images, masks and validation live on pixels; the task, the state, the actor and the
+    # terminal loss on the VAE's latent grid (x0 ← E(x0), M ← the conservative latent mask, y = E(M ⊙ x0)).
+    space = model_space(binfo, cfg.vae, device=device)
+    C, res = binfo["channels"], binfo["resolution"] * space.factor  # res: pixels
     data = load_image_set(cfg.dataset, resolution=res)
+    labels = one_hot_labels(data, binfo.get("label_dim", 0), cfg.class_label, cfg.dataset)
     val = load_image_set(cfg.val_dataset, resolution=res, limit=cfg.val_n) if cfg.val_dataset else None
     val_M = eval_masks("freeform", len(val), res, seed=0).to(device) if val else None
+    val_labels = one_hot_labels(val, binfo.get("label_dim", 0), cfg.class_label, cfg.val_dataset) if val else None
+    val_labels = val_labels.to(device) if val_labels is not None else None
 
     torch.manual_seed(cfg.seed)
     actor = Actor(**cfg.actor_kwargs(C)).to(device)
@@ -246,8 +276,8 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
         ptask = bar.add_task("train", total=cfg.iters, completed=it, td=float("nan"), ell=float("nan"))
         if it == 0 and val is not None and rank == 0:  # the starting point: u ≡ 0 is the unguided sampler
             vx = val.as_float(slice(None)).to(device)
-            rec = {"iteration": 0, "val_psnr_hole_18": validation_psnr(backbone, actor, vx, val_M, 18),
-                   "val_psnr_hole_12": validation_psnr(backbone, actor, vx, val_M, 12)}
+            rec = {"iteration": 0, "val_psnr_hole_18": validation_psnr(backbone, actor, vx, val_M, 18, space=space, labels=val_labels),
+                   "val_psnr_hole_12": validation_psnr(backbone, actor, vx, val_M, 12, space=space, labels=val_labels)}
             log(f"it 0: val PSNR-hole {rec['val_psnr_hole_18']:.2f} dB (N=18), {rec['val_psnr_hole_12']:.2f} dB (N=12)")
             with open(run / "stats.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -259,7 +289,9 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
             M_all = training_masks(cfg.batch, res, cfg.seed, it, hole_range=(cfg.hole_min, cfg.hole_max))
             sl = slice(rank * B_local, (rank + 1) * B_local)
             x0 = data.as_float(idx[sl]).to(device)
-            task = Task.from_image(x0, M_all[sl].to(device))
+            task = space.task(x0, M_all[sl].to(device), None if labels is None else labels[idx[sl]].to(device))
+            if space.latent:
+                x0 = space.encode(x0)  # the terminal loss compares latents (method.md §4: λ_vis = λ_hole = 1 there)
             gens = sample_generators(int(torch.randint(2 ** 62, (1,), generator=g)), cfg.batch)[sl]
             if cfg.estimator == "proxy":  # the ablation: backpropagate through the whole frozen solve
                 out = proxy_loss(cfg, backbone, actor, task, x0, gens)
@@ -304,8 +336,8 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
                             "critic_ev": out["critic_ev"], "V0": out["V0"].mean().item()})
             if val is not None and (it % cfg.val_every == 0 or it == cfg.iters):
                 vx = val.as_float(slice(None)).to(device)
-                rec["val_psnr_hole_18"] = validation_psnr(backbone, actor, vx, val_M, 18)
-                rec["val_psnr_hole_12"] = validation_psnr(backbone, actor, vx, val_M, 12)
+                rec["val_psnr_hole_18"] = validation_psnr(backbone, actor, vx, val_M, 18, space=space, labels=val_labels)
+                rec["val_psnr_hole_12"] = validation_psnr(backbone, actor, vx, val_M, 12, space=space, labels=val_labels)
                 log(f"it {it}: val PSNR-hole {rec['val_psnr_hole_18']:.2f} dB (N=18), "
                     f"{rec['val_psnr_hole_12']:.2f} dB (N=12)")
             with open(run / "stats.jsonl", "a") as f:
