@@ -982,8 +982,9 @@ def _prepare_out(out: Path, identity: dict, resume: bool) -> tuple[dict, str | N
 
 def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cpu", resume: bool = False,
               log: Callable[[str], None] = print, progress: Callable[[int, int, str], None] | None = None,
-              runner: Runner | None = None) -> dict | None:
-    """Run (or resume) a benchmark into `out`; returns the bench.json dict on rank 0 (None on other ranks)."""
+              runner: Runner | None = None, report_only: bool = False) -> dict | None:
+    """Run (or resume) a benchmark into `out`; returns the bench.json dict on rank 0 (None on other ranks).
+    `report_only`: run nothing, rebuild the reports from the cells already in `out`."""
     check_masks(cfg.masks)
     check_method_names(cfg.methods, cfg.guidances)
     out = Path(out)
@@ -1007,7 +1008,14 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
                 if rec is None or not _same_run(rec, spec):
                     todo.append((spec, family, seed))
     skipped = len(specs) * len(cfg.masks) * len(cfg.seeds) - len(todo)
-    if skipped:
+    if report_only:
+        if not skipped:
+            raise UserError(f"--report-only: {out} holds no finished cell of these methods, masks and seeds")
+        if todo:
+            runner.log(f"report only: {len(todo)} cell(s) not run are left out of the table (rows show the seeds "
+                       f"they have)")
+        todo = []
+    elif skipped:
         runner.log(f"resuming: {skipped} finished cell(s) skipped, {len(todo)} to run")
     state["total"] = len(todo) * cfg.n
     for c, (spec, family, seed) in enumerate(todo):

@@ -634,6 +634,8 @@ def bench(
     precision: str = typer.Option("auto", "--precision", help="auto|fp32|fp16|bf16 for the backbone (recorded)."),
     compile_net: bool = typer.Option(False, "--compile", help="torch.compile the backbone (compiled in the warm-up)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the benchmark in --out, skipping finished cells."),
+    report_only: bool = typer.Option(False, "--report-only", help="Run nothing: rebuild the table, JSON, CSV, grids "
+                                     "and plot from the cells in --out (missing cells are left out)."),
     tune_method: Optional[str] = typer.Option(None, "--tune", metavar="METHOD",
                                               help="Tune METHOD's step size (dps, mcg, gradpaint, copaint) on "
                                                    "--dataset (use the validation split) and record it."),
@@ -702,8 +704,8 @@ def bench(
         err.print(escape(message), soft_wrap=True)
 
     if tune_method is not None:
-        if methods_list or resume:
-            raise UserError("--tune runs alone: drop --methods/--resume")
+        if methods_list or resume or report_only:
+            raise UserError("--tune runs alone: drop --methods/--resume/--report-only")
         if out is not None and out.exists() and not out.is_dir():
             raise UserError(f"--out must be a folder, got the file {out}")
         with bar:
@@ -746,7 +748,8 @@ def bench(
         markdown_parts(markdown)  # fail now, not after the benchmark
     try:
         with bar:
-            result = run_bench(cfg, out, model=model, device=dev, resume=resume, log=log, progress=progress)
+            result = run_bench(cfg, out, model=model, device=dev, resume=resume or report_only, log=log,
+                               progress=progress, report_only=report_only)
     except KeyboardInterrupt:
         err.print(f"interrupted: finished cells are kept in {escape(str(out))}/cells.jsonl; rerun with --resume to "
                   f"continue", soft_wrap=True)

@@ -449,3 +449,23 @@ def test_tune_steps_past_a_winning_edge(shape, expect, tmp_path, data, tiny_chec
     entry = bench_mod.tune("dps", str(data), tiny_checkpoint, n=2, steps=2, write=False, log=lambda m: None)
     assert entry["grid"] == expect and [s["zeta"] for s in entry["scores"]] == expect
     assert entry["params"]["zeta"] == {"rising": 5e4, "peaked": 0.5, "falling": 0.01581}[shape]
+
+
+def test_report_only_rebuilds_from_cells_without_running(tmp_path, data, tiny_checkpoint, capsys, monkeypatch):
+    import aid_cli.bench as bench_mod
+
+    out = tmp_path / "out"
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, out, "copy,replace", "center", "0,", "4"), capsys)
+    assert code == 0, err
+    monkeypatch.setattr(bench_mod.Runner, "cell", lambda *a, **k: pytest.fail("--report-only ran a cell"))
+    (out / "bench.json").unlink()
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, out, "copy,replace", "center", "3", "4",
+                                       "--report-only"), capsys)
+    assert code == 0, err
+    assert "4 cell(s) not run are left out" in err
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert [(r["method"], r["seeds"]) for r in rows] == [("copy", [0]), ("replace", [0])]
+    assert rows[1]["psnr_hole"]["std"] is None  # one seed: no spread claimed
+    code, stdout, err = run_cli(_bench_args(data, tiny_checkpoint, out, "dps", "center", "3", "4", "--report-only"),
+                                capsys)
+    assert_user_error(code, stdout, err, "holds no finished cell")
