@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from ..bench import _nice_ticks
 from ..fileio import atomic_write
 
 PANELS = (
@@ -36,17 +37,6 @@ def running_mean(values: list[float], k: int) -> list[float]:
     return out
 
 
-def _ticks(lo: float, hi: float, count: int = 4) -> list[float]:
-    span = hi - lo
-    step = 10 ** math.floor(math.log10(span / count)) if span > 0 else 1.0
-    for m in (1, 2, 5, 10):
-        if span / (step * m) <= count:
-            step *= m
-            break
-    start = math.ceil(lo / step) * step
-    return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)]
-
-
 def _panel(d, box, title, series, font, small):
     """One panel: axes in `box` = (x0, y_top, x1, y_bottom), series = [(label, xs, ys, colour, smooth)]."""
     x0, y1, x1, y0 = box
@@ -68,10 +58,10 @@ def _panel(d, box, title, series, font, small):
     def Y(v):
         return y0 - (v - lo_y) / (hi_y - lo_y) * (y0 - y1)
 
-    for t in _ticks(lo_y, hi_y):
+    for t in _nice_ticks(lo_y, hi_y, 4):
         d.line((x0, Y(t), x1, Y(t)), fill=(232, 232, 232))
         d.text((x0 - 5, Y(t)), f"{t:.4g}", fill="black", font=small, anchor="rm")
-    for t in _ticks(lo_x, hi_x):
+    for t in _nice_ticks(lo_x, hi_x, 4):
         d.line((X(t), y0, X(t), y0 + 4), fill="black")
         d.text((X(t), y0 + 6), f"{t:g}", fill="black", font=small, anchor="mt")
     for k, (label, xs, ys, colour, smooth) in enumerate(series):
