@@ -359,7 +359,7 @@ def bench(
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps (auto: cuda, then mps, then cpu)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the benchmark in --out, skipping finished cells."),
     tune_method: Optional[str] = typer.Option(None, "--tune", metavar="METHOD",
-                                              help="Tune METHOD's step size (dps, mcg, gradpaint, copaint) on "
+                                              help="Tune METHOD's step size (dps, mcg, gradpaint, copaint, vipaint) on "
                                                    "--dataset (use the validation split) and record it."),
     guidance: Optional[Path] = typer.Option(None, "--guidance", help="AID's guidance module (default: the embedded)."),
     mask_seed: int = typer.Option(0, "--mask-seed", min=0, help="Seed of the evaluation mask set."),
