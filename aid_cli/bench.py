@@ -74,8 +74,9 @@ OPERATING_POINTS: dict[str, tuple[str, dict, int | None]] = {
 }
 
 # The step size `--tune` searches, per baseline, and the grid: the method's default × these factors (log-spaced,
-# half a decade apart).
-TUNABLE = {"dps": "zeta", "mcg": "alpha", "gradpaint": "alpha", "copaint": "lr"}
+# half a decade apart). VIPaint's is the scale of its likelihood (the balance of its fit: ζ of its DPS phase barely
+# moves the result, methods/vipaint.py).
+TUNABLE = {"dps": "zeta", "mcg": "alpha", "gradpaint": "alpha", "copaint": "lr", "vipaint": "recon_scale"}
 TUNE_FACTORS = (0.1, 10 ** -0.5, 1.0, 10 ** 0.5, 10.0)
 TUNE_TIE_DB = 0.01
 TUNE_MAX_EXTEND = 8  # grid points added beyond an edge that keeps winning

@@ -637,7 +637,7 @@ def bench(
     report_only: bool = typer.Option(False, "--report-only", help="Run nothing: rebuild the table, JSON, CSV, grids "
                                      "and plot from the cells in --out (missing cells are left out)."),
     tune_method: Optional[str] = typer.Option(None, "--tune", metavar="METHOD",
-                                              help="Tune METHOD's step size (dps, mcg, gradpaint, copaint) on "
+                                              help="Tune METHOD's step size (dps, mcg, gradpaint, copaint, vipaint) on "
                                                    "--dataset (use the validation split) and record it."),
     guidance: Optional[List[str]] = typer.Option(None, "--guidance",
                                                  help="AID's guidance module (default: the embedded one); repeat as "

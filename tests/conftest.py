@@ -69,4 +69,6 @@ def method_params(name: str) -> dict:
         return {"actor": actor}
     if name == "copaint":
         return {"adaptive": False}  # no line search: the NFE count is exact
+    if name == "vipaint":
+        return {"iterations": 2, "particles": 2}  # a short fit (the default, 50 × 5, is tested in test_vipaint.py)
     return {}

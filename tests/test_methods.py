@@ -28,6 +28,9 @@ COUNTS = {
     # G = 2: per step 1 forward at x_n, G trial forwards (each reused for the next gradient), G backwards, then the Heun
     # step reuses the last evaluation and adds its second one (none on the last step): (G + 2)N − 1, plus one per retry
     "copaint": ((2 + 2) * N - 1, 2 * N),
+    # iterations I = 2, particles P = 2 (conftest), K = 2: each iteration evaluates K + 1 = 3 times per particle and
+    # backpropagates through all of them; then 1 posterior step to σ_s (σ_2 = 0.002 at N = 3), and the last step DPS
+    "vipaint": (2 * 2 * 3 + 1 + 1, 2 * 2 * 3 + 1),
     "aid": (2 * N - 1, 0),  # the actor is a separate small net: backbone forwards only, no backward at deployment
     "copy": (0, 0),
     "greyfill": (0, 0),
