@@ -22,6 +22,19 @@ def need_shared(*parts: str) -> Path:
     return path
 
 
+def load_fixture_net(family: str, case: str, build):
+    """(net with the official state dict, meta.json, folder) of ../shared/fixtures/FAMILY/CASE (skips without it)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = need_shared("fixtures", family, case)
+    meta = json.loads((folder / "meta.json").read_text())
+    net = build(meta["precond"], meta["init_kwargs"]).eval()
+    net.load_state_dict(load_file(str(folder / "state_dict.safetensors")), strict=True)
+    return net, meta, folder
+
+
 def run_cli(args, capsys) -> tuple[int, str, str]:
     """Run `aid ARGS` in-process; returns (exit code, stdout, stderr). A normal return is exit code 0."""
     from aid_cli import cli

@@ -9,17 +9,13 @@ from safetensors.torch import load_file
 from aid_cli.backbones.edm import count_parameters
 from aid_cli.backbones.edm2 import MPConv, build_precond, normalize
 
-from .conftest import need_shared
+from .conftest import load_fixture_net, need_shared
 
 CASES = ["edm2_latent_cond", "edm2_rgb_uncond"]
 
 
 def load_case(case):
-    folder = need_shared("fixtures", "edm2", case)
-    meta = json.loads((folder / "meta.json").read_text())
-    net = build_precond(meta["precond"], meta["init_kwargs"]).eval()
-    net.load_state_dict(load_file(str(folder / "state_dict.safetensors")), strict=True)
-    return net, meta, folder
+    return load_fixture_net("edm2", case, build_precond)
 
 
 @pytest.mark.parametrize("case", CASES)

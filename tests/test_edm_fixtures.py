@@ -10,17 +10,13 @@ from aid_cli.backbones.edm import build_precond, count_parameters
 from aid_cli.sampling.heun import edm_sigmas, sample
 from aid_cli.task import Task
 
-from .conftest import need_shared
+from .conftest import load_fixture_net, need_shared
 
 CASES = ["edm_ddpmpp_uncond", "edm_ncsnpp_uncond", "ve_ncsnpp_uncond", "vp_ddpmpp_cond"]
 
 
 def load_case(case):
-    folder = need_shared("fixtures", "edm", case)
-    meta = json.loads((folder / "meta.json").read_text())
-    net = build_precond(meta["precond"], meta["init_kwargs"]).eval()
-    net.load_state_dict(load_file(str(folder / "state_dict.safetensors")), strict=True)
-    return net, meta, folder
+    return load_fixture_net("edm", case, build_precond)
 
 
 @pytest.mark.parametrize("case", CASES)

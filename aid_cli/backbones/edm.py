@@ -325,6 +325,22 @@ class SongUNet(torch.nn.Module):
 # Preconditioners: D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ))   (method.md §2).
 
 
+
+def precond_inputs(x, sigma, class_labels, label_dim: int, use_fp16: bool, force_fp32: bool):
+    """The official preconditioners' input handling (EDM and EDM2 alike): float32 x, σ as [N,1,1,1], labels as float
+    [N, label_dim] (zeros when a conditional net gets none, None for an unconditional one), and the network's dtype
+    (float16 only on CUDA for use_fp16 nets)."""
+    x = x.to(torch.float32)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+    if label_dim == 0:
+        class_labels = None
+    elif class_labels is None:
+        class_labels = torch.zeros([1, label_dim], device=x.device)
+    else:
+        class_labels = class_labels.to(torch.float32).reshape(-1, label_dim)
+    dtype = torch.float16 if (use_fp16 and not force_fp32 and x.device.type == "cuda") else torch.float32
+    return x, sigma, class_labels, dtype
+
 class _Precond(torch.nn.Module):
     """Shared part of the three wrappers: argument handling and the skip/out combination."""
 
@@ -344,15 +360,7 @@ class _Precond(torch.nn.Module):
         return self._coefficients(sigma)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)
-        else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == "cuda") else torch.float32
+        x, sigma, class_labels, dtype = precond_inputs(x, sigma, class_labels, self.label_dim, self.use_fp16, force_fp32)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         return c_skip * x + c_out * F_x.to(torch.float32)

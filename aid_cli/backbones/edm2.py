@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .edm import precond_inputs
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Magnitude-preserving building blocks.
 
@@ -265,15 +267,7 @@ class Precond(torch.nn.Module):
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, return_logvar=False, **unet_kwargs):
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)
-        else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == "cuda") else torch.float32
+        x, sigma, class_labels, dtype = precond_inputs(x, sigma, class_labels, self.label_dim, self.use_fp16, force_fp32)
 
         # Preconditioning weights.
         c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
