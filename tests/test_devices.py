@@ -36,9 +36,20 @@ def inputs(batch: int = 2):
     return torch.randn(batch, 3, 16, 16, generator=g), torch.full((batch,), 1.5)
 
 
-def test_fp32_and_auto_leave_the_network_as_it_is(busy_net):
+def test_fp32_and_auto_run_the_network_itself_in_channels_last(busy_net):
+    x, sigma = inputs()
+    ref = busy_net(x, sigma, None)
     assert prepare_backbone(busy_net, CPU) is busy_net
     assert prepare_backbone(busy_net, CPU, "fp32") is busy_net
+    convs = [p for p in busy_net.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    out = busy_net(x, sigma, None)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)  # NHWC only changes the summation order
+
+
+def test_channels_last_can_be_turned_off(busy_net):
+    prepare_backbone(busy_net, CPU, channels_last=False)
+    assert all(p.is_contiguous() for p in busy_net.parameters())
 
 
 def test_fp16_on_cpu_is_refused():

@@ -13,7 +13,7 @@ from aid_cli.guidance.checkpoint import load_guidance, save_guidance
 from aid_cli.guidance.networks import Actor, Critic, count_parameters
 from aid_cli.guidance.trainer import STATE_FILE, TrainConfig, actor_critic_losses, rollout, train
 from aid_cli.methods import get_method
-from aid_cli.sampling.heun import edm_sigmas, sample, sample_generators
+from aid_cli.sampling.heun import SamplerState, edm_sigmas, sample, sample_generators
 from aid_cli.task import Task
 
 from .conftest import TINY_KWARGS
@@ -138,6 +138,30 @@ def test_deployment_uses_the_mean_and_checks_the_backbone(tiny_net, tmp_path):
     with pytest.raises(CheckpointError, match="trained on backbone"):
         get_method("aid", guidance=path, backbone_sha256="b" * 64)
     assert TINY_KWARGS["img_resolution"] == 16
+
+
+def test_deployment_runs_the_task_stem_once_per_solve_with_the_same_result(tiny_net):
+    torch.manual_seed(0)
+    actor = Actor(width=8).requires_grad_(False)
+    torch.nn.init.normal_(actor.out.weight, std=0.05)
+    task, _ = tiny_task()
+    calls = []
+    actor.stem_in.register_forward_hook(lambda *a: calls.append(1))
+    cached = sample(tiny_net, task, get_method("aid", actor=actor), num_steps=4, seed=0)
+    assert len(calls) == 1  # once per solve, not once per step
+    x = torch.randn_like(task.y)
+    sigma = torch.full((2,), 1.3)
+    with torch.no_grad():
+        assert torch.allclose(actor(sigma, x, task.M, task.y, actor.condition(task.M, task.y)),
+                              actor(sigma, x, task.M, task.y), atol=0)
+    policy = get_method("aid", actor=actor.requires_grad_(True))
+    s = SamplerState(net=tiny_net, task=task, sigmas=edm_sigmas(4), generators=sample_generators(0, 2))
+    calls.clear()
+    with torch.enable_grad():  # with gradients (proxy training) each step runs the stem in its own graph
+        for n in range(4):
+            assert policy.drift(s, n, x).requires_grad
+    assert len(calls) == 4
+    assert cached.nfe == 7
 
 
 def test_cli_train_then_inpaint_with_the_module(tiny_data, tiny_checkpoint, tmp_path, capsys):

@@ -65,10 +65,17 @@ class GuidanceNet(nn.Module):
         self.trunk = nn.Sequential(*[ResBlock(width) for _ in range(trunk_blocks)])
         self.norm_out = nn.GroupNorm(_groups(width), width)
 
-    def features(self, sigma: torch.Tensor, x: torch.Tensor, M: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def condition(self, M: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The conditioning stem's features of the task ξ = (M, y); they do not change along a solve."""
+        return self.stem(self.stem_in(torch.cat([M, y], dim=1)))
+
+    def features(self, sigma: torch.Tensor, x: torch.Tensor, M: torch.Tensor, y: torch.Tensor,
+                 cond: torch.Tensor | None = None) -> torch.Tensor:
+        """`cond`: `condition(M, y)` computed once per solve (deployment), or None to compute it here."""
         sigma = sigma.reshape(-1, 1, 1, 1).to(x.dtype).expand(x.shape[0], 1, 1, 1)
         c_in = 1 / (sigma ** 2 + SIGMA_DATA ** 2).sqrt()
-        cond = self.stem(self.stem_in(torch.cat([M, y], dim=1)))
+        if cond is None:
+            cond = self.condition(M, y)
         emb = noise_embedding(sigma, self.emb_dim)[:, :, None, None].expand(-1, -1, *x.shape[-2:])
         h = self.trunk(self.trunk_in(torch.cat([cond, c_in * x, emb], dim=1)))
         return silu(self.norm_out(h))
@@ -83,9 +90,9 @@ class Actor(GuidanceNet):
         nn.init.zeros_(self.out.weight)  # u ≡ 0 at initialisation: the unguided sampler
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, sigma, x, M, y):
+    def forward(self, sigma, x, M, y, cond=None):
         c_u = (sigma.reshape(-1, 1, 1, 1).to(x.dtype) ** 2 + SIGMA_DATA ** 2).sqrt()
-        return c_u * self.out(self.features(sigma, x, M, y))
+        return c_u * self.out(self.features(sigma, x, M, y, cond))
 
 
 class Critic(GuidanceNet):
