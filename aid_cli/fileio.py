@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -63,6 +65,32 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text))
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """`safetensors.torch.save_file`, atomically, and byte-for-byte the same for the same tensors and metadata.
+
+    safetensors keeps the metadata in a hash map, so the header lists its keys in a different order on every save, and
+    the file's sha256 (which binds a guidance module to its backbone, and a download to its record) changed with it:
+    converting the same official pickle twice gave two "different" backbones. The header is rewritten with its keys
+    sorted: the same JSON object in the same number of bytes, so every data offset stays valid."""
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=metadata)
+        _sort_safetensors_header(tmp)
+
+    return atomic_write(path, write)
+
+
+def _sort_safetensors_header(path: Path) -> None:
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) <= size:  # always, for safetensors' compact JSON; otherwise the file stays as written
+            f.seek(8)
+            f.write(canonical.ljust(size, b" "))  # safetensors pads its header with spaces
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .fileio import atomic_write
+from .fileio import save_safetensors
 
 
 def dist_info() -> tuple[int, int]:
@@ -69,7 +69,7 @@ def save_state(path, modules: dict, optimizers: dict, meta: dict) -> None:
         groups[name] = sd["param_groups"]
     metadata = {k: json.dumps(v) for k, v in meta.items()}
     metadata["param_groups"] = json.dumps(groups)
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+    save_safetensors(path, tensors, metadata)
 
 
 def load_state(path, modules: dict, optimizers: dict, device="cpu") -> dict:

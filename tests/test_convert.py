@@ -340,6 +340,21 @@ def test_module_src_is_never_executed(tmp_path, persistence):
     assert all(torch.equal(got[k], v) for k, v in net.state_dict().items())
 
 
+def test_converting_twice_gives_the_same_file(tmp_path, persistence):
+    """Guidance modules bind to the backbone file's sha256, so the same pickle must always convert to the same bytes
+    (safetensors alone writes its metadata keys in a random order)."""
+    net = build_precond("EDMPrecond", dict(TINY_KWARGS))
+    src = tmp_path / "edm-tiny.pkl"
+    src.write_bytes(official_layout_bytes(net, persistence, "", dict(TINY_KWARGS)))
+    hashes = {sha256_file(convert_pickle(src, tmp_path / f"{i}.safetensors") and tmp_path / f"{i}.safetensors")
+              for i in range(4)}
+    assert len(hashes) == 1
+    with safe_open(str(tmp_path / "0.safetensors"), framework="pt") as f:
+        assert len(f.metadata()) > 2 and list(f.keys()) == sorted(net.state_dict())
+    got, _ = load_backbone(tmp_path / "0.safetensors")
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in net.state_dict().items())
+
+
 def test_weights_that_do_not_fit_are_refused(tmp_path, persistence):
     net = build_precond("EDMPrecond", dict(TINY_KWARGS))
     src, dst = tmp_path / "edm-tiny.pkl", tmp_path / "tiny.safetensors"

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import CheckpointError
-from ..fileio import atomic_write, sha256_file  # noqa: F401  (sha256_file: imported from here by many modules)
+from ..fileio import save_safetensors, sha256_file  # noqa: F401  (sha256_file: imported from here by many modules)
 from . import edm, edm2
 
 # Official class name → (family, class). Both families keep the official names, so a class name identifies its family.
@@ -63,7 +63,7 @@ def save_backbone(path: str | Path, net: torch.nn.Module, precond: str, init_kwa
     }
     if encoder is not None:
         meta["aid.encoder"] = json.dumps(encoder, sort_keys=True)
-    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+    return save_safetensors(path, tensors, meta)
 
 
 def load_backbone(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:

@@ -11,11 +11,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..backbones.checkpoint import read_metadata
 from ..errors import CheckpointError
-from ..fileio import atomic_write
+from ..fileio import save_safetensors
 from .networks import Actor
 
 
@@ -23,7 +23,7 @@ def save_guidance(path, actor: Actor, actor_kwargs: dict, backbone_sha256: str, 
     tensors = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in actor.state_dict().items()}
     meta = {"aid.kind": "guidance", "aid.actor": json.dumps(actor_kwargs, sort_keys=True),
             "aid.backbone_sha256": backbone_sha256, "aid.training": json.dumps(training or {}, sort_keys=True)}
-    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+    return save_safetensors(path, tensors, meta)
 
 
 def load_guidance(path, backbone_sha256: str | None = None, device="cpu") -> tuple[Actor, dict]:

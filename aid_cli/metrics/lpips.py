@@ -301,13 +301,11 @@ def _torch_dict(path: Path, what: str) -> dict:
 
 def _write_cache(path: Path, sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
     """Save the converted weights atomically for next time; a cache that cannot be written is not an error."""
-    from safetensors.torch import save_file
-
-    from ..fileio import atomic_write
+    from ..fileio import save_safetensors
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata=metadata))
+        save_safetensors(path, sd, metadata)
         return None
     except (OSError, UserError) as e:
         return f"could not cache the LPIPS weights in {path}: {e}"
