@@ -32,6 +32,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)  # never hard-wrap: 
 
 CACHE_HELP = "Model cache folder (default: $AID_CACHE/models or ~/.cache/aid/models; hub files: the HF cache)."
 OFFLINE_HELP = "Never download: a model not in the cache fails at once (also: HF_HUB_OFFLINE=1)."
+TRAIN_PRECISION_HELP = ("auto|fp32|bf16 autocast of the forward passes (auto: bf16 on a CUDA GPU that has it, else fp32; "
+                        "weights, optimizer and loss stay float32; fp16 is not offered for training).")
 
 
 class _DownloadBar:
@@ -103,6 +105,8 @@ def pretrain(
     seed: int = typer.Option(0, help="Seed of initialisation and of every training step."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where its state left off."),
     device: str = typer.Option("auto", help="auto|cpu|cuda|mps"),
+    precision: str = typer.Option("auto", "--precision", help=TRAIN_PRECISION_HELP),
+    compile_net: bool = typer.Option(False, "--compile", help="torch.compile the training forward pass."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's)."),
 ):
     """Train an EDM backbone (SongUNet DDPM++ + EDMPrecond) with the EDM loss.
@@ -122,7 +126,7 @@ def pretrain(
                          attn_resolutions=_parse_ints(attn, "--attn"), dropout=dropout, batch=batch, lr=lr,
                          lr_rampup_kimg=lr_rampup_kimg, ema_halflife_kimg=ema_halflife_kimg,
                          duration_kimg=duration_kimg, snapshot_kimg=snapshot_kimg, checkpoint_minutes=checkpoint_minutes,
-                         seed=seed)
+                         seed=seed, precision=precision, compile=compile_net)
     run = run_pretrain(cfg, resume=resume, device=resolve_device(device), log=err.print)
     err.print(f"done: {run}")
 
@@ -799,6 +803,9 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation and of every iteration."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it left off."),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
+    precision: str = typer.Option("auto", "--precision", help=TRAIN_PRECISION_HELP + " Applies to the frozen "
+                                  "backbone; the actor and critic train in float32."),
+    compile_net: bool = typer.Option(False, "--compile", help="torch.compile the frozen backbone."),
 ):
     """Learn the AID guidance module for a frozen backbone with the continuous-time actor-critic.
 
@@ -835,7 +842,8 @@ def train(
                       lambda_hole=lambda_hole, lr_actor=lr_actor, lr_critic=lr_critic, clip=clip, hole_min=lo,
                       hole_max=hi, width=width, critic_width=critic_width or 2 * width, seed=seed,
                       val_every=val_every, val_n=val_n, checkpoint_every=checkpoint_every, estimator=estimator,
-                      val_dataset=str(val) if val else None, vae=vae, class_label=class_label)
+                      val_dataset=str(val) if val else None, vae=vae, class_label=class_label,
+                      precision=precision, compile=compile_net)
     run = run_train(cfg, resume=resume, device=resolve_device(device), log=err.print)
     err.print(f"done: {run / 'guidance.safetensors'}")
 

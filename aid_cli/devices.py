@@ -67,6 +67,25 @@ def check_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def training_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype a training loop runs its networks' forward passes in (None: float32 throughout).
+
+    auto: bfloat16 on a CUDA device that has it (no loss scaling needed; the optimizer, the weights, the EMA and the
+    loss stay float32), float32 elsewhere. fp16 would need loss scaling, so training refuses it. On CUDA, float32
+    matrix products may use TF32 (as cuDNN convolutions already do by default)."""
+    precision = (precision or "auto").lower()
+    if precision == "fp16":
+        raise UserError("--precision fp16 is not offered for training (it needs loss scaling); use bf16 or fp32")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if precision == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else None
+    check_precision(precision, device)
+    return torch.bfloat16 if precision == "bf16" else None
+
+
 def prepare_backbone(net: torch.nn.Module, device: torch.device, precision: str = "auto", compile: bool = False,
                      notice: Callable[[str], None] | None = None,
                      channels_last: bool = True) -> Callable[..., torch.Tensor]:

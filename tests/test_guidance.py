@@ -262,6 +262,53 @@ def test_variants_train_and_resume_exactly(estimator, tiny_data, tiny_checkpoint
     assert a["actor.out.weight"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("estimator", ["score", "proxy"])
+def test_bf16_backbone_in_rollouts_trains_close_to_fp32(estimator, tiny_data, tiny_net, tmp_path):
+    from aid_cli import devices
+    from aid_cli.backbones.checkpoint import save_backbone
+
+    if not devices._autocast_runs(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("this torch has no bfloat16 autocast on CPU")
+    for p in tiny_net.parameters():  # the network's output layer starts at zero: perturb it so precision shows
+        p.add_(0.05 * torch.randn_like(p))
+    busy = save_backbone(tmp_path / "busy.safetensors", tiny_net, "EDMPrecond", dict(TINY_KWARGS))
+    kw = dict(estimator=estimator, iters=1, val_every=100, checkpoint_every=1)
+    runs = {p: train(cfg_for(tiny_data, tmp_path / p, busy, precision=p, **kw), progress=False,
+                     log=lambda *a: None) for p in ("fp32", "bf16")}
+    ell = {p: json.loads((r / "stats.jsonl").read_text().splitlines()[-1])["terminal"] for p, r in runs.items()}
+    assert ell["fp32"] != ell["bf16"] and ell["bf16"] == pytest.approx(ell["fp32"], rel=0.05)
+    actor = load_file(str(runs["bf16"] / STATE_FILE))
+    assert all(v.dtype == torch.float32 for k, v in actor.items() if k.startswith(("actor.", "critic.")))
+
+
+def test_sigterm_saves_state_and_module_then_resume_continues(tiny_data, tiny_checkpoint, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from aid_cli import training
+
+    calls = {"n": 0}
+    original = training.GracefulStop.agreed
+
+    def signal_after_two_iterations(self, world, device):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled: only sets the flag
+        return original(self, world, device)
+
+    monkeypatch.setattr(training.GracefulStop, "agreed", signal_after_two_iterations)
+    logs = []
+    run = train(cfg_for(tiny_data, tmp_path / "r", tiny_checkpoint, iters=50, checkpoint_every=40, val_every=40),
+                progress=False, log=logs.append)
+    assert any("stopped at iteration 2" in str(line) for line in logs)
+    assert load_guidance(run / "guidance.safetensors")[0] is not None
+    monkeypatch.setattr(training.GracefulStop, "agreed", original)
+    train(cfg_for(tiny_data, run, tiny_checkpoint, iters=4, checkpoint_every=40, val_every=40), resume=True,
+          progress=False, log=lambda *a: None)
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in stats if "actor_loss" in r] == [1, 2, 3, 4]
+
+
 def test_unknown_estimator_is_one_line(tiny_data, tiny_checkpoint, tmp_path, capsys):
     from .conftest import run_cli
 

@@ -137,3 +137,27 @@ def test_sigterm_saves_state_and_snapshot_then_resume_continues(tiny_dataset, tm
              log=lambda *a: None)
     stats = [json.loads(line) for line in (tmp_path / "r" / "stats.jsonl").read_text().splitlines()]
     assert stats[-1]["step"] == 5  # 20 images at batch 4
+
+
+def test_bf16_autocast_trains_float32_weights_close_to_fp32(tiny_dataset, tmp_path):
+    from aid_cli import devices
+
+    if not devices._autocast_runs(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("this torch has no bfloat16 autocast on CPU")
+    logs = []
+    a = pretrain(config(tiny_dataset, tmp_path / "fp32", precision="fp32"), max_steps=1, progress=False,
+                 log=lambda *m: None)
+    b = pretrain(config(tiny_dataset, tmp_path / "bf16", precision="bf16"), max_steps=1, progress=False,
+                 log=logs.append)
+    assert any("bf16 autocast" in str(line) for line in logs)
+    loss_a, loss_b = (json.loads((r / "stats.jsonl").read_text().splitlines()[-1])["loss"] for r in (a, b))
+    assert loss_a != loss_b and loss_b == pytest.approx(loss_a, rel=0.05)  # bf16 did run, and is close
+    state = load_file(str(b / STATE_FILE))
+    assert all(v.dtype == torch.float32 for k, v in state.items() if k.startswith(("net.", "ema.")))
+
+
+def test_fp16_training_is_refused_in_one_line(tiny_dataset, tmp_path):
+    with pytest.raises(UserError, match="fp16 is not offered for training"):
+        pretrain(config(tiny_dataset, tmp_path / "r", precision="fp16"), max_steps=1, progress=False,
+                 log=lambda *a: None)
+    assert not (tmp_path / "r" / STATE_FILE).exists()

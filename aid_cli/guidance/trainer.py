@@ -38,6 +38,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..backbones.checkpoint import load_backbone, sha256_file
+from ..devices import prepare_backbone, training_precision
 from ..backbones.latent import PixelSpace, model_space
 from ..data.datasets import load_image_set
 from ..data.masks import eval_masks, training_masks
@@ -47,7 +48,7 @@ from ..methods.aid import AID
 from ..metrics.quality import psnr_hole
 from ..sampling.heun import SamplerState, edm_sigmas, heun_step, sample, sample_generators
 from ..task import Task
-from ..training import init_distributed, load_state, prepare_run, save_state, step_generator
+from ..training import GracefulStop, init_distributed, load_state, prepare_run, save_state, step_generator
 from .checkpoint import save_guidance
 from .curves import read_stats, training_curves
 from .networks import Actor, Critic, count_parameters
@@ -85,6 +86,8 @@ class TrainConfig:
     vae: str | None = None  # latent backbones: a local diffusers VAE folder instead of the pinned hub VAE
     class_label: int | None = None  # class-conditional backbones: this class for every image (else dataset.json)
     estimator: str = "score"  # actor gradient: score (eq. 11) | pathwise | proxy (see the module docstring)
+    precision: str = "auto"  # the frozen backbone's autocast in rollouts (devices.training_precision); nets stay fp32
+    compile: bool = False  # torch.compile the frozen backbone
     reductions: str = "mean over C·H·W in both the terminal loss and the running cost"
 
     def actor_kwargs(self, channels: int) -> dict:
@@ -219,9 +222,14 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
     run = Path(cfg.out)
     state_path = run / STATE_FILE
     cfg = prepare_run(cfg, run, STATE_FILE, resume, log=log,
-                      free=("dataset", "out", "iters", "val_dataset", "checkpoint_every", "val_every"))
+                      free=("dataset", "out", "iters", "val_dataset", "checkpoint_every", "val_every", "precision",
+                            "compile"))
 
-    backbone, binfo = load_backbone(cfg.backbone, device=device)
+    backbone_net, binfo = load_backbone(cfg.backbone, device=device)
+    amp = training_precision(cfg.precision, device)
+    # The denoiser the rollouts call: NHWC, autocast to bf16 where asked (float32 out), compiled where asked.
+    backbone = prepare_backbone(backbone_net, device, {None: "fp32", torch.bfloat16: "bf16"}[amp], cfg.compile,
+                                notice=log)
     backbone_sha = sha256_file(cfg.backbone)
     # Latent (EDM2) backbones: images, masks and validation live on pixels; the task, the state, the actor and the
     # terminal loss on the VAE's latent grid (x0 ← E(x0), M ← the conservative latent mask, y = E(M ⊙ x0)).
@@ -252,7 +260,7 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-        n_actor, n_backbone = count_parameters(actor), count_parameters(backbone)
+        n_actor, n_backbone = count_parameters(actor), count_parameters(backbone_net)
         log(f"{'resuming' if resume else 'training'} AID guidance: actor {n_actor:,} parameters "
             f"({100 * n_actor / n_backbone:.2f} % of the {n_backbone:,}-parameter backbone), critic "
             f"{count_parameters(critic):,}; {len(data):,} training images → {run}")
@@ -272,7 +280,7 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
     bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} it"),
                    TextColumn("TD {task.fields[td]:.4f}  ℓ {task.fields[ell]:.4f}"), TimeRemainingColumn(),
                    disable=not progress or rank != 0)
-    with bar:
+    with bar, GracefulStop() as stop:
         ptask = bar.add_task("train", total=cfg.iters, completed=it, td=float("nan"), ell=float("nan"))
         if it == 0 and val is not None and rank == 0:  # the starting point: u ≡ 0 is the unguided sampler
             vx = val.as_float(slice(None)).to(device)
@@ -323,7 +331,10 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
             opt_actor.step()
             it += 1
             elapsed += time.time() - t0
+            stopping = stop.agreed(world, device)  # SIGINT/SIGTERM: finish this iteration, save, leave
             if rank != 0:
+                if stopping:
+                    break
                 continue
             rec = {"iteration": it, "actor_loss": out["actor_loss"].item(), "actor_grad_norm": float(gn_actor),
                    "actor_grad_cos_prev": grad_cos,
@@ -343,8 +354,12 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
             with open(run / "stats.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             bar.update(ptask, completed=it, td=rec.get("critic_loss", float("nan")), ell=rec["terminal"])
-            if it % cfg.checkpoint_every == 0 or it == cfg.iters or (max_iters is not None and it >= max_iters):
+            if stopping or it % cfg.checkpoint_every == 0 or it == cfg.iters or \
+                    (max_iters is not None and it >= max_iters):
                 checkpoint()
+            if stopping:
+                log(f"stopped at iteration {it}; state and module saved; continue with --resume")
+                break
     if world > 1:
         torch.distributed.barrier()
     return run
