@@ -85,3 +85,23 @@ def method_params(name: str) -> dict:
     if name == "vipaint":
         return {"iterations": 2, "particles": 2}  # a short fit (the default, 50 × 5, is tested in test_vipaint.py)
     return {}
+
+
+def sigterm_at_call(monkeypatch, call: int) -> None:
+    """Send this process SIGTERM from inside the `call`-th `GracefulStop.agreed` of a training loop, which the loop's
+    handler turns into "finish this step, save, leave" (the way a scheduler or `timeout` stops a run)."""
+    import os
+    import signal
+
+    from aid_cli import training
+
+    calls = {"n": 0}
+    original = training.GracefulStop.agreed
+
+    def agreed(self, world, device):
+        calls["n"] += 1
+        if calls["n"] == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, world, device)
+
+    monkeypatch.setattr(training.GracefulStop, "agreed", agreed)

@@ -282,27 +282,15 @@ def test_bf16_backbone_in_rollouts_trains_close_to_fp32(estimator, tiny_data, ti
 
 
 def test_sigterm_saves_state_and_module_then_resume_continues(tiny_data, tiny_checkpoint, tmp_path, monkeypatch):
-    import os
-    import signal
+    from .conftest import sigterm_at_call
 
-    from aid_cli import training
-
-    calls = {"n": 0}
-    original = training.GracefulStop.agreed
-
-    def signal_after_two_iterations(self, world, device):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled: only sets the flag
-        return original(self, world, device)
-
-    monkeypatch.setattr(training.GracefulStop, "agreed", signal_after_two_iterations)
+    sigterm_at_call(monkeypatch, 2)
     logs = []
     run = train(cfg_for(tiny_data, tmp_path / "r", tiny_checkpoint, iters=50, checkpoint_every=40, val_every=40),
                 progress=False, log=logs.append)
     assert any("stopped at iteration 2" in str(line) for line in logs)
     assert load_guidance(run / "guidance.safetensors")[0] is not None
-    monkeypatch.setattr(training.GracefulStop, "agreed", original)
+    monkeypatch.undo()
     train(cfg_for(tiny_data, run, tiny_checkpoint, iters=4, checkpoint_every=40, val_every=40), resume=True,
           progress=False, log=lambda *a: None)
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]

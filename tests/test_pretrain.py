@@ -106,28 +106,14 @@ def test_resume_keeps_the_runs_own_hyperparameters(tiny_dataset, tmp_path):
     assert json.loads((tmp_path / "r" / "config.json").read_text())["lr"] == 2e-3
 
 
-def test_sigterm_saves_state_and_snapshot_then_resume_continues(tiny_dataset, tmp_path):
-    import os
-    import signal
-
-    import aid_cli.pretrain as pt
-
-    calls = {"n": 0}
-    original = pt.GracefulStop.agreed
-
-    def signal_after_two_steps(self, world, device):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled: only sets the flag
-        return original(self, world, device)
+def test_sigterm_saves_state_and_snapshot_then_resume_continues(tiny_dataset, tmp_path, monkeypatch):
+    from .conftest import sigterm_at_call
 
     cfg = config(tiny_dataset, tmp_path / "r", duration_kimg=1.0, snapshot_kimg=0.5)
-    pt.GracefulStop.agreed = signal_after_two_steps
-    try:
-        logs = []
-        pretrain(cfg, progress=False, log=logs.append)
-    finally:
-        pt.GracefulStop.agreed = original
+    sigterm_at_call(monkeypatch, 2)
+    logs = []
+    pretrain(cfg, progress=False, log=logs.append)
+    monkeypatch.undo()
     state = load_file(str(tmp_path / "r" / STATE_FILE))
     assert state and any("stopped at" in str(line) for line in logs)
     assert sorted((tmp_path / "r").glob("network-snapshot-*.safetensors"))
