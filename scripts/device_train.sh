@@ -52,9 +52,10 @@ guidance)
   for est in ${ESTIMATORS:-score pathwise proxy}; do  # small networks: three runs share the GPU
     run=$runs/aid-$est
     resume=(); [ -f "$run/training-state.safetensors" ] && resume=(--resume)
+    lr=(); [ "$est" = proxy ] && lr=(--lr-actor 3e-4)  # as the shipped CPU module (weights/aid-cats64-guidance.md)
     timed "${aid[@]}" train --backbone "$snap" --dataset .carry/cats64-train.zip --val .carry/cats64-val.zip --out "$run" \
       --estimator "$est" --steps 18 --batch "${GBATCH:-64}" --iters 1000000 --checkpoint-every 100 \
-      --val-every "${VAL_EVERY:-250}" "${resume[@]}" ${EXTRA:-} > "$runs/aid-$est.log" 2>&1 &
+      --val-every "${VAL_EVERY:-250}" "${lr[@]}" "${resume[@]}" ${EXTRA:-} > "$runs/aid-$est.log" 2>&1 &
     pids+=($!)
   done
   rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done
