@@ -67,11 +67,11 @@ def check_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def training_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype a training loop runs its networks' forward passes in (None: float32 throughout).
+def training_precision(precision: str, device: torch.device) -> str:
+    """The precision ("fp32" or "bf16") a training loop runs its networks' forward passes in.
 
-    auto: bfloat16 on a CUDA device that has it (no loss scaling needed; the optimizer, the weights, the EMA and the
-    loss stay float32), float32 elsewhere. fp16 would need loss scaling, so training refuses it. On CUDA, float32
+    auto: bf16 autocast on a CUDA device that has it (no loss scaling needed; the optimizer, the weights, the EMA and
+    the loss stay float32), fp32 elsewhere. fp16 would need loss scaling, so training refuses it. On CUDA, float32
     matrix products may use TF32 (as cuDNN convolutions already do by default)."""
     precision = (precision or "auto").lower()
     if precision == "fp16":
@@ -80,10 +80,9 @@ def training_precision(precision: str, device: torch.device) -> torch.dtype | No
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if precision == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else None
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     check_precision(precision, device)
-    return torch.bfloat16 if precision == "bf16" else None
+    return precision
 
 
 def prepare_backbone(net: torch.nn.Module, device: torch.device, precision: str = "auto", compile: bool = False,

@@ -95,7 +95,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
     cfg = prepare_run(cfg, run, STATE_FILE, resume, log=log,
                       free=("dataset", "out", "duration_kimg", "snapshot_kimg", "checkpoint_minutes", "precision",
                             "compile"))
-    amp = training_precision(cfg.precision, device)
+    amp = torch.bfloat16 if training_precision(cfg.precision, device) == "bf16" else None  # autocast dtype
 
     # Data.
     data = load_image_set(cfg.dataset, resolution=cfg.resolution,

@@ -38,10 +38,10 @@ import torch
 import torch.utils.checkpoint
 
 from ..backbones.checkpoint import load_backbone, sha256_file
-from ..devices import prepare_backbone, training_precision
 from ..backbones.latent import PixelSpace, model_space
 from ..data.datasets import load_image_set
 from ..data.masks import eval_masks, training_masks
+from ..devices import prepare_backbone, training_precision
 from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..methods.aid import AID
@@ -226,9 +226,8 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
                             "compile"))
 
     backbone_net, binfo = load_backbone(cfg.backbone, device=device)
-    amp = training_precision(cfg.precision, device)
     # The denoiser the rollouts call: NHWC, autocast to bf16 where asked (float32 out), compiled where asked.
-    backbone = prepare_backbone(backbone_net, device, {None: "fp32", torch.bfloat16: "bf16"}[amp], cfg.compile,
+    backbone = prepare_backbone(backbone_net, device, training_precision(cfg.precision, device), cfg.compile,
                                 notice=log)
     backbone_sha = sha256_file(cfg.backbone)
     # Latent (EDM2) backbones: images, masks and validation live on pixels; the task, the state, the actor and the
