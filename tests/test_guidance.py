@@ -65,7 +65,7 @@ def test_td_residuals_use_terminal_target(tiny_net):
     task, x0 = tiny_task()
     cfg = TrainConfig(dataset="", out="", backbone="", steps=3, beta=0.5, gamma=0.1)
     actor, critic = Actor(width=8), Critic(width=8)
-    X, A, X_N = rollout(tiny_net, actor, task, 3, cfg.gamma, sample_generators(0, 2))
+    X, A, X_N, _ = rollout(tiny_net, actor, task, 3, cfg.gamma, sample_generators(0, 2))
     assert X.shape == (3, 2, 3, 16, 16) and A.shape == X.shape
     out = actor_critic_losses(cfg, actor, critic, X, A, X_N, x0, task, edm_sigmas(3))
     with torch.no_grad():
@@ -159,9 +159,37 @@ def test_deployment_runs_the_task_stem_once_per_solve_with_the_same_result(tiny_
     calls.clear()
     with torch.enable_grad():  # with gradients (proxy training) each step runs the stem in its own graph
         for n in range(4):
-            assert policy.drift(s, n, x).requires_grad
+            assert policy.drift(s, n, x, None).requires_grad
     assert len(calls) == 4
     assert cached.nfe == 7
+
+
+def test_denoised_input_actor_reads_the_steps_own_estimate(tiny_net, tmp_path):
+    """An actor with `denoised_input` gets D(X_n; σ_n) of the step it steers, at no extra NFE, and round-trips."""
+    torch.manual_seed(0)
+    actor = Actor(width=8, denoised_input=True)
+    torch.nn.init.normal_(actor.out.weight, std=0.1)
+    assert count_parameters(actor) == count_parameters(Actor(width=8)) + 2 * 3 * 8 * 9  # D and M ⊙ (y − D) channels
+    task, x0 = tiny_task()
+    sigma = torch.tensor([1.0, 1.0])
+    with pytest.raises(ValueError, match="denoised"):
+        actor(sigma, x0, task.M, task.y)
+    seen = []
+
+    class Watched(type(get_method("aid", actor=actor))):
+        def drift(self, s, n, x, denoised):
+            with torch.no_grad():
+                seen.append(torch.equal(denoised, s.net(x, s.sigmas[n].expand(x.shape[0]), None)))
+            return super().drift(s, n, x, denoised)
+
+    out = sample(tiny_net, task, Watched(actor=actor), num_steps=4, seed=0)
+    assert seen == [True] * 4
+    assert out.nfe == sample(tiny_net, task, get_method("unguided"), num_steps=4, seed=0).nfe == 7
+    assert not torch.allclose(out.x, sample(tiny_net, task, get_method("unguided"), num_steps=4, seed=0).x)
+    save_guidance(tmp_path / "g.safetensors", actor, dict(channels=3, width=8, emb_dim=16, denoised_input=True), "ab")
+    loaded, _ = load_guidance(tmp_path / "g.safetensors", backbone_sha256="ab")
+    again = sample(tiny_net, task, get_method("aid", actor=loaded), num_steps=4, seed=0)
+    assert torch.equal(again.x, out.x)
 
 
 def test_cli_train_then_inpaint_with_the_module(tiny_data, tiny_checkpoint, tmp_path, capsys):
@@ -213,7 +241,7 @@ def test_pathwise_actor_loss_is_the_one_step_cost_to_go(tiny_net):
     actor, critic = Actor(width=8), Critic(width=8)
     torch.nn.init.normal_(actor.out.weight, std=0.05)
     sig = edm_sigmas(3)
-    X, A, X_N = rollout(tiny_net, actor, task, 3, cfg.gamma, sample_generators(0, 2))
+    X, A, X_N, _ = rollout(tiny_net, actor, task, 3, cfg.gamma, sample_generators(0, 2))
     out = actor_critic_losses(cfg, actor, critic, X, A, X_N, x0, task, sig)
     with torch.no_grad():  # the same quantity, written out step by step from a fresh deterministic step
         mu = [actor(sig[n].expand(2), X[n], task.M, task.y) for n in range(3)]
@@ -248,9 +276,10 @@ def test_proxy_backpropagates_through_the_solve(tiny_net):
     assert all(p.grad is None for p in tiny_net.parameters())  # the backbone stays frozen
 
 
-@pytest.mark.parametrize("estimator", ["pathwise", "proxy"])
-def test_variants_train_and_resume_exactly(estimator, tiny_data, tiny_checkpoint, tmp_path):
-    kw = dict(estimator=estimator, iters=4, val_every=4, checkpoint_every=2)
+@pytest.mark.parametrize("estimator,denoised", [("pathwise", False), ("proxy", False), ("score", True),
+                                               ("proxy", True)])
+def test_variants_train_and_resume_exactly(estimator, denoised, tiny_data, tiny_checkpoint, tmp_path):
+    kw = dict(estimator=estimator, iters=4, val_every=4, checkpoint_every=2, denoised_input=denoised)
     run = train(cfg_for(tiny_data, tmp_path / "a", tiny_checkpoint, **kw), progress=False, log=lambda *a: None)
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()][1:]
     assert len(stats) == 4 and np.isfinite(stats[-1]["terminal"]) and "val_psnr_hole_18" in stats[-1]
@@ -260,6 +289,8 @@ def test_variants_train_and_resume_exactly(estimator, tiny_data, tiny_checkpoint
     a, b = load_file(str(tmp_path / "a" / STATE_FILE)), load_file(str(tmp_path / "b" / STATE_FILE))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert a["actor.out.weight"].abs().sum() > 0
+    actor, info = load_guidance(run / "guidance.safetensors")
+    assert actor.denoised_input == denoised and info["actor"].get("denoised_input", False) == denoised
 
 
 @pytest.mark.parametrize("estimator", ["score", "proxy"])

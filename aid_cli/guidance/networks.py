@@ -12,6 +12,11 @@ grid (N = 18 and N = 12 alike; method.md §3). **(reconstructed)** Input and out
 idea: the state enters as c_in(σ)·x with c_in = 1/√(σ² + σ_data²), so every noise level sees unit-scale inputs, and the
 actor's field leaves as c_u(σ)·F with c_u = √(σ² + σ_data²), the scale of the state it steers; its last conv starts at
 zero, so training starts from the unguided sampler (u ≡ 0).
+
+`denoised_input` (an option beside the paper's nets, off by default): the trunk also reads the backbone's estimate
+D(x; σ) of the step it steers and its residual on the visible pixels, M ⊙ (y − D(x; σ)). D is a fixed function of
+(σ, x), so the field is still a feedback control μ(t, x; ξ) of eq. 1; the Heun step computes D(x_n; σ_n) anyway, so
+reading it costs no network evaluation, and it gives the small net the backbone's global view of the image.
 """
 
 from __future__ import annotations
@@ -56,12 +61,14 @@ class GuidanceNet(nn.Module):
     """The shared body: conditioning stem on (M, y), then [stem, c_in·x, emb(σ)] through a residual trunk."""
 
     def __init__(self, channels: int = 3, width: int = 16, emb_dim: int = 16, stem_blocks: int = 2,
-                 trunk_blocks: int = 4):
+                 trunk_blocks: int = 4, denoised_input: bool = False):
         super().__init__()
         self.channels, self.width, self.emb_dim = channels, width, emb_dim
+        self.denoised_input = bool(denoised_input)
         self.stem_in = nn.Conv2d(channels + 1, width, 3, padding=1)  # (M, y)
         self.stem = nn.Sequential(*[ResBlock(width) for _ in range(stem_blocks)])
-        self.trunk_in = nn.Conv2d(width + channels + emb_dim, width, 3, padding=1)
+        extra = 2 * channels if self.denoised_input else 0  # D(x; σ) and M ⊙ (y − D(x; σ))
+        self.trunk_in = nn.Conv2d(width + channels + extra + emb_dim, width, 3, padding=1)
         self.trunk = nn.Sequential(*[ResBlock(width) for _ in range(trunk_blocks)])
         self.norm_out = nn.GroupNorm(_groups(width), width)
 
@@ -70,14 +77,20 @@ class GuidanceNet(nn.Module):
         return self.stem(self.stem_in(torch.cat([M, y], dim=1)))
 
     def features(self, sigma: torch.Tensor, x: torch.Tensor, M: torch.Tensor, y: torch.Tensor,
-                 cond: torch.Tensor | None = None) -> torch.Tensor:
-        """`cond`: `condition(M, y)` computed once per solve (deployment), or None to compute it here."""
+                 cond: torch.Tensor | None = None, denoised: torch.Tensor | None = None) -> torch.Tensor:
+        """`cond`: `condition(M, y)` computed once per solve (deployment), or None to compute it here.
+        `denoised`: D(x; σ), read only by a net built with `denoised_input` (which requires it)."""
         sigma = sigma.reshape(-1, 1, 1, 1).to(x.dtype).expand(x.shape[0], 1, 1, 1)
         c_in = 1 / (sigma ** 2 + SIGMA_DATA ** 2).sqrt()
         if cond is None:
             cond = self.condition(M, y)
         emb = noise_embedding(sigma, self.emb_dim)[:, :, None, None].expand(-1, -1, *x.shape[-2:])
-        h = self.trunk(self.trunk_in(torch.cat([cond, c_in * x, emb], dim=1)))
+        inputs = [cond, c_in * x]
+        if self.denoised_input:
+            if denoised is None:
+                raise ValueError("this guidance net reads the denoiser's estimate D(x; σ): pass `denoised`")
+            inputs += [denoised, M * (y - denoised)]
+        h = self.trunk(self.trunk_in(torch.cat([*inputs, emb], dim=1)))
         return silu(self.norm_out(h))
 
 
@@ -90,9 +103,9 @@ class Actor(GuidanceNet):
         nn.init.zeros_(self.out.weight)  # u ≡ 0 at initialisation: the unguided sampler
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, sigma, x, M, y, cond=None):
+    def forward(self, sigma, x, M, y, cond=None, denoised=None):
         c_u = (sigma.reshape(-1, 1, 1, 1).to(x.dtype) ** 2 + SIGMA_DATA ** 2).sqrt()
-        return c_u * self.out(self.features(sigma, x, M, y, cond))
+        return c_u * self.out(self.features(sigma, x, M, y, cond, denoised))
 
 
 class Critic(GuidanceNet):

@@ -88,10 +88,14 @@ class TrainConfig:
     estimator: str = "score"  # actor gradient: score (eq. 11) | pathwise | proxy (see the module docstring)
     precision: str = "auto"  # the frozen backbone's autocast in rollouts (devices.training_precision); nets stay fp32
     compile: bool = False  # torch.compile the frozen backbone
+    denoised_input: bool = False  # the actor also reads D(X_n; σ_n) and M ⊙ (y − D) (networks.py; an option)
     reductions: str = "mean over C·H·W in both the terminal loss and the running cost"
 
     def actor_kwargs(self, channels: int) -> dict:
-        return dict(channels=channels, width=self.width, emb_dim=16)
+        kw = dict(channels=channels, width=self.width, emb_dim=16)
+        if self.denoised_input:  # recorded only when on: modules without it keep their metadata (and sha256)
+            kw["denoised_input"] = True
+        return kw
 
     def critic_kwargs(self, channels: int) -> dict:
         return dict(channels=channels, width=self.critic_width, emb_dim=16)
@@ -104,15 +108,17 @@ def terminal_loss(x: torch.Tensor, x0: torch.Tensor, M: torch.Tensor, lambda_vis
 
 
 def rollout(backbone, actor: Actor, task: Task, steps: int, gamma: float, generators) -> tuple[torch.Tensor, ...]:
-    """Sampled-action rollout through the ordinary sampler loop: (X [N,B,...], A [N,B,...], X_N [B,...])."""
+    """Sampled-action rollout through the ordinary sampler loop: (X [N,B,...], A [N,B,...], X_N [B,...], D), where D
+    [N,B,...] stacks the steps' D(X_n; σ_n) for an actor that reads them (`denoised_input`), else None."""
     policy = AID(actor=actor, gamma=gamma, record=True)
     result = sample(backbone, task, policy, num_steps=steps, generators=generators)
-    X = torch.stack([x for _, x, _ in policy.trajectory])
-    A = torch.stack([a for _, _, a in policy.trajectory])
-    return X, A, result.x
+    X = torch.stack([x for _, x, _, _ in policy.trajectory])
+    A = torch.stack([a for _, _, a, _ in policy.trajectory])
+    D = torch.stack([d for *_, d in policy.trajectory]) if actor.denoised_input else None
+    return X, A, result.x, D
 
 
-def actor_critic_losses(cfg: TrainConfig, actor, critic, X, A, X_N, x0, task: Task, sigmas) -> dict:
+def actor_critic_losses(cfg: TrainConfig, actor, critic, X, A, X_N, x0, task: Task, sigmas, D=None) -> dict:
     """The TD residuals and both losses of one batch of rollouts (steps 3–5 above)."""
     N, B = X.shape[:2]
     dt = 1.0 / N
@@ -126,7 +132,7 @@ def actor_critic_losses(cfg: TrainConfig, actor, critic, X, A, X_N, x0, task: Ta
     V_next = torch.cat([V[1:].detach(), ell[None]], dim=0)
     delta = V_next - V + r
     critic_loss = 0.5 * (delta ** 2).sum(0).mean()
-    mu = actor(sig, flat(X), rep(M), rep(y)).reshape(A.shape)
+    mu = actor(sig, flat(X), rep(M), rep(y), denoised=None if D is None else flat(D)).reshape(A.shape)
     if cfg.estimator == "pathwise":
         actor_loss = pathwise_actor_loss(cfg, critic, X, A, X_N, mu, x0, task, sigmas)
     else:  # eq. 11: Σ_n sg(δ_n)·log π_φ(a_n | t_n, X_n)
@@ -163,8 +169,8 @@ def proxy_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators) ->
     energy = []
 
     class Recorded(AID):
-        def drift(self, s, n, x):
-            u = super().drift(s, n, x)
+        def drift(self, s, n, x, denoised):
+            u = super().drift(s, n, x, denoised)
             energy.append((u ** 2).mean(dim=(1, 2, 3)))
             return u
 
@@ -305,8 +311,8 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
                 out["critic_loss"] = torch.zeros(())
             else:
                 with torch.no_grad():
-                    X, A, X_N = rollout(backbone, actor, task, cfg.steps, cfg.gamma, gens)
-                out = actor_critic_losses(cfg, actor_t, critic_t, X, A, X_N, x0, task, sigmas)
+                    X, A, X_N, D = rollout(backbone, actor, task, cfg.steps, cfg.gamma, gens)
+                out = actor_critic_losses(cfg, actor_t, critic_t, X, A, X_N, x0, task, sigmas, D)
             if not (math.isfinite(out["critic_loss"].item()) and math.isfinite(out["actor_loss"].item())):
                 raise RuntimeError(f"non-finite loss at iteration {it}; the last checkpoint in {run} is intact")
             opt_critic.zero_grad(set_to_none=True)

@@ -8,7 +8,8 @@ Nothing else changes: no replacement, no gradients through the backbone; visible
 every method. The actor sees σ, not n, so one module serves N = 18 (35 NFE) and N = 12 (23 NFE).
 
 The actor's conditioning stem reads only the task ξ = (M, y), which is fixed along a solve: without gradients it runs
-once per solve, not once per step (same numbers, a third less actor compute).
+once per solve, not once per step (same numbers, a third less actor compute). An actor built with `denoised_input`
+also reads the step's own D(X_n; σ_n) (guidance/networks.py), which the Heun step has already computed.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class AID(Method):
         self.actor = actor
         self.gamma = gamma  # exploration temperature γ; 0 = deterministic (deployment)
         self.record = record
-        self.trajectory: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (n, X_n, a_n) when recording
+        self.trajectory: list[tuple] = []  # (n, X_n, a_n, D(X_n; σ_n) or None) when recording
         self._cond = None
 
     def setup(self, s: SamplerState) -> None:
@@ -45,16 +46,17 @@ class AID(Method):
         self.actor.to(s.device)
         self._cond = None  # the stem's features of this solve's task (computed at the first step)
 
-    def drift(self, s: SamplerState, n: int, x: torch.Tensor) -> torch.Tensor:
+    def drift(self, s: SamplerState, n: int, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
         sigma = s.sigmas[n].expand(x.shape[0])
         cond = None
         if not torch.is_grad_enabled():  # with gradients (proxy training) the stem stays in each step's graph
             if self._cond is None:
                 self._cond = self.actor.condition(s.task.M, s.task.y)
             cond = self._cond
-        a = self.actor(sigma, x, s.task.M, s.task.y, cond)
+        denoised = denoised if self.actor.denoised_input else None  # D(x_n; σ_n) of this step, for actors that read it
+        a = self.actor(sigma, x, s.task.M, s.task.y, cond, denoised)
         if self.gamma > 0:
             a = a + math.sqrt(self.gamma) * s.randn_like(x)
         if self.record:
-            self.trajectory.append((n, x.detach(), a.detach()))
+            self.trajectory.append((n, x.detach(), a.detach(), None if denoised is None else denoised.detach()))
         return a

@@ -11,7 +11,7 @@ Hooks, in the order the loop calls them for the step n: σ_n → σ_{n+1}:
     D ← method.denoise(s, x, σ)                   every network evaluation goes through here (combine-image; the gradient
                                                   methods keep the graph of D(x_n; σ_n) and reuse it, no extra NFE)
     x' ← Heun(x, σ_n → σ_{n+1})
-    x' ← x' + method.drift(s, n, x)·Δt            the control u of eq. 1 (AID), held constant over the step
+    x' ← x' + method.drift(s, n, x, D)·Δt         the control u of eq. 1 (AID), held constant over the step
     x' ← method.post_step(s, n, x, x')            state correction after the step (replacement, DPS, MCG, GradPaint)
 
 and `method.schedule(N)` lists the grid indices the loop visits: plain methods go 0, 1, …, N; RePaint's time travel goes back
@@ -118,8 +118,9 @@ class Method:
     def pre_step(self, s: SamplerState, n: int, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def drift(self, s: SamplerState, n: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Control u(t_n, X_n; ξ) added to the step as u·Δt (eq. 1); None for no control."""
+    def drift(self, s: SamplerState, n: int, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor | None:
+        """Control u(t_n, X_n; ξ) added to the step as u·Δt (eq. 1); None for no control. `denoised` is the step's
+        own evaluation `denoise(x_n; σ_n)` (no extra NFE)."""
         return None
 
     def post_step(self, s: SamplerState, n: int, x: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
@@ -142,12 +143,13 @@ def heun_step(s: SamplerState, method: Method, n: int, x: torch.Tensor) -> torch
     """One step σ_n → σ_{n+1} of the probability-flow ODE dx/dσ = (x − D(x;σ))/σ: Heun, Euler when σ_{n+1} = 0."""
     sigma, sigma_next = s.sigmas[n], s.sigmas[n + 1]
     x = method.pre_step(s, n, x)
-    d = (x - method.denoise(s, x, sigma)) / sigma
+    denoised = method.denoise(s, x, sigma)
+    d = (x - denoised) / sigma
     x_next = x + (sigma_next - sigma) * d
     if sigma_next > 0:
         d_prime = (x_next - method.denoise(s, x_next, sigma_next)) / sigma_next
         x_next = x + (sigma_next - sigma) * (0.5 * d + 0.5 * d_prime)
-    u = method.drift(s, n, x)
+    u = method.drift(s, n, x, denoised)
     if u is not None:
         x_next = x_next + u * s.dt  # eq. 1: dX = [b + u] dt, u held constant over the step
     return method.post_step(s, n, x, x_next)
