@@ -287,9 +287,10 @@ MODELS: tuple[ModelEntry, ...] = (
                            "cat faces", file=EMBEDDED_BACKBONE, embedded=True,
                sha256="5e02999656fce2f843d2f8ec274099928cea118a1f4851939c6effd5e262104f", size=16813284),
     ModelEntry(name="aid-cats64-guidance", kind="guidance", resolution=64, license=EMBEDDED_LICENSE,
-               description="AID guidance module for aid-cats64 (first CPU-trained module; weights/aid-cats64-guidance.md)",
+               description="AID guidance module for aid-cats64 (CPU-trained, proxy estimator with the denoised-input "
+                           "actor; weights/aid-cats64-guidance.md)",
                file=EMBEDDED_GUIDANCE, embedded=True, backbone="aid-cats64",
-               sha256="b0b53aa3337a088d1effa1a44f38ee57c440d0ac8ee508a6508881cf29c34f00", size=142788),
+               sha256="afafd59beb22503b82cc6a4cb7c9cb1fc7f662b962acfcf211b7ed25fe5075df", size=146388),
     _edm("ffhq", "vp", "DDPM++"),
     _edm("ffhq", "ve", "NCSN++"),
     _edm("afhqv2", "vp", "DDPM++"),
