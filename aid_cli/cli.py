@@ -798,6 +798,9 @@ def train(
     denoised_input: bool = typer.Option(False, "--denoised-input", help="The actor also reads the step's own "
                                         "denoiser estimate D(x; σ) and its residual M ⊙ (y − D) (no extra NFE; an "
                                         "option beside the paper's actor)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Warm start: begin from this guidance module's actor "
+                                        "(same backbone and actor options), e.g. to fine-tune it at another --steps; "
+                                        "the critic starts fresh."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", min=1, help="Iterations between checkpoints."),
     class_label: Optional[int] = typer.Option(None, "--class", min=0, help="Class-conditional backbones: class N for "
                                               "every image (default: the labels in the dataset's dataset.json)."),
@@ -846,7 +849,8 @@ def train(
                       hole_max=hi, width=width, critic_width=critic_width or 2 * width, seed=seed,
                       val_every=val_every, val_n=val_n, checkpoint_every=checkpoint_every, estimator=estimator,
                       val_dataset=str(val) if val else None, vae=vae, class_label=class_label,
-                      precision=precision, compile=compile_net, denoised_input=denoised_input)
+                      precision=precision, compile=compile_net, denoised_input=denoised_input,
+                      init=str(init) if init else None)
     run = run_train(cfg, resume=resume, device=resolve_device(device), log=err.print)
     err.print(f"done: {run / 'guidance.safetensors'}")
 

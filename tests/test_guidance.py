@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from aid_cli.errors import CheckpointError
+from aid_cli.backbones.checkpoint import sha256_file
+from aid_cli.errors import CheckpointError, UserError
 from aid_cli.guidance.checkpoint import load_guidance, save_guidance
 from aid_cli.guidance.networks import Actor, Critic, count_parameters
 from aid_cli.guidance.trainer import STATE_FILE, TrainConfig, actor_critic_losses, rollout, train
@@ -291,6 +292,26 @@ def test_variants_train_and_resume_exactly(estimator, denoised, tiny_data, tiny_
     assert a["actor.out.weight"].abs().sum() > 0
     actor, info = load_guidance(run / "guidance.safetensors")
     assert actor.denoised_input == denoised and info["actor"].get("denoised_input", False) == denoised
+
+
+def test_init_warm_starts_the_actor_and_refuses_another_architecture(tiny_data, tiny_checkpoint, tmp_path):
+    """--init: iteration 0 of the new run is the given module (its validation PSNR included), the run records the
+    module's sha256, and a module of another width is refused in one line."""
+    first = train(cfg_for(tiny_data, tmp_path / "a", tiny_checkpoint, estimator="proxy", iters=3),
+                  progress=False, log=lambda *a: None)
+    module = first / "guidance.safetensors"
+    run = train(cfg_for(tiny_data, tmp_path / "b", tiny_checkpoint, estimator="proxy", iters=1, lr_actor=0.0,
+                        init=str(module)), progress=False, log=lambda *a: None)  # lr 0: the actor stays as loaded
+    a, b = load_file(str(module)), load_file(str(run / "guidance.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and a["out.weight"].abs().sum() > 0
+    val_a = json.loads((first / "stats.jsonl").read_text().splitlines()[-1])["val_psnr_hole_18"]
+    val_b = json.loads((run / "stats.jsonl").read_text().splitlines()[0])["val_psnr_hole_18"]
+    assert val_b == pytest.approx(val_a, abs=1e-5)  # the new run starts where the module ended
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["init"] == str(module) and cfg["init_sha256"] == sha256_file(module)
+    with pytest.raises(UserError, match="--init .* differs"):
+        train(cfg_for(tiny_data, tmp_path / "c", tiny_checkpoint, width=4, init=str(module)), max_iters=0,
+              progress=False, log=lambda *a: None)
 
 
 @pytest.mark.parametrize("estimator", ["score", "proxy"])

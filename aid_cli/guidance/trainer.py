@@ -49,7 +49,7 @@ from ..metrics.quality import psnr_hole
 from ..sampling.heun import SamplerState, edm_sigmas, heun_step, sample, sample_generators
 from ..task import Task
 from ..training import GracefulStop, init_distributed, load_state, prepare_run, save_state, step_generator
-from .checkpoint import save_guidance
+from .checkpoint import load_guidance, save_guidance
 from .curves import read_stats, training_curves
 from .networks import Actor, Critic, count_parameters
 
@@ -89,6 +89,8 @@ class TrainConfig:
     precision: str = "auto"  # the frozen backbone's autocast in rollouts (devices.training_precision); nets stay fp32
     compile: bool = False  # torch.compile the frozen backbone
     denoised_input: bool = False  # the actor also reads D(X_n; σ_n) and M ⊙ (y − D) (networks.py; an option)
+    init: str | None = None  # warm start: the actor's weights from this guidance module (same backbone, same actor)
+    init_sha256: str | None = None  # its sha256, recorded for provenance
     reductions: str = "mean over C·H·W in both the terminal loss and the running cost"
 
     def actor_kwargs(self, channels: int) -> dict:
@@ -218,6 +220,16 @@ def one_hot_labels(data, label_dim: int, class_label: int | None, what: str) -> 
     return torch.nn.functional.one_hot(labels, label_dim).to(torch.float32)
 
 
+def warm_start(actor: Actor, path, actor_kwargs: dict, backbone_sha: str) -> None:
+    """Load a saved module's weights into the fresh actor (e.g. to fine-tune it at another N or β). The module must
+    come from the same backbone and have the same architecture; the critic and the optimisers start fresh."""
+    init, info = load_guidance(path, backbone_sha)
+    if info["actor"] != actor_kwargs:
+        raise UserError(f"--init {path}: its actor {info['actor']} differs from this run's {actor_kwargs}; "
+                        f"pass the same --width and --denoised-input")
+    actor.load_state_dict(init.state_dict())
+
+
 def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int | None = None, progress: bool = True,
           log=print) -> Path:
     rank, world, device = init_distributed(torch.device(device))
@@ -236,6 +248,10 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
     backbone = prepare_backbone(backbone_net, device, training_precision(cfg.precision, device), cfg.compile,
                                 notice=log)
     backbone_sha = sha256_file(cfg.backbone)
+    if cfg.init and not resume:
+        if not Path(cfg.init).is_file():
+            raise UserError(f"--init {cfg.init}: no such guidance module")
+        cfg = dataclasses.replace(cfg, init_sha256=sha256_file(cfg.init))
     # Latent (EDM2) backbones: images, masks and validation live on pixels; the task, the state, the actor and the
     # terminal loss on the VAE's latent grid (x0 ← E(x0), M ← the conservative latent mask, y = E(M ⊙ x0)).
     space = model_space(binfo, cfg.vae, device=device)
@@ -253,6 +269,8 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
     opt_actor = torch.optim.Adam(actor.parameters(), lr=cfg.lr_actor)
     opt_critic = torch.optim.Adam(critic.parameters(), lr=cfg.lr_critic)
     it, elapsed = 0, 0.0
+    if cfg.init and not resume:  # a resumed run's own state already holds the warm-started actor
+        warm_start(actor, cfg.init, cfg.actor_kwargs(C), backbone_sha)
     if resume:
         meta = load_state(state_path, {"actor": actor, "critic": critic},
                           {"opt_actor": opt_actor, "opt_critic": opt_critic}, device=device)
