@@ -292,6 +292,11 @@ def test_variants_train_and_resume_exactly(estimator, denoised, tiny_data, tiny_
     assert a["actor.out.weight"].abs().sum() > 0
     actor, info = load_guidance(run / "guidance.safetensors")
     assert actor.denoised_input == denoised and info["actor"].get("denoised_input", False) == denoised
+    # every checkpoint's module is kept; the last one is the run's module
+    snaps = sorted(p.name for p in (run / "modules").iterdir())
+    assert snaps == ["guidance-000002.safetensors", "guidance-000004.safetensors"]
+    assert (run / "modules" / snaps[-1]).read_bytes() == (run / "guidance.safetensors").read_bytes()
+    assert load_guidance(run / "modules" / snaps[0])[1]["training"]["iterations"] == 2
 
 
 def test_init_warm_starts_the_actor_and_refuses_another_architecture(tiny_data, tiny_checkpoint, tmp_path):

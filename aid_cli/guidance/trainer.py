@@ -55,6 +55,7 @@ from .networks import Actor, Critic, count_parameters
 
 STATE_FILE = "training-state.safetensors"
 GUIDANCE_FILE = "guidance.safetensors"
+SNAPSHOT_DIR = "modules"  # guidance-NNNNNN.safetensors: the module at each checkpoint
 CURVES_FILE = "curves.png"
 ESTIMATORS = ("score", "pathwise", "proxy")
 
@@ -293,9 +294,13 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
                    {"config": dataclasses.asdict(cfg), "iteration": it, "elapsed_s": elapsed})
         training_curves(read_stats(run / "stats.jsonl"), run / CURVES_FILE,
                         f"aid train ({cfg.estimator}): {run.name}, batch {cfg.batch}, N = {cfg.steps}")
-        save_guidance(run / GUIDANCE_FILE, actor, cfg.actor_kwargs(C), backbone_sha,
-                      training={**dataclasses.asdict(cfg), "iterations": it, "train_seconds": round(elapsed, 1),
-                                "backbone": str(cfg.backbone)})
+        training = {**dataclasses.asdict(cfg), "iterations": it, "train_seconds": round(elapsed, 1),
+                    "backbone": str(cfg.backbone)}
+        save_guidance(run / GUIDANCE_FILE, actor, cfg.actor_kwargs(C), backbone_sha, training=training)
+        # every checkpoint's module is kept (~35 k parameters each), so the best on validation can be picked later
+        (run / SNAPSHOT_DIR).mkdir(exist_ok=True)
+        save_guidance(run / SNAPSHOT_DIR / f"guidance-{it:06d}.safetensors", actor, cfg.actor_kwargs(C), backbone_sha,
+                      training=training)
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
