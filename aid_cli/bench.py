@@ -743,10 +743,10 @@ MD_START, MD_END = "<!-- aid bench: start -->", "<!-- aid bench: end -->"
 def rows_markdown(result: dict) -> str:
     """The table as Markdown (what README shows), with the run's size, device and date in the caption."""
     cfg = result["config"]
-    fewer = sorted({f"{r['method']} ({len(r['seeds'])})" for r in result["rows"] if len(r["seeds"]) < len(cfg["seeds"])})
+    fewer = sorted({f"{r['method']} {len(r['seeds'])}" for r in result["rows"] if len(r["seeds"]) < len(cfg["seeds"])})
     sessions = cfg.get("timing_sessions", 1)
     lines = [f"{cfg['n']} images of `{Path(cfg['dataset']).name}` × {len(cfg['seeds'])} seeds"
-             + (f" (fewer for {', '.join(fewer)})" if fewer else "")
+             + (f" (so far {', '.join(fewer)})" if fewer else "")
              + f", masks {cfg['masks']['version']}, {cfg['device']}, aid {cfg['aid']}, {cfg['date'][:10]}; mean ± std "
              f"over seeds; "
              + ("seconds per image measured in the same run." if sessions <= 1 else

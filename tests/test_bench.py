@@ -464,7 +464,7 @@ def test_report_only_rebuilds_from_cells_without_running(tmp_path, data, tiny_ch
     assert code == 0, err
     assert "4 cell(s) not run are left out" in err
     caption = (out / "bench.md").read_text().splitlines()[0]
-    assert "× 3 seeds (fewer for copy (1), replace (1))" in caption and "measured in the same run" in caption
+    assert "× 3 seeds (so far copy 1, replace 1)" in caption and "measured in the same run" in caption
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [(r["method"], r["seeds"]) for r in rows] == [("copy", [0]), ("replace", [0])]
     assert rows[1]["psnr_hole"]["std"] is None  # one seed: no spread claimed
