@@ -783,6 +783,9 @@ def train(
     lambda_vis: Optional[float] = typer.Option(None, "--lambda-vis", help="Terminal-loss weight on visible pixels "
                                                "(default: 2 for pixel backbones, 1 for latent ones, as the paper)."),
     lambda_hole: float = typer.Option(1.0, "--lambda-hole", help="Terminal-loss weight on hole pixels."),
+    lambda_lpips: float = typer.Option(0.0, "--lambda-lpips", min=0.0, help="Add this weight times LPIPS "
+                                       "(AlexNet) of the completed image to the terminal loss (an option beyond the "
+                                       "paper's L2 loss, against smooth fills; pixel backbones of at least 31 px)."),
     lr_actor: float = typer.Option(1e-4, "--lr-actor", help="Adam learning rate of the actor."),
     lr_critic: float = typer.Option(1e-3, "--lr-critic", help="Adam learning rate of the critic."),
     clip: float = typer.Option(1.0, "--clip", help="Gradient-norm clipping of each network."),
@@ -849,7 +852,7 @@ def train(
                       hole_max=hi, width=width, critic_width=critic_width or 2 * width, seed=seed,
                       val_every=val_every, val_n=val_n, checkpoint_every=checkpoint_every, estimator=estimator,
                       val_dataset=str(val) if val else None, vae=vae, class_label=class_label,
-                      precision=precision, compile=compile_net, denoised_input=denoised_input,
+                      precision=precision, compile=compile_net, denoised_input=denoised_input, lambda_lpips=lambda_lpips,
                       init=str(init) if init else None)
     run = run_train(cfg, resume=resume, device=resolve_device(device), log=err.print)
     err.print(f"done: {run / 'guidance.safetensors'}")

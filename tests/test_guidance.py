@@ -373,3 +373,77 @@ def test_curves_png_from_a_run(tiny_data, tiny_checkpoint, tmp_path):
     assert np.asarray(Image.open(path)).std() > 0  # not a blank image
     empty = training_curves([], tmp_path / "e.png", "no stats yet")  # a fresh run: panels say "not recorded"
     assert empty.is_file()
+
+
+def _lpips_or_skip():
+    from aid_cli.metrics.lpips import LPIPSUnavailable, load_lpips
+
+    try:
+        return load_lpips(offline=True)
+    except LPIPSUnavailable as e:
+        pytest.skip(f"LPIPS weights unavailable: {e}")
+
+
+def test_terminal_cost_adds_lpips_of_the_completed_image():
+    """--lambda-lpips: ℓ (eq. 2) + λ·LPIPS(M ⊙ x0 + M̄ ⊙ x, x0); its gradient reaches only the hole's pixels."""
+    from aid_cli.guidance.trainer import terminal_cost, terminal_loss
+
+    model = _lpips_or_skip()
+    task, x0 = tiny_task(res=32)
+    x = (torch.rand_like(x0) * 2 - 1).requires_grad_(True)
+    plain = TrainConfig(dataset="", out="", backbone="")
+    assert torch.equal(terminal_cost(plain, x, x0, task.M), terminal_loss(x, x0, task.M, 2.0, 1.0))
+    cfg = TrainConfig(dataset="", out="", backbone="", lambda_vis=0.0, lambda_hole=0.0, lambda_lpips=0.5)
+    ell = terminal_cost(cfg, x, x0, task.M, model)
+    completed = task.M * x0 + (1 - task.M) * x
+    assert torch.allclose(ell, 0.5 * model(completed, x0), rtol=1e-6) and (ell > 0).all()
+    ell.sum().backward()
+    visible = task.M.expand_as(x).bool()
+    assert x.grad[visible].abs().max() == 0 and x.grad[~visible].abs().sum() > 0
+    with pytest.raises(ValueError, match="LPIPS model"):
+        terminal_cost(cfg, x, x0, task.M)
+
+
+def test_lambda_lpips_trains_at_32_pixels_and_is_refused_below_31(tiny_data, tiny_checkpoint, tmp_path, capsys):
+    from aid_cli.backbones.checkpoint import save_backbone
+    from aid_cli.backbones.edm import build_precond
+
+    from .conftest import run_cli
+
+    _lpips_or_skip()
+    code, _, err = run_cli(["train", "--dataset", tiny_data, "--out", tmp_path / "r", "--backbone", tiny_checkpoint,
+                            "--lambda-lpips", "1"], capsys)
+    assert code == 2 and "at least 31x31 pixels" in err and len(err.strip().splitlines()) == 1
+    kwargs = dict(TINY_KWARGS, img_resolution=32, attn_resolutions=[16])
+    torch.manual_seed(0)
+    net32 = tmp_path / "tiny32.safetensors"
+    save_backbone(net32, build_precond("EDMPrecond", kwargs), "EDMPrecond", kwargs, provenance={"note": "test"})
+    folder = tmp_path / "imgs32"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    kw = dict(estimator="proxy", iters=2, batch=2, val_every=2, checkpoint_every=2)
+    runs = {lam: train(cfg_for(folder, tmp_path / f"lam{lam}", net32, lambda_lpips=lam, **kw), progress=False,
+                       log=lambda *a: None) for lam in (0.0, 1.0)}
+    stats = {lam: [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()][1:]
+             for lam, run in runs.items()}
+    # the same tasks, so the first iteration's terminal cost differs by the LPIPS term alone (> 0)
+    assert stats[1.0][0]["terminal"] > stats[0.0][0]["terminal"]
+    assert json.loads((runs[1.0] / "config.json").read_text())["lambda_lpips"] == 1.0
+    a = load_file(str(runs[0.0] / STATE_FILE))["actor.out.weight"]
+    b = load_file(str(runs[1.0] / STATE_FILE))["actor.out.weight"]
+    assert not torch.equal(a, b)
+
+
+def test_resume_of_a_run_older_than_a_setting_keeps_its_default(tiny_data, tiny_checkpoint, tmp_path):
+    """A run whose config.json predates a setting continues with that setting's default, not the new command's value."""
+    run = train(cfg_for(tiny_data, tmp_path / "r", tiny_checkpoint, estimator="proxy", iters=2), max_iters=1,
+                progress=False, log=lambda *a: None)
+    saved = json.loads((run / "config.json").read_text())
+    del saved["lambda_lpips"]
+    (run / "config.json").write_text(json.dumps(saved))
+    notes = []
+    train(cfg_for(tiny_data, run, tiny_checkpoint, estimator="proxy", iters=2, lambda_lpips=1.0), resume=True,
+          progress=False, log=notes.append)  # 16 px: LPIPS would be refused, so the default 0 must hold
+    assert json.loads((run / "config.json").read_text())["lambda_lpips"] == 0.0

@@ -5,7 +5,8 @@ One iteration, for a batch of tasks:
   2. Roll out the controlled ODE (the same sampler loop and `aid` method as deployment) with sampled actions
      a_n = μ_φ(t_n, X_n; ξ) + √γ ε_n, no gradient through the backbone.
   3. Running costs r_n = (β/2)(‖a_n‖²/d − γ)·Δt  (centred, eq. 5; means over the d pixels, as ℓ).
-     Terminal target ℓ(X_N) = (λ_vis/2)·mean(M ⊙ (X_N − x0))² + (λ_hole/2)·mean(M̄ ⊙ (X_N − x0))²   (eq. 2).
+     Terminal target ℓ(X_N) = (λ_vis/2)·mean(M ⊙ (X_N − x0))² + (λ_hole/2)·mean(M̄ ⊙ (X_N − x0))²   (eq. 2)
+     (+ λ_lpips·LPIPS of the completed image with --lambda-lpips, an option beyond the paper: terminal_cost).
      TD residuals δ_n = V_θ(t_{n+1}, X_{n+1}) − V_θ(t_n, X_n) + r_n, with V_θ(T, X_N) replaced by ℓ(X_N).
   4. Critic (eq. 10): descend Σ_n δ_n²/2 with the next-state value detached (semi-gradient TD).
   5. Actor (eq. 11): φ ← φ − α_φ Σ_n δ_n ∇_φ log π_φ(a_n | t_n, X_n), ∇_φ log π = ((a_n − μ_n)/γ)·∇_φ μ_n,
@@ -45,6 +46,7 @@ from ..devices import prepare_backbone, training_precision
 from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..methods.aid import AID
+from ..metrics.lpips import MIN_SIZE, load_lpips
 from ..metrics.quality import psnr_hole
 from ..sampling.heun import SamplerState, edm_sigmas, heun_step, sample, sample_generators
 from ..task import Task
@@ -90,6 +92,7 @@ class TrainConfig:
     precision: str = "auto"  # the frozen backbone's autocast in rollouts (devices.training_precision); nets stay fp32
     compile: bool = False  # torch.compile the frozen backbone
     denoised_input: bool = False  # the actor also reads D(X_n; σ_n) and M ⊙ (y − D) (networks.py; an option)
+    lambda_lpips: float = 0.0  # an option beyond the paper: ℓ + λ·LPIPS of the completed image (terminal_cost)
     init: str | None = None  # warm start: the actor's weights from this guidance module (same backbone, same actor)
     init_sha256: str | None = None  # its sha256, recorded for provenance
     reductions: str = "mean over C·H·W in both the terminal loss and the running cost"
@@ -110,6 +113,18 @@ def terminal_loss(x: torch.Tensor, x0: torch.Tensor, M: torch.Tensor, lambda_vis
     return (lambda_vis / 2) * (M * err2).mean(dim=(1, 2, 3)) + (lambda_hole / 2) * ((1 - M) * err2).mean(dim=(1, 2, 3))
 
 
+def terminal_cost(cfg: TrainConfig, x: torch.Tensor, x0: torch.Tensor, M: torch.Tensor, lpips=None) -> torch.Tensor:
+    """The run's terminal cost per image: ℓ of eq. 2, plus, with --lambda-lpips (an option beyond the paper, which
+    the theory allows: any terminal cost g(X_N) of the final state), λ_lpips·LPIPS(M ⊙ x0 + M̄ ⊙ x, x0), the
+    perceptual distance of the completed image. The L2 terms alone reward the smooth mean of the plausible fills."""
+    ell = terminal_loss(x, x0, M, cfg.lambda_vis, cfg.lambda_hole)
+    if cfg.lambda_lpips:
+        if lpips is None:
+            raise ValueError("lambda_lpips > 0 needs the LPIPS model")
+        ell = ell + cfg.lambda_lpips * lpips(M * x0 + (1 - M) * x, x0)
+    return ell
+
+
 def rollout(backbone, actor: Actor, task: Task, steps: int, gamma: float, generators) -> tuple[torch.Tensor, ...]:
     """Sampled-action rollout through the ordinary sampler loop: (X [N,B,...], A [N,B,...], X_N [B,...], D), where D
     [N,B,...] stacks the steps' D(X_n; σ_n) for an actor that reads them (`denoised_input`), else None."""
@@ -121,7 +136,8 @@ def rollout(backbone, actor: Actor, task: Task, steps: int, gamma: float, genera
     return X, A, result.x, D
 
 
-def actor_critic_losses(cfg: TrainConfig, actor, critic, X, A, X_N, x0, task: Task, sigmas, D=None) -> dict:
+def actor_critic_losses(cfg: TrainConfig, actor, critic, X, A, X_N, x0, task: Task, sigmas, D=None,
+                        lpips=None) -> dict:
     """The TD residuals and both losses of one batch of rollouts (steps 3–5 above)."""
     N, B = X.shape[:2]
     dt = 1.0 / N
@@ -130,14 +146,14 @@ def actor_critic_losses(cfg: TrainConfig, actor, critic, X, A, X_N, x0, task: Ta
     rep = lambda t: t.unsqueeze(0).expand(N, *t.shape).reshape(N * B, *t.shape[1:])  # noqa: E731
     sig = sigmas[:N].to(X.device).repeat_interleave(B)
     r = (cfg.beta / 2) * ((A ** 2).mean(dim=(2, 3, 4)) - cfg.gamma) * dt  # [N, B]
-    ell = terminal_loss(X_N, x0, M, cfg.lambda_vis, cfg.lambda_hole)  # [B]
+    ell = terminal_cost(cfg, X_N, x0, M, lpips)  # [B]
     V = critic(sig, flat(X), rep(M), rep(y)).reshape(N, B)
     V_next = torch.cat([V[1:].detach(), ell[None]], dim=0)
     delta = V_next - V + r
     critic_loss = 0.5 * (delta ** 2).sum(0).mean()
     mu = actor(sig, flat(X), rep(M), rep(y), denoised=None if D is None else flat(D)).reshape(A.shape)
     if cfg.estimator == "pathwise":
-        actor_loss = pathwise_actor_loss(cfg, critic, X, A, X_N, mu, x0, task, sigmas)
+        actor_loss = pathwise_actor_loss(cfg, critic, X, A, X_N, mu, x0, task, sigmas, lpips)
     else:  # eq. 11: Σ_n sg(δ_n)·log π_φ(a_n | t_n, X_n)
         log_pi = -((A - mu) ** 2).sum(dim=(2, 3, 4)) / (2 * cfg.gamma)  # up to a constant
         actor_loss = (delta.detach() * log_pi).sum(0).mean()
@@ -154,7 +170,7 @@ def _frozen(net):
     return lambda *args: torch.func.functional_call(module, params, args)
 
 
-def pathwise_actor_loss(cfg: TrainConfig, critic, X, A, X_N, mu, x0, task: Task, sigmas) -> torch.Tensor:
+def pathwise_actor_loss(cfg: TrainConfig, critic, X, A, X_N, mu, x0, task: Task, sigmas, lpips=None) -> torch.Tensor:
     """Σ_n (β/2)·mean(μ_n²)·Δt + V_θ(t_{n+1}, X̂_{n+1} + μ_n·Δt), V_θ(T, ·) = ℓ; mean over the batch (estimator pathwise)."""
     N, B = X.shape[:2]
     dt = 1.0 / N
@@ -162,12 +178,12 @@ def pathwise_actor_loss(cfg: TrainConfig, critic, X, A, X_N, mu, x0, task: Task,
     X_next = X_next_hat + mu * dt
     V = _frozen(critic)
     values = [V(sigmas[n + 1].to(X.device).expand(B), X_next[n], task.M, task.y) for n in range(N - 1)]
-    values.append(terminal_loss(X_next[-1], x0, task.M, cfg.lambda_vis, cfg.lambda_hole))
+    values.append(terminal_cost(cfg, X_next[-1], x0, task.M, lpips))
     running = (cfg.beta / 2) * (mu ** 2).mean(dim=(2, 3, 4)) * dt
     return (running + torch.stack(values)).sum(0).mean()
 
 
-def proxy_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators) -> dict:
+def proxy_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators, lpips=None) -> dict:
     """The supervised proxy: ℓ(X_N) + Σ_n (β/2)·mean(μ_n²)·Δt through the whole deterministic solve (backbone included)."""
     energy = []
 
@@ -182,7 +198,7 @@ def proxy_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators) ->
     x = s.randn_like(task.y) * s.sigmas[0]
     for n in range(cfg.steps):  # each step's activations are recomputed in the backward pass: memory of one step
         x = torch.utils.checkpoint.checkpoint(heun_step, s, policy, n, x, use_reentrant=False)
-    ell = terminal_loss(x, x0, task.M, cfg.lambda_vis, cfg.lambda_hole)
+    ell = terminal_cost(cfg, x, x0, task.M, lpips)
     E = torch.stack(energy).sum(0) * s.dt
     return {"actor_loss": (ell + (cfg.beta / 2) * E).mean(), "terminal": ell.detach(), "energy": E.detach()}
 
@@ -263,6 +279,15 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
     val_M = eval_masks("freeform", len(val), res, seed=0).to(device) if val else None
     val_labels = one_hot_labels(val, binfo.get("label_dim", 0), cfg.class_label, cfg.val_dataset) if val else None
     val_labels = val_labels.to(device) if val_labels is not None else None
+    lpips = None
+    if cfg.lambda_lpips:
+        if space.latent:
+            raise UserError("--lambda-lpips: a latent backbone's terminal loss compares latents; LPIPS needs a pixel "
+                            "backbone")
+        if res < MIN_SIZE:
+            raise UserError(f"--lambda-lpips: LPIPS (AlexNet) needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels; "
+                            f"this backbone makes {res}x{res}")
+        lpips = load_lpips(device, notice=log)  # frozen; LPIPSUnavailable says in one line how to get its weights
 
     torch.manual_seed(cfg.seed)
     actor = Actor(**cfg.actor_kwargs(C)).to(device)
@@ -330,12 +355,12 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
                 x0 = space.encode(x0)  # the terminal loss compares latents (method.md §4: λ_vis = λ_hole = 1 there)
             gens = sample_generators(int(torch.randint(2 ** 62, (1,), generator=g)), cfg.batch)[sl]
             if cfg.estimator == "proxy":  # the ablation: backpropagate through the whole frozen solve
-                out = proxy_loss(cfg, backbone, actor, task, x0, gens)
+                out = proxy_loss(cfg, backbone, actor, task, x0, gens, lpips)
                 out["critic_loss"] = torch.zeros(())
             else:
                 with torch.no_grad():
                     X, A, X_N, D = rollout(backbone, actor, task, cfg.steps, cfg.gamma, gens)
-                out = actor_critic_losses(cfg, actor_t, critic_t, X, A, X_N, x0, task, sigmas, D)
+                out = actor_critic_losses(cfg, actor_t, critic_t, X, A, X_N, x0, task, sigmas, D, lpips)
             if not (math.isfinite(out["critic_loss"].item()) and math.isfinite(out["actor_loss"].item())):
                 raise RuntimeError(f"non-finite loss at iteration {it}; the last checkpoint in {run} is intact")
             opt_critic.zero_grad(set_to_none=True)
