@@ -284,6 +284,7 @@ def test_variants_train_and_resume_exactly(estimator, denoised, tiny_data, tiny_
     run = train(cfg_for(tiny_data, tmp_path / "a", tiny_checkpoint, **kw), progress=False, log=lambda *a: None)
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()][1:]
     assert len(stats) == 4 and np.isfinite(stats[-1]["terminal"]) and "val_psnr_hole_18" in stats[-1]
+    assert "val_lpips_18" not in stats[-1]  # 16 px: below LPIPS's smallest size
     assert ("critic_loss" in stats[-1]) == (estimator != "proxy")
     train(cfg_for(tiny_data, tmp_path / "b", tiny_checkpoint, **kw), max_iters=2, progress=False, log=lambda *a: None)
     train(cfg_for(tiny_data, tmp_path / "b", tiny_checkpoint, **kw), resume=True, progress=False, log=lambda *a: None)
@@ -428,6 +429,8 @@ def test_lambda_lpips_trains_at_32_pixels_and_is_refused_below_31(tiny_data, tin
                        log=lambda *a: None) for lam in (0.0, 1.0)}
     stats = {lam: [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()][1:]
              for lam, run in runs.items()}
+    # validation reports the completed images' LPIPS beside the hole PSNR at 31 px and more (not at 16)
+    assert all(0 < stats[lam][-1][f"val_lpips_{N}"] < 2 for lam in runs for N in (18, 12))
     # the same tasks, so the first iteration's terminal cost differs by the LPIPS term alone (> 0)
     assert stats[1.0][0]["terminal"] > stats[0.0][0]["terminal"]
     assert json.loads((runs[1.0] / "config.json").read_text())["lambda_lpips"] == 1.0

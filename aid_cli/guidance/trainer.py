@@ -46,7 +46,7 @@ from ..devices import prepare_backbone, training_precision
 from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..methods.aid import AID
-from ..metrics.lpips import MIN_SIZE, load_lpips
+from ..metrics.lpips import MIN_SIZE, LPIPSUnavailable, load_lpips
 from ..metrics.quality import psnr_hole
 from ..sampling.heun import SamplerState, edm_sigmas, heun_step, sample, sample_generators
 from ..task import Task
@@ -204,18 +204,25 @@ def proxy_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators, lp
 
 
 @torch.no_grad()
-def validation_psnr(backbone, actor, images: torch.Tensor, M: torch.Tensor, steps: int, batch: int = 64,
-                    space=None, labels: torch.Tensor | None = None) -> float:
-    """Mean hole PSNR (on pixels) of the deterministic actor (the policy's mean) on fixed images and masks."""
+def validation_scores(backbone, actor, images: torch.Tensor, M: torch.Tensor, steps: int, batch: int = 64,
+                      space=None, labels: torch.Tensor | None = None, lpips=None) -> dict[str, float]:
+    """Mean hole PSNR (on pixels) of the deterministic actor (the policy's mean) on fixed images and masks, and the
+    completed images' mean LPIPS when the model is given."""
     space = space or PixelSpace()
     policy = AID(actor=actor, gamma=0.0)
-    values = []
+    psnr, perceptual = [], []
     for i in range(0, len(images), batch):
         x0, m = images[i:i + batch], M[i:i + batch]
         task = space.task(x0, m, None if labels is None else labels[i:i + batch])
         out = sample(backbone, task, policy, num_steps=steps, generators=sample_generators(0, len(x0), offset=i))
-        values.append(psnr_hole(space.to_pixels(x0, m, out.completed), x0, m))
-    return float(torch.cat(values).mean())
+        completed = space.to_pixels(x0, m, out.completed)
+        psnr.append(psnr_hole(completed, x0, m))
+        if lpips is not None:
+            perceptual.append(lpips(completed, x0))
+    scores = {"psnr_hole": float(torch.cat(psnr).mean())}
+    if lpips is not None:
+        scores["lpips"] = float(torch.cat(perceptual).mean())
+    return scores
 
 
 def one_hot_labels(data, label_dim: int, class_label: int | None, what: str) -> torch.Tensor | None:
@@ -288,6 +295,13 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
             raise UserError(f"--lambda-lpips: LPIPS (AlexNet) needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels; "
                             f"this backbone makes {res}x{res}")
         lpips = load_lpips(device, notice=log)  # frozen; LPIPSUnavailable says in one line how to get its weights
+    # validation also reports LPIPS of the completed images when its weights are at hand (never downloaded for it)
+    val_lpips = lpips
+    if val_lpips is None and val is not None and rank == 0 and res >= MIN_SIZE:
+        try:
+            val_lpips = load_lpips(device, offline=True)
+        except LPIPSUnavailable:
+            val_lpips = None
 
     torch.manual_seed(cfg.seed)
     actor = Actor(**cfg.actor_kwargs(C)).to(device)
@@ -327,6 +341,17 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
         save_guidance(run / SNAPSHOT_DIR / f"guidance-{it:06d}.safetensors", actor, cfg.actor_kwargs(C), backbone_sha,
                       training=training)
 
+    def validate() -> dict:
+        """val_psnr_hole_{18,12} (and val_lpips_{18,12} where LPIPS is at hand), logged in one line."""
+        vx, rec = val.as_float(slice(None)).to(device), {}
+        for N in (18, 12):
+            for k, v in validation_scores(backbone, actor, vx, val_M, N, space=space, labels=val_labels,
+                                          lpips=val_lpips).items():
+                rec[f"val_{k}_{N}"] = v
+        log(f"it {it}: val PSNR-hole {rec['val_psnr_hole_18']:.2f} dB (N=18), {rec['val_psnr_hole_12']:.2f} dB (N=12)"
+            + (f"; LPIPS {rec['val_lpips_18']:.3f} / {rec['val_lpips_12']:.3f}" if val_lpips is not None else ""))
+        return rec
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     B_local = cfg.batch // world
@@ -337,9 +362,7 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
         ptask = bar.add_task("train", total=cfg.iters, completed=it, td=float("nan"), ell=float("nan"))
         if it == 0 and val is not None and rank == 0:  # the starting point: u ≡ 0 is the unguided sampler
             vx = val.as_float(slice(None)).to(device)
-            rec = {"iteration": 0, "val_psnr_hole_18": validation_psnr(backbone, actor, vx, val_M, 18, space=space, labels=val_labels),
-                   "val_psnr_hole_12": validation_psnr(backbone, actor, vx, val_M, 12, space=space, labels=val_labels)}
-            log(f"it 0: val PSNR-hole {rec['val_psnr_hole_18']:.2f} dB (N=18), {rec['val_psnr_hole_12']:.2f} dB (N=12)")
+            rec = {"iteration": 0, **validate()}
             with open(run / "stats.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
         prev_grad = None
@@ -399,11 +422,7 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
                             "delta_std": d.std().item(), "critic_grad_norm": float(gn_critic),
                             "critic_ev": out["critic_ev"], "V0": out["V0"].mean().item()})
             if val is not None and (it % cfg.val_every == 0 or it == cfg.iters):
-                vx = val.as_float(slice(None)).to(device)
-                rec["val_psnr_hole_18"] = validation_psnr(backbone, actor, vx, val_M, 18, space=space, labels=val_labels)
-                rec["val_psnr_hole_12"] = validation_psnr(backbone, actor, vx, val_M, 12, space=space, labels=val_labels)
-                log(f"it {it}: val PSNR-hole {rec['val_psnr_hole_18']:.2f} dB (N=18), "
-                    f"{rec['val_psnr_hole_12']:.2f} dB (N=12)")
+                rec.update(validate())
             with open(run / "stats.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             bar.update(ptask, completed=it, td=rec.get("critic_loss", float("nan")), ell=rec["terminal"])
