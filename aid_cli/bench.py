@@ -743,7 +743,11 @@ MD_START, MD_END = "<!-- aid bench: start -->", "<!-- aid bench: end -->"
 def rows_markdown(result: dict) -> str:
     """The table as Markdown (what README shows), with the run's size, device and date in the caption."""
     cfg = result["config"]
-    fewer = sorted({f"{r['method']} {len(r['seeds'])}" for r in result["rows"] if len(r["seeds"]) < len(cfg["seeds"])})
+    counts: dict[str, set[int]] = {}  # methods with fewer seeds than asked so far: their seed counts over the masks
+    for r in result["rows"]:
+        if len(r["seeds"]) < len(cfg["seeds"]):
+            counts.setdefault(r["method"], set()).add(len(r["seeds"]))
+    fewer = [f"{m} {min(c)}" + (f"–{max(c)}" if len(c) > 1 else "") for m, c in sorted(counts.items())]
     sessions = cfg.get("timing_sessions", 1)
     lines = [f"{cfg['n']} images of `{Path(cfg['dataset']).name}` × {len(cfg['seeds'])} seeds"
              + (f" (so far {', '.join(fewer)})" if fewer else "")
