@@ -393,16 +393,16 @@ def test_terminal_cost_adds_lpips_of_the_completed_image():
     task, x0 = tiny_task(res=32)
     x = (torch.rand_like(x0) * 2 - 1).requires_grad_(True)
     plain = TrainConfig(dataset="", out="", backbone="")
-    assert torch.equal(terminal_cost(plain, x, x0, task.M), terminal_loss(x, x0, task.M, 2.0, 1.0))
+    assert torch.equal(terminal_cost(plain, x, x0, task), terminal_loss(x, x0, task.M, 2.0, 1.0))
     cfg = TrainConfig(dataset="", out="", backbone="", lambda_vis=0.0, lambda_hole=0.0, lambda_lpips=0.5)
-    ell = terminal_cost(cfg, x, x0, task.M, model)
+    ell = terminal_cost(cfg, x, x0, task, model)
     completed = task.M * x0 + (1 - task.M) * x
     assert torch.allclose(ell, 0.5 * model(completed, x0), rtol=1e-6) and (ell > 0).all()
     ell.sum().backward()
     visible = task.M.expand_as(x).bool()
     assert x.grad[visible].abs().max() == 0 and x.grad[~visible].abs().sum() > 0
     with pytest.raises(ValueError, match="LPIPS model"):
-        terminal_cost(cfg, x, x0, task.M)
+        terminal_cost(cfg, x, x0, task)
 
 
 def test_lambda_lpips_trains_at_32_pixels_and_is_refused_below_31(tiny_data, tiny_checkpoint, tmp_path, capsys):

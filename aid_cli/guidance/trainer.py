@@ -113,15 +113,15 @@ def terminal_loss(x: torch.Tensor, x0: torch.Tensor, M: torch.Tensor, lambda_vis
     return (lambda_vis / 2) * (M * err2).mean(dim=(1, 2, 3)) + (lambda_hole / 2) * ((1 - M) * err2).mean(dim=(1, 2, 3))
 
 
-def terminal_cost(cfg: TrainConfig, x: torch.Tensor, x0: torch.Tensor, M: torch.Tensor, lpips=None) -> torch.Tensor:
+def terminal_cost(cfg: TrainConfig, x: torch.Tensor, x0: torch.Tensor, task: Task, lpips=None) -> torch.Tensor:
     """The run's terminal cost per image: ℓ of eq. 2, plus, with --lambda-lpips (an option beyond the paper, which
-    the theory allows: any terminal cost g(X_N) of the final state), λ_lpips·LPIPS(M ⊙ x0 + M̄ ⊙ x, x0), the
+    the theory allows: any terminal cost g(X_N) of the final state), λ_lpips·LPIPS(M ⊙ y + M̄ ⊙ x, x0), the
     perceptual distance of the completed image. The L2 terms alone reward the smooth mean of the plausible fills."""
-    ell = terminal_loss(x, x0, M, cfg.lambda_vis, cfg.lambda_hole)
+    ell = terminal_loss(x, x0, task.M, cfg.lambda_vis, cfg.lambda_hole)
     if cfg.lambda_lpips:
         if lpips is None:
             raise ValueError("lambda_lpips > 0 needs the LPIPS model")
-        ell = ell + cfg.lambda_lpips * lpips(M * x0 + (1 - M) * x, x0)
+        ell = ell + cfg.lambda_lpips * lpips(task.complete(x), x0)
     return ell
 
 
@@ -146,7 +146,7 @@ def actor_critic_losses(cfg: TrainConfig, actor, critic, X, A, X_N, x0, task: Ta
     rep = lambda t: t.unsqueeze(0).expand(N, *t.shape).reshape(N * B, *t.shape[1:])  # noqa: E731
     sig = sigmas[:N].to(X.device).repeat_interleave(B)
     r = (cfg.beta / 2) * ((A ** 2).mean(dim=(2, 3, 4)) - cfg.gamma) * dt  # [N, B]
-    ell = terminal_cost(cfg, X_N, x0, M, lpips)  # [B]
+    ell = terminal_cost(cfg, X_N, x0, task, lpips)  # [B]
     V = critic(sig, flat(X), rep(M), rep(y)).reshape(N, B)
     V_next = torch.cat([V[1:].detach(), ell[None]], dim=0)
     delta = V_next - V + r
@@ -178,7 +178,7 @@ def pathwise_actor_loss(cfg: TrainConfig, critic, X, A, X_N, mu, x0, task: Task,
     X_next = X_next_hat + mu * dt
     V = _frozen(critic)
     values = [V(sigmas[n + 1].to(X.device).expand(B), X_next[n], task.M, task.y) for n in range(N - 1)]
-    values.append(terminal_cost(cfg, X_next[-1], x0, task.M, lpips))
+    values.append(terminal_cost(cfg, X_next[-1], x0, task, lpips))
     running = (cfg.beta / 2) * (mu ** 2).mean(dim=(2, 3, 4)) * dt
     return (running + torch.stack(values)).sum(0).mean()
 
@@ -198,7 +198,7 @@ def proxy_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators, lp
     x = s.randn_like(task.y) * s.sigmas[0]
     for n in range(cfg.steps):  # each step's activations are recomputed in the backward pass: memory of one step
         x = torch.utils.checkpoint.checkpoint(heun_step, s, policy, n, x, use_reentrant=False)
-    ell = terminal_cost(cfg, x, x0, task.M, lpips)
+    ell = terminal_cost(cfg, x, x0, task, lpips)
     E = torch.stack(energy).sum(0) * s.dt
     return {"actor_loss": (ell + (cfg.beta / 2) * E).mean(), "terminal": ell.detach(), "energy": E.detach()}
 
