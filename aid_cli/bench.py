@@ -643,6 +643,11 @@ def _mean_std(per_seed: list[float]) -> dict:
     return {"mean": float(arr.mean()), "std": std}
 
 
+def _count(v: float) -> int | float:
+    """A mean count (NFE, backward passes) as the table shows it: whole, or to one decimal (CoPaint's retries)."""
+    return int(v) if v == int(v) else round(v, 1)
+
+
 def aggregate(cells: list[dict]) -> dict:
     """One table row from a method × mask's cells (one per seed)."""
     first = cells[0]
@@ -654,8 +659,7 @@ def aggregate(cells: list[dict]) -> dict:
     peaks = [c["peak_memory_mib"] for c in cells if c.get("peak_memory_mib") is not None]
     return {
         "method": first["method"], "mask": first["mask"],
-        "nfe": int(nfe) if nfe == int(nfe) else round(nfe, 3),
-        "backward": int(bwd) if bwd == int(bwd) else round(bwd, 3),
+        "nfe": _count(nfe), "backward": _count(bwd),
         "sec_per_image": float(np.mean([c["sec_per_image"] for c in cells])),
         "psnr_hole": _mean_std([_mean(c["psnr_hole"]) for c in cells]),
         "ssim": _mean_std([_mean(c["ssim"]) for c in cells]),

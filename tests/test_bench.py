@@ -471,3 +471,21 @@ def test_report_only_rebuilds_from_cells_without_running(tmp_path, data, tiny_ch
     code, stdout, err = run_cli(_bench_args(data, tiny_checkpoint, out, "dps", "center", "3", "4", "--report-only"),
                                 capsys)
     assert_user_error(code, stdout, err, "holds no finished cell")
+
+
+def test_a_row_gives_mean_counts_to_one_decimal_and_whole_counts_whole():
+    """CoPaint's retries make its NFE a mean: the row shows it to one decimal, never 256.987 next to 257.2."""
+    from aid_cli.bench import aggregate, rows_markdown
+
+    def cell(seed, nfe):
+        return {"method": "copaint", "mask": "center", "seed": seed, "n": 2, "nfe": nfe, "backward": 36,
+                "sec_per_image": 1.0, "psnr_hole": [10.0, 12.0], "ssim": [0.5, 0.7], "lpips": [0.1, 0.3],
+                "method_name": "copaint", "params": {}, "steps": 18}
+
+    row = aggregate([cell(0, 257.2), cell(1, 256.774)])
+    assert (row["nfe"], row["backward"]) == (257.0, 36) and isinstance(row["backward"], int)
+    assert aggregate([cell(0, 256.12)])["nfe"] == 256.1
+    assert row["psnr_hole"]["mean"] == pytest.approx(11.0) and row["seeds"] == [0, 1]
+    cfg = {"n": 2, "dataset": "val.zip", "seeds": [0, 1], "masks": {"version": "v1"}, "device": "cpu",
+           "aid": "0", "date": "2026-11-25"}
+    assert "| copaint | center | 257.0 | 36 | 1 |" in rows_markdown({"config": cfg, "rows": [row]})
