@@ -22,12 +22,51 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
     rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 models_app = typer.Typer(help="Models by name: list, info, download, convert official pickles safely, remove; eval.",
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # never hard-wrap: one message, one line (for grep, logs)
+
+
+class _Command(typer.core.TyperCommand):
+    """A command whose usage line names its arguments the usual way: IMAGE, [DST], NAME... (Typer >= 0.29 writes a
+    required argument as {image})."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if getattr(param, "param_type_name", "") != "argument":
+                continue
+            name = param.metavar or param.name.upper()
+            name = name if param.required else f"[{name}]"
+            pieces.append(name + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("aid-inpaint")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"aid {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", "-V", is_eager=True, callback=_show_version,
+                                 help="Print the version and exit."),
+):
+    """Inpaint images with frozen diffusion backbones: AID (amortized guidance) and the training-free baselines."""
 
 
 CACHE_HELP = "Model cache folder (default: $AID_CACHE/models or ~/.cache/aid/models; hub files: the HF cache)."
@@ -131,11 +170,11 @@ def pretrain(
     err.print(f"done: {run}")
 
 
-@models_app.command("convert")
+@models_app.command("convert", cls=_Command)
 def models_convert(
-    src: str = typer.Argument(..., help="Official NVIDIA EDM or EDM2 pickle (e.g. edm-ffhq-64x64-uncond-vp.pkl), or "
+    src: str = typer.Argument(..., metavar="SRC", help="Official NVIDIA EDM or EDM2 pickle (e.g. edm-ffhq-64x64-uncond-vp.pkl), or "
                                          "a model name."),
-    dst: Optional[Path] = typer.Argument(None, help="Checkpoint to write (.safetensors, atomically); not with a name."),
+    dst: Optional[Path] = typer.Argument(None, metavar="DST", help="Checkpoint to write (.safetensors, atomically); not with a name."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Also print the summary as one JSON object on stdout."),
 ):
@@ -220,9 +259,9 @@ def models_list(
     Console(highlight=False, width=max(Console().width, 200)).print(t)
 
 
-@models_app.command("info")
+@models_app.command("info", cls=_Command)
 def models_info(
-    name: str = typer.Argument(..., help="Model name (see `aid models list`)."),
+    name: str = typer.Argument(..., metavar="NAME", help="Model name (see `aid models list`)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the record as one JSON object."),
 ):
@@ -245,9 +284,9 @@ def models_info(
         print(f"{key:14s} {value if value is not None else '-'}")
 
 
-@models_app.command("download")
+@models_app.command("download", cls=_Command)
 def models_download(
-    names: List[str] = typer.Argument(..., help="Model names (see `aid models list`)."),
+    names: List[str] = typer.Argument(..., metavar="NAME", help="Model names (see `aid models list`)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
     keep_source: bool = typer.Option(False, "--keep-source", help="Keep an official pickle after converting it."),
@@ -274,9 +313,9 @@ def models_download(
             print(json.dumps(describe_model(entry, cache_dir)), flush=True)
 
 
-@models_app.command("rm")
+@models_app.command("rm", cls=_Command)
 def models_rm(
-    names: Optional[List[str]] = typer.Argument(None, help="Model names to remove from the cache."),
+    names: Optional[List[str]] = typer.Argument(None, metavar="NAME", help="Model names to remove from the cache."),
     all_models: bool = typer.Option(False, "--all", help="Remove every cached model."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
 ):
@@ -312,9 +351,9 @@ def env_cmd(
     print(json.dumps(info, indent=2) if json_out else format_environment(info))
 
 
-@app.command()
+@app.command(cls=_Command)
 def inpaint(
-    image: Path = typer.Argument(..., help="Image file, or a folder of images."),
+    image: Path = typer.Argument(..., metavar="IMAGE", help="Image file, or a folder of images."),
     mask: Path = typer.Option(..., "--mask", "-m", help="Mask file (white = fill), or a folder of masks paired by stem."),
     output: Path = typer.Option(..., "--output", "-o", help="Output file (PNG keeps visible pixels exact), or a folder."),
     model: Optional[str] = typer.Option(None, "--model", help="Backbone: a .safetensors file or a model name (`aid "
@@ -344,7 +383,7 @@ def inpaint(
     """Fill the white region of MASK in IMAGE; every other pixel of the output equals the input's.
 
     Latent backbones (EDM2 img512) inpaint at 512x512 pixels through the Stable Diffusion VAE (pip install
-    "aid-inpaint[latent]"); the visible pixels are still pasted back exactly.
+    "aid-inpaint\\[latent]"); the visible pixels are still pasted back exactly.
 
     Examples:
       [bold]aid inpaint photo.png --mask mask.png -o filled.png[/]
@@ -517,10 +556,10 @@ def models_eval(
     print(json.dumps(result))
 
 
-@app.command("metrics")
+@app.command("metrics", cls=_Command)
 def metrics_cmd(
-    ref: Path = typer.Argument(..., help="Reference image (the original)."),
-    img: Path = typer.Argument(..., help="Image to score (e.g. the inpainted result), same size as REF."),
+    ref: Path = typer.Argument(..., metavar="REF", help="Reference image (the original)."),
+    img: Path = typer.Argument(..., metavar="IMG", help="Image to score (e.g. the inpainted result), same size as REF."),
     mask: Optional[Path] = typer.Option(None, "--mask", "-m", help="Mask of the hole (white = fill) for hole PSNR."),
     invert_mask: bool = typer.Option(False, "--invert-mask", help="The mask is white = keep (RePaint convention)."),
     offline: bool = typer.Option(False, "--offline", help="Never download LPIPS weights (also: HF_HUB_OFFLINE=1)."),
@@ -865,32 +904,26 @@ def methods():
 
     for name, cls in sorted(METHODS.items()):
         doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        doc = re.sub(r",? ?\(?method\.md §\d+\)?", "", doc)  # the project's notes, not shipped with the package
         print(f"{name:12s} {doc}")
 
 
 def main(argv: List[str] | None = None) -> None:
-    """Console-script entry point: user errors become one line on stderr and exit code 2."""
+    """Console-script entry point. Usage errors (an unknown or misspelt option, a missing or out-of-range value, no
+    command) print the usage message and exit 2, as click's standalone mode does; a UserError is one line on stderr and
+    exit 2; Ctrl-C exits 130; anything else is an internal error (a traceback, exit 1).
+
+    Click's standalone mode handles usage errors itself, whichever copy of click the installed Typer carries (Typer
+    >= 0.29 vendors its own, so catching `click.ClickException` here would miss them).
+    """
     try:
-        code = app(args=argv, standalone_mode=False)
-        if isinstance(code, int) and code:  # click returns the exit code of an abort (Ctrl-C) instead of raising
-            sys.exit(code)
+        app(args=argv, prog_name="aid", standalone_mode=True)
     except UserError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as e:  # click's usage errors and aborts carry their own exit codes
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        raise
 
 
 if __name__ == "__main__":
