@@ -117,6 +117,17 @@ def _model_file(model: Optional[str], cache: Optional[Path], offline: bool) -> O
         return resolve_backbone(model, cache=cache, offline=True if offline else None, progress=bar, log=_log)
 
 
+def _run_folder(out: Optional[Path], resume: bool, kind: str, dataset) -> Path:
+    """--out as given, or a new numbered run folder (EDM's convention) when it is left out."""
+    from .fileio import numbered_run_dir, run_description
+
+    if out is not None:
+        return out
+    if resume:
+        raise UserError("--resume needs --out RUN_FOLDER: the run to continue")
+    return numbered_run_dir(run_description(kind, dataset))
+
+
 def _parse_ints(text: str, what: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -127,7 +138,9 @@ def _parse_ints(text: str, what: str) -> list[int]:
 @app.command()
 def pretrain(
     dataset: Path = typer.Option(..., "--dataset", help="Folder of images or EDM-layout zip."),
-    out: Path = typer.Option(..., "--out", help="Run folder (created); holds checkpoints, stats.jsonl, sample grids."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (created); holds checkpoints, stats.jsonl, "
+                                       "sample grids. Default: a new numbered folder aid-runs/NNNNN-pretrain-DATA "
+                                       "($AID_RUNS instead of ./aid-runs)."),
     resolution: int = typer.Option(64, help="Training resolution (images are centre-cropped and resized to it)."),
     width: int = typer.Option(32, "--width", help="SongUNet model_channels."),
     channel_mult: str = typer.Option("1,2,3,4", help="Channel multiplier per resolution level."),
@@ -160,6 +173,7 @@ def pretrain(
 
     if threads:
         torch.set_num_threads(threads)
+    out = _run_folder(out, resume, "pretrain", dataset)
     cfg = PretrainConfig(dataset=str(dataset), out=str(out), resolution=resolution, model_channels=width,
                          channel_mult=_parse_ints(channel_mult, "--channel-mult"), num_blocks=depth,
                          attn_resolutions=_parse_ints(attn, "--attn"), dropout=dropout, batch=batch, lr=lr,
@@ -351,14 +365,38 @@ def env_cmd(
     print(json.dumps(info, indent=2) if json_out else format_environment(info))
 
 
+def _default_method(method: Optional[str], guidance: Optional[Path], checkpoint: Path, cache: Optional[Path]):
+    """(method, guidance, why): the method given, or the default for this backbone (aid with the guidance module at
+    hand, else repaint), and the words the `wrote` line says it with ("" when --method was given)."""
+    if method is not None:
+        return method, guidance, ""
+    if guidance is not None:
+        return "aid", guidance, " by default: --guidance given"
+    from .registry import guidance_at_hand
+
+    found = guidance_at_hand(checkpoint, cache)
+    if found is not None:
+        return "aid", found[1], f" by default: {found[0]} is this backbone's guidance module"
+    return "repaint", None, (" by default: no guidance module for this backbone, and repaint is the best "
+                             "training-free method")
+
+
 @app.command(cls=_Command)
 def inpaint(
-    image: Path = typer.Argument(..., metavar="IMAGE", help="Image file, or a folder of images."),
-    mask: Path = typer.Option(..., "--mask", "-m", help="Mask file (white = fill), or a folder of masks paired by stem."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output file (PNG keeps visible pixels exact), or a folder."),
+    images: List[Path] = typer.Argument(..., metavar="IMAGE", help="Image files or folders of images; several in one "
+                                        "call pay the start-up (~2 s) once."),
+    mask: Path = typer.Option(..., "--mask", "-m", help="Mask file (white = fill) for every image, or a folder of masks "
+                              "paired by stem."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (PNG keeps visible pixels exact), "
+                                          "or a folder (for several images or folders: created). Default: beside each "
+                                          "image as STEM-filled.png (a folder's in FOLDER-filled/), never over an "
+                                          "existing file."),
     model: Optional[str] = typer.Option(None, "--model", help="Backbone: a .safetensors file or a model name (`aid "
                                         "models list`; downloaded on first use); default: the embedded one."),
-    method: str = typer.Option("replace", "--method", help="Inpainting method (see `aid methods`)."),
+    method: Optional[str] = typer.Option(None, "--method", help="Inpainting method (see `aid methods`). Default: aid "
+                                         "where a guidance module for the backbone is at hand (the embedded backbone "
+                                         "ships one, or --guidance), else repaint, the best training-free method in "
+                                         "the benchmark; the `wrote` line says which."),
     steps: int = typer.Option(18, "--steps", min=2, help="EDM grid steps N; NFE = 2N-1 (18: 35 NFE, 12: 23 NFE)."),
     seed: int = typer.Option(0, "--seed", help="Seed of sample 0; sample k uses seed + k."),
     samples: int = typer.Option(1, "--samples", min=1, help="Completions per image (outputs get -0, -1, ... suffixes)."),
@@ -370,7 +408,8 @@ def inpaint(
                                      "images; falls back with a notice where it cannot compile)."),
     invert_mask: bool = typer.Option(False, "--invert-mask", help="Masks are white = keep (RePaint convention)."),
     resize_mask: bool = typer.Option(False, "--resize-mask", help="Scale a mask whose size differs from the image's."),
-    guidance: Optional[Path] = typer.Option(None, "--guidance", help="AID's guidance module (default: the embedded one)."),
+    guidance: Optional[Path] = typer.Option(None, "--guidance", help="AID's guidance module (default: the one shipped "
+                                            "for the backbone; implies --method aid)."),
     fit: str = typer.Option("crop", "--fit", help="crop: a box around the mask at native scale; resize: whole image."),
     class_label: Optional[int] = typer.Option(None, "--class", min=0,
                                               help="Class N for a class-conditional backbone (e.g. ImageNet)."),
@@ -380,34 +419,31 @@ def inpaint(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON record per output on stdout."),
 ):
-    """Fill the white region of MASK in IMAGE; every other pixel of the output equals the input's.
+    """Fill the white region of MASK in each IMAGE; every other pixel of the output equals the input's.
 
     Latent backbones (EDM2 img512) inpaint at 512x512 pixels through the Stable Diffusion VAE (pip install
     "aid-inpaint\\[latent]"); the visible pixels are still pasted back exactly.
 
     Examples:
-      [bold]aid inpaint photo.png --mask mask.png -o filled.png[/]
+      [bold]aid inpaint photo.png --mask mask.png[/]                  (writes photo-filled.png)
+      [bold]aid inpaint photo.png --mask mask.png -o filled.png --method dps[/]
+      [bold]aid inpaint *.png --mask masks/ -o filled/[/]            (one start-up for many images)
       [bold]aid inpaint photos/ --mask masks/ -o filled/ --samples 4 --json[/]
       [bold]aid inpaint dog.png --mask hole.png -o out.png --model img512-xs.safetensors --class 207[/]
       [bold]aid inpaint face.png --mask mask.png -o filled.png --model edm-ffhq-64 --device cuda --precision fp16[/]
     """
     from .backbones.checkpoint import load_backbone
     from .backbones.latent import class_labels, model_space
-    from .data.images import pair_inputs
     from .devices import check_precision, prepare_backbone, resolve_device
-    from .inpaint import InpaintOptions, check_outputs, inpaint_batch, plan_outputs, prepare
+    from .inpaint import InpaintOptions, check_outputs, inpaint_batch, plan_jobs, prepare
     from .methods.base import check_method_name
     from .registry import resolve_backbone, tuned_params
 
     if fit not in ("crop", "resize"):
         raise UserError(f"--fit must be crop or resize, got {fit!r}")
-    check_method_name(method)  # unknown names fail before any loading
-    folder_mode = image.is_dir()
-    if folder_mode and output.exists() and not output.is_dir():
-        raise UserError(f"{image} is a folder, so -o must be a folder too (got the file {output})")
-    pairs = pair_inputs(image, mask)
-    if folder_mode and not output.exists() and not output.parent.is_dir():
-        raise UserError(f"output folder's parent does not exist: {output.parent}")
+    if method is not None:
+        check_method_name(method)  # unknown names fail before any loading
+    jobs, create = plan_jobs(images, mask, output, samples)
     dev = resolve_device(device)
     check_precision(precision, dev)
     checkpoint = resolve_backbone(_model_file(model, cache_dir, offline))
@@ -415,6 +451,7 @@ def inpaint(
     labels = class_labels(class_label, info["label_dim"], 1)
     space = model_space(info, vae, device=dev)  # latent backbones: their VAE (fails here, in one line, if missing)
     net = prepare_backbone(net, dev, precision, compile_net, notice=_log)
+    method, guidance, why = _default_method(method, guidance, checkpoint, cache_dir)
     params = tuned_params(checkpoint, method, notice=lambda m: err.print(escape(m), soft_wrap=True))
     if params:
         err.print(f"{method}: this backbone's tuned params {escape(json.dumps(params))} (aid bench --tune)")
@@ -426,19 +463,19 @@ def inpaint(
         params["guidance"] = str(resolve_guidance(guidance, cache=cache_dir, offline=True if offline else None))
         params["backbone_sha256"] = sha256_file(checkpoint)
         load_guidance(params["guidance"], backbone_sha256=params["backbone_sha256"])
-    if folder_mode and not output.exists():
-        output.mkdir()  # only once everything that can fail before the first image has passed
-    jobs = plan_outputs(pairs, output, samples, folder_mode)
-    check_outputs(jobs)
+    check_outputs(jobs, create)
+    for folder in create:
+        folder.mkdir()  # only once everything that can fail before the first image has passed
     opts = InpaintOptions(method=method, steps=steps, seed=seed, samples=samples, invert_mask=invert_mask,
-                          resize_mask=resize_mask, fit=fit, params=params, class_label=class_label)
+                          resize_mask=resize_mask, fit=fit, params=params, class_label=class_label,
+                          method_default=bool(why))
     resolution = info["resolution"] * space.factor  # pixels the image is fitted to (latent: the VAE's 8x)
     from rich.progress import Progress
 
     def report(records: list[dict]) -> None:
         for rec in records:
             where = f"; {rec['space']}" if space.latent and rec["space"] != "pixels" else ""
-            err.print(f"wrote {escape(rec['path'])} ({rec['method']}, {rec['nfe']} NFE, seed {rec['seed']}, "
+            err.print(f"wrote {escape(rec['path'])} ({rec['method']}{escape(why + ';' if why else ',')} {rec['nfe']} NFE, seed {rec['seed']}, "
                       f"{rec['seconds']:.2f} s; {escape(rec['fit'] + where)})", soft_wrap=True)
             if json_out:
                 print(json.dumps(rec), flush=True)
@@ -811,7 +848,8 @@ def bench(
 @app.command()
 def train(
     dataset: str = typer.Option(..., "--dataset", help="Folder, EDM zip, or a name: cats, ffhq, afhqv2, imagenet."),
-    out: Path = typer.Option(..., "--out", help="Run folder (created): config, stats.jsonl, checkpoints, guidance."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (created): config, stats.jsonl, checkpoints, "
+                                       "guidance. Default: a new numbered folder aid-runs/NNNNN-train-DATA."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Backbone: a file or a model name; default: "
                                            "the embedded one."),
     steps: int = typer.Option(18, "--steps", min=2, help="Grid steps N of the training rollouts."),
@@ -885,6 +923,7 @@ def train(
         raise UserError("--vae: this backbone works on pixels and uses no VAE; drop --vae")
     if lambda_vis is None:  # the paper's values: 2 on pixels (EDM), 1 on latents (EDM2)
         lambda_vis = 1.0 if latent else 2.0
+    out = _run_folder(out, resume, "train", dataset)
     cfg = TrainConfig(dataset=str(resolve_dataset(dataset)), out=str(out), backbone=str(backbone_path),
                       steps=steps, batch=batch, iters=iters, beta=beta, gamma=gamma, lambda_vis=lambda_vis,
                       lambda_hole=lambda_hole, lr_actor=lr_actor, lr_critic=lr_critic, clip=clip, hole_min=lo,

@@ -109,3 +109,29 @@ def tree_size(path: str | os.PathLike) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+RUNS_DIR = "aid-runs"  # where `aid train` and `aid pretrain` put numbered runs without --out ($AID_RUNS overrides)
+
+
+def numbered_run_dir(desc: str, root: str | os.PathLike | None = None) -> Path:
+    """A new run folder ROOT/NNNNN-DESC, numbered one above the highest run in ROOT (EDM's convention: `00000-…`,
+    `00001-…`); not created here. ROOT: `$AID_RUNS`, else `./aid-runs`.
+
+    Under torchrun every rank would count on its own and could pick different numbers, so there --out is required."""
+    import re
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("under torchrun, pass --out RUN_FOLDER (every process must write to the same run)")
+    root = Path(root or os.environ.get("AID_RUNS") or RUNS_DIR).expanduser()
+    ids = [int(m.group()) for p in (root.iterdir() if root.is_dir() else ())
+           if p.is_dir() and (m := re.match(r"\d+", p.name))]
+    desc = re.sub(r"[^A-Za-z0-9._-]+", "-", desc).strip("-") or "run"
+    return root / f"{max(ids, default=-1) + 1:05d}-{desc}"
+
+
+def run_description(kind: str, dataset: str | os.PathLike) -> str:
+    """`train-cats64-train` for ../data/cats64/train.zip, `train-ffhq` for a dataset name: a run's folder suffix."""
+    path = Path(dataset)
+    name = f"{path.parent.name}-{path.stem}" if path.suffix and path.parent.name not in ("", ".", "..") else path.stem
+    return f"{kind}-{name or 'data'}"

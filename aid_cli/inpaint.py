@@ -38,6 +38,7 @@ class InpaintOptions:
     fit: str = "crop"
     params: dict = field(default_factory=dict)  # method params (the backbone's tuned ones, registry.tuned_params)
     class_label: int | None = None  # --class N of a class-conditional backbone (recorded; the one-hot goes to the net)
+    method_default: bool = False  # the method was chosen by default, not given (recorded)
 
 
 @dataclass
@@ -53,26 +54,110 @@ def plan_outputs(pairs: list[tuple[Path, Path]], out: Path, samples: int, folder
     """Output paths: a file for one input (``name-K.ext`` per sample when K > 1), ``OUT/<stem>[-K].png`` for folders."""
     jobs = []
     for image, mask in pairs:
-        if folder_mode:
-            base = out / f"{image.stem}.png"
-        else:
-            base = out
-        if samples == 1:
-            outputs = [base]
-        else:
-            outputs = [base.with_name(f"{base.stem}-{k}{base.suffix}") for k in range(samples)]
-        jobs.append(Job(image=image, mask=mask, outputs=outputs))
+        base = out / f"{image.stem}.png" if folder_mode else out
+        jobs.append(Job(image=image, mask=mask, outputs=sample_paths(base, samples)))
     return jobs
 
 
-def check_outputs(jobs: list[Job]) -> None:
-    """Fail before any work when an output can't be written: unknown format, missing/read-only folder, over an input."""
+def sample_paths(base: Path, samples: int) -> list[Path]:
+    """The output of each sample: `base` itself for one, ``stem-K.ext`` for K > 1."""
+    if samples == 1:
+        return [base]
+    return [base.with_name(f"{base.stem}-{k}{base.suffix}") for k in range(samples)]
+
+
+FILLED = "-filled"
+
+
+def _taken(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def default_output(image: Path, samples: int) -> Path:
+    """Where an image's result goes without -o: beside it, as ``STEM-filled.png`` (PNG keeps the visible pixels
+    exact), or ``STEM-filled-2.png``, ``-3``, … when that name (or one of its sample files) is taken: never over
+    anything that exists."""
+    n = 1
+    while True:
+        base = image.with_name(f"{image.stem}{FILLED}{'' if n == 1 else f'-{n}'}.png")
+        if not any(_taken(p) for p in [base, *sample_paths(base, samples)]):
+            return base
+        n += 1
+
+
+def default_folder(folder: Path) -> Path:
+    """Where a folder's results go without -o: a new folder beside it, ``NAME-filled`` (``-2``, … when taken)."""
+    if folder.name in ("", ".", ".."):
+        folder = folder.resolve()
+    n = 1
+    while True:
+        out = folder.with_name(f"{folder.name}{FILLED}{'' if n == 1 else f'-{n}'}")
+        if not _taken(out):
+            return out
+        n += 1
+
+
+def plan_jobs(inputs: list[Path], mask: Path, output: Path | None, samples: int) -> tuple[list[Job], list[Path]]:
+    """Pair every input (image files and folders) with its mask and give each output a path; also the folder to create
+    once everything that can fail has passed.
+
+    One image file and -o: that file (or OUT/STEM.png when OUT is an existing folder). Several inputs or a folder and -o:
+    OUT is a folder (created), results are OUT/STEM.png. No -o: each image's result beside it (default_output), each
+    folder's in a new folder beside it (default_folder). Two inputs that would write the same file are refused.
+    """
+    from .data.images import pair_inputs
+
+    single_file = len(inputs) == 1 and not inputs[0].is_dir()
+    if output is not None and not single_file:
+        if output.exists() and not output.is_dir():
+            raise UserError(f"{inputs[0]} is a folder, so -o must be a folder too (got the file {output})"
+                            if len(inputs) == 1 else f"{len(inputs)} inputs: -o must be a folder (got the file {output})")
+        if not output.exists() and not output.parent.is_dir():
+            raise UserError(f"output folder's parent does not exist: {output.parent}")
+    jobs, create = [], None
+    for item in inputs:
+        pairs = pair_inputs(item, mask)
+        if output is None:
+            if item.is_dir():
+                create = create or {}
+                folder = create.setdefault(item, default_folder(item))
+                jobs += plan_outputs(pairs, folder, samples, folder_mode=True)
+            else:
+                jobs += [Job(image, m, sample_paths(default_output(image, samples), samples)) for image, m in pairs]
+        elif single_file and not output.is_dir():
+            jobs += plan_outputs(pairs, output, samples, folder_mode=False)
+        else:
+            jobs += plan_outputs(pairs, output, samples, folder_mode=True)
+    if not jobs:
+        raise UserError(f"no images to fill: {', '.join(map(str, inputs))} are all masks (--mask {mask})")
+    seen: dict[Path, Path] = {}
+    for job in jobs:
+        for path in job.outputs:
+            key = path.resolve()
+            if key in seen:
+                raise UserError(f"{job.image} is given twice" if seen[key].resolve() == job.image.resolve() else
+                                f"{seen[key]} and {job.image} would both be written to {path}; give them different "
+                                f"names or run them separately")
+            seen[key] = job.image
+    if output is None:
+        folders = sorted((create or {}).values())
+    else:
+        folders = [] if single_file and not output.is_dir() else [output]
+    return jobs, [f for f in folders if not f.exists()]
+
+
+def check_outputs(jobs: list[Job], create: list[Path] = ()) -> None:
+    """Fail before any work when an output can't be written: unknown format, missing/read-only folder, over an input.
+
+    `create`: output folders that do not exist yet (made once this has passed): their parent must be writable."""
     inputs = {p.resolve() for j in jobs for p in (j.image, j.mask)}
+    pending = {f.resolve() for f in create}
     for job in jobs:
         for path in job.outputs:
             if path.suffix.lower() not in OUTPUT_FORMATS:
                 raise UserError(f"cannot tell the output format from {path.name!r}; use .png, .jpg, .webp, .tif or .bmp")
-            check_writable_dir(path)
+            folder = path.resolve().parent
+            check_writable_dir(folder if folder in pending else path)
             if path.resolve() in inputs:
                 raise UserError(f"refusing to write over an input file: {path}")
 
@@ -160,8 +245,9 @@ def inpaint_one(net, resolution: int, job: Job, opts: InpaintOptions, device: to
 def _record(path: Path, job: Job, opts: InpaintOptions, k: int, nfe: int, backward: int, seconds: float,
             fit: str, space: str = "pixels") -> dict:
     return {"path": str(path), "input": str(job.image), "mask": str(job.mask), "seed": opts.seed + k,
-            "method": opts.method, "params": dict(opts.params), "steps": opts.steps, "nfe": nfe, "backward": backward,
+            "method": opts.method, "method_default": opts.method_default, "params": dict(opts.params),
+            "steps": opts.steps, "nfe": nfe, "backward": backward,
             "seconds": round(seconds, 4), "fit": fit, "space": space, "class": opts.class_label}
 
 
-__all__ = ["InpaintOptions", "Job", "plan_outputs", "check_outputs", "prepare", "inpaint_batch", "inpaint_one"]
+__all__ = ["InpaintOptions", "Job", "plan_outputs", "plan_jobs", "default_output", "check_outputs", "prepare", "inpaint_batch", "inpaint_one"]

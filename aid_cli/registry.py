@@ -70,6 +70,28 @@ def resolve_guidance(guidance: str | os.PathLike | None, **fetch) -> Path:
                     "installed; train one with `aid train` and pass --guidance PATH", fetch)
 
 
+def guidance_at_hand(checkpoint: str | os.PathLike, cache=None) -> tuple[str, Path] | None:
+    """(name, file) of a guidance module on disk for this backbone file, else None; nothing is downloaded or hashed.
+
+    "On disk": the module shipped in weights/, or one in the cache, whose registry entry names as its backbone the model
+    this checkpoint file is (the embedded one, or a cached download). `aid inpaint` defaults to --method aid then.
+    """
+    try:
+        target = Path(checkpoint).resolve()
+    except OSError:
+        return None
+    for entry in MODELS:
+        if entry.kind != "guidance" or entry.backbone is None:
+            continue
+        backbone = lookup_model(entry.backbone)
+        if backbone is None:
+            continue
+        backbone_file, module = cached_path(backbone, cache), cached_path(entry, cache)
+        if backbone_file is not None and module is not None and backbone_file.resolve() == target:
+            return entry.name, module
+    return None
+
+
 # --------------------------------------------------------------------------------------------- tuned baseline params
 #
 # `aid bench --tune METHOD` picks a baseline's step size for one backbone and records it beside the checkpoint, in

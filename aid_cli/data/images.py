@@ -401,7 +401,9 @@ def pair_inputs(image_path: str | os.PathLike, mask_path: str | os.PathLike) -> 
     """(image, mask) pairs: file + file, folder + folder (matched by stem), folder + one mask for all, file + folder.
 
     Masks are matched as `<stem>.<ext>`, `<stem>_mask.<ext>` or `<stem>-mask.<ext>`. When masks and images share one
-    folder, only the `_mask`/`-mask` files are masks. Hidden files and non-image suffixes are skipped.
+    folder, only the `_mask`/`-mask` files are masks, and an image file given that is one of them gives no pair (so
+    `aid inpaint photos/*.png --mask photos/` skips the masks the glob names). Hidden files and non-image suffixes
+    are skipped.
     """
     image_path, mask_path = Path(image_path), Path(mask_path)
     for p, what in ((image_path, "image"), (mask_path, "mask")):
@@ -409,8 +411,11 @@ def pair_inputs(image_path: str | os.PathLike, mask_path: str | os.PathLike) -> 
             raise UserError(f"{what} path not found: {p}")
     if image_path.is_file() and mask_path.is_file():
         return [(image_path, mask_path)]
-    same_folder = mask_path.is_dir() and image_path.is_dir() and mask_path.resolve() == image_path.resolve()
+    image_folder = image_path if image_path.is_dir() else image_path.parent
+    same_folder = mask_path.is_dir() and mask_path.resolve() == image_folder.resolve()
     index = _mask_index(mask_path, suffixed_only=same_folder) if mask_path.is_dir() else {}
+    if image_path.is_file() and same_folder and _mask_base(image_path.stem) is not None:
+        return []  # a mask file among the images (a glob's): not an image
     if image_path.is_file():
         mask = _find_mask(image_path, index)
         if mask is None:
