@@ -957,6 +957,10 @@ def main(argv: List[str] | None = None) -> None:
     """
     try:
         app(args=argv, prog_name="aid", standalone_mode=True)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+        return  # success returns, as before, so that in-process callers (tests, scripts) can call main() in a row
     except UserError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(e.exit_code)

@@ -135,3 +135,31 @@ def run_description(kind: str, dataset: str | os.PathLike) -> str:
     path = Path(dataset)
     name = f"{path.parent.name}-{path.stem}" if path.suffix and path.parent.name not in ("", ".", "..") else path.stem
     return f"{kind}-{name or 'data'}"
+
+
+PATH_KEYS = ("dataset", "val_dataset", "out", "backbone", "init", "vae", "guidance")
+
+
+def portable_record(record: dict, run: str | os.PathLike) -> dict:
+    """A copy of a run's settings fit for a published file's metadata: no absolute paths of the machine it ran on.
+
+    Path-valued entries (PATH_KEYS, also in a nested "config") become names: a path inside the run relative to it
+    ("." for the run itself), any other its last two components (`/data/x/cats64/train.zip` -> `cats64/train.zip`).
+    Model names (`ffhq`, `edm-ffhq-64`) and missing values stay as they are."""
+    run = Path(run).resolve()
+
+    def name(value):
+        if not isinstance(value, str) or ("/" not in value and os.sep not in value):
+            return value
+        path = Path(value).expanduser().resolve()
+        if path == run or run in path.parents:
+            return path.relative_to(run).as_posix() or "."
+        return "/".join(path.parts[-2:])
+
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict) and key == "config":
+            out[key] = portable_record(value, run)
+        else:
+            out[key] = name(value) if key in PATH_KEYS else value
+    return out

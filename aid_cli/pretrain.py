@@ -29,7 +29,7 @@ from .data.datasets import load_image_set
 from .data.grid import save_grid
 from .devices import training_precision
 from .errors import UserError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, portable_record
 from .sampling.heun import sample
 from .task import Task
 from .training import GracefulStop, init_distributed, load_state, prepare_run, save_state, step_generator
@@ -209,8 +209,8 @@ def write_snapshot(run: Path, cfg: PretrainConfig, ema, nimg: int, elapsed: floa
     """EMA weights as a backbone checkpoint (usable with `--model`) and a grid of samples from them."""
     kimg = nimg // 1000
     path = run / f"network-snapshot-{kimg:06d}.safetensors"
-    provenance = {"trained_by": "aid pretrain", "dataset": source, "images_seen": nimg, "train_seconds": round(elapsed, 1),
-                  "config": dataclasses.asdict(cfg)}
+    provenance = portable_record({"trained_by": "aid pretrain", "dataset": source, "images_seen": nimg,
+                                  "train_seconds": round(elapsed, 1), "config": dataclasses.asdict(cfg)}, run)
     save_backbone(path, ema, "EDMPrecond", cfg.network_kwargs(), provenance=provenance)
     with torch.random.fork_rng():
         save_grid(run / f"samples-{kimg:06d}.png", sample_grid(ema, cfg.resolution, n=64, seed=0), cols=8)

@@ -216,3 +216,39 @@ def test_train_and_pretrain_without_out_get_a_numbered_run(tmp_path, tiny_checkp
     assert seen == [f"aid-runs/00000-{command}-data", f"aid-runs/00001-{command}-data"]
     code, _, err = run_cli(args + ["--resume"], capsys)
     assert code == 2 and "--resume needs --out" in err
+
+
+# ------------------------------------------------------------------------------------------------- portable provenance
+
+def test_portable_record_keeps_no_absolute_paths(tmp_path):
+    from aid_cli.fileio import portable_record
+
+    run = tmp_path / "runs" / "00003-train-x"
+    record = {"dataset": "/data/shared/cats64/train.zip", "out": str(run), "backbone": str(run / "net.safetensors"),
+              "val_dataset": None, "init": "ffhq", "steps": 18, "note": "/not/a/path/key",
+              "config": {"dataset": "../shared/data/cats64/val.zip", "out": str(run) + "/"}}
+    assert portable_record(record, run) == {
+        "dataset": "cats64/train.zip", "out": ".", "backbone": "net.safetensors", "val_dataset": None, "init": "ffhq",
+        "steps": 18, "note": "/not/a/path/key", "config": {"dataset": "cats64/val.zip", "out": "."}}
+
+
+def test_pretrain_snapshot_records_names_not_paths(tmp_path):
+    import json as _json
+
+    from aid_cli.backbones.checkpoint import read_metadata
+    from aid_cli.pretrain import PretrainConfig, pretrain
+
+    data = tmp_path / "data"
+    for i in range(4):
+        write_pair(data, str(i), size=(16, 16), seed=i)[1].unlink()
+    run = tmp_path / "run"
+    cfg = PretrainConfig(dataset=str(data), out=str(run), resolution=16, model_channels=16, channel_mult=[1, 2],
+                         num_blocks=1, attn_resolutions=[8], batch=4, duration_kimg=0.004, snapshot_kimg=0.004,
+                         checkpoint_minutes=60.0, seed=0)
+    pretrain(cfg, resume=False, device=__import__("torch").device("cpu"), log=lambda *a: None)
+    (snapshot,) = run.glob("network-snapshot-*.safetensors")
+    meta = read_metadata(snapshot)
+    text = _json.dumps(meta)
+    assert str(tmp_path) not in text, text
+    provenance = _json.loads(meta["aid.provenance"])
+    assert provenance["config"]["out"] == "." and provenance["config"]["dataset"].endswith("data")

@@ -118,3 +118,11 @@ def test_usage_errors_in_process_too(case, capsys):
     code, out, err = run_cli(args, capsys)
     assert code == 2, err
     assert "Traceback" not in err and "Usage:" in err
+
+
+def test_main_returns_on_success_in_process(capsys):
+    """Scripts and tests call `main(argv)` in a row: success returns (no SystemExit(0))."""
+    from aid_cli import cli
+
+    assert cli.main(["--version"]) is None
+    assert capsys.readouterr().out.startswith("aid ")

@@ -15,11 +15,15 @@ from safetensors.torch import load_file
 
 from ..backbones.checkpoint import read_metadata
 from ..errors import CheckpointError
-from ..fileio import save_safetensors
+from ..fileio import portable_record, save_safetensors
 from .networks import Actor
 
 
 def save_guidance(path, actor: Actor, actor_kwargs: dict, backbone_sha256: str, training: dict | None = None) -> Path:
+    """Write the module; `training`'s paths are recorded as names relative to the run (its "out"), never as the
+    absolute paths of the machine it was trained on."""
+    if training and training.get("out"):
+        training = portable_record(training, training["out"])
     tensors = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in actor.state_dict().items()}
     meta = {"aid.kind": "guidance", "aid.actor": json.dumps(actor_kwargs, sort_keys=True),
             "aid.backbone_sha256": backbone_sha256, "aid.training": json.dumps(training or {}, sort_keys=True)}
