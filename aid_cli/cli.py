@@ -418,6 +418,8 @@ def inpaint(
     offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON record per output on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no `wrote` lines (warnings and "
+                               "errors still show; --json records still print)."),
 ):
     """Fill the white region of MASK in each IMAGE; every other pixel of the output equals the input's.
 
@@ -436,6 +438,7 @@ def inpaint(
     from .backbones.latent import class_labels, model_space
     from .devices import check_precision, prepare_backbone, resolve_device
     from .inpaint import InpaintOptions, check_outputs, inpaint_batch, plan_jobs, prepare
+    from .methods import get_method
     from .methods.base import check_method_name
     from .registry import resolve_backbone, tuned_params
 
@@ -453,7 +456,7 @@ def inpaint(
     net = prepare_backbone(net, dev, precision, compile_net, notice=_log)
     method, guidance, why = _default_method(method, guidance, checkpoint, cache_dir)
     params = tuned_params(checkpoint, method, notice=lambda m: err.print(escape(m), soft_wrap=True))
-    if params:
+    if params and not quiet:
         err.print(f"{method}: this backbone's tuned params {escape(json.dumps(params))} (aid bench --tune)")
     if method == "aid":  # the guidance module must have been trained on this very backbone
         from .backbones.checkpoint import sha256_file
@@ -470,33 +473,85 @@ def inpaint(
                           resize_mask=resize_mask, fit=fit, params=params, class_label=class_label,
                           method_default=bool(why))
     resolution = info["resolution"] * space.factor  # pixels the image is fitted to (latent: the VAE's 8x)
-    from rich.progress import Progress
 
     def report(records: list[dict]) -> None:
         for rec in records:
             where = f"; {rec['space']}" if space.latent and rec["space"] != "pixels" else ""
-            err.print(f"wrote {escape(rec['path'])} ({rec['method']}{escape(why + ';' if why else ',')} {rec['nfe']} NFE, seed {rec['seed']}, "
-                      f"{rec['seconds']:.2f} s; {escape(rec['fit'] + where)})", soft_wrap=True)
+            if not quiet:
+                err.print(f"wrote {escape(rec['path'])} ({rec['method']}{escape(why + ';' if why else ',')} "
+                          f"{rec['nfe']} NFE, seed {rec['seed']}, {rec['seconds']:.2f} s; {escape(rec['fit'] + where)})",
+                          soft_wrap=True)
             if json_out:
                 print(json.dumps(rec), flush=True)
 
     notice = lambda m: err.print(escape(m))  # noqa: E731
-    # redirect_stdout=False: on a terminal, Progress would otherwise route print() through `err`, sending the
-    # --json records to stderr instead of stdout
-    with Progress(console=err, transient=True, disable=len(jobs) * samples <= 1, redirect_stdout=False) as bar:
-        task = bar.add_task("inpainting", total=len(jobs))
+    expected = get_method(method, **params).expected_nfe(steps)
+    with _InpaintBar(err, images=len(jobs), show=err.is_terminal and not quiet) as bar:
         pending = []
         for i, job in enumerate(jobs):
             item = prepare(job, resolution, opts, notice)
             if isinstance(item, list):  # an empty mask: copied through
                 report(item)
-                bar.advance(task)
+                bar.images_done(1)
             else:
                 pending.append(item)
             if pending and (len(pending) == batch or i == len(jobs) - 1):
-                report(inpaint_batch(net, pending, opts, dev, notice, space=space, class_labels=labels))
-                bar.advance(task, len(pending))
+                names = ", ".join(p.job.image.name for p in pending)
+                with bar.sampling(f"{method} {names}", expected) as progress:
+                    records = inpaint_batch(net, pending, opts, dev, notice, space=space, class_labels=labels,
+                                            progress=progress)
+                report(records)
+                bar.images_done(len(pending))
                 pending = []
+
+
+class _InpaintBar:
+    """`aid inpaint`'s progress on a terminal: the network evaluations of the sampler call under way (NFE done / total,
+    per image) and, for several images, the images done. Nothing at all on a pipe or a log file, or with --quiet."""
+
+    def __init__(self, console: Console, images: int, show: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        # redirect_stdout=False: on a terminal, Progress would otherwise route print() through `console`, sending the
+        # --json records to stderr instead of stdout
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=console, transient=True, disable=not show, redirect_stdout=False)
+        self.images = self.bar.add_task("images", total=images, unit="images", visible=images > 1)
+        self.nfe = self.bar.add_task("", total=1, unit="NFE", visible=False)
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def images_done(self, n: int) -> None:
+        self.bar.advance(self.images, n)
+
+    def sampling(self, description: str, total: int):
+        """A context whose value is the sampler's progress callback; the NFE row shows while it is open."""
+        import contextlib
+
+        bar, task, done = self.bar, self.nfe, [0]
+        bar.reset(task, total=max(total, 1), description=escape(description[:60]), visible=total > 0)
+
+        def progress(k: int) -> None:
+            done[0] += k
+            if done[0] > bar.tasks[task].total:  # an adaptive method's retries: the total was its minimum
+                bar.update(task, total=done[0])
+            bar.advance(task, k)
+
+        @contextlib.contextmanager
+        def context():
+            try:
+                yield progress
+            finally:
+                bar.update(task, visible=False)
+
+        return context()
 
 
 @models_app.command("eval")

@@ -201,12 +201,13 @@ def prepare(job: Job, resolution: int, opts: InpaintOptions, notice: Callable[[s
 
 
 def inpaint_batch(net, items: list[Prepared], opts: InpaintOptions, device: torch.device,
-                  notice: Callable[[str], None], space=None, class_labels: torch.Tensor | None = None) -> list[dict]:
+                  notice: Callable[[str], None], space=None, class_labels: torch.Tensor | None = None,
+                  progress: Callable[[int], None] | None = None) -> list[dict]:
     """Inpaint prepared inputs in one sampler call (K samples each) and write their outputs; one record per output.
 
     Sample k of an image uses the generator seeded seed + k whatever the batch, so its noise does not depend on it.
     `space`: the backbone's PixelSpace (default) or LatentSpace. `class_labels`: one-hot [1, label_dim] for
-    class-conditional nets.
+    class-conditional nets. `progress(k)`: told the NFE of every network evaluation (sample's progress).
     """
     from .backbones.latent import PixelSpace
 
@@ -219,7 +220,7 @@ def inpaint_batch(net, items: list[Prepared], opts: InpaintOptions, device: torc
     t0 = time.perf_counter()
     task = space.task(x, M, labels)  # latent backbones: y and M on the latent grid
     result = sample(net, task, method, num_steps=opts.steps,
-                    generators=[g for _ in items for g in sample_generators(opts.seed, K)])
+                    generators=[g for _ in items for g in sample_generators(opts.seed, K)], progress=progress)
     completed = space.to_pixels(x, M, result.completed)  # latent: decoded, visible pixels pasted back
     seconds = (time.perf_counter() - t0) / len(x)
     records = []

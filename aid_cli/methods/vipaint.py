@@ -159,6 +159,14 @@ class VIPaint(GradientAtStart):
         if not 0 < self.eta <= 1 or self.recon_scale <= 0:
             raise ValueError("vipaint: eta must be in (0, 1] and recon_scale positive")
 
+    def expected_nfe(self, num_steps: int) -> int:
+        """I·P·(K + 1) + (K − 1) + 2(N − n_s) − 1 (the cost in the module's docstring)."""
+        from ..sampling.heun import edm_sigmas
+
+        n_s, _ = hierarchy_levels(edm_sigmas(num_steps), self.levels, self.sigma_e, self.sigma_s)
+        K = self.levels
+        return self.iterations * self.particles * (K + 1) + (K - 1) + 2 * (num_steps - n_s) - 1
+
     # ---------------------------------------------------------------------------------------------- loop hooks
 
     def setup(self, s: SamplerState) -> None:
@@ -240,7 +248,8 @@ class VIPaint(GradientAtStart):
         rows = torch.arange(B).repeat_interleave(P)
         # the particles' state: P rows per image, each drawing from its image's generator; its counters count calls
         ps = dataclasses.replace(s, task=s.task[rows.to(s.device)], generators=[s.generators[i] for i in rows.tolist()],
-                                 nfe=0, backward=0, extras={})
+                                 nfe=0, backward=0, extras={},
+                                 progress=(lambda k: s.progress(k * P)) if s.progress is not None else None)
         M, y = ps.task.M, ps.task.y
         rep = lambda t: t.repeat_interleave(P, 0)  # noqa: E731  [B, …] → [B·P, …]
         for _ in range(self.iterations):

@@ -70,6 +70,7 @@ class SamplerState:
     nfe: int = 0  # network evaluations per image (forward passes)
     backward: int = 0  # backward passes through the network per image
     extras: dict = field(default_factory=dict)  # per-method scratch space; the benchmark puts the oracles' "x0" here
+    progress: Callable[[int], None] | None = None  # told the NFE per image of every network evaluation (a progress bar)
 
     @property
     def num_steps(self) -> int:
@@ -87,6 +88,8 @@ class SamplerState:
     def D(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """One network evaluation D(x; σ) for the whole batch (counted once per image)."""
         self.nfe += 1
+        if self.progress is not None:
+            self.progress(1)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
@@ -114,6 +117,14 @@ class Method:
 
     def denoise(self, s: SamplerState, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return s.D(x, sigma)
+
+    def expected_nfe(self, num_steps: int) -> int:
+        """Network evaluations per image the loop will spend (for a progress bar): two per Heun step of the schedule,
+        one on the last (Euler) step. Methods that evaluate more override it; adaptive ones give their minimum."""
+        if self.oracle:
+            return 0
+        order = list(self.schedule(num_steps))
+        return sum(2 if b < num_steps else 1 for a, b in zip(order[:-1], order[1:]) if b == a + 1)
 
     def pre_step(self, s: SamplerState, n: int, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -165,11 +176,13 @@ class SampleResult:
 
 def sample(net: Denoiser, task: Task, method: Method | None = None, num_steps: int = 18, seed: int = 0,
            generators: list[torch.Generator] | None = None, sigmas: torch.Tensor | None = None,
-           latents: torch.Tensor | None = None, extras: dict | None = None) -> SampleResult:
+           latents: torch.Tensor | None = None, extras: dict | None = None,
+           progress: Callable[[int], None] | None = None) -> SampleResult:
     """Inpaint `task` with `method` on the EDM grid of `num_steps` steps.
 
     X_0 = σ_0·z with z from each sample's generator (seed + index), unless unit-variance `latents` are given.
     `extras` seeds `SamplerState.extras`; only the benchmark passes the ground truth there (`{"x0": x0}`, for oracles).
+    `progress(k)` is called with the NFE per image of every network evaluation as it happens.
     """
     method = method or Method()
     device = task.y.device
@@ -177,7 +190,8 @@ def sample(net: Denoiser, task: Task, method: Method | None = None, num_steps: i
         sigmas = edm_sigmas(num_steps, device=device)
     if generators is None:
         generators = sample_generators(seed, task.batch_size)
-    s = SamplerState(net=net, task=task, sigmas=sigmas.to(device), generators=generators, extras=dict(extras or {}))
+    s = SamplerState(net=net, task=task, sigmas=sigmas.to(device), generators=generators, extras=dict(extras or {}),
+                     progress=progress)
     method.setup(s)
     if method.oracle:  # copy, greyfill: no network, no loop
         x = method.fill(s).to(device, torch.float32)
