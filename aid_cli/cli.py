@@ -408,6 +408,10 @@ def inpaint(
                                      "images; falls back with a notice where it cannot compile)."),
     invert_mask: bool = typer.Option(False, "--invert-mask", help="Masks are white = keep (RePaint convention)."),
     resize_mask: bool = typer.Option(False, "--resize-mask", help="Scale a mask whose size differs from the image's."),
+    dilate: int = typer.Option(0, "--dilate", min=0, metavar="N", help="Grow the hole by N pixels first (covers the "
+                               "halo a loose selection leaves; those pixels are filled too)."),
+    feather: int = typer.Option(0, "--feather", min=0, metavar="N", help="Blend the fill into the N pixels around the "
+                                "hole, to soften hard seams (those pixels change; default 0: only hole pixels do)."),
     guidance: Optional[Path] = typer.Option(None, "--guidance", help="AID's guidance module (default: the one shipped "
                                             "for the backbone; implies --method aid)."),
     fit: str = typer.Option("crop", "--fit", help="crop: a box around the mask at native scale; resize: whole image."),
@@ -471,7 +475,7 @@ def inpaint(
         folder.mkdir()  # only once everything that can fail before the first image has passed
     opts = InpaintOptions(method=method, steps=steps, seed=seed, samples=samples, invert_mask=invert_mask,
                           resize_mask=resize_mask, fit=fit, params=params, class_label=class_label,
-                          method_default=bool(why))
+                          method_default=bool(why), dilate=dilate, feather=feather)
     resolution = info["resolution"] * space.factor  # pixels the image is fitted to (latent: the VAE's 8x)
 
     def report(records: list[dict]) -> None:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .data.images import (OUTPUT_FORMATS, composite, load_image, load_mask, mask_stats, plan_fit, save_image,
+from .data.images import (OUTPUT_FORMATS, composite, grow, load_image, load_mask, mask_stats, plan_fit, save_image,
                           to_task_tensors)
 from .errors import UserError
 from .fileio import check_writable_dir
@@ -39,6 +39,8 @@ class InpaintOptions:
     params: dict = field(default_factory=dict)  # method params (the backbone's tuned ones, registry.tuned_params)
     class_label: int | None = None  # --class N of a class-conditional backbone (recorded; the one-hot goes to the net)
     method_default: bool = False  # the method was chosen by default, not given (recorded)
+    dilate: int = 0  # grow the hole by this many pixels first (--dilate)
+    feather: int = 0  # blend the fill into this many pixels around the hole (--feather)
 
 
 @dataclass
@@ -180,9 +182,14 @@ def prepare(job: Job, resolution: int, opts: InpaintOptions, notice: Callable[[s
     `resolution`: the pixel side the image is fitted to (the network's resolution × the space's factor).
     """
     img = load_image(job.image)
-    hole = load_mask(job.mask, img.size, invert=opts.invert_mask, resize=opts.resize_mask)
+    notes: list[str] = []
+    hole = load_mask(job.mask, img.size, invert=opts.invert_mask, resize=opts.resize_mask, notes=notes)
     for note in img.notes:
         notice(f"{job.image.name}: {note}")
+    for note in notes:
+        notice(note)
+    if opts.dilate:
+        hole = grow(hole, opts.dilate)
     fraction = mask_stats(hole)
     if fraction == 0:
         notice(f"{job.mask.name}: the mask is empty (nothing to fill); {job.image.name} is copied through unchanged")
@@ -195,7 +202,7 @@ def prepare(job: Job, resolution: int, opts: InpaintOptions, notice: Callable[[s
     if fraction > INVERTED_WARNING_FRACTION:
         notice(f"{job.mask.name}: {fraction:.0%} of the image is to be filled; if white was meant to be kept, "
                f"pass --invert-mask")
-    fit = plan_fit(hole, resolution, mode=opts.fit)
+    fit = plan_fit(grow(hole, opts.feather) if opts.feather else hole, resolution, mode=opts.fit)  # covers the ring
     x, M = to_task_tensors(img, hole, fit)
     return Prepared(job, img, hole, fit, x, M)
 
@@ -226,7 +233,7 @@ def inpaint_batch(net, items: list[Prepared], opts: InpaintOptions, device: torc
     records = []
     for i, p in enumerate(items):
         for k, path in enumerate(p.job.outputs):
-            out = composite(p.img, p.hole, p.fit, completed[i * K + k:i * K + k + 1])
+            out = composite(p.img, p.hole, p.fit, completed[i * K + k:i * K + k + 1], feather=opts.feather)
             for w in save_image(path, out, p.img, protect=[p.job.mask]):
                 notice(f"{path.name}: {w}")
             records.append(_record(path, p.job, opts, k, result.nfe, result.backward, seconds, p.fit.describe(),
@@ -247,7 +254,7 @@ def _record(path: Path, job: Job, opts: InpaintOptions, k: int, nfe: int, backwa
             fit: str, space: str = "pixels") -> dict:
     return {"path": str(path), "input": str(job.image), "mask": str(job.mask), "seed": opts.seed + k,
             "method": opts.method, "method_default": opts.method_default, "params": dict(opts.params),
-            "steps": opts.steps, "nfe": nfe, "backward": backward,
+            "steps": opts.steps, "nfe": nfe, "backward": backward, "dilate": opts.dilate, "feather": opts.feather,
             "seconds": round(seconds, 4), "fit": fit, "space": space, "class": opts.class_label}
 
 

@@ -157,11 +157,22 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
                        notes=notes)
 
 
-def load_mask(path: str | os.PathLike, size: tuple[int, int], invert: bool = False, resize: bool = False) -> np.ndarray:
-    """Read a mask file as a bool HxW array, True = hole (white = fill; `invert` for white = keep), at image `size` (W, H)."""
+def load_mask(path: str | os.PathLike, size: tuple[int, int], invert: bool = False, resize: bool = False,
+              notes: list[str] | None = None) -> np.ndarray:
+    """Read a mask file as a bool HxW array, True = hole (white = fill; `invert` for white = keep), at image `size` (W, H).
+
+    A mask drawn on a transparent layer (an alpha channel with both opaque and transparent pixels: strokes painted over
+    nothing, as image editors export them) is read as drawn: its opaque pixels are the hole, whatever their colour; a
+    note saying so goes to `notes`. A fully opaque (or alpha-less) mask is read by brightness, white = fill."""
     path = Path(path)
     im, _ = _open(path, "mask")
-    if im.mode.startswith("I;16") or im.mode == "I":
+    alpha = _alpha(im)
+    if alpha is not None and (alpha >= 128).any() and (alpha < 128).any():
+        white = alpha >= 128
+        if notes is not None:
+            notes.append(f"{path.name}: read as strokes on a transparent layer: its opaque pixels "
+                         f"({100 * white.mean():.0f}%) are the hole")
+    elif im.mode.startswith("I;16") or im.mode == "I":
         white = np.asarray(im).astype(np.int64) >= 32768  # 16-bit: ≥ 128 on the 8-bit scale
     else:
         white = np.asarray(im.convert("L")) >= 128
@@ -172,6 +183,36 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int], invert: bool = Fal
                             f"pass --resize-mask to scale it")
         white = np.asarray(Image.fromarray(white).resize(tuple(size), Image.NEAREST), dtype=bool)
     return ~white if invert else white
+
+
+def _alpha(im: Image.Image) -> np.ndarray | None:
+    """The 8-bit alpha channel of an image that has one (RGBA, LA, PA, or a palette/RGB/L with a transparent colour)."""
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return np.asarray(im.getchannel("A"))
+    if "transparency" in im.info and im.mode in ("P", "RGB", "L"):
+        return np.asarray(im.convert("RGBA").getchannel("A"))
+    return None
+
+
+def grow(hole: np.ndarray, n: int) -> np.ndarray:
+    """The hole grown by `n` pixels in every direction (a square of side 2n + 1: dilation in the chessboard distance)."""
+    if n <= 0 or not hole.any():
+        return hole.copy()
+    t = torch.from_numpy(hole.astype(np.float32))[None, None]
+    k = 2 * n + 1
+    t = torch.nn.functional.max_pool2d(t, (k, 1), stride=1, padding=(n, 0))  # separable: rows, then columns
+    t = torch.nn.functional.max_pool2d(t, (1, k), stride=1, padding=(0, n))
+    return t[0, 0].numpy() > 0
+
+
+def feather_weights(hole: np.ndarray, n: int) -> np.ndarray:
+    """How much of the fill each pixel takes: 1 in the hole, (n + 1 − d)/(n + 1) at chessboard distance d ≤ n outside
+    it, 0 beyond: a linear ramp over the n pixels around the hole (`--feather n`)."""
+    weights, cur = hole.astype(np.float32), hole
+    for _ in range(n):
+        cur = grow(cur, 1)
+        weights += cur
+    return weights / (n + 1)
 
 
 def mask_stats(hole: np.ndarray) -> float:
@@ -292,8 +333,12 @@ def to_task_tensors(img: LoadedImage, hole: np.ndarray, fit: Fit,
 
 # ------------------------------------------------------------------------------------------------------------ compositing
 
-def composite(img: LoadedImage, hole: np.ndarray, fit: Fit, completed: torch.Tensor) -> np.ndarray:
-    """Paste the model's output into the hole at the original size; every other pixel is the original's, untouched."""
+def composite(img: LoadedImage, hole: np.ndarray, fit: Fit, completed: torch.Tensor, feather: int = 0) -> np.ndarray:
+    """Paste the model's output into the hole at the original size; every other pixel is the original's, untouched.
+
+    `feather` n > 0: the n pixels around the hole are blended too, linearly from the fill (next to the hole) to the
+    original (n + 1 pixels away), to soften the seam; those pixels then change. The fit must cover them
+    (plan it on grow(hole, n))."""
     if completed.ndim == 4:
         if completed.shape[0] != 1:
             raise ValueError("composite takes one completed image at a time")
@@ -309,7 +354,13 @@ def composite(img: LoadedImage, hole: np.ndarray, fit: Fit, completed: torch.Ten
     region = out[top:bottom, left:right]  # a view: writing into it writes into `out`
     colour = region if img.mode in ("L", "I;16") else region[..., 0] if img.mode == "LA" else region[..., :3]
     box_hole = hole[top:bottom, left:right]
-    colour[box_hole] = new[box_hole]  # alpha (if any) is left as it was
+    if feather <= 0:
+        colour[box_hole] = new[box_hole]  # alpha (if any) is left as it was
+        return out
+    w = feather_weights(box_hole, feather)
+    w = w[..., None] if colour.ndim == 3 else w
+    old = colour.astype(np.float64)
+    colour[...] = np.rint(old + w * (new.astype(np.float64) - old)).clip(0, img.max_value).astype(colour.dtype)
     return out
 
 
