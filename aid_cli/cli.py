@@ -475,7 +475,7 @@ def inpaint(
         load_guidance(params["guidance"], backbone_sha256=params["backbone_sha256"])
     check_outputs(jobs, create)
     for folder in create:
-        folder.mkdir()  # only once everything that can fail before the first image has passed
+        folder.mkdir(exist_ok=True)  # only once everything that can fail has passed (a parallel job may beat us)
     opts = InpaintOptions(method=method, steps=steps, seed=seed, samples=samples, invert_mask=invert_mask,
                           resize_mask=resize_mask, fit=fit, params=params, class_label=class_label,
                           method_default=bool(why), dilate=dilate, feather=feather)

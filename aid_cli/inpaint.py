@@ -103,13 +103,15 @@ def plan_jobs(inputs: list[Path], mask: Path, output: Path | None, samples: int)
     """Pair every input (image files and folders) with its mask and give each output a path; also the folder to create
     once everything that can fail has passed.
 
-    One image file and -o: that file (or OUT/STEM.png when OUT is an existing folder). Several inputs or a folder and -o:
+    One image file and -o: that file (or OUT/STEM.png when OUT is an existing folder, or a name without a suffix). Several inputs or a folder and -o:
     OUT is a folder (created), results are OUT/STEM.png. No -o: each image's result beside it (default_output), each
     folder's in a new folder beside it (default_folder). Two inputs that would write the same file are refused.
     """
     from .data.images import pair_inputs
 
     single_file = len(inputs) == 1 and not inputs[0].is_dir()
+    if output is not None and single_file and not output.exists() and output.suffix == "":
+        single_file = False  # `-o out` (no image suffix) for one image: a folder, as `-o out/` means to a shell user
     if output is not None and not single_file:
         if output.exists() and not output.is_dir():
             raise UserError(f"{inputs[0]} is a folder, so -o must be a folder too (got the file {output})"

@@ -153,6 +153,19 @@ def test_several_images_in_one_call(tmp_path, tiny_checkpoint, capsys):
     assert sorted(p.name for p in (tmp_path / "in").glob("*-filled*")) == ["a-filled.png", "b-filled.png"]
 
 
+def test_one_image_into_a_folder(tmp_path, tiny_checkpoint, capsys):
+    """`-o out/` for one image, as `xargs -I{} aid inpaint {} -o out/` runs it: the folder is made on the first call."""
+    image, mask = write_pair(tmp_path, "photo")
+    for _ in range(2):
+        code, _, err = run_cli(inpaint_args(image, mask=mask, model=tiny_checkpoint, extra=["-o", tmp_path / "out"]),
+                               capsys)
+        assert code == 0, err
+    assert sorted(tree(tmp_path / "out")) == ["photo.png"]
+    code, _, err = run_cli(inpaint_args(image, mask=mask, model=tiny_checkpoint, extra=["-o", tmp_path / "o.xyz"]),
+                           capsys)
+    assert code == 2 and "cannot tell the output format" in err
+
+
 @pytest.mark.parametrize("case", ["same stem twice", "same image twice", "o is a file", "one missing"])
 def test_several_images_fail_before_any_output(tmp_path, tiny_checkpoint, capsys, case):
     a, mask = write_pair(tmp_path / "x", "photo")
