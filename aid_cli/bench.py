@@ -1032,6 +1032,8 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
     elif skipped:
         runner.log(f"resuming: {skipped} finished cell(s) skipped, {len(todo)} to run")
     state["total"] = len(todo) * cfg.n
+    if todo and runner.rank == 0:
+        runner.log(plan_text(runner, cfg, todo))
     for c, (spec, family, seed) in enumerate(todo):
         rec = runner.cell(spec, family, seed, cfg.batch, examples=cfg.examples if seed == cfg.seeds[0] else 0,
                           done_before=c * cfg.n)
@@ -1041,6 +1043,67 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
     if runner.rank != 0:
         return None
     return write_reports(out, cfg, runner, specs)
+
+
+def count_evaluations(spec: MethodSpec, channels: int, resolution: int) -> tuple[int, int]:
+    """(NFE, backward passes) per image of one method, counted by running its loop on a stand-in network that costs
+    nothing (exact but for CoPaint's adaptive retries, which depend on the real network)."""
+    from .sampling import heun  # (not this module's `sample`, which counts and times the real runs)
+    from .task import Task
+
+    method = get_method(spec.method, **spec.params, **spec.runtime)
+    if method.oracle:
+        return 0, 0
+    x0 = torch.zeros(1, channels, resolution, resolution)
+    M = torch.ones(1, 1, resolution, resolution)
+    M[..., resolution // 4: resolution // 2, resolution // 4: resolution // 2] = 0
+    r = heun.sample(lambda x, sigma, labels=None: 0.5 * x, Task.from_image(x0, M), method, num_steps=spec.steps,
+                    generators=bench_generators(0, [0]))
+    return r.nfe, r.backward
+
+
+def plan_text(runner: Runner, cfg: BenchConfig, todo: list) -> str:
+    """What the run will do and roughly how long it will take, said before it starts: cells, images, network
+    evaluations, and an estimate from one timed network evaluation at --batch (a backward pass counted as two)."""
+    channels, res = runner.info["channels"], runner.info["resolution"]
+    counts = {}
+    for spec, _, _ in todo:
+        if spec.label not in counts:
+            try:
+                counts[spec.label] = count_evaluations(spec, channels, res)
+            except Exception:  # a method the stand-in cannot run: no estimate for it, the run itself will say more
+                counts[spec.label] = (spec.steps * 2 - 1, 0)
+    images = len(todo) * cfg.n
+    evals = sum((counts[s.label][0] + 2 * counts[s.label][1]) * cfg.n for s, _, _ in todo)
+    per_eval = _seconds_per_evaluation(runner, min(cfg.batch, cfg.n))
+    eta = evals * per_eval / max(runner.world, 1)
+    methods = ", ".join(f"{label} {n} NFE" + (f" + {b} backward" if b else "") for label, (n, b) in counts.items())
+    return (f"plan: {len(todo)} cell(s) × {cfg.n} images = {images:,} completions ({methods} per image); about "
+            f"{_duration(eta)} on {runner.device} at --batch {cfg.batch} (an estimate from one timed network "
+            f"evaluation; metrics and the VAE come on top)")
+
+
+def _seconds_per_evaluation(runner: Runner, batch: int) -> float:
+    """Seconds per image of one forward pass of the backbone at `batch`, after an untimed first call."""
+    net, res, C = runner.net, runner.info["resolution"], runner.info["channels"]
+    x = torch.zeros(batch, C, res, res, device=runner.device)
+    sigma = torch.ones(batch, device=runner.device)
+    labels = torch.zeros(batch, runner.info["label_dim"], device=runner.device) if runner.info["label_dim"] else None
+    with torch.no_grad():
+        net(x, sigma, labels)
+        synchronize(runner.device)
+        t0 = time.perf_counter()
+        net(x, sigma, labels)
+        synchronize(runner.device)
+    return (time.perf_counter() - t0) / batch
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def write_reports(out: Path, cfg: BenchConfig, runner: Runner, specs: list[MethodSpec]) -> dict:

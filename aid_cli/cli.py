@@ -777,7 +777,8 @@ def bench(
                                         "embedded"),
     steps: int = typer.Option(18, "--steps", min=2, help="EDM grid steps N (NFE = 2N-1 for most methods)."),
     batch: int = typer.Option(16, "--batch", min=1, help="Images per sampler call (results do not depend on it)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Result folder: bench.json/.csv, grids, plot, cells.jsonl."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Result folder: bench.json/.csv, grids, plot, cells.jsonl "
+                                       "(default: a new numbered folder aid-runs/NNNNN-bench-DATA)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results (bench.json) to this file."),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps (auto: cuda, then mps, then cpu)."),
     precision: str = typer.Option("auto", "--precision", help="auto|fp32|fp16|bf16 for the backbone (recorded)."),
@@ -891,7 +892,12 @@ def bench(
     if not methods_list:
         raise UserError("--methods is required (e.g. --methods replace,dps,copy), or --tune METHOD")
     if out is None:
-        raise UserError("--out DIR is required: the results and the resumable cells go there")
+        if resume or report_only:
+            raise UserError("--resume and --report-only need --out DIR: the benchmark folder to continue or report")
+        from .fileio import numbered_run_dir, run_description
+
+        out = numbered_run_dir(run_description("bench", dataset))
+        err.print(f"results go to {escape(str(out))} (--out)", soft_wrap=True)
     cfg = BenchConfig(dataset=str(dataset), methods=parse_list(methods_list, "--methods"),
                       masks=check_masks(parse_list(masks, "--masks")), n=n or 100, seeds=seed_list, steps=steps,
                       batch=batch, mask_seed=mask_seed, examples=examples, lpips_offline=offline or None,

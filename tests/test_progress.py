@@ -79,3 +79,36 @@ def test_quiet_prints_nothing_on_a_terminal_but_json_still_prints(pair, tiny_che
     assert code == 0 and err == "", err
     assert '"nfe": 50' in out
     assert pair[0].with_name("out.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------- aid bench's plan
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_bench_counts_each_methods_evaluations_on_a_stand_in(name):
+    from aid_cli.bench import MethodSpec, count_evaluations
+
+    params = method_params(name)
+    spec = MethodSpec(name, name, params={k: v for k, v in params.items() if k != "actor"}, steps=N,
+                      runtime={"actor": params["actor"]} if "actor" in params else {})
+    assert count_evaluations(spec, 3, 16) == COUNTS[name]
+
+
+def test_bench_announces_its_plan_and_gets_a_numbered_folder(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AID_RUNS", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    args = ["bench", "--methods", "replace,dps,copy", "--dataset", data, "--model", tiny_checkpoint, "--masks", "center",
+            "--n", "2", "--seeds", "1", "--steps", "3", "--device", "cpu", "--offline"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert (tmp_path / "aid-runs" / "00000-bench-data" / "bench.json").is_file()
+    plan = [line for line in err.splitlines() if line.startswith("plan:")]
+    assert len(plan) == 1 and "3 cell(s) × 2 images" in plan[0] and "replace 5 NFE" in plan[0]
+    assert "dps 5 NFE + 3 backward" in plan[0] and "copy 0 NFE" in plan[0] and "about " in plan[0]
+    code, _, err = run_cli(args + ["--resume"], capsys)
+    assert code == 2 and "need --out" in err
