@@ -178,7 +178,7 @@ def write_tuned(checkpoint: str | os.PathLike, method: str, entry: dict, sha256:
     folder = sidecar.resolve().parent
     writable = os.access(folder, os.W_OK | os.X_OK) and (not sidecar.exists() or os.access(sidecar, os.W_OK))
     path = sidecar if writable else tuned_cache_file(sha256)
-    record = {"backbone_sha256": sha256, "backbone": str(Path(checkpoint).resolve()), "methods": {}}
+    record = {"backbone_sha256": sha256, "backbone": Path(checkpoint).name, "methods": {}}  # a name: no machine paths
     if path.is_file():
         try:
             old = json.loads(path.read_text())
@@ -307,12 +307,12 @@ MODELS: tuple[ModelEntry, ...] = (
     ModelEntry(name="aid-cats64", kind="backbone", resolution=64, license=EMBEDDED_LICENSE,
                description="embedded default: EDM SongUNet DDPM++ (4.2 M parameters) trained by aid pretrain on 64x64 "
                            "cat faces", file=EMBEDDED_BACKBONE, embedded=True,
-               sha256="5e02999656fce2f843d2f8ec274099928cea118a1f4851939c6effd5e262104f", size=16813284),
+               sha256="b7fefd36232891fb810f66472ec4b519fe141b741838298ad242338cda18f44d", size=16813228),
     ModelEntry(name="aid-cats64-guidance", kind="guidance", resolution=64, license=EMBEDDED_LICENSE,
                description="AID guidance module for aid-cats64 (CPU-trained, proxy estimator with the denoised-input "
                            "actor; weights/aid-cats64-guidance.md)",
                file=EMBEDDED_GUIDANCE, embedded=True, backbone="aid-cats64",
-               sha256="afafd59beb22503b82cc6a4cb7c9cb1fc7f662b962acfcf211b7ed25fe5075df", size=146388),
+               sha256="88a06bd5d4cc5187b0c3bf21faacba8e5604ce2f321e318375a80c5f9c1cdc5c", size=146316),
     _edm("ffhq", "vp", "DDPM++"),
     _edm("ffhq", "ve", "NCSN++"),
     _edm("afhqv2", "vp", "DDPM++"),

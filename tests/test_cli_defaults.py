@@ -265,3 +265,36 @@ def test_pretrain_snapshot_records_names_not_paths(tmp_path):
     assert str(tmp_path) not in text, text
     provenance = _json.loads(meta["aid.provenance"])
     assert provenance["config"]["out"] == "." and provenance["config"]["dataset"].endswith("data")
+
+
+def test_shipped_weights_record_no_absolute_paths():
+    """The embedded backbone and its guidance module say where they came from by names, not by the training machine's
+    paths (and the module still names its backbone's sha256)."""
+    import json as _json
+
+    from aid_cli.backbones.checkpoint import read_metadata
+    from aid_cli.fileio import sha256_file
+
+    weights = REPO / "weights"
+    backbone, guidance = weights / "aid-cats64-edm.safetensors", weights / "aid-cats64-guidance.safetensors"
+
+    def strings(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v)
+        elif isinstance(value, str):
+            yield value
+
+    for path in (backbone, guidance, weights / "aid-cats64-edm.tuned.json", weights / "aid-cats64-edm.eval.json"):
+        record = read_metadata(path) if path.suffix == ".safetensors" else _json.loads(path.read_text())
+        values = []
+        for v in strings(record):
+            try:
+                values += list(strings(_json.loads(v)))
+            except ValueError:
+                values.append(v)
+        assert not [v for v in values if v.startswith(("/", "~"))], (path.name, values)
+    assert read_metadata(guidance)["aid.backbone_sha256"] == sha256_file(backbone)

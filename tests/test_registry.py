@@ -494,7 +494,7 @@ def test_models_list_json_schema(capsys, monkeypatch, tmp_path):
         assert isinstance(r["resolution"], int) and isinstance(r["cached"], bool) and r["license"]
     by_name = {r["name"]: r for r in records}
     assert by_name["aid-cats64"]["cached"] and by_name["aid-cats64"]["sha256"] == \
-        "5e02999656fce2f843d2f8ec274099928cea118a1f4851939c6effd5e262104f"
+        "b7fefd36232891fb810f66472ec4b519fe141b741838298ad242338cda18f44d"
     assert by_name["aid-cats64-guidance"]["cached"] and by_name["aid-cats64-guidance"]["kind"] == "guidance"
     assert by_name["edm-ffhq-64-vp"]["aliases"] == ["edm-ffhq-64"]
     for name in REQUIRED - {"aid-cats64", "aid-cats64-guidance"}:
