@@ -414,7 +414,9 @@ def inpaint(
                                 "hole, to soften hard seams (those pixels change; default 0: only hole pixels do)."),
     guidance: Optional[Path] = typer.Option(None, "--guidance", help="AID's guidance module (default: the one shipped "
                                             "for the backbone; implies --method aid)."),
-    fit: str = typer.Option("crop", "--fit", help="crop: a box around the mask at native scale; resize: whole image."),
+    fit: str = typer.Option("crop", "--fit", help="crop: a box around the mask (at native scale when it is small); "
+                            "resize: the whole image; native: windows at the model's own scale along the mask, "
+                            "filled one after another (long thin strokes on large photos)."),
     class_label: Optional[int] = typer.Option(None, "--class", min=0,
                                               help="Class N for a class-conditional backbone (e.g. ImageNet)."),
     vae: Optional[str] = typer.Option(None, "--vae", help="Latent backbones: a local diffusers VAE folder instead of "
@@ -448,8 +450,10 @@ def inpaint(
     from .registry import resolve_backbone, tuned_params
     from .threads import apply_threads
 
-    if fit not in ("crop", "resize"):
-        raise UserError(f"--fit must be crop or resize, got {fit!r}")
+    if fit not in ("crop", "resize", "native"):
+        raise UserError(f"--fit must be crop, resize or native, got {fit!r}")
+    if fit == "native" and feather:
+        raise UserError("--feather does not combine with --fit native (its windows are filled at native scale)")
     apply_threads(threads)
     if method is not None:
         check_method_name(method)  # unknown names fail before any loading
@@ -504,7 +508,8 @@ def inpaint(
                 pending.append(item)
             if pending and (len(pending) == batch or i == len(jobs) - 1):
                 names = ", ".join(p.job.image.name for p in pending)
-                with bar.sampling(f"{method} {names}", expected) as progress:
+                calls = sum(len(p.fit) for p in pending) if fit == "native" else 1  # native: a call per window
+                with bar.sampling(f"{method} {names}", expected * calls) as progress:
                     records = inpaint_batch(net, pending, opts, dev, notice, space=space, class_labels=labels,
                                             progress=progress)
                 report(records)

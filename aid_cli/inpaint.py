@@ -17,8 +17,8 @@ from typing import Callable
 
 import torch
 
-from .data.images import (OUTPUT_FORMATS, composite, grow, load_image, load_mask, mask_stats, plan_fit, save_image,
-                          to_task_tensors)
+from .data.images import (OUTPUT_FORMATS, composite, grow, load_image, load_mask, mask_stats, plan_fit, plan_windows,
+                          save_image, to_task_tensors)
 from .errors import UserError
 from .fileio import check_writable_dir
 from .methods import get_method
@@ -204,9 +204,50 @@ def prepare(job: Job, resolution: int, opts: InpaintOptions, notice: Callable[[s
     if fraction > INVERTED_WARNING_FRACTION:
         notice(f"{job.mask.name}: {fraction:.0%} of the image is to be filled; if white was meant to be kept, "
                f"pass --invert-mask")
+    if opts.fit == "native":  # windows, filled one after another (inpaint_windows); nothing to batch
+        return Prepared(job, img, hole, plan_windows(hole, resolution), None, None)
     fit = plan_fit(grow(hole, opts.feather) if opts.feather else hole, resolution, mode=opts.fit)  # covers the ring
     x, M = to_task_tensors(img, hole, fit)
     return Prepared(job, img, hole, fit, x, M)
+
+
+def inpaint_windows(net, item: Prepared, opts: InpaintOptions, device: torch.device, notice: Callable[[str], None],
+                    space, class_labels: torch.Tensor | None = None,
+                    progress: Callable[[int], None] | None = None) -> list[dict]:
+    """`--fit native`: fill the hole window by window at the model's own scale (plan_windows), each window seeing the
+    fills before it; the K samples of the image run side by side, sample k drawing its noise, window after window, from
+    its own generator seeded seed + k. Writes the outputs; one record each."""
+    import dataclasses
+
+    K, windows = opts.samples, item.fit
+    method = get_method(opts.method, **opts.params)
+    space = space.for_method(method)
+    labels = class_labels.expand(K, -1).to(device) if class_labels is not None else None
+    generators = sample_generators(opts.seed, K)
+    pixels = [item.img.pixels.copy() for _ in range(K)]
+    unfilled = item.hole.copy()
+    nfe = backward = 0
+    t0 = time.perf_counter()
+    for fit, fills in windows:
+        views = [dataclasses.replace(item.img, pixels=p) for p in pixels]
+        tensors = [to_task_tensors(v, unfilled, fit) for v in views]  # every unfilled hole pixel is unknown
+        x = torch.cat([t[0] for t in tensors]).to(device)
+        M = torch.cat([t[1] for t in tensors]).to(device)
+        task = space.task(x, M, labels)
+        result = sample(net, task, method, num_steps=opts.steps, generators=generators, progress=progress)
+        completed = space.to_pixels(x, M, result.completed)
+        nfe, backward = nfe + result.nfe, backward + result.backward
+        pixels = [composite(v, fills, fit, completed[k:k + 1]) for k, v in enumerate(views)]
+        unfilled &= ~fills
+    seconds = (time.perf_counter() - t0) / K
+    side = windows[0][0].resolution
+    how = f"{len(windows)} window(s) of {side}x{side} at native scale"
+    records = []
+    for k, path in enumerate(item.job.outputs):
+        for w in save_image(path, pixels[k], item.img, protect=[item.job.mask]):
+            notice(f"{path.name}: {w}")
+        records.append(_record(path, item.job, opts, k, nfe, backward, seconds, how, space.describe()))
+    return records
 
 
 def inpaint_batch(net, items: list[Prepared], opts: InpaintOptions, device: torch.device,
@@ -220,6 +261,9 @@ def inpaint_batch(net, items: list[Prepared], opts: InpaintOptions, device: torc
     """
     from .backbones.latent import PixelSpace
 
+    if opts.fit == "native":
+        return [rec for p in items for rec in inpaint_windows(net, p, opts, device, notice, space or PixelSpace(),
+                                                              class_labels, progress)]
     K = opts.samples
     x = torch.cat([p.x.repeat(K, 1, 1, 1) for p in items]).to(device)
     M = torch.cat([p.M.repeat(K, 1, 1, 1) for p in items]).to(device)

@@ -128,3 +128,52 @@ def test_cli_feather_blends_a_ring_and_keeps_the_rest(photo, tmp_path, tiny_chec
     w = feather_weights(strokes(), 3)[..., None]
     # each ring pixel lies between the original and the fill's rendering there: |soft − original| ≤ w·255 + 1
     assert (np.abs(soft - pixels)[near] <= (w * 255 + 1)[near]).all()
+
+
+# ------------------------------------------------------------------------------------------------- --fit native
+
+def test_plan_windows_cover_the_hole_once_at_native_scale():
+    from aid_cli.data.images import plan_windows
+
+    hole = np.zeros((100, 300), bool)
+    hole[40:44, 10:290] = True  # a long thin stroke
+    hole[90:100, 0:5] = True  # and a blot in a corner
+    windows = plan_windows(hole, 32)
+    covered = np.zeros_like(hole)
+    for fit, fills in windows:
+        assert fit.side == fit.resolution == 32 and fit.scale == 1.0  # native scale: never resized
+        left, top, right, bottom = fit.box
+        assert not (covered & fills).any()  # every hole pixel is filled by exactly one window
+        assert fills[top:bottom, left:right].sum() == fills.sum()  # inside its window
+        assert (fills <= hole).all()
+        covered |= fills
+    assert np.array_equal(covered, hole)
+    assert len(windows) <= 300 // 16 + 2  # a stroke is followed window by window (inner squares of 16)
+
+
+def test_cli_fit_native_fills_a_long_stroke_window_by_window(tmp_path, tiny_checkpoint, capsys):
+    """A stroke across a photo far larger than the model: windows at native scale, visible pixels exact, and the
+    same seed gives the same file; samples share nothing."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (60, 120, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    hole = np.zeros((60, 120), bool)
+    hole[28:31, 3:117] = True
+    Image.fromarray(hole.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    args = ["inpaint", tmp_path / "photo.png", "--mask", tmp_path / "mask.png", "--model", tiny_checkpoint, "--method",
+            "replace", "--steps", 3, "--device", "cpu", "--fit", "native", "--json"]
+    code, out, err = run_cli(args + ["-o", tmp_path / "a.png"], capsys)
+    assert code == 0, err
+    import json as _json
+
+    rec = _json.loads(out)
+    windows = int(rec["fit"].split()[0])
+    assert rec["fit"].endswith("window(s) of 16x16 at native scale") and windows > 1
+    assert rec["nfe"] == windows * 5
+    a = np.asarray(Image.open(tmp_path / "a.png"))
+    assert np.array_equal(a[~hole], pixels[~hole])
+    assert (a[hole] != pixels[hole]).any(axis=1).mean() > 0.5
+    assert run_cli(args + ["-o", tmp_path / "b.png"], capsys)[0] == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    code, _, err = run_cli(args + ["-o", tmp_path / "c.png", "--feather", "2"], capsys)
+    assert code == 2 and "--feather does not combine with --fit native" in err

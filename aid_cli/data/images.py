@@ -289,6 +289,36 @@ def plan_fit(hole: np.ndarray, resolution: int, mode: str = "crop", margin: floa
                resolution=resolution)
 
 
+def plan_windows(hole: np.ndarray, resolution: int) -> list[tuple[Fit, np.ndarray]]:
+    """Cover the hole with windows the model sees at native scale (side = `resolution`, no resizing), for
+    `--fit native`: [(fit, the hole pixels that window fills)], in the order they are to be filled.
+
+    Each window fills the still-unfilled hole pixels of its inner square (the window less a quarter of its side on every
+    side, so every filled pixel has context around it): the topmost, then leftmost unfilled pixel starts the next one,
+    so a long stroke is followed window by window, and each later window sees the fills of the earlier ones."""
+    height, width = hole.shape
+    margin = resolution // 4
+    inner = max(resolution - 2 * margin, 1)
+    remaining, windows = hole.copy(), []
+    while remaining.any():
+        flat = int(np.flatnonzero(remaining)[0])
+        r, c = divmod(flat, width)
+        # start the square at the leftmost unfilled pixel of its rows within reach of this one, so that a stroke
+        # running right or down-left is followed without overlap
+        lo = max(c - inner + 1, 0)
+        cols = np.flatnonzero(remaining[r:r + inner, lo:c + 1].any(axis=0))
+        top, left = r, min(lo + int(cols[0]), max(width - inner, 0))
+        bottom, right = min(top + inner, height), min(left + inner, width)
+        x0, x1, pad_l, pad_r = _place(left, right, resolution, width)
+        y0, y1, pad_t, pad_b = _place(top, bottom, resolution, height)
+        fills = np.zeros_like(hole)
+        fills[top:bottom, left:right] = remaining[top:bottom, left:right]
+        remaining &= ~fills
+        windows.append((Fit(mode="native", image_size=(width, height), box=(x0, y0, x1, y1),
+                            pad=(pad_l, pad_t, pad_r, pad_b), resolution=resolution), fills))
+    return windows
+
+
 def _pad(a: np.ndarray, fit: Fit) -> np.ndarray:
     """Reflection-pad a box-cropped HxW[xC] array to the fit's square."""
     if not any(fit.pad):
