@@ -177,3 +177,21 @@ def test_cli_fit_native_fills_a_long_stroke_window_by_window(tmp_path, tiny_chec
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     code, _, err = run_cli(args + ["-o", tmp_path / "c.png", "--feather", "2"], capsys)
     assert code == 2 and "--feather does not combine with --fit native" in err
+
+
+def test_a_damaged_transparency_chunk_falls_back_to_brightness(tmp_path):
+    """A palette mask whose tRNS chunk has more entries than its palette (Pillow cannot convert it to RGBA) is read by
+    brightness, not a traceback."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = b"".join(b"\x00" + bytes([1 if x < 4 else 0 for x in range(8)]) for _ in range(8))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 3, 0, 0, 0))
+           + chunk(b"PLTE", b"\x00\x00\x00\xff\xff\xff") + chunk(b"tRNS", b"\xff" * 300)
+           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    (tmp_path / "m.png").write_bytes(png)
+    hole = load_mask(tmp_path / "m.png", (8, 8))
+    assert hole[:, :4].all() and not hole[:, 4:].any()  # palette entry 1 is white

@@ -190,7 +190,10 @@ def _alpha(im: Image.Image) -> np.ndarray | None:
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         return np.asarray(im.getchannel("A"))
     if "transparency" in im.info and im.mode in ("P", "RGB", "L"):
-        return np.asarray(im.convert("RGBA").getchannel("A"))
+        try:
+            return np.asarray(im.convert("RGBA").getchannel("A"))
+        except (ValueError, OSError):  # a damaged transparency chunk (more entries than the palette): read by brightness
+            return None
     return None
 
 
