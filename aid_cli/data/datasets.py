@@ -93,11 +93,14 @@ def _read_labels(path: Path) -> dict[str, int] | None:
 
 
 def load_image_set(path: str | Path, resolution: int | None = None, channels: int = 3, limit: int | None = None,
-                   on_skip=None) -> ImageSet:
-    """Decode every image of a folder or EDM zip (sorted by name) at `resolution` (None: keep; all must then agree)."""
+                   on_skip=None, offset: int = 0) -> ImageSet:
+    """Decode every image of a folder or EDM zip (sorted by name) at `resolution` (None: keep; all must then agree).
+    `offset`: skip the first `offset` entries unread (e.g. a benchmark's images); `limit`: keep at most that many."""
     path = Path(path)
     arrays, names, skipped = [], [], []
-    for name, read in _entries(path):
+    for k, (name, read) in enumerate(_entries(path)):
+        if k < offset:
+            continue
         if limit is not None and len(arrays) >= limit:
             break
         try:

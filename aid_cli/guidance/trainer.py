@@ -15,15 +15,23 @@ One iteration, for a batch of tasks:
 Pixel sums vs means: ℓ and the running cost both use means over the d = C·H·W entries (recorded in the config);
 log π is the true Gaussian log-density (a sum over entries).
 
-`--estimator` chooses the actor's gradient; the critic's update (eq. 10) is the same for the first two:
-  score     the paper's eq. 11 above (faithful; the default).
+`--estimator` chooses the actor's gradient; the critic's update (eq. 10) is the same for score and pathwise:
+  backprop  the exact gradient of J (the default): no critic, no sampled actions; backpropagate
+            ℓ(X_N) + Σ_n (β/2)·mean(μ_n²)·Δt through the whole deterministic frozen solve (every backbone evaluation
+            gets a backward pass). The dynamics are deterministic and known, so this is J's true gradient for the
+            sampled tasks; the paper calls it the "supervised proxy" ablation (`proxy` is kept as an alias). On this
+            problem it is the estimator that learns: the others estimate the same gradient with far more noise.
+  score     the paper's eq. 11 above (faithful).
   pathwise  a one-step pathwise gradient through the critic (method.md §6's variant, DDPG/SVG(0)-style). The control
             enters the step additively, X_{n+1} = Heun(X_n) + a_n·Δt, so with X̂_{n+1} = X_{n+1} − a_n·Δt the actor
             descends Σ_n (β/2)·mean(μ_n²)·Δt + V_θ(t_{n+1}, X̂_{n+1} + μ_n·Δt), with V_θ(T, ·) = ℓ exactly, the critic's
             weights held fixed: ∇_a of the one-step cost-to-go, no backbone gradient.
-  proxy     the "supervised proxy" ablation: no critic, no sampled actions; backpropagate
-            ℓ(X_N) + Σ_n (β/2)·mean(μ_n²)·Δt through the whole deterministic frozen solve (every backbone evaluation
-            gets a backward pass).
+
+Data (held out from the benchmark by default): validation reads `val_n` images of `--val` after its first `val_offset`
+(100: the benchmark protocol uses val.zip's first 100 images and `aid bench --tune` its first 16), each with a fixed
+mask of the three evaluation families in turn (freeform, center, strip). Training masks come from a bank of
+`mask_bank` masks drawn once per run from the training stream (never an evaluation mask's seed); each iteration picks
+its masks from the bank with the iteration's generator, so a resumed run sees the same masks.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ import torch.utils.checkpoint
 from ..backbones.checkpoint import load_backbone, sha256_file
 from ..backbones.latent import PixelSpace, model_space
 from ..data.datasets import load_image_set
-from ..data.masks import eval_masks, training_masks
+from ..data.masks import FAMILIES, eval_masks, training_mask_bank, training_masks
 from ..devices import prepare_backbone, training_precision
 from ..errors import UserError
 from ..fileio import atomic_write_text
@@ -59,7 +67,14 @@ STATE_FILE = "training-state.safetensors"
 GUIDANCE_FILE = "guidance.safetensors"
 SNAPSHOT_DIR = "modules"  # guidance-NNNNNN.safetensors: the module at each checkpoint
 CURVES_FILE = "curves.png"
-ESTIMATORS = ("score", "pathwise", "proxy")
+ESTIMATORS = ("backprop", "score", "pathwise")
+ESTIMATOR_ALIASES = {"proxy": "backprop"}  # the paper's name for the exact-gradient ablation
+TRAIN_MASK_FAMILIES = ("freeform", "box", "strip")
+
+
+def canonical_estimator(name: str) -> str:
+    """`proxy` → `backprop`; anything else unchanged (checked by `train`)."""
+    return ESTIMATOR_ALIASES.get(name, name)
 
 
 @dataclass
@@ -83,18 +98,21 @@ class TrainConfig:
     critic_width: int = 32
     seed: int = 0
     val_every: int = 100  # iterations between validation PSNRs
-    val_n: int = 32  # fixed val images (free-form masks v1, seed 0) for the validation PSNR
+    val_n: int = 64  # fixed val images (masks: the evaluation families in turn, v1, seed 0) for validation
+    val_offset: int = 100  # skip the benchmark's images: the protocol uses val.zip's first 100, --tune its first 16
     checkpoint_every: int = 50  # iterations between resumable states
     val_dataset: str | None = None
     vae: str | None = None  # latent backbones: a local diffusers VAE folder instead of the pinned hub VAE
     class_label: int | None = None  # class-conditional backbones: this class for every image (else dataset.json)
-    estimator: str = "score"  # actor gradient: score (eq. 11) | pathwise | proxy (see the module docstring)
+    estimator: str = "backprop"  # actor gradient: backprop (exact) | score (eq. 11) | pathwise (module docstring)
     precision: str = "auto"  # the frozen backbone's autocast in rollouts (devices.training_precision); nets stay fp32
     compile: bool = False  # torch.compile the frozen backbone
     denoised_input: bool = False  # the actor also reads D(X_n; σ_n) and M ⊙ (y − D) (networks.py; an option)
     lambda_lpips: float = 0.0  # an option beyond the paper: ℓ + λ·LPIPS of the completed image (terminal_cost)
     init: str | None = None  # warm start: the actor's weights from this guidance module (same backbone, same actor)
     init_sha256: str | None = None  # its sha256, recorded for provenance
+    mask_bank: int = 4096  # training masks drawn once per run; 0 = draw each iteration's masks afresh
+    train_masks: str = "freeform"  # families of the training masks, comma-separated: freeform, box, strip
     reductions: str = "mean over C·H·W in both the terminal loss and the running cost"
 
     def actor_kwargs(self, channels: int) -> dict:
@@ -183,8 +201,9 @@ def pathwise_actor_loss(cfg: TrainConfig, critic, X, A, X_N, mu, x0, task: Task,
     return (running + torch.stack(values)).sum(0).mean()
 
 
-def proxy_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators, lpips=None) -> dict:
-    """The supervised proxy: ℓ(X_N) + Σ_n (β/2)·mean(μ_n²)·Δt through the whole deterministic solve (backbone included)."""
+def backprop_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators, lpips=None) -> dict:
+    """J of the sampled tasks, ℓ(X_N) + Σ_n (β/2)·mean(μ_n²)·Δt (eqs. 2, 5 with γ = 0), through the whole deterministic
+    solve, backbone included: its gradient is J's exact gradient (estimator backprop; the paper's supervised proxy)."""
     energy = []
 
     class Recorded(AID):
@@ -225,6 +244,19 @@ def validation_scores(backbone, actor, images: torch.Tensor, M: torch.Tensor, st
     return scores
 
 
+def validation_masks(n: int, resolution) -> torch.Tensor:
+    """The fixed masks of validation: image i gets mask i of the evaluation family FAMILIES[i % 3] (v1, seed 0), so
+    checkpoints are chosen on all three families the benchmark reports."""
+    per_family = {f: eval_masks(f, n, resolution, seed=0) for f in FAMILIES}
+    return torch.stack([per_family[FAMILIES[i % len(FAMILIES)]][i] for i in range(n)]) if n else \
+        eval_masks("freeform", 0, resolution)
+
+
+def mask_families(spec: str) -> tuple[str, ...]:
+    """`--train-masks freeform,box,strip` → the families' names (checked by the mask bank)."""
+    return tuple(f.strip() for f in spec.split(",") if f.strip())
+
+
 def one_hot_labels(data, label_dim: int, class_label: int | None, what: str) -> torch.Tensor | None:
     """float [N, label_dim] class labels of a dataset for a class-conditional backbone (None for an unconditional one):
     `--class N` for every image, else the dataset's dataset.json labels."""
@@ -257,8 +289,14 @@ def warm_start(actor: Actor, path, actor_kwargs: dict, backbone_sha: str) -> Non
 def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int | None = None, progress: bool = True,
           log=print) -> Path:
     rank, world, device = init_distributed(torch.device(device))
+    cfg = dataclasses.replace(cfg, estimator=canonical_estimator(cfg.estimator))
     if cfg.estimator not in ESTIMATORS:
-        raise UserError(f"unknown --estimator {cfg.estimator!r}: choose one of {', '.join(ESTIMATORS)}")
+        raise UserError(f"unknown --estimator {cfg.estimator!r}: choose one of {', '.join(ESTIMATORS)} "
+                        f"(proxy = backprop)")
+    families = mask_families(cfg.train_masks)
+    if not families or any(f not in TRAIN_MASK_FAMILIES for f in families):
+        raise UserError(f"--train-masks {cfg.train_masks!r}: give families from {', '.join(TRAIN_MASK_FAMILIES)}, "
+                        f"comma-separated")
     if cfg.batch % world:
         raise UserError(f"--batch {cfg.batch} is not divisible by the {world} processes")
     run = Path(cfg.out)
@@ -266,6 +304,7 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
     cfg = prepare_run(cfg, run, STATE_FILE, resume, log=log,
                       free=("dataset", "out", "iters", "val_dataset", "checkpoint_every", "val_every", "precision",
                             "compile"))
+    cfg = dataclasses.replace(cfg, estimator=canonical_estimator(cfg.estimator))  # a run saved as `proxy`
 
     backbone_net, binfo = load_backbone(cfg.backbone, device=device)
     # The denoiser the rollouts call: NHWC, autocast to bf16 where asked (float32 out), compiled where asked.
@@ -282,8 +321,14 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
     C, res = binfo["channels"], binfo["resolution"] * space.factor  # res: pixels
     data = load_image_set(cfg.dataset, resolution=res)
     labels = one_hot_labels(data, binfo.get("label_dim", 0), cfg.class_label, cfg.dataset)
-    val = load_image_set(cfg.val_dataset, resolution=res, limit=cfg.val_n) if cfg.val_dataset else None
-    val_M = eval_masks("freeform", len(val), res, seed=0).to(device) if val else None
+    val = None
+    if cfg.val_dataset:
+        try:
+            val = load_image_set(cfg.val_dataset, resolution=res, limit=cfg.val_n, offset=cfg.val_offset)
+        except UserError:
+            raise UserError(f"--val {cfg.val_dataset}: no images after its first {cfg.val_offset} (validation skips "
+                            f"the benchmark's images; pass --val-offset 0 for a set of its own)") from None
+    val_M = validation_masks(len(val), res).to(device) if val else None
     val_labels = one_hot_labels(val, binfo.get("label_dim", 0), cfg.class_label, cfg.val_dataset) if val else None
     val_labels = val_labels.to(device) if val_labels is not None else None
     lpips = None
@@ -319,6 +364,9 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
         if world > 1 else (lambda m: m)
     actor_t, critic_t = ddp(actor), ddp(critic)
     sigmas = edm_sigmas(cfg.steps, device=device)
+    # the run's training masks, drawn once (bool, 1 = known); each iteration indexes it with its own generator
+    bank = training_mask_bank(cfg.mask_bank, res, cfg.seed, families, (cfg.hole_min, cfg.hole_max)) \
+        if cfg.mask_bank else None
 
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
@@ -361,7 +409,6 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
     with bar, GracefulStop() as stop:
         ptask = bar.add_task("train", total=cfg.iters, completed=it, td=float("nan"), ell=float("nan"))
         if it == 0 and val is not None and rank == 0:  # the starting point: u ≡ 0 is the unguided sampler
-            vx = val.as_float(slice(None)).to(device)
             rec = {"iteration": 0, **validate()}
             with open(run / "stats.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -370,15 +417,18 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
             t0 = time.time()
             g = step_generator(cfg.seed, it)
             idx = torch.randint(len(data), (cfg.batch,), generator=g)
-            M_all = training_masks(cfg.batch, res, cfg.seed, it, hole_range=(cfg.hole_min, cfg.hole_max))
+            if bank is not None:
+                M_all = bank[torch.randint(len(bank), (cfg.batch,), generator=g)].to(torch.float32)
+            else:
+                M_all = training_masks(cfg.batch, res, cfg.seed, it, hole_range=(cfg.hole_min, cfg.hole_max))
             sl = slice(rank * B_local, (rank + 1) * B_local)
             x0 = data.as_float(idx[sl]).to(device)
             task = space.task(x0, M_all[sl].to(device), None if labels is None else labels[idx[sl]].to(device))
             if space.latent:
                 x0 = space.encode(x0)  # the terminal loss compares latents (method.md §4: λ_vis = λ_hole = 1 there)
             gens = sample_generators(int(torch.randint(2 ** 62, (1,), generator=g)), cfg.batch)[sl]
-            if cfg.estimator == "proxy":  # the ablation: backpropagate through the whole frozen solve
-                out = proxy_loss(cfg, backbone, actor, task, x0, gens, lpips)
+            if cfg.estimator == "backprop":  # J's exact gradient through the whole frozen solve
+                out = backprop_loss(cfg, backbone, actor, task, x0, gens, lpips)
                 out["critic_loss"] = torch.zeros(())
             else:
                 with torch.no_grad():
@@ -389,7 +439,7 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
             opt_critic.zero_grad(set_to_none=True)
             opt_actor.zero_grad(set_to_none=True)
             out["actor_loss"].backward()
-            if cfg.estimator == "proxy":
+            if cfg.estimator == "backprop":
                 if world > 1:  # the raw actor ran N times in the loop: average its gradients by hand
                     for p in actor.parameters():
                         torch.distributed.all_reduce(p.grad)
@@ -416,7 +466,7 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
                    "actor_grad_cos_prev": grad_cos,
                    "terminal": out["terminal"].mean().item(), "control_energy": out["energy"].mean().item(),
                    "seconds": round(time.time() - t0, 3)}
-            if cfg.estimator != "proxy":
+            if cfg.estimator != "backprop":
                 d = out["delta"]
                 rec.update({"critic_loss": out["critic_loss"].item(), "delta_mean": d.mean().item(),
                             "delta_std": d.std().item(), "critic_grad_norm": float(gn_critic),

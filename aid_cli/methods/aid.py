@@ -49,7 +49,7 @@ class AID(Method):
     def drift(self, s: SamplerState, n: int, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
         sigma = s.sigmas[n].expand(x.shape[0])
         cond = None
-        if not torch.is_grad_enabled():  # with gradients (proxy training) the stem stays in each step's graph
+        if not torch.is_grad_enabled():  # with gradients (backprop training) the stem stays in each step's graph
             if self._cond is None:
                 self._cond = self.actor.condition(s.task.M, s.task.y)
             cond = self._cond
