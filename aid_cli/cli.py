@@ -802,6 +802,17 @@ def train(
                                   help="Actor gradient: backprop (J's exact gradient through the frozen solve; alias "
                                        "proxy), score (the paper's eq. 11), pathwise (one-step gradient through the "
                                        "critic)."),
+    explore: str = typer.Option("constant", "--explore", help="Exploration of score/pathwise rollouts: constant γ "
+                                "(the paper) or scaled, γ_n = γ·c_u(σ_n)² (noise in the actor's output units)."),
+    critic: str = typer.Option("plain", "--critic", help="Critic of score/pathwise: plain V(t, x; M, y) (the paper) "
+                               "or privileged, which also reads x0 and D(x; σ) with ℓ(D) as a baseline (training only)."),
+    td_lambda: float = typer.Option(0.0, "--td-lambda", min=0.0, max=1.0, help="λ of the critic's λ-return and the "
+                                    "actor's advantages: 0 = TD(0) (the paper), 1 = Monte Carlo."),
+    normalize_advantage: bool = typer.Option(False, "--normalize-advantage", help="Standardise the actor's "
+                                             "advantages over the batch (score)."),
+    diag_every: int = typer.Option(0, "--diag-every", min=0, help="Every K iterations, log the cosine between each "
+                                   "estimator's actor gradient and J's exact gradient, against batch size (0: never)."),
+    diag_batch: int = typer.Option(0, "--diag-batch", min=0, help="Tasks of a gradient diagnostic (0: --batch)."),
     mask_bank: int = typer.Option(4096, "--mask-bank", min=0, help="Training masks drawn once per run (0: draw each "
                                   "iteration's afresh)."),
     train_masks: str = typer.Option("freeform", "--train-masks", help="Training mask families, comma-separated: "
@@ -861,7 +872,9 @@ def train(
                       val_every=val_every, val_n=val_n, val_offset=val_offset, checkpoint_every=checkpoint_every, estimator=estimator,
                       val_dataset=str(val) if val else None, vae=vae, class_label=class_label,
                       precision=precision, compile=compile_net, denoised_input=denoised_input, lambda_lpips=lambda_lpips,
-                      init=str(init) if init else None, mask_bank=mask_bank, train_masks=train_masks)
+                      init=str(init) if init else None, mask_bank=mask_bank, train_masks=train_masks,
+                      explore=explore, critic=critic, td_lambda=td_lambda, normalize_advantage=normalize_advantage,
+                      diag_every=diag_every, diag_batch=diag_batch)
     run = run_train(cfg, resume=resume, device=resolve_device(device), log=err.print)
     err.print(f"done: {run / 'guidance.safetensors'}")
 

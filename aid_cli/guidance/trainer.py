@@ -61,9 +61,10 @@ from ..task import Task
 from ..training import GracefulStop, init_distributed, load_state, prepare_run, save_state, step_generator
 from .checkpoint import load_guidance, save_guidance
 from .curves import read_stats, training_curves
-from .networks import Actor, Critic, count_parameters
+from .networks import Actor, Critic, PrivilegedCritic, count_parameters
 
 STATE_FILE = "training-state.safetensors"
+DIAG_SEED_OFFSET = 0x646961  # "dia": the diagnostic's tasks come from a generator of their own
 GUIDANCE_FILE = "guidance.safetensors"
 SNAPSHOT_DIR = "modules"  # guidance-NNNNNN.safetensors: the module at each checkpoint
 CURVES_FILE = "curves.png"
@@ -112,6 +113,12 @@ class TrainConfig:
     init: str | None = None  # warm start: the actor's weights from this guidance module (same backbone, same actor)
     init_sha256: str | None = None  # its sha256, recorded for provenance
     mask_bank: int = 4096  # training masks drawn once per run; 0 = draw each iteration's masks afresh
+    explore: str = "constant"  # exploration: constant γ (the paper) | scaled: γ_n = γ·c_u(σ_n)² (actor's output units)
+    critic: str = "plain"  # plain: V(t, x; M, y) (the paper) | privileged: also x0 and D(x; σ), ℓ(D) baseline
+    td_lambda: float = 0.0  # λ of the critic's λ-return and the actor's advantages: 0 = TD(0) (eq. 10/11), 1 = Monte Carlo
+    normalize_advantage: bool = False  # the actor's weights Â_n standardised over the batch
+    diag_every: int = 0  # iterations between gradient diagnostics (cosines to the exact gradient); 0 = never
+    diag_batch: int = 0  # tasks of a diagnostic (0: --batch)
     train_masks: str = "freeform"  # families of the training masks, comma-separated: freeform, box, strip
     reductions: str = "mean over C·H·W in both the terminal loss and the running cost"
 
@@ -123,6 +130,13 @@ class TrainConfig:
 
     def critic_kwargs(self, channels: int) -> dict:
         return dict(channels=channels, width=self.critic_width, emb_dim=16)
+
+    def make_critic(self, channels: int):
+        """The training-only critic: the paper's V(t, x; M, y), or the privileged V(t, x; x0, M, y, D)."""
+        if self.critic == "privileged":
+            return PrivilegedCritic(**self.critic_kwargs(channels), lambda_vis=self.lambda_vis,
+                                    lambda_hole=self.lambda_hole)
+        return Critic(**self.critic_kwargs(channels))
 
 
 def terminal_loss(x: torch.Tensor, x0: torch.Tensor, M: torch.Tensor, lambda_vis: float, lambda_hole: float):
@@ -143,42 +157,89 @@ def terminal_cost(cfg: TrainConfig, x: torch.Tensor, x0: torch.Tensor, task: Tas
     return ell
 
 
-def rollout(backbone, actor: Actor, task: Task, steps: int, gamma: float, generators) -> tuple[torch.Tensor, ...]:
+def rollout(backbone, actor: Actor, task: Task, steps: int, gamma: float, generators,
+            scaled_exploration: bool = False) -> tuple[torch.Tensor, ...]:
     """Sampled-action rollout through the ordinary sampler loop: (X [N,B,...], A [N,B,...], X_N [B,...], D), where D
-    [N,B,...] stacks the steps' D(X_n; σ_n) for an actor that reads them (`denoised_input`), else None."""
-    policy = AID(actor=actor, gamma=gamma, record=True)
+    [N,B,...] stacks the steps' D(X_n; σ_n) (read by a `denoised_input` actor and by the privileged critic)."""
+    policy = AID(actor=actor, gamma=gamma, record=True, scaled_exploration=scaled_exploration)
     result = sample(backbone, task, policy, num_steps=steps, generators=generators)
     X = torch.stack([x for _, x, _, _ in policy.trajectory])
     A = torch.stack([a for _, _, a, _ in policy.trajectory])
-    D = torch.stack([d for *_, d in policy.trajectory]) if actor.denoised_input else None
+    D = torch.stack([d for *_, d in policy.trajectory])
     return X, A, result.x, D
 
 
+def exploration_gammas(cfg: TrainConfig, sigmas: torch.Tensor, N: int) -> torch.Tensor:
+    """γ_n [N] of the Gaussian policy N(μ_n, γ_n I): γ (constant, the paper) or γ·c_u(σ_n)² (`--explore scaled`)."""
+    s = sigmas[:N].to(torch.float32)
+    return cfg.gamma * (Actor.output_scale(s) ** 2 if cfg.explore == "scaled" else torch.ones_like(s))
+
+
+def log_policy(A: torch.Tensor, mu: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
+    """log π_φ(a_n | t_n, X_n) [N, B] up to a constant: −‖a_n − μ_n‖²/(2γ_n), summed over entries (the Gaussian's
+    true log-density less its normaliser, which does not depend on φ)."""
+    return -((A - mu) ** 2).sum(dim=(2, 3, 4)) / (2 * gammas.to(A.device)[:, None])
+
+
+def lambda_advantages(delta: torch.Tensor, lam: float) -> torch.Tensor:
+    """Â_n = Σ_{k≥n} λ^{k−n} δ_k over the steps (dim 0; no discount: the horizon is finite). λ = 0 gives the TD(0)
+    residual δ_n of eq. 11; λ = 1 the Monte-Carlo advantage G_n − V_n, G_n = Σ_{k≥n} r_k + ℓ(X_N) (telescoping sum)."""
+    adv = torch.zeros_like(delta)
+    running = torch.zeros_like(delta[0])
+    for n in reversed(range(delta.shape[0])):
+        running = delta[n] + lam * running
+        adv[n] = running
+    return adv
+
+
+def critic_values(critic, sig, X, M, y, x0, D) -> torch.Tensor:
+    """V_θ(t_n, X_n) for flattened [N·B] states; the privileged critic also reads x0 and D(X_n; σ_n)."""
+    if getattr(getattr(critic, "module", critic), "privileged", False):
+        return critic(sig, X, M, y, x0, D)
+    return critic(sig, X, M, y)
+
+
 def actor_critic_losses(cfg: TrainConfig, actor, critic, X, A, X_N, x0, task: Task, sigmas, D=None,
-                        lpips=None) -> dict:
-    """The TD residuals and both losses of one batch of rollouts (steps 3–5 above)."""
+                        lpips=None, estimators: tuple[str, ...] | None = None) -> dict:
+    """The TD residuals, the advantages and both losses of one batch of rollouts (steps 3–5 above).
+
+    Running costs r_n = (β/2)(mean(a_n²) − γ_n)·Δt: centred exactly, E[r_n] = (β/2)·mean(μ_n²)·Δt.
+    Critic: V_θ(t_n, X_n) regresses on the λ-return sg(V_n + Â_n) (λ = 0: the semi-gradient TD(0) of eq. 10).
+    Actor: eq. 11 with Â_n in place of δ_n (λ = 0: exactly eq. 11), optionally normalised over the batch.
+    `per_task` holds each of `estimators`' actor loss per task (default: the run's own; pathwise needs a plain critic)."""
+    estimators = estimators or ((cfg.estimator,) if cfg.estimator in ("score", "pathwise") else ("score",))
     N, B = X.shape[:2]
     dt = 1.0 / N
     M, y = task.M, task.y
     flat = lambda t: t.reshape(N * B, *t.shape[2:])  # noqa: E731
     rep = lambda t: t.unsqueeze(0).expand(N, *t.shape).reshape(N * B, *t.shape[1:])  # noqa: E731
     sig = sigmas[:N].to(X.device).repeat_interleave(B)
-    r = (cfg.beta / 2) * ((A ** 2).mean(dim=(2, 3, 4)) - cfg.gamma) * dt  # [N, B]
+    gammas = exploration_gammas(cfg, sigmas, N).to(X.device)
+    r = (cfg.beta / 2) * ((A ** 2).mean(dim=(2, 3, 4)) - gammas[:, None]) * dt  # [N, B]
     ell = terminal_cost(cfg, X_N, x0, task, lpips)  # [B]
-    V = critic(sig, flat(X), rep(M), rep(y)).reshape(N, B)
+    V = critic_values(critic, sig, flat(X), rep(M), rep(y), rep(x0), None if D is None else flat(D)).reshape(N, B)
     V_next = torch.cat([V[1:].detach(), ell[None]], dim=0)
     delta = V_next - V + r
-    critic_loss = 0.5 * (delta ** 2).sum(0).mean()
-    mu = actor(sig, flat(X), rep(M), rep(y), denoised=None if D is None else flat(D)).reshape(A.shape)
-    if cfg.estimator == "pathwise":
-        actor_loss = pathwise_actor_loss(cfg, critic, X, A, X_N, mu, x0, task, sigmas, lpips)
-    else:  # eq. 11: Σ_n sg(δ_n)·log π_φ(a_n | t_n, X_n)
-        log_pi = -((A - mu) ** 2).sum(dim=(2, 3, 4)) / (2 * cfg.gamma)  # up to a constant
-        actor_loss = (delta.detach() * log_pi).sum(0).mean()
-    target = V_next.detach() + r  # what V_θ(t_n, X_n) regresses on; explained variance = 1 − var(δ)/var(target)
-    return {"critic_loss": critic_loss, "actor_loss": actor_loss, "delta": delta.detach(), "terminal": ell.detach(),
+    adv = lambda_advantages(delta.detach(), cfg.td_lambda)
+    critic_loss = 0.5 * ((V.detach() + adv - V) ** 2).sum(0).mean()
+    mu = actor(sig, flat(X), rep(M), rep(y), denoised=flat(D) if actor_reads_denoised(actor) else None).reshape(A.shape)
+    weight = adv
+    if cfg.normalize_advantage:
+        weight = (adv - adv.mean()) / adv.std().clamp_min(1e-12)
+    per_task = {}
+    if "score" in estimators:  # eq. 11: Σ_n sg(Â_n)·log π_φ(a_n | t_n, X_n)
+        per_task["score"] = (weight * log_policy(A, mu, gammas)).sum(0)
+    if "pathwise" in estimators:
+        per_task["pathwise"] = pathwise_actor_loss(cfg, critic, X, A, X_N, mu, x0, task, sigmas, lpips)
+    target = V.detach() + adv  # what V_θ(t_n, X_n) regresses on; explained variance = 1 − var(Â)/var(target)
+    return {"critic_loss": critic_loss, "actor_loss": per_task[estimators[0]].mean(), "per_task": per_task,
+            "delta": delta.detach(), "terminal": ell.detach(),
             "energy": (A ** 2).mean(dim=(2, 3, 4)).sum(0).mul(dt).detach(), "V0": V[0].detach(),
-            "critic_ev": (1 - delta.detach().var() / target.var().clamp_min(1e-12)).item()}
+            "critic_ev": (1 - adv.var() / target.var().clamp_min(1e-12)).item()}
+
+
+def actor_reads_denoised(actor) -> bool:
+    return getattr(getattr(actor, "module", actor), "denoised_input", False)
 
 
 def _frozen(net):
@@ -189,7 +250,7 @@ def _frozen(net):
 
 
 def pathwise_actor_loss(cfg: TrainConfig, critic, X, A, X_N, mu, x0, task: Task, sigmas, lpips=None) -> torch.Tensor:
-    """Σ_n (β/2)·mean(μ_n²)·Δt + V_θ(t_{n+1}, X̂_{n+1} + μ_n·Δt), V_θ(T, ·) = ℓ; mean over the batch (estimator pathwise)."""
+    """Σ_n (β/2)·mean(μ_n²)·Δt + V_θ(t_{n+1}, X̂_{n+1} + μ_n·Δt), V_θ(T, ·) = ℓ; per task [B] (estimator pathwise)."""
     N, B = X.shape[:2]
     dt = 1.0 / N
     X_next_hat = torch.cat([X[1:], X_N[None]]) - A * dt  # Heun(X_n): the step without its control
@@ -198,7 +259,7 @@ def pathwise_actor_loss(cfg: TrainConfig, critic, X, A, X_N, mu, x0, task: Task,
     values = [V(sigmas[n + 1].to(X.device).expand(B), X_next[n], task.M, task.y) for n in range(N - 1)]
     values.append(terminal_cost(cfg, X_next[-1], x0, task, lpips))
     running = (cfg.beta / 2) * (mu ** 2).mean(dim=(2, 3, 4)) * dt
-    return (running + torch.stack(values)).sum(0).mean()
+    return (running + torch.stack(values)).sum(0)
 
 
 def backprop_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators, lpips=None) -> dict:
@@ -219,7 +280,48 @@ def backprop_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators,
         x = torch.utils.checkpoint.checkpoint(heun_step, s, policy, n, x, use_reentrant=False)
     ell = terminal_cost(cfg, x, x0, task, lpips)
     E = torch.stack(energy).sum(0) * s.dt
-    return {"actor_loss": (ell + (cfg.beta / 2) * E).mean(), "terminal": ell.detach(), "energy": E.detach()}
+    J = ell + (cfg.beta / 2) * E
+    return {"actor_loss": J.mean(), "per_task": J, "terminal": ell.detach(), "energy": E.detach()}
+
+
+def _grad(loss: torch.Tensor, params: list) -> torch.Tensor:
+    """∇_φ loss, flattened (parameters the loss does not reach count as zeros); the graph is kept for more calls."""
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-30))
+
+
+def gradient_diagnostic(cfg: TrainConfig, backbone, actor, critic, task: Task, x0, seed: int, sigmas, lpips=None,
+                        sizes=None, actor_critic: bool = True) -> dict:
+    """How well each estimator's actor gradient points along J's exact gradient, on the same tasks and initial noise.
+
+    g*_k: the backprop gradient of J over the first k tasks (deterministic solve); ĝ_k: an estimator's gradient over
+    the first k tasks' sampled rollouts (score, eq. 11 with this run's exploration, critic and advantages; pathwise
+    with a plain critic). Returns diag_cos_{estimator}_b{k} = cos(ĝ_k, g*_k) and diag_cos_backprop_b{k} =
+    cos(g*_k, g*_B) (how far k tasks' exact gradient already is from the whole batch's) for k = 1, 2, 4, …, B.
+    Nothing accumulates into the optimisers' gradients. Cost: one backprop solve and one rollout of B tasks."""
+    B = x0.shape[0]
+    sizes = sizes or [k for k in (2 ** i for i in range(20)) if k < B] + [B]
+    params = [p for p in actor.parameters()]
+    exact = backprop_loss(cfg, backbone, actor, task, x0, sample_generators(seed, B), lpips)["per_task"]
+    g_star = {k: _grad(exact[:k].mean(), params) for k in sizes}
+    rec = {f"diag_cos_backprop_b{k}": _cos(g_star[k], g_star[B]) for k in sizes}
+    rec["diag_exact_grad_norm"] = float(g_star[B].norm())
+    if not actor_critic:  # a backprop run trains no critic: only the exact gradients' agreement across batch sizes
+        return rec
+    with torch.no_grad():
+        X, A, X_N, D = rollout(backbone, actor, task, cfg.steps, cfg.gamma, sample_generators(seed, B),
+                               cfg.explore == "scaled")
+    privileged = getattr(critic, "privileged", False)
+    out = actor_critic_losses(cfg, actor, critic, X, A, X_N, x0, task, sigmas, D, lpips,
+                              estimators=("score",) if privileged else ("score", "pathwise"))
+    for name, per_task in out["per_task"].items():
+        for k in sizes:
+            rec[f"diag_cos_{name}_b{k}"] = _cos(_grad(per_task[:k].mean(), params), g_star[k])
+    return rec
 
 
 @torch.no_grad()
@@ -293,6 +395,17 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
     if cfg.estimator not in ESTIMATORS:
         raise UserError(f"unknown --estimator {cfg.estimator!r}: choose one of {', '.join(ESTIMATORS)} "
                         f"(proxy = backprop)")
+    if cfg.explore not in ("constant", "scaled"):
+        raise UserError(f"unknown --explore {cfg.explore!r}: choose constant or scaled")
+    if cfg.critic not in ("plain", "privileged"):
+        raise UserError(f"unknown --critic {cfg.critic!r}: choose plain or privileged")
+    if not 0 <= cfg.td_lambda <= 1:
+        raise UserError(f"--td-lambda must lie in [0, 1], got {cfg.td_lambda}")
+    if cfg.critic == "privileged" and cfg.estimator == "pathwise":
+        raise UserError("--critic privileged reads D(x; σ), whose derivative in x needs the backbone's backward pass; "
+                        "the pathwise estimator differentiates V in x: use --critic plain with pathwise")
+    if cfg.critic == "privileged" and cfg.lambda_lpips:
+        raise UserError("--critic privileged: its baseline ℓ(D) is the L2 loss of eq. 2; drop --lambda-lpips")
     families = mask_families(cfg.train_masks)
     if not families or any(f not in TRAIN_MASK_FAMILIES for f in families):
         raise UserError(f"--train-masks {cfg.train_masks!r}: give families from {', '.join(TRAIN_MASK_FAMILIES)}, "
@@ -303,7 +416,7 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
     state_path = run / STATE_FILE
     cfg = prepare_run(cfg, run, STATE_FILE, resume, log=log,
                       free=("dataset", "out", "iters", "val_dataset", "checkpoint_every", "val_every", "precision",
-                            "compile"))
+                            "compile", "diag_every", "diag_batch"))
     cfg = dataclasses.replace(cfg, estimator=canonical_estimator(cfg.estimator))  # a run saved as `proxy`
 
     backbone_net, binfo = load_backbone(cfg.backbone, device=device)
@@ -350,7 +463,7 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
 
     torch.manual_seed(cfg.seed)
     actor = Actor(**cfg.actor_kwargs(C)).to(device)
-    critic = Critic(**cfg.critic_kwargs(C)).to(device)
+    critic = cfg.make_critic(C).to(device)
     opt_actor = torch.optim.Adam(actor.parameters(), lr=cfg.lr_actor)
     opt_critic = torch.optim.Adam(critic.parameters(), lr=cfg.lr_critic)
     it, elapsed = 0, 0.0
@@ -400,6 +513,31 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
             + (f"; LPIPS {rec['val_lpips_18']:.3f} / {rec['val_lpips_12']:.3f}" if val_lpips is not None else ""))
         return rec
 
+    def draw_tasks(g: torch.Generator, batch: int, step: int, sl=slice(None)):
+        """(task, x0, seed of the initial noise) of `batch` tasks drawn with `g`; this process's share `sl`."""
+        idx = torch.randint(len(data), (batch,), generator=g)
+        if bank is not None:
+            M_all = bank[torch.randint(len(bank), (batch,), generator=g)].to(torch.float32)
+        else:
+            M_all = training_masks(batch, res, cfg.seed, step, hole_range=(cfg.hole_min, cfg.hole_max))
+        x0 = data.as_float(idx[sl]).to(device)
+        task = space.task(x0, M_all[sl].to(device), None if labels is None else labels[idx[sl]].to(device))
+        if space.latent:
+            x0 = space.encode(x0)  # the terminal loss compares latents (method.md §4: λ_vis = λ_hole = 1 there)
+        return task, x0, int(torch.randint(2 ** 62, (1,), generator=g))
+
+    def diagnose() -> dict:
+        """The gradient diagnostic on tasks of its own (its own generator: training's draws are untouched)."""
+        task, x0, noise_seed = draw_tasks(step_generator(cfg.seed + DIAG_SEED_OFFSET, it), cfg.diag_batch or cfg.batch,
+                                          -1 - it)
+        rec = gradient_diagnostic(cfg, backbone, actor, critic, task, x0, noise_seed, sigmas, lpips,
+                                  actor_critic=cfg.estimator != "backprop")
+        b = max(int(k.rsplit("_b", 1)[1]) for k in rec if k.startswith("diag_cos_backprop_b"))
+        log(f"it {it}: gradient cosines to the exact gradient at batch {b}: "
+            + ", ".join(f"{k[9:-len(f'_b{b}')]} {v:+.3f}" for k, v in rec.items()
+                        if k.endswith(f"_b{b}") and "backprop" not in k))
+        return rec
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     B_local = cfg.batch // world
@@ -415,24 +553,15 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
         prev_grad = None
         while it < cfg.iters and (max_iters is None or it < max_iters):
             t0 = time.time()
-            g = step_generator(cfg.seed, it)
-            idx = torch.randint(len(data), (cfg.batch,), generator=g)
-            if bank is not None:
-                M_all = bank[torch.randint(len(bank), (cfg.batch,), generator=g)].to(torch.float32)
-            else:
-                M_all = training_masks(cfg.batch, res, cfg.seed, it, hole_range=(cfg.hole_min, cfg.hole_max))
             sl = slice(rank * B_local, (rank + 1) * B_local)
-            x0 = data.as_float(idx[sl]).to(device)
-            task = space.task(x0, M_all[sl].to(device), None if labels is None else labels[idx[sl]].to(device))
-            if space.latent:
-                x0 = space.encode(x0)  # the terminal loss compares latents (method.md §4: λ_vis = λ_hole = 1 there)
-            gens = sample_generators(int(torch.randint(2 ** 62, (1,), generator=g)), cfg.batch)[sl]
+            task, x0, noise_seed = draw_tasks(step_generator(cfg.seed, it), cfg.batch, it, sl)
+            gens = sample_generators(noise_seed, cfg.batch)[sl]
             if cfg.estimator == "backprop":  # J's exact gradient through the whole frozen solve
                 out = backprop_loss(cfg, backbone, actor, task, x0, gens, lpips)
                 out["critic_loss"] = torch.zeros(())
             else:
                 with torch.no_grad():
-                    X, A, X_N, D = rollout(backbone, actor, task, cfg.steps, cfg.gamma, gens)
+                    X, A, X_N, D = rollout(backbone, actor, task, cfg.steps, cfg.gamma, gens, cfg.explore == "scaled")
                 out = actor_critic_losses(cfg, actor_t, critic_t, X, A, X_N, x0, task, sigmas, D, lpips)
             if not (math.isfinite(out["critic_loss"].item()) and math.isfinite(out["actor_loss"].item())):
                 raise RuntimeError(f"non-finite loss at iteration {it}; the last checkpoint in {run} is intact")
@@ -473,6 +602,8 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
                             "critic_ev": out["critic_ev"], "V0": out["V0"].mean().item()})
             if val is not None and (it % cfg.val_every == 0 or it == cfg.iters):
                 rec.update(validate())
+            if cfg.diag_every and it % cfg.diag_every == 0:
+                rec.update(diagnose())
             with open(run / "stats.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             bar.update(ptask, completed=it, td=rec.get("critic_loss", float("nan")), ell=rec["terminal"])
