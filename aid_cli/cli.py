@@ -812,6 +812,9 @@ def train(
                                              "advantages over the batch (score)."),
     diag_every: int = typer.Option(0, "--diag-every", min=0, help="Every K iterations, log the cosine between each "
                                    "estimator's actor gradient and J's exact gradient, against batch size (0: never)."),
+    recompute: bool = typer.Option(True, "--recompute/--no-recompute", help="backprop: recompute each step's "
+                                   "activations in the backward pass (memory of one step) or keep all N (a quarter "
+                                   "less compute)."),
     diag_batch: int = typer.Option(0, "--diag-batch", min=0, help="Tasks of a gradient diagnostic (0: --batch)."),
     mask_bank: int = typer.Option(4096, "--mask-bank", min=0, help="Training masks drawn once per run (0: draw each "
                                   "iteration's afresh)."),
@@ -874,7 +877,7 @@ def train(
                       precision=precision, compile=compile_net, denoised_input=denoised_input, lambda_lpips=lambda_lpips,
                       init=str(init) if init else None, mask_bank=mask_bank, train_masks=train_masks,
                       explore=explore, critic=critic, td_lambda=td_lambda, normalize_advantage=normalize_advantage,
-                      diag_every=diag_every, diag_batch=diag_batch)
+                      diag_every=diag_every, diag_batch=diag_batch, recompute=recompute)
     run = run_train(cfg, resume=resume, device=resolve_device(device), log=err.print)
     err.print(f"done: {run / 'guidance.safetensors'}")
 
