@@ -40,10 +40,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Move a finished temporary file into place in one rename, with the usual permissions (mkstemp makes 0600)."""
+    """Move a finished temporary file into place in one rename, with the usual permissions (mkstemp makes 0600).
+
+    The file's bytes are flushed to disk (fsync) before the rename and the folder's entry after it, so a power loss
+    leaves the old file or the new one, never a renamed but empty one."""
     os.chmod(tmp, 0o666 & ~_umask())
+    _fsync(tmp, os.O_RDONLY)
     os.replace(tmp, path)
+    _fsync(Path(path).resolve().parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     return Path(path)
+
+
+def _fsync(path, flags: int) -> None:
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # e.g. folders cannot be opened on Windows: the rename is all there is
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:  # a full disk or an I/O error surfaces here; folders on some filesystems cannot be synced
+        if flags & getattr(os, "O_DIRECTORY", 0) == 0 and e.errno in (28, 5):  # ENOSPC, EIO: the bytes are not safe
+            raise
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
