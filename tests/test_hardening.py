@@ -107,3 +107,106 @@ def test_fractional_snapshot_kimg_keeps_every_snapshot(tiny_data, tmp_path):
     run = pretrain(cfg, progress=False, log=lambda *a: None)
     names = sorted(p.name for p in run.glob("network-snapshot-*.safetensors"))
     assert names == ["network-snapshot-000000.008.safetensors", "network-snapshot-000000.016.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------------------------- item 2
+BOMB_LIMIT_MB = 1100  # address-space limit of a bomb case: the interpreter with torch imported (~610 MB) + 500 MB
+
+
+def run_limited(code: str, limit_mb: int = BOMB_LIMIT_MB, timeout: float = 60) -> tuple[str, int]:
+    """Run `code` in a fresh interpreter under an address-space limit; returns (its stdout, its peak RSS in MB).
+    `code` prints REFUSED: <message> when it gets the project's error, as a user would see it."""
+    import os
+    import subprocess
+    import sys
+
+    prelude = (f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({limit_mb << 20}, {limit_mb << 20}))\n"
+               "import torch\nfrom aid_cli.errors import UserError\n"
+               "def refused(f, *a, **k):\n"
+               "    try:\n        f(*a, **k)\n    except UserError as e:\n        print('REFUSED:', e)\n"
+               "    else:\n        print('ACCEPTED')\n")
+    epilogue = "\nprint('PEAK_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", prelude + code + epilogue], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak = int(proc.stdout.rsplit("PEAK_MB", 1)[1])
+    return proc.stdout, peak
+
+
+def _rewrite_meta(src, dst, **changes):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta.update(changes)
+    save_file(load_file(str(src)), str(dst), metadata=meta)
+    return dst
+
+
+def test_safetensors_claiming_a_huge_network_is_refused_before_allocating(tiny_checkpoint, tmp_path):
+    from .conftest import TINY_KWARGS
+
+    bomb = _rewrite_meta(tiny_checkpoint, tmp_path / "bomb.safetensors",
+                         **{"aid.init_kwargs": json.dumps(dict(TINY_KWARGS, model_channels=4096,
+                                                               channel_mult=[1, 2, 2, 2], img_resolution=64))})
+    out, peak = run_limited(f"from aid_cli.backbones.checkpoint import load_backbone\n"
+                            f"refused(load_backbone, {str(bomb)!r})")
+    assert "REFUSED:" in out and "do not match the EDMPrecond architecture" in out, out
+    assert peak < 500
+
+
+@pytest.mark.parametrize("change, phrase", [
+    ({"model_channels": -16}, "model_channels"),
+    ({"label_dim": -1}, "label_dim"),
+    ({"img_resolution": 0}, "img_resolution"),
+    ({"channel_mult": [1, "x"]}, "channel_mult"),
+    ({"num_blocks": 100}, "num_blocks"),
+    ({"img_resolution": 17}, "not divisible"),
+    ({"encoder_type": "exotic"}, "unusable architecture metadata"),
+])
+def test_invalid_architecture_metadata_is_one_line(tiny_checkpoint, tmp_path, capsys, change, phrase):
+    from .conftest import TINY_KWARGS
+
+    bad = _rewrite_meta(tiny_checkpoint, tmp_path / "bad.safetensors",
+                        **{"aid.init_kwargs": json.dumps(dict(TINY_KWARGS, **change))})
+    img, mask = tmp_path / "i.png", tmp_path / "m.png"
+    Image.new("RGB", (16, 16), "grey").save(img)
+    Image.new("L", (16, 16), 255).save(mask)
+    code, out, err = run_cli(["inpaint", img, "--mask", mask, "-o", tmp_path / "o.png", "--model", bad,
+                              "--method", "unguided", "--steps", "2"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and phrase in err, err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_deeply_nested_metadata_json_is_one_line(tiny_checkpoint, tmp_path):
+    from aid_cli.backbones.checkpoint import load_backbone
+    from aid_cli.errors import CheckpointError
+
+    bad = _rewrite_meta(tiny_checkpoint, tmp_path / "deep.safetensors",
+                        **{"aid.init_kwargs": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        load_backbone(bad)
+    bad = _rewrite_meta(tiny_checkpoint, tmp_path / "deep2.safetensors",
+                        **{"aid.provenance": '{"a":' * 100_000 + "1" + "}" * 100_000})
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        load_backbone(bad)
+
+
+def test_non_finite_weights_are_refused_at_load(tiny_net, tmp_path, capsys):
+    from aid_cli.backbones.checkpoint import save_backbone
+
+    from .conftest import TINY_KWARGS
+
+    sd = {k: v.clone() for k, v in tiny_net.state_dict().items()}
+    key = next(k for k, v in sd.items() if v.is_floating_point() and v.numel() > 1)
+    sd[key].view(-1)[0] = float("nan")
+    path = save_backbone(tmp_path / "nan.safetensors", tiny_net, "EDMPrecond", dict(TINY_KWARGS), state_dict=sd)
+    img, mask = tmp_path / "i.png", tmp_path / "m.png"
+    Image.new("RGB", (16, 16), "grey").save(img)
+    Image.new("L", (16, 16), 255).save(mask)
+    code, out, err = run_cli(["inpaint", img, "--mask", mask, "-o", tmp_path / "o.png", "--model", path,
+                              "--method", "unguided", "--steps", "2"], capsys)
+    assert code == 2 and "NaN or infinite" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o.png").exists()

@@ -28,7 +28,7 @@ import torch._utils
 
 from ..errors import CheckpointError, UserError
 from ..fileio import check_writable_dir
-from .checkpoint import NETWORKS, build_network, save_backbone, sha256_file
+from .checkpoint import NETWORKS, build_checked, check_finite, save_backbone, sha256_file
 from .edm import count_parameters
 from .latent import ENCODER_CLASS, check_encoder, stability_encoder
 
@@ -244,19 +244,6 @@ def _init_kwargs(ema: ModuleStub, name: str) -> dict:
     return kwargs
 
 
-def _check_fit(sd: dict, net: torch.nn.Module, precond: str, name: str) -> None:
-    """Raise a CheckpointError naming missing, unexpected or misshapen weights; silent when `sd` fits `net` exactly."""
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    misshapen = [f"{k} {list(sd[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
-                 if k in sd and sd[k].shape != v.shape]
-    problems = [f"{len(keys)} {what} (first: {keys[0]})"
-                for what, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)) if keys]
-    if problems:
-        raise CheckpointError(f"{name}: weights do not fit {precond}: {'; '.join(problems)}")
-
-
 def _check_paths(src: Path, dst: Path) -> None:
     """Fail early on a missing source, a non-safetensors or unwritable destination, or dst naming src itself."""
     if not src.is_file():
@@ -278,12 +265,11 @@ def convert_pickle(src: str | Path, dst: str | Path) -> dict:
     precond, init_kwargs = ema.class_name, _init_kwargs(ema, src.name)
     family = NETWORKS[precond][0]
     encoder = _encoder_record(data, family, init_kwargs, src.name)
-    try:
-        net = build_network(precond, init_kwargs)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{src.name}: cannot build {precond} from its _init_kwargs ({_one_line(e)})") from None
     sd = collect_state_dict(ema)
-    _check_fit(sd, net, precond, src.name)
+    # validated and built on the meta device first: a pickle claiming a huge network allocates nothing for it
+    net = build_checked(precond, init_kwargs, {k: tuple(v.shape) for k, v in sd.items()}, src.name,
+                        misfit="weights do not fit {precond}")
+    check_finite(sd, src.name)
     net.load_state_dict(sd, strict=True)  # EDM2's float16 EMA weights become float32 here, exactly
     provenance = {"source": src.name, "source_sha256": source_sha256, "converted_by": "aid models convert"}
     save_backbone(dst, net, precond, init_kwargs, provenance=provenance, encoder=encoder)
