@@ -210,3 +210,103 @@ def test_non_finite_weights_are_refused_at_load(tiny_net, tmp_path, capsys):
                               "--method", "unguided", "--steps", "2"], capsys)
     assert code == 2 and "NaN or infinite" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o.png").exists()
+
+
+from .test_convert import persistence  # noqa: E402,F401  (the fixture: a torch_utils.persistence to pickle with)
+
+
+def _official_with(reconstruct, init_kwargs=None, modules=None) -> bytes:
+    """An edm-*.pkl-shaped pickle whose `ema` record carries the given _init_kwargs and child modules."""
+    import pickle
+
+    from .conftest import TINY_KWARGS
+
+    class Reduce:
+        def __init__(self, fn, *args):
+            self.fn, self.args = fn, args
+
+        def __reduce__(self):
+            return self.fn, self.args
+
+    state = {"_parameters": {}, "_buffers": {}, "_modules": modules or {}, "_init_args": (),
+             "_init_kwargs": init_kwargs if init_kwargs is not None else dict(TINY_KWARGS)}
+    meta = dict(type="class", version=6, module_src="", class_name="EDMPrecond", state=state)
+    return pickle.dumps({"ema": Reduce(reconstruct, meta)}, protocol=4)
+
+
+def test_pickle_memo_index_bomb_is_refused_in_little_memory(tmp_path):
+    import struct
+
+    src = tmp_path / "memo.pkl"
+    src.write_bytes(b"\x80\x02N" + b"r" + struct.pack("<I", 2 ** 28) + b".")  # LONG_BINPUT 2^28: 9 bytes
+    assert len(src.read_bytes()) == 9
+    out, peak = run_limited(f"from aid_cli.backbones.convert import convert_pickle\n"
+                            f"refused(convert_pickle, {str(src)!r}, {str(tmp_path / 'o.safetensors')!r})")
+    assert "REFUSED:" in out and "memo index" in out, out
+    assert peak < 500 and not (tmp_path / "o.safetensors").exists()
+
+
+def test_pickle_shared_reference_bomb_is_refused_at_once(tmp_path, persistence):
+    from .conftest import TINY_KWARGS
+
+    bomb = [1]
+    for _ in range(40):  # 2^40 leaves as a tree, 40 memo entries as a pickle
+        bomb = [bomb, bomb]
+    src = tmp_path / "bomb.pkl"
+    src.write_bytes(_official_with(persistence, dict(TINY_KWARGS, channel_mult=bomb)))
+    assert src.stat().st_size < 2000
+    out, peak = run_limited(f"from aid_cli.backbones.convert import convert_pickle\n"
+                            f"refused(convert_pickle, {str(src)!r}, {str(tmp_path / 'o.safetensors')!r})",
+                            timeout=30)
+    assert "REFUSED:" in out and "shared-reference" in out, out
+    assert peak < 500
+
+
+def test_pickle_deep_list_and_self_containing_module_are_one_line(tmp_path, persistence):
+    import sys
+
+    from aid_cli.backbones.convert import convert_pickle
+    from aid_cli.errors import CheckpointError
+
+    from .conftest import TINY_KWARGS
+
+    deep = [1]
+    for _ in range(5000):
+        deep = [deep]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(50_000)
+    try:
+        data = _official_with(persistence, dict(TINY_KWARGS, channel_mult=deep))
+    finally:
+        sys.setrecursionlimit(limit)
+    (tmp_path / "deep.pkl").write_bytes(data)
+    with pytest.raises(CheckpointError, match="nested deeper"):
+        convert_pickle(tmp_path / "deep.pkl", tmp_path / "o.safetensors")
+
+    md = torch.nn.ModuleDict()
+    md._modules["again"] = md  # a module holding itself
+    (tmp_path / "self.pkl").write_bytes(_official_with(persistence, modules={"model": md}))
+    with pytest.raises(CheckpointError, match="reached twice"):
+        convert_pickle(tmp_path / "self.pkl", tmp_path / "o.safetensors")
+
+    n = 200_000  # a 200 k-deep list on the unpickler's stack: refused by the opcode scan
+    (tmp_path / "stack.pkl").write_bytes(b"\x80\x02" + b"]" * n + b"a" * (n - 1) + b".")
+    with pytest.raises(CheckpointError, match="nests deeper"):
+        convert_pickle(tmp_path / "stack.pkl", tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_pickle_build_on_a_stand_in_class_is_refused(tmp_path):
+    from aid_cli.backbones import convert
+
+    # GLOBAL dnnlib.util.EasyDict; BUILD (None, {"pwned": 1}): setattr on the converter's own class
+    payload = b"\x80\x02cdnnlib.util\nEasyDict\nN}X\x05\x00\x00\x00pwnedK\x01s\x86b."
+    (tmp_path / "build.pkl").write_bytes(payload)
+    with pytest.raises(UserError, match="sets attributes on EasyDict"):
+        convert.convert_pickle(tmp_path / "build.pkl", tmp_path / "o.safetensors")
+    assert not hasattr(convert.EasyDict, "pwned")
+    payload = b"\x80\x02ctorch.nn.modules.container\nModuleDict\nN}X\x0a\x00\x00\x00class_nameX\x01\x00\x00\x00xs\x86b."
+    (tmp_path / "build2.pkl").write_bytes(payload)
+    with pytest.raises(UserError, match="sets attributes"):
+        convert.convert_pickle(tmp_path / "build2.pkl", tmp_path / "o.safetensors")
+    assert convert.ModuleStub.class_name == "ModuleDict"

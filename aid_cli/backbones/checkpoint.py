@@ -45,6 +45,15 @@ _INT_BOUNDS = {"img_resolution": (1, 4096), "img_channels": (1, 64), "label_dim"
 _LIST_BOUNDS = {"channel_mult": (16, 1, 64), "attn_resolutions": (32, 0, 4096), "resample_filter": (16, -1e6, 1e6)}
 
 
+def _short(value) -> str:
+    """A value for an error line: numbers and short strings as they are, containers by type and length only."""
+    if isinstance(value, (list, dict, tuple)):
+        if len(value) <= 8 and all(isinstance(v, (int, float, str, bool)) or v is None for v in value):
+            return repr(value)[:60]
+        return f"a {type(value).__name__} of {len(value)} items"
+    return repr(value)[:60]
+
+
 def check_init_kwargs(precond: str, init_kwargs) -> None:
     """Refuse (ValueError, one line) an architecture record that is not a flat object of sane values."""
     if precond not in NETWORKS:
@@ -60,13 +69,13 @@ def check_init_kwargs(precond: str, init_kwargs) -> None:
         if key in _INT_BOUNDS and not (key in ("channel_mult_emb", "channel_mult_noise") and value is None):
             lo, hi = _INT_BOUNDS[key]
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise ValueError(f"{key} = {str(value)[:40]} (an integer in [{lo}, {hi}] expected)")
+                raise ValueError(f"{key} = {_short(value)} (an integer in [{lo}, {hi}] expected)")
         elif key in _LIST_BOUNDS:
             n, lo, hi = _LIST_BOUNDS[key]
             ok = isinstance(value, list) and len(value) <= n and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi for v in value)
             if not ok or (key == "channel_mult" and (not value or not all(isinstance(v, int) for v in value))):
-                raise ValueError(f"{key} = {str(value)[:40]} (a list of at most {n} numbers in [{lo}, {hi}] expected)")
+                raise ValueError(f"{key} = {_short(value)} (a list of at most {n} numbers in [{lo}, {hi}] expected)")
         elif isinstance(value, (dict, list)):
             raise ValueError(f"{key}: an unexpected nested value")
         elif isinstance(value, float) and value != value:
