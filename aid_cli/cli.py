@@ -27,7 +27,21 @@ models_app = typer.Typer(help="Models by name: list, info, download, convert off
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)  # never hard-wrap: one message, one line (for grep, logs)
+def visible(text: str) -> str:
+    """`text` with terminal control characters (escape sequences from a hostile file name, carriage returns, ...)
+    shown as \\xNN instead of acting on the terminal; newlines and tabs are kept."""
+    return "".join(c if c in "\n\t" or (ord(c) >= 32 and not 0x7F <= ord(c) < 0xA0) else f"\\x{ord(c):02x}"
+                   for c in text)
+
+
+class _Console(Console):
+    """rich's Console that never sends a control character from a message to the terminal."""
+
+    def print(self, *objects, **kwargs):
+        return super().print(*(visible(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+err = _Console(stderr=True, highlight=False, soft_wrap=True)  # never hard-wrap: one message, one line (for grep, logs)
 
 
 CACHE_HELP = "Model cache folder (default: $AID_CACHE/models or ~/.cache/aid/models; hub files: the HF cache)."
@@ -127,7 +141,7 @@ def pretrain(
                          lr_rampup_kimg=lr_rampup_kimg, ema_halflife_kimg=ema_halflife_kimg,
                          duration_kimg=duration_kimg, snapshot_kimg=snapshot_kimg, checkpoint_minutes=checkpoint_minutes,
                          seed=seed, precision=precision, compile=compile_net)
-    run = run_pretrain(cfg, resume=resume, device=resolve_device(device), log=err.print)
+    run = run_pretrain(cfg, resume=resume, device=resolve_device(device), log=_log)
     err.print(f"done: {run}")
 
 
@@ -854,7 +868,7 @@ def train(
                       val_dataset=str(val) if val else None, vae=vae, class_label=class_label,
                       precision=precision, compile=compile_net, denoised_input=denoised_input, lambda_lpips=lambda_lpips,
                       init=str(init) if init else None)
-    run = run_train(cfg, resume=resume, device=resolve_device(device), log=err.print)
+    run = run_train(cfg, resume=resume, device=resolve_device(device), log=_log)
     err.print(f"done: {run / 'guidance.safetensors'}")
 
 

@@ -99,7 +99,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
 
     # Data.
     data = load_image_set(cfg.dataset, resolution=cfg.resolution,
-                          on_skip=lambda name, why: log(f"[yellow]skipped {name}: {why}[/]") if rank == 0 else None)
+                          on_skip=lambda name, why: log(f"skipped {name}: {why}") if rank == 0 else None)
     images = data.images  # uint8; on a GPU it is moved there once (15,000 64×64 images are 184 MB)
     if device.type == "cuda":
         images = images.to(device)

@@ -125,7 +125,9 @@ def run_limited(code: str, limit_mb: int = BOMB_LIMIT_MB, timeout: float = 60) -
                "def refused(f, *a, **k):\n"
                "    try:\n        f(*a, **k)\n    except UserError as e:\n        print('REFUSED:', e)\n"
                "    else:\n        print('ACCEPTED')\n")
-    epilogue = "\nprint('PEAK_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    # VmHWM: this process's own peak RSS (ru_maxrss would carry the parent's over fork + exec)
+    epilogue = ("\nhwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0]\n"
+                "print('PEAK_MB', int(hwm.split()[1]) // 1024)\n")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", prelude + code + epilogue], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
@@ -310,3 +312,104 @@ def test_pickle_build_on_a_stand_in_class_is_refused(tmp_path):
     with pytest.raises(UserError, match="sets attributes"):
         convert.convert_pickle(tmp_path / "build2.pkl", tmp_path / "o.safetensors")
     assert convert.ModuleStub.class_name == "ModuleDict"
+
+
+def _png_bytes(size=(16, 16)) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _huge_png_header(w: int, h: int) -> bytes:
+    """A few dozen bytes that say: a w x h RGB PNG."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def _patch_central(data: bytes, name: str, offset: int, value: bytes) -> bytes:
+    """Overwrite a field of `name`'s central-directory record (flags +8, method +10, uncompressed size +24)."""
+    i = data.index(b"PK\x01\x02")
+    while True:
+        n = int.from_bytes(data[i + 28:i + 30], "little")
+        if data[i + 46:i + 46 + n].decode() == name:
+            return data[:i + offset] + value + data[i + offset + len(value):]
+        i = data.index(b"PK\x01\x02", i + 4)
+
+
+def test_dataset_zip_bad_entries_are_skipped_and_reported(tmp_path):
+    import zipfile
+
+    from aid_cli.data.datasets import load_image_set
+
+    png = _png_bytes()
+    path = tmp_path / "d.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("0-good.png", png, compress_type=zipfile.ZIP_STORED)
+        z.writestr("1-badcrc.png", png, compress_type=zipfile.ZIP_STORED)
+        z.writestr("2-deflate.png", png, compress_type=zipfile.ZIP_DEFLATED)
+        z.writestr("3-encrypted.png", png, compress_type=zipfile.ZIP_STORED)
+        z.writestr("4-method.png", png, compress_type=zipfile.ZIP_STORED)
+        z.writestr("5-inflates.png", b"\0" * 1024, compress_type=zipfile.ZIP_DEFLATED)
+        z.writestr("6-huge.png", _huge_png_header(50_000, 50_000), compress_type=zipfile.ZIP_STORED)
+        z.writestr("7-x[/]\x1b[31m.png", b"not a png", compress_type=zipfile.ZIP_STORED)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        infos = {i.filename: i for i in z.infolist()}
+    at = infos["1-badcrc.png"].header_offset + 30 + len("1-badcrc.png") + 40
+    data[at] ^= 0xFF  # a flipped byte inside the stored image: the CRC no longer matches
+    at = infos["2-deflate.png"].header_offset + 30 + len("2-deflate.png") + 5
+    data[at:at + 8] = b"\xff" * 8  # broken deflate stream
+    data = bytes(data)
+    data = _patch_central(data, "3-encrypted.png", 8, b"\x01\x00")
+    data = _patch_central(data, "4-method.png", 10, b"\x63\x00")  # method 99
+    data = _patch_central(data, "5-inflates.png", 24, (1536 << 20).to_bytes(4, "little"))  # says 1.5 GiB
+    path.write_bytes(data)
+    skips = []
+    data_set = load_image_set(path, resolution=16, on_skip=lambda n, why: skips.append((n, why)))
+    assert data_set.names == ["0-good.png"]
+    reasons = dict(skips)
+    assert set(reasons) == {"1-badcrc.png", "2-deflate.png", "3-encrypted.png", "4-method.png", "5-inflates.png",
+                            "6-huge.png", "7-x[/]\x1b[31m.png"}, reasons
+    assert "CRC" in reasons["1-badcrc.png"] and "encrypted" in reasons["3-encrypted.png"]
+    assert "compression" in reasons["4-method.png"] and "inflates" in reasons["5-inflates.png"]
+    assert "pixels" in reasons["6-huge.png"] or "exceeds" in reasons["6-huge.png"]
+
+
+def test_dataset_bombs_stay_in_little_memory(tmp_path):
+    import zipfile
+
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("0.png", _png_bytes())
+        z.writestr("1.png", _huge_png_header(50_000, 50_000))
+        z.writestr("2.png", _huge_png_header(9_000, 9_000))  # 81 M pixels: above our cap, below Pillow's own
+        z.writestr("3.png", b"\0" * (300 << 20), compress_type=zipfile.ZIP_DEFLATED)  # inflates to 300 MB
+    assert path.stat().st_size < 2_000_000
+    out, peak = run_limited(f"from aid_cli.data.datasets import load_image_set\n"
+                            f"d = load_image_set({str(path)!r}, resolution=16)\n"
+                            f"print('LOADED', d.names, len(d.skipped))\n")
+    assert "LOADED ['0.png'] 3" in out, out
+    assert peak < 500
+
+
+def test_markup_and_escape_codes_in_file_names_are_printed_inert(tiny_data, tmp_path, capsys):
+    (tiny_data / "x[").mkdir()
+    (tiny_data / "x[" / "].png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # listed as x[/].png
+    (tiny_data / "\x1b[31mred\x07.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    code, out, err = run_cli(["pretrain", "--dataset", tiny_data, "--resolution", "16", "--width", "16",
+                              "--channel-mult", "1,2", "--attn", "8", "--batch", "4", "--duration", "0.004",
+                              "--snapshot-kimg", "0", "--out", tmp_path / "run", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "skipped x[/].png" in err and "\x1b" not in err and "\x07" not in err
+    assert "\\x1b[31mred\\x07.png" in err
+    img = tmp_path / "\x1b]0;pwned\x07.png"
+    code, out, err = run_cli(["inpaint", img, "--mask", img, "-o", tmp_path / "o.png"], capsys)
+    assert code == 2 and "\x1b" not in err and len(err.strip().splitlines()) == 1, err
