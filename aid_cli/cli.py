@@ -884,6 +884,13 @@ def methods():
 
 def main(argv: List[str] | None = None) -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
+    import warnings
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):  # not Python's two raw lines
+        err.print(f"warning: {escape(str(message).splitlines()[0] if str(message) else category.__name__)}",
+                  soft_wrap=True)
+
+    warnings.showwarning = one_line_warning
     try:
         code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and code:  # click returns the exit code of an abort (Ctrl-C) instead of raising
@@ -898,6 +905,13 @@ def main(argv: List[str] | None = None) -> None:
         raise
     except Exception as e:  # click's usage errors and aborts carry their own exit codes
         import click
+
+        from .fileio import disk_full
+
+        if disk_full(e):  # an append (a log) or a library's own write: one line, the files written so far are whole
+            err.print(f"[bold red]error:[/] no space left on the device ({escape(str(e).splitlines()[0][:200])}); "
+                      f"free some space and run again (training runs continue with --resume)", soft_wrap=True)
+            sys.exit(2)
 
         if isinstance(e, click.exceptions.ClickException):
             e.show()

@@ -34,9 +34,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         publish(tmp, path)
+    except Exception as e:
+        if disk_full(e):
+            raise UserError(f"no space left on the device to write {path} (nothing was written; free some space "
+                            f"and run again)") from None
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether `error` says the disk (or quota) is full: an OSError with ENOSPC/EDQUOT, or a library's wrapped one
+    (safetensors reports Rust's StorageFull, Pillow re-raises as OSError)."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EFBIG):
+        return True
+    text = str(error)
+    return "No space left on device" in text or "StorageFull" in text or "code: 28," in text
 
 
 def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:

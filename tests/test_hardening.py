@@ -413,3 +413,157 @@ def test_markup_and_escape_codes_in_file_names_are_printed_inert(tiny_data, tmp_
     img = tmp_path / "\x1b]0;pwned\x07.png"
     code, out, err = run_cli(["inpaint", img, "--mask", img, "-o", tmp_path / "o.png"], capsys)
     assert code == 2 and "\x1b" not in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---------------------------------------------------------------------------------------------------------------- item 5
+def _png_with_chunk(mode: str, chunk: bytes, body: bytes, plte: int | None = None) -> bytes:
+    import io
+    import struct
+    import zlib
+
+    im = Image.new(mode, (8, 8))
+    if mode == "P":
+        im.putpalette([0, 0, 0, 255, 0, 0])
+    buf = io.BytesIO()
+    im.save(buf, "PNG", transparency=0)
+    data, out, i = buf.getvalue(), buf.getvalue()[:8], 8
+    while i < len(data):
+        n = struct.unpack(">I", data[i:i + 4])[0]
+        kind, old = data[i + 4:i + 8], data[i + 8:i + 8 + n]
+        new = body if kind == chunk else (old[:3 * plte] if kind == b"PLTE" and plte else old)
+        out += struct.pack(">I", len(new)) + kind + new + struct.pack(">I", zlib.crc32(kind + new))
+        i += 12 + n
+    return out
+
+
+def test_palette_png_with_more_transparency_than_palette_is_clean(tmp_path, capsys):
+    img, mask = tmp_path / "p.png", tmp_path / "m.png"
+    img.write_bytes(_png_with_chunk("P", b"tRNS", b"\0" * 200, plte=2))
+    Image.new("L", (8, 8), 255).save(mask)
+    code, out, err = run_cli(["inpaint", img, "--mask", img, "-o", tmp_path / "o.png", "--method", "copy"], capsys)
+    assert code in (0, 2) and "Traceback" not in err and "Warning" not in err, err
+    if code == 2:
+        assert len(err.strip().splitlines()) == 1
+
+
+def _in_full_tmpfs(script: str, tmp_path, size="320k") -> "subprocess.CompletedProcess":
+    """Run a shell script with $FULL a tmpfs of `size` (a private mount namespace: nothing outside sees it)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a private tmpfs")
+    full = tmp_path / "full"
+    full.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs {full}"],
+                           capture_output=True)
+    if probe.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode()[:100]}")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", FULL=str(full), PY=sys.executable)
+    return subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs {full} && {script}"],
+                          capture_output=True, text=True, env=env, timeout=300,
+                          cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+
+
+def test_full_disk_is_one_line_and_leaves_no_partial_file(tiny_checkpoint, tmp_path, persistence):
+    from aid_cli.backbones.edm import build_precond
+
+    from .conftest import TINY_KWARGS
+    from .test_convert import official_layout_bytes
+
+    big = tmp_path / "big.png"  # ~800 KB of noise: more than the tmpfs holds
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(big)
+    mask = tmp_path / "mask.png"
+    Image.new("L", (512, 512), 0).save(mask)
+    src = tmp_path / "edm-tiny.pkl"
+    net = build_precond("EDMPrecond", dict(TINY_KWARGS, model_channels=64))
+    src.write_bytes(official_layout_bytes(net, persistence, "", dict(TINY_KWARGS, model_channels=64)))
+    script = (f'$PY -m aid_cli.cli inpaint {big} --mask {mask} -o $FULL/out.png --method copy; echo "rc=$?"; '
+              f'$PY -m aid_cli.cli models convert {src} $FULL/conv.safetensors; echo "rc=$?"; ls -A $FULL')
+    proc = _in_full_tmpfs(script, tmp_path)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout.count("rc=2") == 2, (proc.stdout, proc.stderr)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("no space left" in line for line in errors), proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "rc=2"  # `ls -A` printed nothing: no partial or temp file
+
+
+def test_python_warnings_are_one_line(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    def noisy(*a, **k):
+        warnings.warn("invalid value encountered in cast", RuntimeWarning)
+        raise UserError("stop here")
+
+    monkeypatch.setattr("aid_cli.pretrain.pretrain", noisy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        code, out, err = run_cli(["pretrain", "--dataset", tmp_path, "--out", tmp_path / "r"], capsys)
+    assert "warning: invalid value encountered in cast" in err and "warnings.warn" not in err, err
+
+
+# ------------------------------------------------------------------------------------------------------------ fuzz test
+def _seed_images() -> dict[str, bytes]:
+    import io
+
+    rng = np.random.default_rng(7)
+    rgb = Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8))
+    out = {}
+    for fmt, im, kw in (("PNG", rgb, {}), ("PNG", rgb.convert("P"), {"transparency": 3}), ("JPEG", rgb, {}),
+                        ("WEBP", rgb, {"lossless": True}), ("GIF", rgb.convert("P"), {}),
+                        ("TIFF", rgb, {"compression": "tiff_lzw"}), ("PNG", rgb.convert("I;16"), {})):
+        buf = io.BytesIO()
+        im.save(buf, fmt, **kw)
+        out[f"{fmt}-{im.mode}"] = buf.getvalue()
+    return out
+
+
+def _mutate(data: bytes, rng) -> bytes:
+    b = bytearray(data)
+    kind = rng.integers(5)
+    if kind == 0:  # flip a few bytes
+        for _ in range(rng.integers(1, 8)):
+            b[rng.integers(len(b))] = rng.integers(256)
+    elif kind == 1:  # cut off
+        b = b[:rng.integers(1, len(b))]
+    elif kind == 2:  # a run of 0xff / 0x00 (lengths and sizes become huge or zero)
+        at = rng.integers(len(b))
+        b[at:at + 4] = bytes([0xFF if rng.integers(2) else 0]) * 4
+    elif kind == 3:  # duplicate a slice
+        i, j = sorted(rng.integers(len(b), size=2))
+        b = b[:j] + b[i:j] + b[j:]
+    else:  # overwrite the header area
+        for _ in range(3):
+            b[rng.integers(min(len(b), 64))] = rng.integers(256)
+    return bytes(b)
+
+
+def test_fuzzed_image_files_give_only_the_projects_error(tmp_path):
+    import time
+    import warnings
+
+    from aid_cli.data.images import load_image, load_mask
+
+    rng = np.random.default_rng(18)
+    seeds = _seed_images()
+    tried = refused = 0
+    t0 = time.time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's own warnings are not what this test checks
+        for name, data in seeds.items():
+            for k in range(50):
+                path = tmp_path / f"{name}-{k}.img"
+                path.write_bytes(_mutate(data, rng))
+                tried += 1
+                try:
+                    im = load_image(path)
+                    load_mask(path, im.size)
+                except UserError as e:
+                    refused += 1
+                    assert "\n" not in str(e)
+                except Exception as e:  # anything else is a traceback for the user
+                    raise AssertionError(f"{name} case {k}: {type(e).__name__}: {e}") from None
+    assert tried == 50 * len(seeds) and refused > tried // 4  # most mutations break the file
+    assert time.time() - t0 < 120
