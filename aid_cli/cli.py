@@ -293,12 +293,17 @@ def models_rm(
     names: Optional[List[str]] = typer.Argument(None, help="Model names to remove from the cache."),
     all_models: bool = typer.Option(False, "--all", help="Remove every cached model."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+    forget_hash: bool = typer.Option(False, "--forget-hash",
+                                     help="Also forget the sha256 recorded on the first download (NVIDIA publishes "
+                                          "none): the next download records a new one."),
 ):
     """Remove models from the cache (their downloads, conversions and hub files) and say how much was freed.
 
-    The sha256 recorded on a first download is kept, so a later download is still checked against it.
+    The sha256 recorded on a first download is kept, so a later download is still checked against it, unless
+    --forget-hash is given (for a record you no longer trust).
     """
     from .registry import MODELS, cached_path, find_model, remove_model
+    from .registry import forget_hash as forget
 
     if all_models == bool(names):
         raise UserError("name the models to remove, or pass --all")
@@ -308,8 +313,10 @@ def models_rm(
         was_cached = cached_path(entry, cache_dir) is not None
         freed = remove_model(entry, cache_dir)
         total += freed
-        if freed or was_cached or not all_models:
-            err.print(f"{escape(entry.name)}: " + (f"removed, {_size(freed)} freed" if freed else "not in the cache"))
+        forgot = forget(entry, cache_dir) if forget_hash else False
+        if freed or was_cached or not all_models or forgot:
+            err.print(f"{escape(entry.name)}: " + (f"removed, {_size(freed)} freed" if freed else "not in the cache")
+                      + ("; its recorded sha256 forgotten" if forgot else ""))
     if len(entries) > 1:
         err.print(f"{_size(total)} freed")
 
@@ -896,7 +903,8 @@ def main(argv: List[str] | None = None) -> None:
         if isinstance(code, int) and code:  # click returns the exit code of an abort (Ctrl-C) instead of raising
             sys.exit(code)
     except UserError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        line = " ".join(part.strip() for part in str(e).splitlines() if part.strip())  # one line, whatever it quotes
+        err.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")

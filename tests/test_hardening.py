@@ -567,3 +567,137 @@ def test_fuzzed_image_files_give_only_the_projects_error(tmp_path):
                     raise AssertionError(f"{name} case {k}: {type(e).__name__}: {e}") from None
     assert tried == 50 * len(seeds) and refused > tried // 4  # most mutations break the file
     assert time.time() - t0 < 120
+
+
+# ------------------------------------------------------------------------------------------------------- items 3, 4
+from .test_registry import (error_line, home, server, url_entry, use_models)  # noqa: E402,F401  (fixtures too)
+
+
+@pytest.fixture
+def hostile():
+    """A local server (127.0.0.1) whose replies misbehave: serve[path] = (status, headers, body, drip seconds)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    served: dict[str, tuple] = {}
+    seen: list = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            import time
+
+            seen.append((self.path, self.headers.get("Range")))
+            status, headers, body, drip = served[self.path](self.headers.get("Range")) \
+                if callable(served.get(self.path)) else served.get(self.path, (404, {}, b"", 0))
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            if "Content-Length" not in headers:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            try:
+                if drip:
+                    for i in range(len(body)):
+                        self.wfile.write(body[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(drip)
+                else:
+                    self.wfile.write(body)
+            except OSError:
+                pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield served, f"http://127.0.0.1:{httpd.server_address[1]}", seen
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_html_error_page_is_never_recorded_and_rm_can_forget(home, server, monkeypatch, persistence, capsys):
+    from aid_cli import registry
+    from aid_cli.backbones.edm import build_precond
+
+    from .conftest import TINY_KWARGS
+    from .test_convert import official_layout_bytes
+
+    entry = url_entry(server, name="tiny-edm", file="edm-tiny.pkl")
+    use_models(monkeypatch, entry)
+    known = registry.models_dir() / registry.KNOWN_HASHES
+    server.plain["/files/edm-tiny.pkl"] = b"<html><body>503 Service Unavailable</body></html>"
+    code, out, err = run_cli(["models", "download", "tiny-edm"], capsys)
+    assert "converting it failed" in error_line(code, err)
+    assert not known.exists() or "tiny-edm/edm-tiny.pkl" not in json.loads(known.read_text())  # not poisoned
+    run_cli(["models", "rm", "tiny-edm"], capsys)
+    good = official_layout_bytes(build_precond("EDMPrecond", dict(TINY_KWARGS)), persistence, "", dict(TINY_KWARGS))
+    server.plain["/files/edm-tiny.pkl"] = good
+    code, out, err = run_cli(["models", "download", "tiny-edm"], capsys)
+    assert code == 0, err
+    import hashlib
+
+    assert json.loads(known.read_text())["tiny-edm/edm-tiny.pkl"]["sha256"] == hashlib.sha256(good).hexdigest()
+    code, out, err = run_cli(["models", "rm", "tiny-edm", "--forget-hash"], capsys)
+    assert code == 0 and "forgotten" in err
+    assert "tiny-edm/edm-tiny.pkl" not in json.loads(known.read_text())
+
+
+def test_partial_reply_from_another_offset_is_never_taken_as_the_file(hostile, tmp_path, monkeypatch):
+    from aid_cli import download
+
+    served, url, seen = hostile
+    monkeypatch.setattr(download, "BACKOFF_S", 0.01)
+    data = bytes(range(256)) * 40
+
+    def reply(rng):
+        if rng:  # asked to resume: answers from byte 100 instead
+            return 206, {"Content-Range": f"bytes 100-{len(data) - 1}/{len(data)}",
+                         "Content-Length": str(len(data) - 100)}, data[100:], 0
+        return 200, {"Content-Length": str(len(data))}, data, 0
+
+    served["/f"] = reply
+    dest = tmp_path / "f.bin"
+    download.part_path(dest).write_bytes(data[:1000])
+    download.download_url(f"{url}/f", dest, attempts=2)
+    assert dest.read_bytes() == data and seen == [("/f", "bytes=1000-"), ("/f", None)]
+
+
+def test_downloads_stop_at_the_known_size_and_on_a_stall(hostile, tmp_path, monkeypatch):
+    from aid_cli import download
+    from aid_cli.errors import DownloadError
+
+    served, url, seen = hostile
+    monkeypatch.setattr(download, "BACKOFF_S", 0.01)
+    served["/announced"] = (200, {"Content-Length": str(10_000)}, b"x" * 10_000, 0)
+    served["/unannounced"] = (200, {}, b"x" * 300_000, 0)  # no length: closes the connection at the end
+    with pytest.raises(DownloadError, match="announces 10,000 bytes, but the file has 1,000"):
+        download.download_url(f"{url}/announced", tmp_path / "a", size=1000, attempts=1)
+    with pytest.raises(DownloadError, match="sends more than the 1,000 bytes"):
+        download.download_url(f"{url}/unannounced", tmp_path / "b", size=1000, attempts=1)
+    assert not list(tmp_path.iterdir())  # no part, no file
+
+    import time
+
+    monkeypatch.setattr(download, "STALL_S", 0.6)
+    monkeypatch.setattr(download, "STALL_BYTES", 100)
+    served["/drip"] = (200, {"Content-Length": "1000"}, b"y" * 1000, 0.1)  # 10 bytes/s
+    t0 = time.time()
+    with pytest.raises(DownloadError, match="stalled"):
+        download.download_url(f"{url}/drip", tmp_path / "c", attempts=1)
+    assert time.time() - t0 < 10
+
+
+def test_redirect_loop_is_one_line(hostile, tmp_path):
+    from aid_cli import download
+    from aid_cli.errors import DownloadError
+
+    served, url, seen = hostile
+    served["/loop"] = (302, {"Location": f"{url}/loop", "Content-Length": "0"}, b"", 0)
+    with pytest.raises(DownloadError) as info:
+        download.download_url(f"{url}/loop", tmp_path / "l", attempts=1)
+    assert "redirect loop" in str(info.value) and "\n" not in str(info.value)
