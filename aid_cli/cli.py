@@ -430,10 +430,23 @@ def inpaint(
     # --json records to stderr instead of stdout
     with Progress(console=err, transient=True, disable=len(jobs) * samples <= 1, redirect_stdout=False) as bar:
         task = bar.add_task("inpainting", total=len(jobs))
-        pending = []
+        pending, failed = [], []
         for i, job in enumerate(jobs):
-            item = prepare(job, resolution, opts, notice)
-            if isinstance(item, list):  # an empty mask: copied through
+            try:
+                item = prepare(job, resolution, opts, notice)
+            except UserError as e:
+                if not folder_mode:
+                    raise
+                # a batch job goes on: one line per bad file, a count and exit 2 at the end
+                failed.append(job.image)
+                err.print(f"[bold red]skipped[/] {escape(job.image.name)}: {escape(str(e))}", soft_wrap=True)
+                if json_out:
+                    print(json.dumps({"image": str(job.image), "mask": str(job.mask), "error": str(e)}), flush=True)
+                bar.advance(task)
+                item = None
+            if item is None:
+                pass
+            elif isinstance(item, list):  # an empty mask: copied through
                 report(item)
                 bar.advance(task)
             else:
@@ -442,6 +455,9 @@ def inpaint(
                 report(inpaint_batch(net, pending, opts, dev, notice, space=space, class_labels=labels))
                 bar.advance(task, len(pending))
                 pending = []
+    if failed:
+        raise UserError(f"{len(failed)} of {len(jobs)} images could not be inpainted (each named above); the other "
+                        f"{len(jobs) - len(failed)} were written to {output}")
 
 
 @models_app.command("eval")

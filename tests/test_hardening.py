@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -701,3 +702,28 @@ def test_redirect_loop_is_one_line(hostile, tmp_path):
     with pytest.raises(DownloadError) as info:
         download.download_url(f"{url}/loop", tmp_path / "l", attempts=1)
     assert "redirect loop" in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------- item 6
+def test_folder_mode_goes_on_past_bad_images_and_counts_them(tiny_checkpoint, tmp_path, capsys):
+    images, masks, out_dir = tmp_path / "images", tmp_path / "masks", tmp_path / "filled"
+    images.mkdir()
+    masks.mkdir()
+    for stem in ("a", "c", "e"):
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(images / f"{stem}.png")
+        mask = Image.new("L", (24, 20), 0)
+        mask.paste(255, (4, 4, 12, 12))
+        mask.save(masks / f"{stem}.png")
+    (images / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    Image.new("L", (24, 20), 255).save(masks / "b.png")
+    Image.new("RGB", (30, 30)).save(images / "d.png")  # its mask has another size
+    Image.new("L", (24, 20), 255).save(masks / "d.png")
+    code, out, err = run_cli(["inpaint", images, "--mask", masks, "-o", out_dir, "--model", tiny_checkpoint,
+                              "--method", "replace", "--steps", "2", "--device", "cpu", "--json"], capsys)
+    assert code == 2, err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["a.png", "c.png", "e.png"]
+    assert "skipped b.png" in err and "skipped d.png" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: 2 of 5 images could not be inpainted")
+    recs = [json.loads(line) for line in out.strip().splitlines()]
+    assert sorted(Path(r["path"]).name for r in recs if "path" in r) == ["a.png", "c.png", "e.png"]
+    assert sorted(Path(r["image"]).name for r in recs if "error" in r) == ["b.png", "d.png"]
