@@ -53,8 +53,9 @@ def download_url(url: str, dest: str | Path, check: Callable[[Path], None] | Non
         try:
             _transfer(url, part, progress, size, size_origin)
             break
-        except DownloadError:
-            part.unlink(missing_ok=True)  # refused bytes are never kept
+        except DownloadError as e:
+            if "no space left" not in str(e):
+                part.unlink(missing_ok=True)  # refused bytes are never kept
             raise
         except Interrupted as e:
             if attempt == attempts:
@@ -135,7 +136,15 @@ def _transfer(url: str, part: Path, progress: Progress | None, size: int | None 
                 if limit is not None and done + len(block) > limit:
                     raise DownloadError(f"{url}: the server sends more than the {limit:,} bytes of the file"
                                         f"{f' ({origin})' if origin and limit == size else ''}: refused, nothing kept")
-                f.write(block)
+                try:
+                    f.write(block)
+                except OSError as e:
+                    from .fileio import disk_full
+
+                    if not disk_full(e):
+                        raise
+                    raise DownloadError(f"no space left on the device for {part.name} after {done:,} bytes; they are "
+                                        f"kept: free some space and run the command again to resume") from None
                 done += len(block)
                 window_bytes += len(block)
                 if progress:

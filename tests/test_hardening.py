@@ -727,3 +727,22 @@ def test_folder_mode_goes_on_past_bad_images_and_counts_them(tiny_checkpoint, tm
     recs = [json.loads(line) for line in out.strip().splitlines()]
     assert sorted(Path(r["path"]).name for r in recs if "path" in r) == ["a.png", "c.png", "e.png"]
     assert sorted(Path(r["image"]).name for r in recs if "error" in r) == ["b.png", "d.png"]
+
+
+def test_full_disk_in_training_and_download_is_one_line(tiny_data, tiny_checkpoint, tmp_path, hostile):
+    served, url, seen = hostile
+    served["/big"] = (200, {"Content-Length": str(600_000)}, b"z" * 600_000, 0)
+    script = (f'$PY -m aid_cli.cli pretrain --dataset {tiny_data} --resolution 16 --width 16 --channel-mult 1,2 '
+              f'--attn 8 --batch 4 --duration 0.004 --out $FULL/run --device cpu; echo "rc=$?"; '
+              f'$PY -m aid_cli.cli train --dataset {tiny_data} --backbone {tiny_checkpoint} --out $FULL/aid '
+              f'--iters 2 --batch 2 --device cpu; echo "rc=$?"; rm -rf $FULL/*; '
+              f'$PY -c "import sys; from aid_cli import cli, download; sys.argv[0] = \'aid\'; '
+              f'download.download_url(\'{url}/big\', \'$FULL/big.bin\', attempts=1)" 2>&1 | tail -1; echo "rc=$?"; '
+              f'ls -A $FULL')
+    proc = _in_full_tmpfs(script, tmp_path, size="200k")
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout.count("rc=2") == 2, (proc.stdout, proc.stderr)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("no space left" in line for line in errors), proc.stderr
+    assert "DownloadError: no space left on the device for big.bin.part" in proc.stdout, proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "big.bin.part"  # kept, to resume; nothing else
