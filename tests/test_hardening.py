@@ -746,3 +746,30 @@ def test_full_disk_in_training_and_download_is_one_line(tiny_data, tiny_checkpoi
     assert len(errors) == 2 and all("no space left" in line for line in errors), proc.stderr
     assert "DownloadError: no space left on the device for big.bin.part" in proc.stdout, proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == "big.bin.part"  # kept, to resume; nothing else
+
+
+def test_guidance_module_claiming_a_huge_actor_or_holding_nan_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from aid_cli.errors import CheckpointError
+    from aid_cli.guidance.checkpoint import load_guidance, save_guidance
+    from aid_cli.guidance.networks import Actor
+
+    actor = Actor(width=8)
+    good = save_guidance(tmp_path / "g.safetensors", actor, {"channels": 3, "width": 8, "emb_dim": 16}, "0" * 64)
+    load_guidance(good)
+    sd = {k: v.clone() for k, v in actor.state_dict().items()}
+    for name, meta_actor in (("huge", {"channels": 3, "width": 4096, "emb_dim": 16}),
+                             ("negative", {"channels": 3, "width": -8, "emb_dim": 16}),
+                             ("deep", None)):
+        meta = {"aid.kind": "guidance", "aid.backbone_sha256": "0" * 64,
+                "aid.actor": json.dumps(meta_actor) if meta_actor else "[" * 100_000 + "]" * 100_000}
+        save_file(sd, str(tmp_path / f"{name}.safetensors"), metadata=meta)
+        with pytest.raises(CheckpointError, match="unusable guidance module"):
+            load_guidance(tmp_path / f"{name}.safetensors")
+    sd["out.weight"].view(-1)[0] = float("inf")
+    save_file(sd, str(tmp_path / "inf.safetensors"), metadata={"aid.kind": "guidance", "aid.backbone_sha256": "0" * 64,
+                                                                "aid.actor": json.dumps({"channels": 3, "width": 8,
+                                                                                         "emb_dim": 16})})
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        load_guidance(tmp_path / "inf.safetensors")
