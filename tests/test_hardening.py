@@ -541,7 +541,7 @@ def _mutate(data: bytes, rng) -> bytes:
     return bytes(b)
 
 
-def test_fuzzed_image_files_give_only_the_projects_error(tmp_path):
+def test_fuzzed_image_files_give_only_the_projects_error(tmp_path, capfd):
     import time
     import warnings
 
@@ -568,6 +568,7 @@ def test_fuzzed_image_files_give_only_the_projects_error(tmp_path):
                     raise AssertionError(f"{name} case {k}: {type(e).__name__}: {e}") from None
     assert tried == 50 * len(seeds) and refused > tried // 4  # most mutations break the file
     assert time.time() - t0 < 120
+    assert capfd.readouterr().err == ""  # nothing printed raw by a C decoder (libtiff) either
 
 
 # ------------------------------------------------------------------------------------------------------- items 3, 4
@@ -773,3 +774,26 @@ def test_guidance_module_claiming_a_huge_actor_or_holding_nan_is_refused(tmp_pat
                                                                                          "emb_dim": 16})})
     with pytest.raises(CheckpointError, match="NaN or infinite"):
         load_guidance(tmp_path / "inf.safetensors")
+
+
+def test_fuzzed_dataset_zip_skips_bad_entries_quietly(tmp_path, capfd):
+    import zipfile
+
+    from aid_cli.data.datasets import load_image_set
+
+    rng = np.random.default_rng(19)
+    path = tmp_path / "fuzz.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("000-good.png", _png_bytes())
+        for name, data in _seed_images().items():
+            for k in range(15):
+                z.writestr(f"{name}-{k:02d}.{name.split('-')[0].lower()}", _mutate(data, rng))
+    skips = []
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing may warn either
+        d = load_image_set(path, resolution=16, on_skip=lambda n, why: skips.append(n))
+    images = [n for n in zipfile.ZipFile(path).namelist() if not n.endswith(".gif")]  # GIF: not a dataset suffix
+    assert len(d) + len(skips) == len(images) and len(d) >= 1 and len(skips) > 20
+    assert capfd.readouterr().err == ""

@@ -57,11 +57,17 @@ def _decode(data: bytes, resolution: int | None, channels: int) -> np.ndarray:
     import warnings
 
     with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="PIL")  # "Corrupt EXIF data" x 10,000
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused below, never printed raw
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
             if w * h > MAX_PIXELS:
                 raise SkipEntry(f"{w}x{h} pixels, more than the {MAX_PIXELS:,} an image may have here")
+            if im.format == "TIFF":  # libtiff prints its complaints straight to stderr
+                from .images import native_stderr_silenced
+
+                with native_stderr_silenced():
+                    im.load()
             im = ImageOps.exif_transpose(im)
             im = im.convert("RGB" if channels == 3 else "L")
             if resolution is not None and im.size != (resolution, resolution):

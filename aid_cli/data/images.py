@@ -17,6 +17,7 @@ Conventions (design.md):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -112,8 +113,33 @@ def _open(path: str | os.PathLike, what: str) -> tuple[Image.Image, bool]:
     return out, wide_colour
 
 
+@contextlib.contextmanager
+def native_stderr_silenced(active: bool = True):
+    """Keep what a C library prints straight to the process's stderr (libtiff: "Using code not yet in table.") off
+    the user's terminal while it decodes: the file's problems reach the user as one line, or not at all."""
+    import sys
+    import tempfile
+
+    if not active:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _decode_file(path: Path) -> tuple[Image.Image, bool]:
-    with Image.open(path) as im:
+    with Image.open(path) as im, native_stderr_silenced(im.format == "TIFF"):
         rawmodes = [t.args for t in im.tile or [] if isinstance(t.args, str)]
         wide_colour = im.mode in ("RGB", "RGBA") and any(";16" in m for m in rawmodes)
         im.load()  # force a full decode now: truncated files fail here, not half-way through a run
