@@ -585,6 +585,10 @@ def fetch_model(entry: ModelEntry, cache=None, offline: bool | None = None, prog
         ready = cached_path(entry, cache)  # another process may have finished it meanwhile
         if ready is not None:
             return ready
+        if model_folder(entry, cache).is_dir():  # a conversion killed half-way left its temp file (we hold the lock)
+            from .training import clean_stale_temps
+
+            clean_stale_temps(model_folder(entry, cache), log)
         kept = _kept_download(entry, cache)
         if kept is not None:
             if log:

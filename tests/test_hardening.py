@@ -797,3 +797,38 @@ def test_fuzzed_dataset_zip_skips_bad_entries_quietly(tmp_path, capfd):
     images = [n for n in zipfile.ZipFile(path).namelist() if not n.endswith(".gif")]  # GIF: not a dataset suffix
     assert len(d) + len(skips) == len(images) and len(d) >= 1 and len(skips) > 20
     assert capfd.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------------------------------------------- item 7
+def test_atomic_writes_fsync_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    import os
+
+    from aid_cli import fileio
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[1])
+    fileio.atomic_write_text(tmp_path / "x.txt", "hello")
+    kinds = [e[0] for e in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    assert events[0][1].endswith(".tmp.txt") and events[2][1] == str(tmp_path)
+
+
+def test_model_cache_temp_left_by_a_killed_conversion_is_removed(home, server, monkeypatch, tiny_bytes):
+    from aid_cli import registry
+
+    entry = url_entry(server)
+    use_models(monkeypatch, entry)
+    server.plain["/files/tiny.safetensors"] = tiny_bytes
+    folder = registry.model_folder(entry)
+    folder.mkdir(parents=True)
+    (folder / ".tiny-url.safetensors.k1ll.tmp.safetensors").write_bytes(b"\0" * 1000)
+    registry.fetch_model(entry)
+    assert not list(folder.glob(".*.tmp*"))
+
+
+@pytest.fixture
+def tiny_bytes(tiny_checkpoint) -> bytes:
+    return tiny_checkpoint.read_bytes()
