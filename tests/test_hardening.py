@@ -439,12 +439,13 @@ def _png_with_chunk(mode: str, chunk: bytes, body: bytes, plte: int | None = Non
 
 def test_palette_png_with_more_transparency_than_palette_is_clean(tmp_path, capsys):
     img, mask = tmp_path / "p.png", tmp_path / "m.png"
-    img.write_bytes(_png_with_chunk("P", b"tRNS", b"\0" * 200, plte=2))
+    img.write_bytes(_png_with_chunk("P", b"tRNS", b"\xff" * 300, plte=2))  # 300 alpha entries, 2 colours
     Image.new("L", (8, 8), 255).save(mask)
-    code, out, err = run_cli(["inpaint", img, "--mask", img, "-o", tmp_path / "o.png", "--method", "copy"], capsys)
-    assert code in (0, 2) and "Traceback" not in err and "Warning" not in err, err
-    if code == 2:
-        assert len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(["inpaint", img, "--mask", mask, "-o", tmp_path / "o.png", "--method", "copy"], capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "cannot be converted to RGBA" in err and not (tmp_path / "o.png").exists()
+    code, out, err = run_cli(["inpaint", mask, "--mask", img, "-o", tmp_path / "o.png", "--method", "copy"], capsys)
+    assert code in (0, 2) and "Traceback" not in err, err  # as a mask it reads (greyscale conversion) or is refused
 
 
 def _in_full_tmpfs(script: str, tmp_path, size="320k") -> "subprocess.CompletedProcess":
