@@ -23,6 +23,7 @@ BACKOFF_S = 1.0  # wait before retry k: BACKOFF_S · 2^(k−1), at most 30 s
 CHUNK = 1 << 20
 STALL_S = 60.0  # a transfer that brings fewer than STALL_BYTES in any STALL_S seconds is stalled (and resumed)
 STALL_BYTES = 64 << 10
+MAX_BYTES = 64 << 30  # a file of unknown size (a first download, no Content-Length) stops here all the same
 
 Progress = Callable[[int, "int | None"], None]  # (bytes on disk, total bytes or None when the server does not say)
 
@@ -121,7 +122,10 @@ def _transfer(url: str, part: Path, progress: Progress | None, size: int | None 
         if size is not None and total is not None and total != size:
             raise DownloadError(f"{url}: the server announces {total:,} bytes, but the file has {size:,}"
                                 f"{f' ({origin})' if origin else ''}: refused, nothing kept")
-        limit = size if size is not None else total  # never more than the known or announced size
+        if total is not None and total > MAX_BYTES:
+            raise DownloadError(f"{url}: the server announces {total:,} bytes, more than any model file "
+                                f"({MAX_BYTES:,}); refused")
+        limit = size if size is not None else total if total is not None else MAX_BYTES  # known, announced, or cap
         done = have
         window_start, window_bytes = time.monotonic(), 0
         read = getattr(response, "read1", response.read)  # whatever has arrived, so a trickle cannot hide a stall

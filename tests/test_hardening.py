@@ -683,6 +683,12 @@ def test_downloads_stop_at_the_known_size_and_on_a_stall(hostile, tmp_path, monk
     with pytest.raises(DownloadError, match="sends more than the 1,000 bytes"):
         download.download_url(f"{url}/unannounced", tmp_path / "b", size=1000, attempts=1)
     assert not list(tmp_path.iterdir())  # no part, no file
+    monkeypatch.setattr(download, "MAX_BYTES", 5000)  # size unknown, no length announced: the overall cap holds
+    with pytest.raises(DownloadError, match="sends more than the 5,000 bytes"):
+        download.download_url(f"{url}/unannounced", tmp_path / "b", attempts=1)
+    with pytest.raises(DownloadError, match="more than any model file"):
+        download.download_url(f"{url}/announced", tmp_path / "a", attempts=1)
+    assert not list(tmp_path.iterdir())
 
     import time
 
