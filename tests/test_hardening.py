@@ -27,13 +27,9 @@ def tiny_data(tmp_path):
 
 
 def _train_cfg(data, out, backbone, **kw):
-    from aid_cli.guidance.trainer import TrainConfig
+    from .test_guidance import cfg_for  # the tiny actor-critic run of the training tests
 
-    base = dict(dataset=str(data), out=str(out), backbone=str(backbone), steps=3, batch=4, iters=6, width=8,
-                critic_width=8, lr_actor=1e-3, lr_critic=3e-3, val_every=3, val_n=2, checkpoint_every=3,
-                val_dataset=str(data), seed=1)
-    base.update(kw)
-    return TrainConfig(**base)
+    return cfg_for(data, out, backbone, **kw)
 
 
 def test_read_stats_drops_a_torn_last_line_with_a_notice(tmp_path):
