@@ -58,7 +58,8 @@ BENCH_N=${BENCH_N:-100}; BENCH_SEEDS=${BENCH_SEEDS:-3}; BENCH_MASKS=${BENCH_MASK
 BENCH_BATCH=${BENCH_BATCH:-100}; BENCH_PRECISION=${BENCH_PRECISION:-fp32}
 
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-export AID_CACHE=${AID_CACHE:-$PWD/$RUNS/cache}
+case $RUNS in /*) ;; *) RUNS=$PWD/$RUNS ;; esac
+export AID_CACHE=${AID_CACHE:-$RUNS/cache}
 mkdir -p "$OUT" "$RUNS" "$AID_CACHE"
 # LPIPS's weights travel only if carried (.carry/lpips-alex-v0.1.safetensors, aid's own cache format)
 [ -f .carry/lpips-alex-v0.1.safetensors ] && cp .carry/lpips-alex-v0.1.safetensors "$AID_CACHE/"
