@@ -25,12 +25,12 @@ RUNS=${RUNS:-.runs/gpu}
 DEVICE=${DEVICE:-cuda}
 PYTHON=${PYTHON:-python3}
 STAGES=${STAGES:-timings backbone tune guidance bench}
-DEADLINE=${DEADLINE:-555}      # seconds after the start by which the last stage has ended (timeout_s 600: margin)
+DEADLINE=${DEADLINE:-560}      # seconds after the start by which the last stage has ended (timeout_s 600: margin)
 PACK_RESERVE=${PACK_RESERVE:-10}  # seconds kept for packing after the last stage
 GRACE=${GRACE:-20}             # seconds between a box's SIGTERM and its SIGKILL (saving state and a snapshot)
 MIN_BOX=${MIN_BOX:-5}          # a stage that would get fewer seconds than this is skipped
-T_TIMINGS=${T_TIMINGS:-25}; T_BACKBONE=${T_BACKBONE:-240}; T_TUNE=${T_TUNE:-35}; T_GUIDANCE=${T_GUIDANCE:-170}
-T_BENCH=${T_BENCH:-60}; T_REPORT=${T_REPORT:-15}
+T_TIMINGS=${T_TIMINGS:-25}; T_BACKBONE=${T_BACKBONE:-225}; T_TUNE=${T_TUNE:-30}; T_GUIDANCE=${T_GUIDANCE:-160}
+T_BENCH=${T_BENCH:-70}; T_REPORT=${T_REPORT:-15}  # T_BENCH includes T_REPORT
 TRAIN=${TRAIN:-.carry/cats64-train.zip}
 VAL=${VAL:-.carry/cats64-val.zip}
 SHIPPED=${SHIPPED:-weights/aid-cats64-edm.safetensors}
@@ -49,11 +49,11 @@ TUNE_METHODS=${TUNE_METHODS:-dps,mcg,gradpaint,copaint,vipaint}; TUNE_N=${TUNE_N
 GBATCH=${GBATCH:-128}; GSTEPS=${GSTEPS:-18}; BETA=${BETA:-0.01}; LR_ACTOR=${LR_ACTOR:-3e-4}; GITERS=${GITERS:-1000000}
 RECOMPUTE=${RECOMPUTE:-1}      # 0: --no-recompute (a quarter less compute; all N steps' activations in memory)
 MASK_BANK=${MASK_BANK:-4096}; TRAIN_MASKS=${TRAIN_MASKS:-freeform,box,strip}
-VAL_OFFSET=${VAL_OFFSET:-100}; VAL_N=${VAL_N:-64}; VAL_EVERY=${VAL_EVERY:-25}
+VAL_OFFSET=${VAL_OFFSET:-100}; VAL_N=${VAL_N:-64}; VAL_EVERY=${VAL_EVERY:-20}
 AC=${AC:-1}; AC_BATCH=${AC_BATCH:-64}; AC_DIAG_EVERY=${AC_DIAG_EVERY:-10}; AC_DIAG_BATCH=${AC_DIAG_BATCH:-128}
 GUIDANCE_EXTRA=${GUIDANCE_EXTRA:-}
 # stage 5
-BENCH_METHODS=${BENCH_METHODS:-copy,greyfill,unguided,replace,ddnm,aid-18,aid-12,dps,mcg,gradpaint,copaint,repaint,vipaint}
+BENCH_METHODS=${BENCH_METHODS:-copy,greyfill,unguided,aid-18,aid-12,dps,replace,ddnm,mcg,gradpaint,copaint,repaint,vipaint}
 BENCH_N=${BENCH_N:-100}; BENCH_SEEDS=${BENCH_SEEDS:-3}; BENCH_MASKS=${BENCH_MASKS:-freeform,center,strip}
 BENCH_BATCH=${BENCH_BATCH:-100}; BENCH_PRECISION=${BENCH_PRECISION:-fp32}
 
@@ -139,7 +139,7 @@ for f in "$TRAIN" "$VAL"; do [ -f "$f" ] || log "missing $f (scripts/pack_for_de
 if has timings; then
   box timings "$T_TIMINGS" "$PYTHON" scripts/gpu_stage.py timings --out "$RUNS/timings.json" --device "$DEVICE" \
     --batches "$TIMING_BATCHES" --precisions "$TIMING_PRECISIONS" --official "$TIMING_OFFICIAL" \
-    --sample-batch "$TIMING_SAMPLE_BATCH" --budget $(( T_TIMINGS - 8 )) --resolution "$RES" --width "$WIDTH" \
+    --sample-batch "$TIMING_SAMPLE_BATCH" --budget $(( T_TIMINGS - 6 )) --resolution "$RES" --width "$WIDTH" \
     --channel-mult "$CMULT" --depth "$DEPTH" --attn "$ATTN"
   (nvidia-smi > "$RUNS/nvidia-smi.txt" 2>&1 || true)
   pack s1-timings "$RUNS" timings.json timings.log nvidia-smi.txt

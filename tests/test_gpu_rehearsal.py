@@ -57,7 +57,7 @@ REHEARSAL_ENV = dict(
     PRECISION="fp32", T_BACKBONE="40",
     TUNE_METHODS="dps", TUNE_N="2", T_TUNE="30",
     GBATCH="2", GSTEPS="4", GITERS="100000", VAL_OFFSET="4", VAL_N="3", VAL_EVERY="2", MASK_BANK="16",
-    AC_BATCH="2", AC_DIAG_EVERY="4", AC_DIAG_BATCH="2", T_GUIDANCE="14", GUIDANCE_EXTRA="--width 4",
+    AC_BATCH="2", AC_DIAG_EVERY="4", AC_DIAG_BATCH="2", T_GUIDANCE="12", GUIDANCE_EXTRA="--width 4",
     BENCH_METHODS="copy,unguided,aid-18", BENCH_N="2", BENCH_SEEDS="1", BENCH_BATCH="2", T_BENCH="40", T_REPORT="15",
     DEADLINE="240", GRACE="15", PACK_RESERVE="5",
     OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
@@ -96,6 +96,8 @@ def test_rehearsal_every_stage_writes_its_files_into_out(rehearsal):
     assert {"guidance-best.safetensors", "select.json", "aid-stats.jsonl", "ac-stats.jsonl"} <= set(
         listing["s4-guidance.tgz"])
     assert {"bench.md", "bench.json", "cells.jsonl", "asked.txt"} <= set(listing["s5-bench.tgz"])
+    for run in ("aid", "aid-ac"):  # both runs of the guidance stage took the SIGTERM and saved before leaving
+        assert "state and module saved" in (tmp / f"runs/{run}.log").read_text()
     stats = [json.loads(line) for line in (tmp / "runs/aid-ac/stats.jsonl").read_text().splitlines()]
     assert any("diag_cos_score_b2" in s for s in stats)  # the actor-critic run's gradient diagnostic was logged
 
