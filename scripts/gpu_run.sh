@@ -170,7 +170,7 @@ if has backbone; then
     pack s2-backbone "$RUNS" backbone.log
   fi
 fi
-BACKBONE=${BACKBONE:-${CAND:-$SHIPPED}}
+BACKBONE=${CAND:-${BACKBONE:-$SHIPPED}}  # BACKBONE=FILE: the backbone when stage 2 does not run
 log "backbone for the next stages: $BACKBONE"
 
 # ---- 3 tune ----------------------------------------------------------------------------------------------------
