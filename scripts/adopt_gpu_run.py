@@ -196,7 +196,7 @@ Measured here, after the session, with the commands given. Full output: `aid-cat
 ## Reproduce
 
 `scripts/gpu_run.sh` on the device machine (stage 2; its `aid pretrain` command is in the script, with the knobs
-recorded in the checkpoint's metadata: `aid models info aid-cats64`), then `scripts/adopt_gpu_run.py` here.
+recorded in the checkpoint's metadata, `aid.provenance`), then `scripts/adopt_gpu_run.py` here.
 The previous, CPU-trained backbone (4.2 M parameters, 84 k images, FID 127.4) and its card are in the git history:
 `git show {previous}:weights/README.md`.
 """
@@ -266,7 +266,7 @@ The previous, CPU-trained module and its card are in the git history: `git show 
 
 # ------------------------------------------------------------------------------------------------------------ README
 
-def bench_caption(result: dict, cells: list[dict], asked: list[str] | None) -> str:
+def bench_caption(result: dict, cells: list[dict], asked: list[str] | None, new_backbone: bool) -> str:
     cfg = result["config"]
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
     missing = [m for m in (asked or []) if m not in methods]
@@ -275,8 +275,9 @@ def bench_caption(result: dict, cells: list[dict], asked: list[str] | None) -> s
             f"made on the GPU in one session by `scripts/gpu_run.sh` (stage 5) and adopted by "
             f"`scripts/adopt_gpu_run.py`: the first {cfg['n']} `val.zip` images × {len(cfg['seeds'])} noise seeds × "
             f"the three mask families, {cfg['precision']} precision, batch {cfg['batch']}, {cfg['device']}, every "
-            f"method at the step size tuned on that GPU for this backbone (`weights/aid-cats64-edm.tuned.json`, "
-            f"`aid bench --tune` on the first 16 images), `aid-18`/`aid-12` the shipped guidance module. The methods "
+            f"method at its step size tuned for this backbone (`weights/aid-cats64-edm.tuned.json`, `aid bench --tune` "
+            f"on the first 16 images{', on that GPU' if new_backbone else ''}; a method without a tuned value runs at its "
+            f"default), `aid-18`/`aid-12` the shipped guidance module. The methods "
             f"ran cheapest first in a time box: {len(cells)} cells finished"
             + (f" ({secs:.0f} s of cells recorded)" if secs else "")
             + (f"; not reached in it: {', '.join(missing)} (their rows from the previous backbone no longer apply; "
@@ -396,7 +397,7 @@ def adopt(files: Path, root: Path, eval_mode: str, fid_samples: int, eval_json: 
             asked = (s / "asked.txt").read_text().strip().split(",") if (s / "asked.txt").is_file() else None
             log_text = (s / "bench.log").read_text() if (s / "bench.log").is_file() else ""
             readme = (root / README).read_text()
-            readme = update_readme(readme, (s / "bench.md").read_text(), bench_caption(result, cells, asked))
+            readme = update_readme(readme, (s / "bench.md").read_text(), bench_caption(result, cells, asked, new_backbone is not None))
             if new_backbone is not None:
                 seen = prov.get("images_seen", 0)
                 readme = re.sub(r"trained for [\d.]+ k images \([^)]*\) on a 2-core CPU",

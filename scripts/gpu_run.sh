@@ -74,7 +74,7 @@ box() {  # box NAME SECONDS CMD...: CMD in a time box (SIGTERM, then SIGKILL GRA
   local name=$1 want=$2; shift 2
   local left=$(( DEADLINE - PACK_RESERVE - GRACE - $(now) ))
   local secs=$(( want < left ? want : left ))
-  if (( secs < MIN_BOX )); then log "$name: skipped, ${left} s left before the deadline"; return 97; fi
+  if (( secs < MIN_BOX )); then log "$name: skipped (a box of ${secs} s; ${left} s left before the deadline)"; return 97; fi
   log "$name: start, box ${secs} s"
   local t=$(date +%s)
   timeout -s TERM -k "$GRACE" "$secs" "$@" >> "$RUNS/$name.log" 2>&1; local rc=$?
@@ -132,7 +132,8 @@ guidance_pair() {  # stage 4's two runs side by side on the GPU; the box's SIGTE
 if [ "${1:-}" = --guidance-pair ]; then guidance_pair; exit; fi
 
 log "gpu_run: stages [$STAGES], device $DEVICE, deadline ${DEADLINE} s; commit $(git rev-parse --short HEAD 2>/dev/null || echo ?)"
-"$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())' 2>&1 | tee -a "$SLOG"
+has timings || "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
+  torch.cuda.is_available() and torch.cuda.get_device_name())' 2>&1 | tee -a "$SLOG"  # (stage 1 records it otherwise)
 for f in "$TRAIN" "$VAL"; do [ -f "$f" ] || log "missing $f (scripts/pack_for_device.py; docs/gpu-session.md)"; done
 
 # ---- 1 timings -------------------------------------------------------------------------------------------------
