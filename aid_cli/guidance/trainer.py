@@ -422,6 +422,7 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
                       free=("dataset", "out", "iters", "val_dataset", "checkpoint_every", "val_every", "precision",
                             "compile", "diag_every", "diag_batch", "recompute"))
     cfg = dataclasses.replace(cfg, estimator=canonical_estimator(cfg.estimator))  # a run saved as `proxy`
+    families = mask_families(cfg.train_masks)  # the run's own on --resume
 
     backbone_net, binfo = load_backbone(cfg.backbone, device=device)
     # The denoiser the rollouts call: NHWC, autocast to bf16 where asked (float32 out), compiled where asked.
