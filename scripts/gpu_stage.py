@@ -4,6 +4,7 @@
     python3 scripts/gpu_stage.py tune --model CKPT --dataset VAL [--methods dps,mcg,...] [--n 16] ...
     python3 scripts/gpu_stage.py select RUN          # the run's best module on validation -> RUN/guidance-best.safetensors
     python3 scripts/gpu_stage.py check-out OUT       # what comes back obeys the device tool's rules
+    python3 scripts/gpu_stage.py carried [.carry]    # here, before the call: the size of what travels (<= 64 MiB)
 
 Each writes its results as it goes (atomically), so a stage stopped at its time box keeps what it finished.
 Runs from the repo root with PYTHONPATH=. (aid need not be installed: the device machine has torch, not aid).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -248,6 +250,30 @@ def check_out(args) -> None:
     raise SystemExit(1 if problems else 0)
 
 
+# ---------------------------------------------------------------------------------------------------------- carried
+
+def carried(args) -> None:
+    """The size of what a `run` call sends: tracked files and untracked files git does not ignore, plus the carried
+    paths. Exit 1 over the tool's 64 MiB."""
+    import subprocess
+
+    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], capture_output=True,
+                           check=True).stdout.split(b"\0")
+    tree = sum(os.path.getsize(n) for n in names if n and os.path.isfile(n))
+    extra = {}
+    for c in args.carry:
+        p = Path(c)
+        extra[c] = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else \
+            p.stat().st_size if p.is_file() else 0
+    total = tree + sum(extra.values())
+    print(f"working tree (tracked + untracked, not ignored): {tree:,} bytes ({tree / 2 ** 20:.2f} MiB)")
+    for c, n in extra.items():
+        print(f"carry {c}: {n:,} bytes ({n / 2 ** 20:.2f} MiB)")
+    print(f"total: {total:,} bytes = {total / 2 ** 20:.2f} MiB of {MAX_TOTAL_BYTES // 2 ** 20} MiB"
+          + ("" if total <= MAX_TOTAL_BYTES else "  OVER THE LIMIT"))
+    raise SystemExit(0 if total <= MAX_TOTAL_BYTES else 1)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -280,8 +306,10 @@ def main(argv=None) -> None:
     s.add_argument("--metric", default="val_psnr_hole_18")
     c = sub.add_parser("check-out")
     c.add_argument("out")
+    k = sub.add_parser("carried")
+    k.add_argument("carry", nargs="*", default=[".carry"])
     args = ap.parse_args(argv)
-    {"timings": timings, "tune": tune, "select": select, "check-out": check_out}[args.cmd](args)
+    {"timings": timings, "tune": tune, "select": select, "check-out": check_out, "carried": carried}[args.cmd](args)
 
 
 if __name__ == "__main__":
