@@ -191,7 +191,7 @@ BEST=""
 if has guidance; then
   g=$RUNS/aid; a=$RUNS/aid-ac
   export BACKBONE
-  box guidance "$T_GUIDANCE" "$0" --guidance-pair
+  box guidance "$T_GUIDANCE" bash "$0" --guidance-pair
   mkdir -p "$RUNS/g"
   if "$PYTHON" scripts/gpu_stage.py select "$g" >> "$RUNS/guidance.log" 2>&1; then
     BEST=$RUNS/g/guidance-best.safetensors
