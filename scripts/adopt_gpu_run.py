@@ -282,6 +282,9 @@ def bench_caption(result: dict, cells: list[dict], asked: list[str] | None, new_
             + (f" ({secs:.0f} s of cells recorded)" if secs else "")
             + (f"; not reached in it: {', '.join(missing)} (their rows from the previous backbone no longer apply; "
                f"run them with `aid bench ... --resume`)" if missing else "")
+            + (". LPIPS was computed there with its weights rounded to float16 for the trip (scripts/gpu_stage.py "
+               "lpips-half; measured here on 256 val.zip pairs: at most 1.1e-4 per image and 4e-6 on a mean)"
+               if "float16-rounded" in str(cfg.get("metrics", {}).get("lpips_weights")) else "")
             + ". Seconds per image compare only within this run. Regenerate it with "
             "`aid bench --methods unguided,replace,ddnm,dps,mcg,gradpaint,repaint,copaint,vipaint,aid-18,aid-12,copy,greyfill "
             "--dataset ../shared/data/cats64/val.zip --n 100 --seeds 3 --out bench/ --markdown README.md` (add "

@@ -61,8 +61,12 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFL
 case $RUNS in /*) ;; *) RUNS=$PWD/$RUNS ;; esac
 export AID_CACHE=${AID_CACHE:-$RUNS/cache}
 mkdir -p "$OUT" "$RUNS" "$AID_CACHE"
-# LPIPS's weights travel only if carried (.carry/lpips-alex-v0.1.safetensors, aid's own cache format)
-[ -f .carry/lpips-alex-v0.1.safetensors ] && cp .carry/lpips-alex-v0.1.safetensors "$AID_CACHE/"
+# LPIPS's weights travel only if carried: rounded to float16 (gpu_stage.py lpips-half; 4.7 MiB), or as aid's cache file
+LPIPS_HALF=${LPIPS_HALF:-.carry/lpips-alex-v0.1-fp16.safetensors}
+if [ -f .carry/lpips-alex-v0.1.safetensors ]; then cp .carry/lpips-alex-v0.1.safetensors "$AID_CACHE/"
+elif [ -f "$LPIPS_HALF" ] && [ "${1:-}" != --guidance-pair ]; then
+  "$PYTHON" scripts/gpu_stage.py lpips-widen "$LPIPS_HALF" "$AID_CACHE" > "$RUNS/lpips.log" 2>&1 || true
+fi
 aid=("$PYTHON" -m aid_cli.cli)
 SLOG=$OUT/session.log
 now() { echo $(( $(date +%s) - T0 )); }

