@@ -41,9 +41,11 @@ def _ints(text: str) -> list[int]:
 
 
 def _write_json(path: Path, obj) -> None:
-    from aid_cli.fileio import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    """Atomically (a stage stopped mid-write keeps the previous version); no aid import, which would import torch."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------- timings
