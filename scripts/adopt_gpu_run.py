@@ -300,6 +300,9 @@ def update_readme(text: str, table: str, caption: str) -> str:
     head, rest = text.split(MD_START, 1)
     _, tail = rest.split(MD_END, 1)
     # the paragraph right after the table is its caption: replaced (up to the first blank line)
+    import textwrap
+
+    caption = textwrap.fill(caption.strip(), width=120, break_long_words=False, break_on_hyphens=False) + "\n"
     m = re.match(r"\n\n(The table above is.*?\n)(?=\n)", tail, re.S)
     if m:
         tail = "\n\n" + caption + tail[m.end():]
