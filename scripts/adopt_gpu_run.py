@@ -274,7 +274,7 @@ def bench_caption(result: dict, cells: list[dict], asked: list[str] | None, new_
     return (f"The table above is the protocol's run on the embedded backbone (sha256 `{cfg['model']['sha256'][:12]}…`), "
             f"made on the GPU in one session by `scripts/gpu_run.sh` (stage 5) and adopted by "
             f"`scripts/adopt_gpu_run.py`: the first {cfg['n']} `val.zip` images × {len(cfg['seeds'])} noise seeds × "
-            f"the three mask families, {cfg['precision']} precision, batch {cfg['batch']}, {cfg['device']}, every "
+            f"masks {', '.join(cfg['masks']['families'])}, {cfg['precision']} precision, batch {cfg['batch']}, {cfg['device']}, every "
             f"method at its step size tuned for this backbone (`weights/aid-cats64-edm.tuned.json`, `aid bench --tune` "
             f"on the first 16 images{', on that GPU' if new_backbone else ''}; a method without a tuned value runs at its "
             f"default), `aid-18`/`aid-12` the shipped guidance module. The methods "
