@@ -27,7 +27,21 @@ models_app = typer.Typer(help="Models by name: list, info, download, convert off
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)  # never hard-wrap: one message, one line (for grep, logs)
+def visible(text: str) -> str:
+    """`text` with terminal control characters (escape sequences from a hostile file name, carriage returns, ...)
+    shown as \\xNN instead of acting on the terminal; newlines and tabs are kept."""
+    return "".join(c if c in "\n\t" or (ord(c) >= 32 and not 0x7F <= ord(c) < 0xA0) else f"\\x{ord(c):02x}"
+                   for c in text)
+
+
+class _Console(Console):
+    """rich's Console that never sends a control character from a message to the terminal."""
+
+    def print(self, *objects, **kwargs):
+        return super().print(*(visible(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+err = _Console(stderr=True, highlight=False, soft_wrap=True)  # never hard-wrap: one message, one line (for grep, logs)
 
 
 CACHE_HELP = "Model cache folder (default: $AID_CACHE/models or ~/.cache/aid/models; hub files: the HF cache)."
@@ -127,7 +141,7 @@ def pretrain(
                          lr_rampup_kimg=lr_rampup_kimg, ema_halflife_kimg=ema_halflife_kimg,
                          duration_kimg=duration_kimg, snapshot_kimg=snapshot_kimg, checkpoint_minutes=checkpoint_minutes,
                          seed=seed, precision=precision, compile=compile_net)
-    run = run_pretrain(cfg, resume=resume, device=resolve_device(device), log=err.print)
+    run = run_pretrain(cfg, resume=resume, device=resolve_device(device), log=_log)
     err.print(f"done: {run}")
 
 
@@ -279,12 +293,17 @@ def models_rm(
     names: Optional[List[str]] = typer.Argument(None, help="Model names to remove from the cache."),
     all_models: bool = typer.Option(False, "--all", help="Remove every cached model."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+    forget_hash: bool = typer.Option(False, "--forget-hash",
+                                     help="Also forget the sha256 recorded on the first download (NVIDIA publishes "
+                                          "none): the next download records a new one."),
 ):
     """Remove models from the cache (their downloads, conversions and hub files) and say how much was freed.
 
-    The sha256 recorded on a first download is kept, so a later download is still checked against it.
+    The sha256 recorded on a first download is kept, so a later download is still checked against it, unless
+    --forget-hash is given (for a record you no longer trust).
     """
     from .registry import MODELS, cached_path, find_model, remove_model
+    from .registry import forget_hash as forget
 
     if all_models == bool(names):
         raise UserError("name the models to remove, or pass --all")
@@ -294,8 +313,10 @@ def models_rm(
         was_cached = cached_path(entry, cache_dir) is not None
         freed = remove_model(entry, cache_dir)
         total += freed
-        if freed or was_cached or not all_models:
-            err.print(f"{escape(entry.name)}: " + (f"removed, {_size(freed)} freed" if freed else "not in the cache"))
+        forgot = forget(entry, cache_dir) if forget_hash else False
+        if freed or was_cached or not all_models or forgot:
+            err.print(f"{escape(entry.name)}: " + (f"removed, {_size(freed)} freed" if freed else "not in the cache")
+                      + ("; its recorded sha256 forgotten" if forgot else ""))
     if len(entries) > 1:
         err.print(f"{_size(total)} freed")
 
@@ -409,10 +430,23 @@ def inpaint(
     # --json records to stderr instead of stdout
     with Progress(console=err, transient=True, disable=len(jobs) * samples <= 1, redirect_stdout=False) as bar:
         task = bar.add_task("inpainting", total=len(jobs))
-        pending = []
+        pending, failed = [], []
         for i, job in enumerate(jobs):
-            item = prepare(job, resolution, opts, notice)
-            if isinstance(item, list):  # an empty mask: copied through
+            try:
+                item = prepare(job, resolution, opts, notice)
+            except UserError as e:
+                if not folder_mode:
+                    raise
+                # a batch job goes on: one line per bad file, a count and exit 2 at the end
+                failed.append(job.image)
+                err.print(f"[bold red]skipped[/] {escape(job.image.name)}: {escape(str(e))}", soft_wrap=True)
+                if json_out:
+                    print(json.dumps({"image": str(job.image), "mask": str(job.mask), "error": str(e)}), flush=True)
+                bar.advance(task)
+                item = None
+            if item is None:
+                pass
+            elif isinstance(item, list):  # an empty mask: copied through
                 report(item)
                 bar.advance(task)
             else:
@@ -421,6 +455,9 @@ def inpaint(
                 report(inpaint_batch(net, pending, opts, dev, notice, space=space, class_labels=labels))
                 bar.advance(task, len(pending))
                 pending = []
+    if failed:
+        raise UserError(f"{len(failed)} of {len(jobs)} images could not be inpainted (each named above); the other "
+                        f"{len(jobs) - len(failed)} were written to {output}")
 
 
 @models_app.command("eval")
@@ -872,13 +909,14 @@ def train(
                       steps=steps, batch=batch, iters=iters, beta=beta, gamma=gamma, lambda_vis=lambda_vis,
                       lambda_hole=lambda_hole, lr_actor=lr_actor, lr_critic=lr_critic, clip=clip, hole_min=lo,
                       hole_max=hi, width=width, critic_width=critic_width or 2 * width, seed=seed,
-                      val_every=val_every, val_n=val_n, val_offset=val_offset, checkpoint_every=checkpoint_every, estimator=estimator,
+                      val_every=val_every, val_n=val_n, val_offset=val_offset, checkpoint_every=checkpoint_every,
+                      estimator=estimator,
                       val_dataset=str(val) if val else None, vae=vae, class_label=class_label,
                       precision=precision, compile=compile_net, denoised_input=denoised_input, lambda_lpips=lambda_lpips,
                       init=str(init) if init else None, mask_bank=mask_bank, train_masks=train_masks,
                       explore=explore, critic=critic, td_lambda=td_lambda, normalize_advantage=normalize_advantage,
                       diag_every=diag_every, diag_batch=diag_batch, recompute=recompute)
-    run = run_train(cfg, resume=resume, device=resolve_device(device), log=err.print)
+    run = run_train(cfg, resume=resume, device=resolve_device(device), log=_log)
     err.print(f"done: {run / 'guidance.safetensors'}")
 
 
@@ -894,12 +932,20 @@ def methods():
 
 def main(argv: List[str] | None = None) -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
+    import warnings
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):  # not Python's two raw lines
+        err.print(f"warning: {escape(str(message).splitlines()[0] if str(message) else category.__name__)}",
+                  soft_wrap=True)
+
+    warnings.showwarning = one_line_warning
     try:
         code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and code:  # click returns the exit code of an abort (Ctrl-C) instead of raising
             sys.exit(code)
     except UserError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        line = " ".join(part.strip() for part in str(e).splitlines() if part.strip())  # one line, whatever it quotes
+        err.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -908,6 +954,13 @@ def main(argv: List[str] | None = None) -> None:
         raise
     except Exception as e:  # click's usage errors and aborts carry their own exit codes
         import click
+
+        from .fileio import disk_full
+
+        if disk_full(e):  # an append (a log) or a library's own write: one line, the files written so far are whole
+            err.print(f"[bold red]error:[/] no space left on the device ({escape(str(e).splitlines()[0][:200])}); "
+                      f"free some space and run again (training runs continue with --resume)", soft_wrap=True)
+            sys.exit(2)
 
         if isinstance(e, click.exceptions.ClickException):
             e.show()

@@ -497,7 +497,7 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
     def checkpoint():
         save_state(state_path, {"actor": actor, "critic": critic}, {"opt_actor": opt_actor, "opt_critic": opt_critic},
                    {"config": dataclasses.asdict(cfg), "iteration": it, "elapsed_s": elapsed})
-        training_curves(read_stats(run / "stats.jsonl"), run / CURVES_FILE,
+        training_curves(read_stats(run / "stats.jsonl", notice=log), run / CURVES_FILE,
                         f"aid train ({cfg.estimator}): {run.name}, batch {cfg.batch}, N = {cfg.steps}")
         training = {**dataclasses.asdict(cfg), "iterations": it, "train_seconds": round(elapsed, 1),
                     "backbone": str(cfg.backbone)}
