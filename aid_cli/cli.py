@@ -28,7 +28,21 @@ models_app = typer.Typer(help="Models by name: list, info, download, convert off
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)  # never hard-wrap: one message, one line (for grep, logs)
+def visible(text: str) -> str:
+    """`text` with terminal control characters (escape sequences from a hostile file name, carriage returns, ...)
+    shown as \\xNN instead of acting on the terminal; newlines and tabs are kept."""
+    return "".join(c if c in "\n\t" or (ord(c) >= 32 and not 0x7F <= ord(c) < 0xA0) else f"\\x{ord(c):02x}"
+                   for c in text)
+
+
+class _Console(Console):
+    """rich's Console that never sends a control character from a message to the terminal."""
+
+    def print(self, *objects, **kwargs):
+        return super().print(*(visible(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+err = _Console(stderr=True, highlight=False, soft_wrap=True)  # never hard-wrap: one message, one line (for grep, logs)
 
 
 class _Command(typer.core.TyperCommand):
@@ -180,7 +194,7 @@ def pretrain(
                          lr_rampup_kimg=lr_rampup_kimg, ema_halflife_kimg=ema_halflife_kimg,
                          duration_kimg=duration_kimg, snapshot_kimg=snapshot_kimg, checkpoint_minutes=checkpoint_minutes,
                          seed=seed, precision=precision, compile=compile_net)
-    run = run_pretrain(cfg, resume=resume, device=resolve_device(device), log=err.print)
+    run = run_pretrain(cfg, resume=resume, device=resolve_device(device), log=_log)
     err.print(f"done: {run}")
 
 
@@ -332,12 +346,17 @@ def models_rm(
     names: Optional[List[str]] = typer.Argument(None, metavar="NAME", help="Model names to remove from the cache."),
     all_models: bool = typer.Option(False, "--all", help="Remove every cached model."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+    forget_hash: bool = typer.Option(False, "--forget-hash",
+                                     help="Also forget the sha256 recorded on the first download (NVIDIA publishes "
+                                          "none): the next download records a new one."),
 ):
     """Remove models from the cache (their downloads, conversions and hub files) and say how much was freed.
 
-    The sha256 recorded on a first download is kept, so a later download is still checked against it.
+    The sha256 recorded on a first download is kept, so a later download is still checked against it, unless
+    --forget-hash is given (for a record you no longer trust).
     """
     from .registry import MODELS, cached_path, find_model, remove_model
+    from .registry import forget_hash as forget
 
     if all_models == bool(names):
         raise UserError("name the models to remove, or pass --all")
@@ -347,8 +366,10 @@ def models_rm(
         was_cached = cached_path(entry, cache_dir) is not None
         freed = remove_model(entry, cache_dir)
         total += freed
-        if freed or was_cached or not all_models:
-            err.print(f"{escape(entry.name)}: " + (f"removed, {_size(freed)} freed" if freed else "not in the cache"))
+        forgot = forget(entry, cache_dir) if forget_hash else False
+        if freed or was_cached or not all_models or forgot:
+            err.print(f"{escape(entry.name)}: " + (f"removed, {_size(freed)} freed" if freed else "not in the cache")
+                      + ("; its recorded sha256 forgotten" if forgot else ""))
     if len(entries) > 1:
         err.print(f"{_size(total)} freed")
 
@@ -498,10 +519,23 @@ def inpaint(
     notice = lambda m: err.print(escape(m))  # noqa: E731
     expected = get_method(method, **params).expected_nfe(steps)
     with _InpaintBar(err, images=len(jobs), show=err.is_terminal and not quiet) as bar:
-        pending = []
+        pending, failed = [], []
         for i, job in enumerate(jobs):
-            item = prepare(job, resolution, opts, notice)
-            if isinstance(item, list):  # an empty mask: copied through
+            try:
+                item = prepare(job, resolution, opts, notice)
+            except UserError as e:
+                if len(jobs) == 1:
+                    raise
+                # a batch job goes on: one line per bad file, a count and exit 2 at the end
+                failed.append(job.image)
+                err.print(f"[bold red]skipped[/] {escape(job.image.name)}: {escape(str(e))}", soft_wrap=True)
+                if json_out:
+                    print(json.dumps({"image": str(job.image), "mask": str(job.mask), "error": str(e)}), flush=True)
+                bar.images_done(1)
+                item = None
+            if item is None:
+                pass
+            elif isinstance(item, list):  # an empty mask: copied through
                 report(item)
                 bar.images_done(1)
             else:
@@ -515,6 +549,9 @@ def inpaint(
                 report(records)
                 bar.images_done(len(pending))
                 pending = []
+    if failed:
+        raise UserError(f"{len(failed)} of {len(jobs)} images could not be inpainted (each named above); the other "
+                        f"{len(jobs) - len(failed)} were written")
 
 
 class _InpaintBar:
@@ -955,10 +992,32 @@ def train(
     critic_width: Optional[int] = typer.Option(None, "--critic-width", min=1, help="Critic width (default: 2C)."),
     val: Optional[Path] = typer.Option(None, "--val", help="Validation images for the periodic PSNR (folder or zip)."),
     val_every: int = typer.Option(100, "--val-every", help="Iterations between validation PSNRs."),
-    val_n: int = typer.Option(32, "--val-n", min=1, help="Validation images (the first N of --val, fixed masks)."),
-    estimator: str = typer.Option("score", "--estimator",
-                                  help="Actor gradient: score (the paper's eq. 11), pathwise (one-step gradient through "
-                                       "the critic), proxy (ablation: backpropagate through the whole frozen solve)."),
+    val_n: int = typer.Option(64, "--val-n", min=1, help="Validation images: N of --val after --val-offset, masks of "
+                              "the three evaluation families in turn (fixed)."),
+    val_offset: int = typer.Option(100, "--val-offset", min=0, help="Skip this many --val images: the benchmark's "
+                                   "(the protocol uses val.zip's first 100, --tune its first 16)."),
+    estimator: str = typer.Option("backprop", "--estimator",
+                                  help="Actor gradient: backprop (J's exact gradient through the frozen solve; alias "
+                                       "proxy), score (the paper's eq. 11), pathwise (one-step gradient through the "
+                                       "critic)."),
+    explore: str = typer.Option("constant", "--explore", help="Exploration of score/pathwise rollouts: constant γ "
+                                "(the paper) or scaled, γ_n = γ·c_u(σ_n)² (noise in the actor's output units)."),
+    critic: str = typer.Option("plain", "--critic", help="Critic of score/pathwise: plain V(t, x; M, y) (the paper) "
+                               "or privileged, which also reads x0 and D(x; σ) with ℓ(D) as a baseline (training only)."),
+    td_lambda: float = typer.Option(0.0, "--td-lambda", min=0.0, max=1.0, help="λ of the critic's λ-return and the "
+                                    "actor's advantages: 0 = TD(0) (the paper), 1 = Monte Carlo."),
+    normalize_advantage: bool = typer.Option(False, "--normalize-advantage", help="Standardise the actor's "
+                                             "advantages over the batch (score)."),
+    diag_every: int = typer.Option(0, "--diag-every", min=0, help="Every K iterations, log the cosine between each "
+                                   "estimator's actor gradient and J's exact gradient, against batch size (0: never)."),
+    recompute: bool = typer.Option(True, "--recompute/--no-recompute", help="backprop: recompute each step's "
+                                   "activations in the backward pass (memory of one step) or keep all N (a quarter "
+                                   "less compute)."),
+    diag_batch: int = typer.Option(0, "--diag-batch", min=0, help="Tasks of a gradient diagnostic (0: --batch)."),
+    mask_bank: int = typer.Option(4096, "--mask-bank", min=0, help="Training masks drawn once per run (0: draw each "
+                                  "iteration's afresh)."),
+    train_masks: str = typer.Option("freeform", "--train-masks", help="Training mask families, comma-separated: "
+                                    "freeform, box, strip."),
     denoised_input: bool = typer.Option(False, "--denoised-input", help="The actor also reads the step's own "
                                         "denoiser estimate D(x; σ) and its residual M ⊙ (y − D) (no extra NFE; an "
                                         "option beside the paper's actor)."),
@@ -1012,11 +1071,14 @@ def train(
                       steps=steps, batch=batch, iters=iters, beta=beta, gamma=gamma, lambda_vis=lambda_vis,
                       lambda_hole=lambda_hole, lr_actor=lr_actor, lr_critic=lr_critic, clip=clip, hole_min=lo,
                       hole_max=hi, width=width, critic_width=critic_width or 2 * width, seed=seed,
-                      val_every=val_every, val_n=val_n, checkpoint_every=checkpoint_every, estimator=estimator,
+                      val_every=val_every, val_n=val_n, val_offset=val_offset, checkpoint_every=checkpoint_every,
+                      estimator=estimator,
                       val_dataset=str(val) if val else None, vae=vae, class_label=class_label,
                       precision=precision, compile=compile_net, denoised_input=denoised_input, lambda_lpips=lambda_lpips,
-                      init=str(init) if init else None)
-    run = run_train(cfg, resume=resume, device=resolve_device(device), log=err.print)
+                      init=str(init) if init else None, mask_bank=mask_bank, train_masks=train_masks,
+                      explore=explore, critic=critic, td_lambda=td_lambda, normalize_advantage=normalize_advantage,
+                      diag_every=diag_every, diag_batch=diag_batch, recompute=recompute)
+    run = run_train(cfg, resume=resume, device=resolve_device(device), log=_log)
     err.print(f"done: {run / 'guidance.safetensors'}")
 
 
@@ -1039,6 +1101,13 @@ def main(argv: List[str] | None = None) -> None:
     Click's standalone mode handles usage errors itself, whichever copy of click the installed Typer carries (Typer
     >= 0.29 vendors its own, so catching `click.ClickException` here would miss them).
     """
+    import warnings
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):  # not Python's two raw lines
+        err.print(f"warning: {escape(str(message).splitlines()[0] if str(message) else category.__name__)}",
+                  soft_wrap=True)
+
+    warnings.showwarning = one_line_warning
     try:
         if argv is None:  # a process of its own (not an in-process call): choose torch's threads before it is imported
             from .threads import configure_environment
@@ -1050,11 +1119,20 @@ def main(argv: List[str] | None = None) -> None:
             raise
         return  # success returns, as before, so that in-process callers (tests, scripts) can call main() in a row
     except UserError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        line = " ".join(part.strip() for part in str(e).splitlines() if part.strip())  # one line, whatever it quotes
+        err.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except Exception as e:
+        from .fileio import disk_full
+
+        if disk_full(e):  # an append (a log) or a library's own write: one line, the files written so far are whole
+            err.print(f"[bold red]error:[/] no space left on the device ({escape(str(e).splitlines()[0][:200])}); "
+                      f"free some space and run again (training runs continue with --resume)", soft_wrap=True)
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

@@ -34,16 +34,51 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         publish(tmp, path)
+    except Exception as e:
+        if disk_full(e):
+            raise UserError(f"no space left on the device to write {path} (nothing was written; free some space "
+                            f"and run again)") from None
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
 
+def disk_full(error: BaseException) -> bool:
+    """Whether `error` says the disk (or quota) is full: an OSError with ENOSPC/EDQUOT, or a library's wrapped one
+    (safetensors reports Rust's StorageFull, Pillow re-raises as OSError)."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EFBIG):
+        return True
+    text = str(error)
+    return "No space left on device" in text or "StorageFull" in text or "code: 28," in text
+
+
 def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Move a finished temporary file into place in one rename, with the usual permissions (mkstemp makes 0600)."""
+    """Move a finished temporary file into place in one rename, with the usual permissions (mkstemp makes 0600).
+
+    The file's bytes are flushed to disk (fsync) before the rename and the folder's entry after it, so a power loss
+    leaves the old file or the new one, never a renamed but empty one."""
     os.chmod(tmp, 0o666 & ~_umask())
+    _fsync(tmp, os.O_RDONLY)
     os.replace(tmp, path)
+    _fsync(Path(path).resolve().parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     return Path(path)
+
+
+def _fsync(path, flags: int) -> None:
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # e.g. folders cannot be opened on Windows: the rename is all there is
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:  # a full disk or an I/O error surfaces here; folders on some filesystems cannot be synced
+        if flags & getattr(os, "O_DIRECTORY", 0) == 0 and e.errno in (28, 5):  # ENOSPC, EIO: the bytes are not safe
+            raise
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

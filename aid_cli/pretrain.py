@@ -99,7 +99,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
 
     # Data.
     data = load_image_set(cfg.dataset, resolution=cfg.resolution,
-                          on_skip=lambda name, why: log(f"[yellow]skipped {name}: {why}[/]") if rank == 0 else None)
+                          on_skip=lambda name, why: log(f"skipped {name}: {why}") if rank == 0 else None)
     images = data.images  # uint8; on a GPU it is moved there once (15,000 64×64 images are 184 MB)
     if device.type == "cuda":
         images = images.to(device)
@@ -208,10 +208,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
 def write_snapshot(run: Path, cfg: PretrainConfig, ema, nimg: int, elapsed: float, source: str) -> Path:
     """EMA weights as a backbone checkpoint (usable with `--model`) and a grid of samples from them."""
     kimg = nimg // 1000
-    path = run / f"network-snapshot-{kimg:06d}.safetensors"
+    # whole kimg as in EDM; a fractional --snapshot-kimg (0.4) names by kimg to 3 decimals, so no snapshot
+    # overwrites the one before it
+    tag = f"{kimg:06d}" if float(cfg.snapshot_kimg).is_integer() else f"{nimg / 1000:010.3f}"
+    path = run / f"network-snapshot-{tag}.safetensors"
     provenance = portable_record({"trained_by": "aid pretrain", "dataset": source, "images_seen": nimg,
                                   "train_seconds": round(elapsed, 1), "config": dataclasses.asdict(cfg)}, run)
     save_backbone(path, ema, "EDMPrecond", cfg.network_kwargs(), provenance=provenance)
     with torch.random.fork_rng():
-        save_grid(run / f"samples-{kimg:06d}.png", sample_grid(ema, cfg.resolution, n=64, seed=0), cols=8)
+        save_grid(run / f"samples-{tag}.png", sample_grid(ema, cfg.resolution, n=64, seed=0), cols=8)
     return path

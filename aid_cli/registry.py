@@ -437,15 +437,14 @@ def _now() -> str:
 
 
 def _verify(entry: ModelEntry, path: Path, cache, source: str) -> str:
-    """sha256 of a file, checked against the published or first-recorded value. With none, a download from a source
-    records its own; a file put in the cache by hand is taken as it is, and records nothing."""
+    """sha256 of a file, checked against the published or first-recorded value. With none, nothing is checked here:
+    `_finish` records a download's hash once it converted and loaded; a file put in the cache by hand records nothing."""
     from .fileio import sha256_file
 
     digest, size = sha256_file(path), path.stat().st_size
     want, want_size, origin = expected_hash(entry, cache)
     if want is None:
-        if source in entry.sources:
-            _remember_hash(entry, cache, digest, size, source)
+        pass  # recorded by _finish, once the file converted and loaded: an error page never becomes "the" hash
     elif digest != want or (want_size is not None and size != want_size):
         raise DownloadError(f"{entry.name}: {entry.file} from {source} is corrupt or altered (sha256 {digest[:16]}…, "
                             f"{size:,} bytes; expected {want[:16]}…, {origin}): refused, nothing kept")
@@ -530,7 +529,8 @@ def _download(entry: ModelEntry, cache, progress, log) -> tuple[Path, str, str]:
         try:
             bar = (lambda done, total: progress(entry.file, done, total)) if progress else None
             path = download_url(url, dest, check=lambda part: digest.append(_verify(entry, part, cache, url)),
-                                progress=bar)
+                                progress=bar, size=expected_hash(entry, cache)[1],
+                                size_origin=expected_hash(entry, cache)[2])
             return path, url, digest[0]
         except DownloadError as e:
             reasons.append(str(e))
@@ -570,7 +570,18 @@ def _finish(entry: ModelEntry, src: Path, source: str, sha256: str, cache, keep_
             record["source_kept"] = False
         result = dst
     else:
+        if src.suffix == ".safetensors":  # it must at least be a readable checkpoint before its hash is trusted
+            from .backbones.checkpoint import _header_shapes, read_metadata
+
+            try:
+                read_metadata(src)
+                _header_shapes(src)
+            except UserError as e:
+                raise CheckpointError(f"{entry.name}: {entry.file} from {source} is not a usable checkpoint ({e}); "
+                                      f"nothing was recorded") from None
         result = src
+    if expected_hash(entry, cache)[0] is None and source in entry.sources:
+        _remember_hash(entry, cache, sha256, record["size"], source)  # only now: the file converted and loaded
     atomic_write_text(folder / "record.json", json.dumps(record, indent=2) + "\n")
     return result
 
@@ -596,6 +607,10 @@ def fetch_model(entry: ModelEntry, cache=None, offline: bool | None = None, prog
         ready = cached_path(entry, cache)  # another process may have finished it meanwhile
         if ready is not None:
             return ready
+        if model_folder(entry, cache).is_dir():  # a conversion killed half-way left its temp file (we hold the lock)
+            from .training import clean_stale_temps
+
+            clean_stale_temps(model_folder(entry, cache), log)
         kept = _kept_download(entry, cache)
         if kept is not None:
             if log:
@@ -622,8 +637,21 @@ def convert_cached(entry: ModelEntry, cache=None, log=None) -> Path:
         return _finish(entry, *kept, digest, cache, True, log)
 
 
+def forget_hash(entry: ModelEntry, cache=None) -> bool:
+    """Drop the sha256 recorded on the model's first download (the next download records a new one); True if one was."""
+    from .fileio import atomic_write_text
+
+    with _lock("known-sha256", cache):
+        known = _known(cache)
+        if known.pop(f"{entry.name}/{entry.file}", None) is None:
+            return False
+        atomic_write_text(models_dir(cache) / KNOWN_HASHES, json.dumps(known, indent=2, sort_keys=True) + "\n")
+        return True
+
+
 def remove_model(entry: ModelEntry, cache=None) -> int:
-    """Delete a model's cached files (its folder, its hub files); returns the bytes freed. Recorded hashes stay."""
+    """Delete a model's cached files (its folder, its hub files); returns the bytes freed. Recorded hashes stay
+    (`forget_hash` drops one)."""
     import shutil
 
     from .fileio import tree_size

@@ -73,7 +73,21 @@ def save_state(path, modules: dict, optimizers: dict, meta: dict) -> None:
 
 
 def load_state(path, modules: dict, optimizers: dict, device="cpu") -> dict:
-    """Restore what `save_state` wrote into the given modules and optimizers; returns the metadata."""
+    """Restore what `save_state` wrote into the given modules and optimizers; returns the metadata. A corrupt or
+    mismatched state file is a one-line CheckpointError."""
+    from .errors import CheckpointError
+
+    try:
+        return _load_state(path, modules, optimizers, device)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, IndexError) as e:
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"--resume: the training state {path} is corrupt or does not fit this run: "
+                              f"{detail}") from None
+
+
+def _load_state(path, modules: dict, optimizers: dict, device="cpu") -> dict:
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
     sd = load_file(str(path), device=str(device))
@@ -93,6 +107,71 @@ def load_state(path, modules: dict, optimizers: dict, device="cpu") -> dict:
     return {k: json.loads(v) for k, v in metadata.items()}
 
 
+def read_jsonl(path, notice=None) -> list[dict]:
+    """The JSON-object lines of a log such as stats.jsonl; lines that are not one (a torn last line) are dropped, and
+    `notice` (when given) is told how many in one line. A missing file has no records."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    records, bad = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict):
+            records.append(rec)
+        else:
+            bad += 1
+    if bad and notice is not None:
+        notice(f"{path.name}: dropped {bad} unreadable line{'s' if bad > 1 else ''} (cut off by a crash or a full disk?)")
+    return records
+
+
+def truncate_log(path, key: str, last: int | float, notice=None) -> int:
+    """Keep only the records of the jsonl log at `path` whose `key` is at most `last` (the step a resumed run continues
+    from), dropping torn lines too, so a killed run neither logs steps twice nor appends onto a cut-off line. The log is
+    rewritten atomically; returns how many lines were dropped."""
+    from .fileio import atomic_write_text
+
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    kept = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and not (isinstance(rec.get(key), (int, float)) and rec[key] > last):
+            kept.append(line)
+    dropped = len(lines) - len(kept)
+    if dropped:
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        if notice is not None:
+            notice(f"--resume: {path.name} cut back to {key} {last} ({dropped} line{'s' if dropped > 1 else ''} "
+                   f"dropped: logged after the saved state, or torn)")
+    return dropped
+
+
+def state_metadata(path) -> dict:
+    """The JSON metadata of a training-state file, or a one-line CheckpointError for a corrupt one."""
+    from .errors import CheckpointError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return {k: json.loads(v) for k, v in metadata.items()}
+    except Exception as e:  # safetensors' own errors, JSON errors, OS errors
+        raise CheckpointError(f"--resume: the training state {path} is corrupt or unreadable "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+
+
 def prepare_run(cfg, run: Path, state_file: str, resume: bool, free: tuple[str, ...], log):
     """The config a run continues with. On --resume the run's own saved settings win, except the keys in `free`
     (where the data is, how long, how often to save); without --resume an existing run is never overwritten."""
@@ -107,7 +186,21 @@ def prepare_run(cfg, run: Path, state_file: str, resume: bool, free: tuple[str, 
         return cfg
     if not state_path.is_file():
         raise UserError(f"--resume: no {state_file} in {run}")
-    saved = json.loads((run / "config.json").read_text())
+    try:
+        saved = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--resume: {run / 'config.json'} is missing or corrupt ({type(e).__name__}); "
+                        f"the run cannot be continued as it was") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume: {run / 'config.json'} is corrupt (not a JSON object)")
+    meta = state_metadata(state_path)
+    if dist_info()[0] == 0:
+        clean_stale_temps(run, log)
+        # the log holds at most what the saved state has seen: a killed run logged steps after its last checkpoint
+        for key in ("iteration", "step"):
+            if isinstance(meta.get(key), int):
+                truncate_log(run / "stats.jsonl", key, meta[key], notice=log)
+                break
     given = dataclasses.asdict(cfg)
     kept = {k: v for k, v in saved.items() if k not in free and k in given}
     # a setting newer than the run: the run was made without it, so its default (not this command's value) holds
@@ -117,6 +210,22 @@ def prepare_run(cfg, run: Path, state_file: str, resume: bool, free: tuple[str, 
     if changed:
         log(f"--resume: keeping the run's own {', '.join(changed)}")
     return dataclasses.replace(cfg, **kept)
+
+
+def clean_stale_temps(folder: Path, log=None) -> int:
+    """Remove the temp files an atomic write killed half-way left behind (`.NAME.XXXX.tmp*`, see fileio.atomic_path)
+    in a run folder that this run owns; returns how many."""
+    n = 0
+    for p in [*Path(folder).glob(".*.tmp*"), *Path(folder).glob("*/.*.tmp*")]:
+        if p.is_file() and not p.is_symlink():
+            try:
+                p.unlink()
+                n += 1
+            except OSError:
+                pass
+    if n and log is not None:
+        log(f"removed {n} stale temp file{'s' if n > 1 else ''} left by an interrupted write in {folder}")
+    return n
 
 
 class GracefulStop:

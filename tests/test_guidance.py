@@ -90,13 +90,14 @@ def tiny_data(tmp_path):
 def cfg_for(data, out, backbone, **kw):
     base = dict(dataset=str(data), out=str(out), backbone=str(backbone), steps=3, batch=4, iters=6, width=8,
                 critic_width=8, lr_actor=1e-3, lr_critic=3e-3, val_every=3, val_n=2, checkpoint_every=3,
-                val_dataset=str(data), seed=1)
+                val_dataset=str(data), val_offset=0, mask_bank=16, estimator="score", seed=1)
     base.update(kw)
     return TrainConfig(**base)
 
 
 def test_training_updates_both_networks_and_lowers_td_loss(tiny_data, tiny_checkpoint, tmp_path):
-    run = train(cfg_for(tiny_data, tmp_path / "r", tiny_checkpoint, iters=40, val_every=20, checkpoint_every=20),
+    run = train(cfg_for(tiny_data, tmp_path / "r", tiny_checkpoint, iters=40, val_every=20, checkpoint_every=20,
+                        lr_actor=1e-4),  # eq. 11's noisy actor at 1e-3 moves the critic's target faster than it learns
                 progress=False, log=lambda *a: None)
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
     assert stats[0]["iteration"] == 0 and "val_psnr_hole_18" in stats[0]  # the unguided starting point
@@ -158,7 +159,7 @@ def test_deployment_runs_the_task_stem_once_per_solve_with_the_same_result(tiny_
     policy = get_method("aid", actor=actor.requires_grad_(True))
     s = SamplerState(net=tiny_net, task=task, sigmas=edm_sigmas(4), generators=sample_generators(0, 2))
     calls.clear()
-    with torch.enable_grad():  # with gradients (proxy training) each step runs the stem in its own graph
+    with torch.enable_grad():  # with gradients (backprop training) each step runs the stem in its own graph
         for n in range(4):
             assert policy.drift(s, n, x, None).requires_grad
     assert len(calls) == 4
@@ -259,16 +260,16 @@ def test_pathwise_actor_loss_is_the_one_step_cost_to_go(tiny_net):
     assert sum(p.grad.abs().sum() for p in actor.parameters() if p.grad is not None) > 0
 
 
-def test_proxy_backpropagates_through_the_solve(tiny_net):
-    """proxy: the loss is ℓ of the deterministic AID solve plus the control energy, and its gradient reaches the actor."""
-    from aid_cli.guidance.trainer import proxy_loss, terminal_loss
+def test_backprop_differentiates_the_whole_solve(tiny_net):
+    """backprop: the loss is ℓ of the deterministic AID solve plus the control energy, and its gradient reaches the actor."""
+    from aid_cli.guidance.trainer import backprop_loss, terminal_loss
 
     task, x0 = tiny_task()
-    cfg = TrainConfig(dataset="", out="", backbone="", steps=3, beta=0.5, estimator="proxy")
+    cfg = TrainConfig(dataset="", out="", backbone="", steps=3, beta=0.5, estimator="backprop")
     torch.manual_seed(0)
     actor = Actor(width=8)
     torch.nn.init.normal_(actor.out.weight, std=0.05)
-    out = proxy_loss(cfg, tiny_net, actor, task, x0, sample_generators(0, 2))
+    out = backprop_loss(cfg, tiny_net, actor, task, x0, sample_generators(0, 2))
     with torch.no_grad():
         ref = sample(tiny_net, task, get_method("aid", actor=actor), num_steps=3, generators=sample_generators(0, 2))
     assert torch.allclose(out["terminal"], terminal_loss(ref.x, x0, task.M, 2.0, 1.0), rtol=1e-5)
@@ -277,15 +278,19 @@ def test_proxy_backpropagates_through_the_solve(tiny_net):
     assert all(p.grad is None for p in tiny_net.parameters())  # the backbone stays frozen
 
 
-@pytest.mark.parametrize("estimator,denoised", [("pathwise", False), ("proxy", False), ("score", True),
-                                               ("proxy", True)])
-def test_variants_train_and_resume_exactly(estimator, denoised, tiny_data, tiny_checkpoint, tmp_path):
-    kw = dict(estimator=estimator, iters=4, val_every=4, checkpoint_every=2, denoised_input=denoised)
+FIXED_SCORE = dict(explore="scaled", critic="privileged", td_lambda=1.0, normalize_advantage=True)
+
+
+@pytest.mark.parametrize("estimator,denoised,extra", [("pathwise", False, {}), ("proxy", False, {}),
+                                                      ("score", True, {}), ("backprop", True, {}),
+                                                      ("score", False, FIXED_SCORE)])
+def test_variants_train_and_resume_exactly(estimator, denoised, extra, tiny_data, tiny_checkpoint, tmp_path):
+    kw = dict(estimator=estimator, iters=4, val_every=4, checkpoint_every=2, denoised_input=denoised, **extra)
     run = train(cfg_for(tiny_data, tmp_path / "a", tiny_checkpoint, **kw), progress=False, log=lambda *a: None)
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()][1:]
     assert len(stats) == 4 and np.isfinite(stats[-1]["terminal"]) and "val_psnr_hole_18" in stats[-1]
     assert "val_lpips_18" not in stats[-1]  # 16 px: below LPIPS's smallest size
-    assert ("critic_loss" in stats[-1]) == (estimator != "proxy")
+    assert ("critic_loss" in stats[-1]) == (estimator not in ("proxy", "backprop"))
     train(cfg_for(tiny_data, tmp_path / "b", tiny_checkpoint, **kw), max_iters=2, progress=False, log=lambda *a: None)
     train(cfg_for(tiny_data, tmp_path / "b", tiny_checkpoint, **kw), resume=True, progress=False, log=lambda *a: None)
     a, b = load_file(str(tmp_path / "a" / STATE_FILE)), load_file(str(tmp_path / "b" / STATE_FILE))
@@ -298,15 +303,19 @@ def test_variants_train_and_resume_exactly(estimator, denoised, tiny_data, tiny_
     assert snaps == ["guidance-000002.safetensors", "guidance-000004.safetensors"]
     assert (run / "modules" / snaps[-1]).read_bytes() == (run / "guidance.safetensors").read_bytes()
     assert load_guidance(run / "modules" / snaps[0])[1]["training"]["iterations"] == 2
+    # the critic (privileged or not) is training state only: the deployable module holds the actor's weights alone
+    assert all(k.startswith("critic.") == (k not in actor.state_dict() and not k.startswith(("actor", "opt")))
+               for k in a)
+    assert set(load_file(str(run / "guidance.safetensors"))) == set(actor.state_dict())
 
 
 def test_init_warm_starts_the_actor_and_refuses_another_architecture(tiny_data, tiny_checkpoint, tmp_path):
     """--init: iteration 0 of the new run is the given module (its validation PSNR included), the run records the
     module's sha256, and a module of another width is refused in one line."""
-    first = train(cfg_for(tiny_data, tmp_path / "a", tiny_checkpoint, estimator="proxy", iters=3),
+    first = train(cfg_for(tiny_data, tmp_path / "a", tiny_checkpoint, estimator="backprop", iters=3),
                   progress=False, log=lambda *a: None)
     module = first / "guidance.safetensors"
-    run = train(cfg_for(tiny_data, tmp_path / "b", tiny_checkpoint, estimator="proxy", iters=1, lr_actor=0.0,
+    run = train(cfg_for(tiny_data, tmp_path / "b", tiny_checkpoint, estimator="backprop", iters=1, lr_actor=0.0,
                         init=str(module)), progress=False, log=lambda *a: None)  # lr 0: the actor stays as loaded
     a, b = load_file(str(module)), load_file(str(run / "guidance.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a) and a["out.weight"].abs().sum() > 0
@@ -320,7 +329,7 @@ def test_init_warm_starts_the_actor_and_refuses_another_architecture(tiny_data, 
               progress=False, log=lambda *a: None)
 
 
-@pytest.mark.parametrize("estimator", ["score", "proxy"])
+@pytest.mark.parametrize("estimator", ["score", "backprop"])
 def test_bf16_backbone_in_rollouts_trains_close_to_fp32(estimator, tiny_data, tiny_net, tmp_path):
     from aid_cli import devices
     from aid_cli.backbones.checkpoint import save_backbone
@@ -424,7 +433,7 @@ def test_lambda_lpips_trains_at_32_pixels_and_is_refused_below_31(tiny_data, tin
     rng = np.random.default_rng(0)
     for i in range(4):
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    kw = dict(estimator="proxy", iters=2, batch=2, val_every=2, checkpoint_every=2)
+    kw = dict(estimator="backprop", iters=2, batch=2, val_every=2, checkpoint_every=2)
     runs = {lam: train(cfg_for(folder, tmp_path / f"lam{lam}", net32, lambda_lpips=lam, **kw), progress=False,
                        log=lambda *a: None) for lam in (0.0, 1.0)}
     stats = {lam: [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()][1:]
@@ -441,12 +450,131 @@ def test_lambda_lpips_trains_at_32_pixels_and_is_refused_below_31(tiny_data, tin
 
 def test_resume_of_a_run_older_than_a_setting_keeps_its_default(tiny_data, tiny_checkpoint, tmp_path):
     """A run whose config.json predates a setting continues with that setting's default, not the new command's value."""
-    run = train(cfg_for(tiny_data, tmp_path / "r", tiny_checkpoint, estimator="proxy", iters=2), max_iters=1,
+    run = train(cfg_for(tiny_data, tmp_path / "r", tiny_checkpoint, estimator="backprop", iters=2), max_iters=1,
                 progress=False, log=lambda *a: None)
     saved = json.loads((run / "config.json").read_text())
     del saved["lambda_lpips"]
     (run / "config.json").write_text(json.dumps(saved))
     notes = []
-    train(cfg_for(tiny_data, run, tiny_checkpoint, estimator="proxy", iters=2, lambda_lpips=1.0), resume=True,
+    train(cfg_for(tiny_data, run, tiny_checkpoint, estimator="backprop", iters=2, lambda_lpips=1.0), resume=True,
           progress=False, log=notes.append)  # 16 px: LPIPS would be refused, so the default 0 must hold
     assert json.loads((run / "config.json").read_text())["lambda_lpips"] == 0.0
+
+
+def test_scaled_exploration_log_prob_gradient_matches_autograd(tiny_net):
+    """γ_n = γ·c_u(σ_n)²: the trainer's log π (log_policy) has the gradient of the true Gaussian log-density
+    N(a_n; μ_n, γ_n I) at every step, and the rollout's noise has that variance (in the actor's output units)."""
+    from aid_cli.guidance.trainer import exploration_gammas, log_policy
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(dataset="", out="", backbone="", steps=3, gamma=0.05, explore="scaled")
+    sigmas = edm_sigmas(3)
+    gammas = exploration_gammas(cfg, sigmas, 3).double()
+    assert torch.allclose(gammas.float(), 0.05 * (sigmas[:3] ** 2 + 0.25))
+    actor = Actor(width=8).double()
+    torch.nn.init.normal_(actor.out.weight, std=0.1)
+    task, x = tiny_task(n=2)
+    M, y, x = task.M.double(), task.y.double(), x.double()
+    X = torch.stack([x + s * torch.randn_like(x) for s in sigmas[:3].double()])
+    sig = sigmas[:3].double().repeat_interleave(2)
+    with torch.no_grad():
+        mu0 = actor(sig, X.flatten(0, 1), M.repeat(3, 1, 1, 1), y.repeat(3, 1, 1, 1)).reshape(X.shape)
+        A = mu0 + gammas.sqrt()[:, None, None, None, None] * torch.randn_like(mu0)
+    mu = actor(sig, X.flatten(0, 1), M.repeat(3, 1, 1, 1), y.repeat(3, 1, 1, 1)).reshape(X.shape)
+    ours = torch.autograd.grad(log_policy(A, mu, gammas).sum(), list(actor.parameters()))
+    mu = actor(sig, X.flatten(0, 1), M.repeat(3, 1, 1, 1), y.repeat(3, 1, 1, 1)).reshape(X.shape)
+    dist = torch.distributions.Normal(mu, gammas.sqrt()[:, None, None, None, None].expand_as(mu))
+    auto = torch.autograd.grad(dist.log_prob(A).sum(), list(actor.parameters()))
+    for g1, g2 in zip(ours, auto):
+        assert torch.allclose(g1, g2, atol=1e-9, rtol=1e-9)
+    # the rollout draws a_n − μ_n with standard deviation √γ·c_u(σ_n), as the log-density assumes
+    policy = get_method("aid", actor=Actor(width=8), gamma=0.05, scaled_exploration=True)
+    assert torch.allclose(policy.exploration_std(sigmas[0]), (0.05 * (80.0 ** 2 + 0.25)) ** 0.5 * torch.ones(()))
+    task, _ = tiny_task(n=64)
+    policy.record = True
+    sample(tiny_net, task, policy, num_steps=3)
+    noise = torch.stack([a for _, _, a, _ in policy.trajectory])  # the actor is zero: a_n is the noise itself
+    assert torch.allclose(noise.std(dim=(1, 2, 3, 4)), gammas.float().sqrt(), rtol=0.02)
+
+
+def test_monte_carlo_returns_are_the_summed_costs(tiny_net):
+    """λ = 1: the critic's target at step n is G_n = Σ_{k≥n} r_k + ℓ(X_N), exactly, whatever the critic says; λ = 0
+    keeps eq. 10/11's TD(0) residuals."""
+    from aid_cli.guidance.trainer import lambda_advantages
+
+    task, x0 = tiny_task()
+    cfg = TrainConfig(dataset="", out="", backbone="", steps=4, beta=0.5, gamma=0.1, estimator="score", td_lambda=1.0)
+    actor, critic = Actor(width=8), Critic(width=8)
+    torch.nn.init.normal_(actor.out.weight, std=0.05)
+    X, A, X_N, D = rollout(tiny_net, actor, task, 4, cfg.gamma, sample_generators(0, 2))
+    out = actor_critic_losses(cfg, actor, critic, X, A, X_N, x0, task, edm_sigmas(4), D)
+    r = 0.25 * ((A ** 2).mean(dim=(2, 3, 4)) - 0.1) / 4
+    G = torch.stack([r[n:].sum(0) + out["terminal"] for n in range(4)])
+    with torch.no_grad():
+        V = torch.stack([critic(edm_sigmas(4)[n].expand(2), X[n], task.M, task.y) for n in range(4)])
+    assert torch.allclose(V + lambda_advantages(out["delta"], 1.0), G, atol=1e-5)
+    assert torch.allclose(lambda_advantages(out["delta"], 0.0), out["delta"])
+    # the critic regresses on G: its loss is ½ Σ_n (G_n − V_n)², batch mean
+    assert torch.isclose(out["critic_loss"], 0.5 * ((G - V) ** 2).sum(0).mean(), atol=1e-5)
+
+
+def test_privileged_critic_starts_at_the_loss_of_the_denoised_estimate():
+    from aid_cli.guidance.networks import PrivilegedCritic
+    from aid_cli.guidance.trainer import terminal_loss
+
+    task, x0 = tiny_task()
+    critic = PrivilegedCritic(width=8, lambda_vis=2.0, lambda_hole=1.0)
+    D = x0 + 0.3 * torch.randn_like(x0)
+    V = critic(torch.tensor([2.0, 0.5]), x0 + torch.randn_like(x0), task.M, task.y, x0, D)
+    assert torch.allclose(V, terminal_loss(D, x0, task.M, 2.0, 1.0))
+
+
+def test_gradient_diagnostic_cosines_and_training_untouched(tiny_data, tiny_checkpoint, tmp_path):
+    """--diag-every logs cos(estimator gradient, exact gradient) per batch size; the exact gradient agrees with itself
+    at the full batch; and a run with diagnostics trains exactly as one without."""
+    kw = dict(estimator="score", iters=2, val_every=100, checkpoint_every=2)
+    a = train(cfg_for(tiny_data, tmp_path / "a", tiny_checkpoint, diag_every=1, diag_batch=4, **kw), progress=False,
+              log=lambda *a: None)
+    b = train(cfg_for(tiny_data, tmp_path / "b", tiny_checkpoint, **kw), progress=False, log=lambda *a: None)
+    sa, sb = load_file(str(a / STATE_FILE)), load_file(str(b / STATE_FILE))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    rec = [json.loads(line) for line in (a / "stats.jsonl").read_text().splitlines()][-1]
+    for k in (1, 2, 4):
+        for name in ("score", "pathwise", "backprop"):
+            assert -1 - 1e-6 <= rec[f"diag_cos_{name}_b{k}"] <= 1 + 1e-6
+    assert rec["diag_cos_backprop_b4"] == pytest.approx(1.0, abs=1e-6)
+    assert rec["diag_exact_grad_norm"] > 0
+
+
+def test_validation_skips_the_benchmark_images_by_default(tiny_checkpoint, tmp_path, capsys):
+    """The protocol benchmarks val.zip's first 100 images (--tune its first 16): validation starts after them."""
+    from .conftest import run_cli
+
+    assert TrainConfig(dataset="", out="", backbone="").val_offset == 100
+    folder = tmp_path / "val"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(101):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    args = ["train", "--dataset", folder, "--val", folder, "--backbone", tiny_checkpoint, "--steps", "2", "--batch",
+            "2", "--iters", "1", "--width", "8", "--device", "cpu", "--mask-bank", "8"]
+    code, _, err = run_cli(args + ["--out", tmp_path / "r"], capsys)
+    assert code == 0, err
+    from aid_cli.guidance import trainer
+
+    seen = []
+    real = trainer.load_image_set
+
+    def spy(path, **kw):
+        seen.append(kw)
+        return real(path, **kw)
+
+    trainer.load_image_set, before = spy, trainer.load_image_set
+    try:
+        run_cli(args + ["--out", tmp_path / "s"], capsys)
+    finally:
+        trainer.load_image_set = before
+    assert {"offset": 100, "limit": 64}.items() <= seen[-1].items()  # the one image left: 100.png
+    (folder / "100.png").unlink()
+    code, _, err = run_cli(args + ["--out", tmp_path / "t"], capsys)
+    assert code == 2 and "no images after its first 100" in err and len(err.strip().splitlines()) == 1

@@ -331,7 +331,7 @@ def test_bench_needs_labels_for_a_class_conditional_backbone(tmp_path, vae_dir, 
     assert_user_error(code, stdout, err, "outside the backbone's classes")
 
 
-@pytest.mark.parametrize("estimator", ["pathwise", "proxy"])
+@pytest.mark.parametrize("estimator", ["pathwise", "backprop"])
 def test_train_on_a_latent_class_conditional_backbone(estimator, tmp_path, vae_dir, capsys):
     """aid train runs on latents: a 4-channel actor, the task on the latent grid, validation PSNR on pixels, labels
     from dataset.json; the module then serves aid inpaint/bench on that backbone."""
@@ -342,7 +342,8 @@ def test_train_on_a_latent_class_conditional_backbone(estimator, tmp_path, vae_d
     ckpt = latent_checkpoint(tmp_path / "cond.safetensors", label_dim=3)
     data = _labelled_zip(tmp_path / "data.zip", n=4, labels=(2, 0, 1, 1))
     run = tmp_path / "run"
-    code, _, err = run_cli(["train", "--dataset", data, "--val", data, "--val-n", "2", "--val-every", "2", "--out", run,
+    code, _, err = run_cli(["train", "--dataset", data, "--val", data, "--val-n", "2", "--val-offset", "0", "--val-every", "2",
+                            "--out", run,
                             "--backbone", ckpt, "--vae", vae_dir, "--steps", "2", "--batch", "2", "--iters", "2",
                             "--width", "8", "--estimator", estimator, "--checkpoint-every", "2", "--device", "cpu"],
                            capsys)

@@ -91,3 +91,23 @@ def test_version_is_checked_and_the_v1_set_is_frozen():
 
 
 V1_DIGEST = "a0d2ba6081d708c57510c81f969ec544c78acc50f1e3e7288c20d62fd9756af7"
+
+
+def test_training_mask_bank_is_drawn_once_from_the_training_stream_with_every_family():
+    from aid_cli.data.masks import band_known, box_known, training_mask_bank
+
+    bank = training_mask_bank(60, 32, seed=3, families=("freeform", "box", "strip"))
+    assert bank.shape == (60, 1, 32, 32) and bank.dtype == torch.bool
+    assert torch.equal(bank, training_mask_bank(60, 32, seed=3, families=("freeform", "box", "strip")))
+    assert not torch.equal(bank, training_mask_bank(60, 32, seed=4, families=("freeform", "box", "strip")))
+    holes = 1 - bank.float().mean(dim=(1, 2, 3))
+    assert float(holes.min()) >= 0.15 and float(holes.max()) <= 0.65
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        box, band = box_known(rng, 32, 32), band_known(rng, 32, 32)
+        ys, xs = np.nonzero(~box)  # one rectangle: its bounding box is all hole
+        assert (~box)[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()
+        rows, cols = (~band).all(axis=1), (~band).all(axis=0)  # a band crosses the whole image
+        assert (~band).sum() == 32 * max(rows.sum(), cols.sum())
+    with pytest.raises(ValueError, match="unknown training mask family"):
+        training_mask_bank(4, 32, seed=0, families=("blob",))

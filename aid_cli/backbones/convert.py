@@ -28,7 +28,7 @@ import torch._utils
 
 from ..errors import CheckpointError, UserError
 from ..fileio import check_writable_dir
-from .checkpoint import NETWORKS, build_network, save_backbone, sha256_file
+from .checkpoint import NETWORKS, build_checked, check_finite, save_backbone, sha256_file
 from .edm import count_parameters
 from .latent import ENCODER_CLASS, check_encoder, stability_encoder
 
@@ -81,6 +81,13 @@ def _reconstruct_ndarray(subtype, shape, dtype):
     if subtype is not np.ndarray:
         raise CheckpointError(f"refused: a numpy array record names the class {getattr(subtype, '__name__', subtype)!r}; "
                               f"nothing from it was run")
+    try:
+        count = int(np.prod([int(n) for n in shape], dtype=np.float64)) if isinstance(shape, (tuple, list)) else \
+            int(shape)
+    except (TypeError, ValueError, OverflowError):
+        raise CheckpointError("malformed numpy array record") from None
+    if count > MAX_OBJECTS:  # numpy pickles an empty array here and fills it by BUILD from the file's bytes
+        raise CheckpointError(f"refused: a numpy array record asks for {count:,} elements up front")
     return _numpy_reconstruct(np.ndarray, shape, dtype)
 
 
@@ -114,8 +121,113 @@ ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
 }
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only `ALLOWED_GLOBALS` (to the objects there); any other global is refused before it can run."""
+# Limits of the opcode scan that runs before anything is unpickled (far beyond an official file: EDM2-XXL has well
+# under a million opcodes, memo indices count up from 0 and its stack stays a few dozen deep).
+MAX_OPCODES = 20_000_000
+MAX_STACK = 10_000  # items on the unpickler's stack (a 200 k-deep list needs 200 k) and open MARKs
+MAX_DEPTH = 100  # module nesting and _init_kwargs nesting, checked while walking the result
+MAX_OBJECTS = 1_000_000  # values walked in _init_kwargs and encoder records
+
+
+class _BoundedFile:
+    """A binary file whose reads never ask for more than what is left (a length field of 2^60 in the pickle would
+    otherwise make Python allocate that much before finding the file is short)."""
+
+    def __init__(self, f, size: int):
+        self.f, self.left = f, size
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self.left
+        if n > self.left:
+            raise CheckpointError(f"truncated or malformed pickle: a record of {n:,} bytes with only "
+                                  f"{self.left:,} left in the file")
+        data = self.f.read(n)
+        self.left -= len(data)
+        return data
+
+    def readinto(self, buf) -> int:
+        if len(buf) > self.left:
+            raise CheckpointError(f"truncated or malformed pickle: a record of {len(buf):,} bytes with only "
+                                  f"{self.left:,} left in the file")
+        n = self.f.readinto(buf)
+        self.left -= n
+        return n
+
+    def readline(self) -> bytes:
+        line = self.f.readline(min(self.left, 1 << 20))
+        self.left -= len(line)
+        return line
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
+
+
+def scan_pickle(f) -> None:
+    """Walk the opcodes (pickletools.genops, which builds nothing) and refuse, in one CheckpointError line, a pickle an
+    official file never is: more than MAX_OPCODES opcodes, a memo index beyond the opcodes seen so far (a 9-byte file
+    whose LONG_BINPUT 2^28 makes the C unpickler allocate 2 GB of memo), a memo read of an index never stored, or a
+    stack or MARK nesting deeper than MAX_STACK."""
+    import pickletools
+
+    stored: set[int] = set()
+    heights: list[int] = []  # stack height at each open MARK
+    height = 0
+    for n, (op, arg, pos) in enumerate(pickletools.genops(f)):
+        if n >= MAX_OPCODES:
+            raise CheckpointError(f"refused: more than {MAX_OPCODES:,} pickle opcodes")
+        name = op.name
+        if name in _PUT_OPS:
+            if not isinstance(arg, int) or not 0 <= arg <= n:
+                raise CheckpointError(f"refused: memo index {arg} at byte {pos} (an official file counts up from 0)")
+            stored.add(arg)
+        elif name == "MEMOIZE":  # stores at index len(memo)
+            stored.add(len(stored))
+        elif name in _GET_OPS and arg not in stored:
+            raise CheckpointError(f"refused: memo index {arg} read at byte {pos} was never stored")
+        # stack bookkeeping from the opcode's documented effect
+        before, after = op.stack_before, op.stack_after
+        if pickletools.markobject in before:
+            if not heights:
+                raise CheckpointError(f"malformed pickle: {name} at byte {pos} without a MARK")
+            height = heights.pop()
+            before = before[before.index(pickletools.stackslice) + 1:] if pickletools.stackslice in before else []
+            height -= len(before)
+        else:
+            height -= len(before)
+        if height < 0:
+            raise CheckpointError(f"malformed pickle: {name} at byte {pos} pops an empty stack")
+        if name == "MARK":
+            heights.append(height)
+        else:
+            height += len(after)
+        if height > MAX_STACK or len(heights) > MAX_STACK:
+            raise CheckpointError(f"refused: the pickle nests deeper than {MAX_STACK:,} levels (byte {pos})")
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """Resolves only `ALLOWED_GLOBALS` (to the objects there); any other global is refused before it can run.
+
+    The pure-Python unpickler (its memo is a dict, its object building iterative), with BUILD refused on classes,
+    functions and modules: a BUILD can otherwise set attributes on this converter's own stand-ins."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def load_build(self):
+        import types
+
+        target = self.stack[-2] if len(self.stack) >= 2 else None
+        if isinstance(target, (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType)):
+            raise CheckpointError(f"refused: the pickle sets attributes on "
+                                  f"{getattr(target, '__name__', type(target).__name__)} itself; nothing from it "
+                                  f"was run")
+        return pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str):
         """Look the global up in the allow-list; refuse everything else."""
@@ -135,8 +247,11 @@ def _one_line(error: BaseException, prefer: str = "") -> str:
 def read_official_pickle(path: Path):
     """Unpickle an official NVIDIA file with the restricted unpickler; any failure is one CheckpointError line."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
-            return RestrictedUnpickler(f).load()
+            scan_pickle(_BoundedFile(f, size))
+        with open(path, "rb") as f:
+            return RestrictedUnpickler(_BoundedFile(f, size)).load()
     except CheckpointError as e:
         raise CheckpointError(f"{path.name}: {e}") from None
     except Exception as e:  # untrusted bytes: every way they can fail to parse is the file's fault
@@ -158,36 +273,56 @@ def _tensor(value, name: str) -> torch.Tensor:
     return value.detach()
 
 
-def collect_state_dict(module: ModuleStub, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Flatten a module tree as `nn.Module.state_dict()` does: parameters, persistent buffers, then children."""
+def collect_state_dict(module: ModuleStub, prefix: str = "", _seen: set | None = None) -> dict[str, torch.Tensor]:
+    """Flatten a module tree as `nn.Module.state_dict()` does: parameters, persistent buffers, then children. A module
+    reached twice (a module holding itself, or a shared-reference bomb) or nested deeper than MAX_DEPTH is refused."""
+    seen = set() if _seen is None else _seen
+    where = prefix.rstrip(".")
+    if id(module) in seen:
+        raise CheckpointError(f"malformed module tree: {where or '<root>'} is reached twice (a module holding itself?)")
+    if prefix.count(".") > MAX_DEPTH:
+        raise CheckpointError(f"malformed module tree: nested deeper than {MAX_DEPTH} levels")
+    seen.add(id(module))
     state = getattr(module, "state", None)
     if not isinstance(module, ModuleStub) or not isinstance(state, dict):
-        raise CheckpointError(f"malformed module {prefix.rstrip('.') or '<root>'}: {type(module).__name__}")
-    where = prefix.rstrip(".")
+        raise CheckpointError(f"malformed module {where or '<root>'}: {type(module).__name__}")
     out = {prefix + k: _tensor(v, prefix + k) for k, v in _entries(state, "_parameters", where).items() if v is not None}
     skip = state.get("_non_persistent_buffers_set") or set()
+    if not isinstance(skip, (set, frozenset, list, tuple)):
+        raise CheckpointError(f"malformed module {where or '<root>'}: _non_persistent_buffers_set")
     out.update({prefix + k: _tensor(v, prefix + k) for k, v in _entries(state, "_buffers", where).items()
-                if v is not None and k not in skip})
+                if v is not None and (not isinstance(k, str) or k not in skip)})
     for name, child in _entries(state, "_modules", where).items():
         if child is not None:
-            out.update(collect_state_dict(child, f"{prefix}{name}."))
+            out.update(collect_state_dict(child, f"{prefix}{name}.", seen))
     return out
 
 
-def _plain(value):
-    """`_init_kwargs` as JSON-ready values: numpy numbers become Python numbers, tuples lists, dict subclasses dicts."""
+def _plain(value, _depth: int = 0, _budget: list | None = None):
+    """`_init_kwargs` as JSON-ready values: numpy numbers become Python numbers, tuples lists, dict subclasses dicts.
+    Nesting deeper than MAX_DEPTH or more than MAX_OBJECTS values in all (a shared-reference bomb, which is small as
+    a pickle and astronomically large as a tree) are refused."""
+    budget = [MAX_OBJECTS] if _budget is None else _budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise CheckpointError(f"refused: more than {MAX_OBJECTS:,} values in a network record (a shared-reference "
+                              f"bomb?)")
+    if _depth > MAX_DEPTH:
+        raise CheckpointError(f"refused: a network record nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise CheckpointError(f"unsupported numpy array of dtype {value.dtype} in the pickle")
+        if value.size > MAX_OBJECTS:
+            raise CheckpointError("refused: an oversized numpy array in a network record")
         return value.tolist()
     if isinstance(value, np.generic):
         if value.dtype.kind not in "biuf":
             raise CheckpointError(f"unsupported numpy value of dtype {value.dtype} in the pickle")
         return value.item()
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: _plain(v, _depth + 1, budget) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_plain(v, _depth + 1, budget) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise CheckpointError(f"unsupported value in the network's _init_kwargs: {type(value).__name__}")
@@ -244,19 +379,6 @@ def _init_kwargs(ema: ModuleStub, name: str) -> dict:
     return kwargs
 
 
-def _check_fit(sd: dict, net: torch.nn.Module, precond: str, name: str) -> None:
-    """Raise a CheckpointError naming missing, unexpected or misshapen weights; silent when `sd` fits `net` exactly."""
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    misshapen = [f"{k} {list(sd[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
-                 if k in sd and sd[k].shape != v.shape]
-    problems = [f"{len(keys)} {what} (first: {keys[0]})"
-                for what, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)) if keys]
-    if problems:
-        raise CheckpointError(f"{name}: weights do not fit {precond}: {'; '.join(problems)}")
-
-
 def _check_paths(src: Path, dst: Path) -> None:
     """Fail early on a missing source, a non-safetensors or unwritable destination, or dst naming src itself."""
     if not src.is_file():
@@ -278,12 +400,11 @@ def convert_pickle(src: str | Path, dst: str | Path) -> dict:
     precond, init_kwargs = ema.class_name, _init_kwargs(ema, src.name)
     family = NETWORKS[precond][0]
     encoder = _encoder_record(data, family, init_kwargs, src.name)
-    try:
-        net = build_network(precond, init_kwargs)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{src.name}: cannot build {precond} from its _init_kwargs ({_one_line(e)})") from None
     sd = collect_state_dict(ema)
-    _check_fit(sd, net, precond, src.name)
+    # validated and built on the meta device first: a pickle claiming a huge network allocates nothing for it
+    net = build_checked(precond, init_kwargs, {k: tuple(v.shape) for k, v in sd.items()}, src.name,
+                        misfit="weights do not fit {precond}")
+    check_finite(sd, src.name)
     net.load_state_dict(sd, strict=True)  # EDM2's float16 EMA weights become float32 here, exactly
     provenance = {"source": src.name, "source_sha256": source_sha256, "converted_by": "aid models convert"}
     save_backbone(dst, net, precond, init_kwargs, provenance=provenance, encoder=encoder)

@@ -394,8 +394,9 @@ class VPPrecond(_Precond):
         self.beta_min = beta_min
         self.M = M
         self.epsilon_t = epsilon_t
-        self.sigma_min = float(self.sigma(epsilon_t))
-        self.sigma_max = float(self.sigma(1))
+        with torch.device("cpu"):  # the network may be built on the meta device first (checkpoint.build_checked)
+            self.sigma_min = float(self.sigma(epsilon_t))
+            self.sigma_max = float(self.sigma(1))
 
     def _coefficients(self, sigma):
         c_skip = torch.ones_like(sigma)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from ..errors import UserError
 
@@ -43,16 +43,39 @@ class ImageSet:
         return self.images[index].to(torch.float32) / 127.5 - 1
 
 
+# Limits on what one dataset entry may cost: its stored size once inflated, and its pixels once decoded (a 1.5 MB
+# zip entry can inflate to 1.5 GiB; a 50000 x 50000 PNG of a few KB decodes to 7.5 GB).
+MAX_ENTRY_BYTES = 256 << 20
+MAX_PIXELS = 64_000_000
+
+
+class SkipEntry(Exception):
+    """One dataset entry that cannot be used; the reason is its message, and the entry is skipped and reported."""
+
+
 def _decode(data: bytes, resolution: int | None, channels: int) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        im = ImageOps.exif_transpose(im)
-        im = im.convert("RGB" if channels == 3 else "L")
-        if resolution is not None and im.size != (resolution, resolution):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="PIL")  # "Corrupt EXIF data" x 10,000
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused below, never printed raw
+        with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
-            side = min(w, h)  # centre square crop, then a box/Lanczos resize
-            im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-            im = im.resize((resolution, resolution), Image.LANCZOS)
-        arr = np.asarray(im, dtype=np.uint8)
+            if w * h > MAX_PIXELS:
+                raise SkipEntry(f"{w}x{h} pixels, more than the {MAX_PIXELS:,} an image may have here")
+            if im.format == "TIFF":  # libtiff prints its complaints straight to stderr
+                from .images import native_stderr_silenced
+
+                with native_stderr_silenced():
+                    im.load()
+            im = ImageOps.exif_transpose(im)
+            im = im.convert("RGB" if channels == 3 else "L")
+            if resolution is not None and im.size != (resolution, resolution):
+                w, h = im.size
+                side = min(w, h)  # centre square crop, then a box/Lanczos resize
+                im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+                im = im.resize((resolution, resolution), Image.LANCZOS)
+            arr = np.asarray(im, dtype=np.uint8)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
@@ -63,13 +86,42 @@ def _entries(path: Path):
         for p in files:
             yield str(p.relative_to(path)), p.read_bytes
     elif path.is_file() and zipfile.is_zipfile(path):
-        z = zipfile.ZipFile(path)
-        for name in sorted(n for n in z.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES):
-            yield name, (lambda n=name: z.read(n))
+        try:
+            z = zipfile.ZipFile(path)
+            infos = {i.filename: i for i in z.infolist() if not i.is_dir()}
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+            raise UserError(f"dataset zip is damaged: {path} ({e})") from None
+        for name in sorted(n for n in infos if Path(n).suffix.lower() in IMAGE_SUFFIXES):
+            yield name, (lambda info=infos[name]: _read_zip_entry(z, info))
     elif path.exists():
         raise UserError(f"dataset is neither a folder nor a zip archive: {path}")
     else:
         raise UserError(f"dataset not found: {path}")
+
+
+def _read_zip_entry(z: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int = MAX_ENTRY_BYTES) -> bytes:
+    """One zip entry's bytes, at most `cap` of them; a damaged, encrypted or oversized entry is a SkipEntry."""
+    import lzma
+    import zlib
+
+    if info.flag_bits & 0x1:
+        raise SkipEntry("encrypted entry")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
+        raise SkipEntry(f"unsupported compression method {info.compress_type}")
+    if info.file_size > cap:
+        raise SkipEntry(f"inflates to {info.file_size:,} bytes, more than the {cap:,} an entry may have")
+    try:
+        with z.open(info) as f:
+            data = f.read(cap + 1)  # zipfile stops at the declared size and checks the CRC at its end
+    except zipfile.BadZipFile as e:
+        raise SkipEntry(f"damaged entry ({e})") from None
+    except (zlib.error, lzma.LZMAError, EOFError, OSError, ValueError) as e:
+        raise SkipEntry(f"damaged entry: the compressed data is broken ({type(e).__name__}: {e})") from None
+    except (RuntimeError, NotImplementedError) as e:  # encrypted, or a compression this Python lacks
+        raise SkipEntry(f"unreadable entry ({e})") from None
+    if len(data) > cap:
+        raise SkipEntry(f"inflates to more than the {cap:,} bytes an entry may have")
+    return data
 
 
 def _read_labels(path: Path) -> dict[str, int] | None:
@@ -93,16 +145,19 @@ def _read_labels(path: Path) -> dict[str, int] | None:
 
 
 def load_image_set(path: str | Path, resolution: int | None = None, channels: int = 3, limit: int | None = None,
-                   on_skip=None) -> ImageSet:
-    """Decode every image of a folder or EDM zip (sorted by name) at `resolution` (None: keep; all must then agree)."""
+                   on_skip=None, offset: int = 0) -> ImageSet:
+    """Decode every image of a folder or EDM zip (sorted by name) at `resolution` (None: keep; all must then agree).
+    `offset`: skip the first `offset` entries unread (e.g. a benchmark's images); `limit`: keep at most that many."""
     path = Path(path)
     arrays, names, skipped = [], [], []
-    for name, read in _entries(path):
+    for k, (name, read) in enumerate(_entries(path)):
+        if k < offset:
+            continue
         if limit is not None and len(arrays) >= limit:
             break
         try:
             arr = _decode(read(), resolution, channels)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except Exception as e:  # untrusted bytes: any way a decoder fails on them skips the entry, reported
             skipped.append((name, str(e).splitlines()[0] if str(e) else type(e).__name__))
             if on_skip:
                 on_skip(name, skipped[-1][1])

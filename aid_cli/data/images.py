@@ -17,6 +17,7 @@ Conventions (design.md):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -91,23 +92,59 @@ def _open(path: str | os.PathLike, what: str) -> tuple[Image.Image, bool]:
         raise UserError(f"{what} is a folder, not a file: {path}")
     if path.stat().st_size == 0:
         raise UserError(f"{what} is an empty file: {path}")
+    import warnings
+
     try:
-        with Image.open(path) as im:
-            rawmodes = [t.args for t in im.tile or [] if isinstance(t.args, str)]
-            wide_colour = im.mode in ("RGB", "RGBA") and any(";16" in m for m in rawmodes)
-            im.load()  # force a full decode now: truncated files fail here, not half-way through a run
-            out = ImageOps.exif_transpose(im)  # a new, oriented image (a copy when there is no orientation tag)
-            out.format = im.format
+        with warnings.catch_warnings():
+            # large but allowed (up to Pillow's own error limit, 179 M pixels): no raw warning on stderr
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            out, wide_colour = _decode_file(path)
     except UnidentifiedImageError:
         raise UserError(f"{what} is not an image Pillow can read: {path}") from None
     except Image.DecompressionBombError as e:
         raise UserError(f"{what} is too large to decode safely: {path} ({e})") from None
     except PermissionError:
         raise UserError(f"{what} cannot be read (permission denied): {path}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise UserError(f"{what} is truncated or damaged: {path} ({e})") from None
+    except Exception as e:  # untrusted bytes: every way a decoder can fail on them is the file's fault
+        detail = str(e).splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"{what} is truncated or damaged: {path} ({detail})") from None
     if out.width == 0 or out.height == 0:
         raise UserError(f"{what} has zero size: {path}")
+    return out, wide_colour
+
+
+@contextlib.contextmanager
+def native_stderr_silenced(active: bool = True):
+    """Keep what a C library prints straight to the process's stderr (libtiff: "Using code not yet in table.") off
+    the user's terminal while it decodes: the file's problems reach the user as one line, or not at all."""
+    import sys
+    import tempfile
+
+    if not active:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _decode_file(path: Path) -> tuple[Image.Image, bool]:
+    with Image.open(path) as im, native_stderr_silenced(im.format == "TIFF"):
+        rawmodes = [t.args for t in im.tile or [] if isinstance(t.args, str)]
+        wide_colour = im.mode in ("RGB", "RGBA") and any(";16" in m for m in rawmodes)
+        im.load()  # force a full decode now: truncated files fail here, not half-way through a run
+        out = ImageOps.exif_transpose(im)  # a new, oriented image (a copy when there is no orientation tag)
+        out.format = im.format
     return out, wide_colour
 
 
@@ -141,7 +178,11 @@ def _native(im: Image.Image, path: Path) -> tuple[np.ndarray, str, list[str], bo
         if converted:
             notes = [f"{mode} image converted to RGB (no colour management); the output is RGB"]
     if target != mode:
-        im = im.convert(target)
+        try:
+            im = im.convert(target)
+        except Exception as e:  # e.g. a tRNS chunk with more entries than the palette
+            raise UserError(f"image is damaged: its {mode} data cannot be converted to {target}: {path} "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return np.asarray(im).copy(), target, notes, converted
 
 
@@ -175,7 +216,11 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int], invert: bool = Fal
     elif im.mode.startswith("I;16") or im.mode == "I":
         white = np.asarray(im).astype(np.int64) >= 32768  # 16-bit: ≥ 128 on the 8-bit scale
     else:
-        white = np.asarray(im.convert("L")) >= 128
+        try:
+            white = np.asarray(im.convert("L")) >= 128
+        except Exception as e:  # a damaged palette or transparency chunk
+            raise UserError(f"mask is damaged: its {im.mode} data cannot be read as greyscale: {path} "
+                            f"({str(e).splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
     if im.size != tuple(size):
         if not resize:
             hint = " (one of them may carry an EXIF rotation the other lacks)" if im.size == tuple(size)[::-1] else ""

@@ -194,6 +194,59 @@ def describe(family: str, version: str = MASKS_VERSION, hole_range=DEFAULT_HOLE_
     }[family] + f" ({version})"
 
 
+# ------------------------------------------------------------------------------------------------ training mask bank
+
+TRAIN_FAMILIES = ("freeform", "box", "strip")
+_BANK_TAG = 0x62616E6B  # "bank"
+
+
+def box_known(rng: np.random.Generator, height: int, width: int, hole_range=DEFAULT_HOLE_RANGE) -> np.ndarray:
+    """One axis-aligned rectangular hole anywhere in the image, its area a fraction U(hole_range) of the image and its
+    aspect ratio (w/h) log-uniform in [1/2, 2] (clipped to the image); True = known. A training family: the evaluation
+    `center` hole is one such box."""
+    lo, hi = float(hole_range[0]), float(hole_range[1])
+    area = rng.uniform(lo, hi) * height * width
+    aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
+    h = int(np.clip(round(math.sqrt(area / aspect)), 1, height))
+    w = int(np.clip(round(area / h), 1, width))
+    top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+    known = np.ones((height, width), dtype=bool)
+    known[top:top + h, left:left + w] = False
+    return known
+
+
+def band_known(rng: np.random.Generator, height: int, width: int, hole_range=DEFAULT_HOLE_RANGE) -> np.ndarray:
+    """A band right across the image, horizontal or vertical, of thickness a fraction U(hole_range) of its side, at a
+    random offset; True = known. A training family: the evaluation `strip` is such a band of thickness 1/4."""
+    lo, hi = float(hole_range[0]), float(hole_range[1])
+    known = np.ones((height, width), dtype=bool)
+    horizontal = rng.random() < 0.5
+    side = height if horizontal else width
+    t = int(np.clip(round(rng.uniform(lo, hi) * side), 1, side))
+    o = int(rng.integers(0, side - t + 1))
+    if horizontal:
+        known[o:o + t, :] = False
+    else:
+        known[:, o:o + t] = False
+    return known
+
+
+def training_mask_bank(n: int, resolution, seed: int, families=("freeform",),
+                       hole_range=DEFAULT_HOLE_RANGE) -> torch.Tensor:
+    """`n` training masks drawn once for a run, each of a family chosen uniformly from `families` (freeform, box,
+    strip): bool [n, 1, H, W], True = known (a bank of 4096 64×64 masks holds 16 MiB). Its stream is the training
+    stream's (never an evaluation mask's seed), tagged apart from the per-step masks of `training_rng`."""
+    unknown = [f for f in families if f not in TRAIN_FAMILIES]
+    if unknown or not families:
+        raise ValueError(f"unknown training mask family {', '.join(unknown) or '(none)'}: choose from "
+                         f"{', '.join(TRAIN_FAMILIES)}")
+    H, W = _size(resolution)
+    rng = np.random.default_rng([TRAIN_STREAM, int(seed), _BANK_TAG])
+    draw = {"freeform": free_form_known, "box": box_known, "strip": band_known}
+    known = [draw[families[int(rng.integers(len(families)))]](rng, H, W, hole_range) for _ in range(n)]
+    return torch.from_numpy(np.stack(known)[:, None]) if known else torch.ones(0, 1, H, W, dtype=torch.bool)
+
+
 def _stack(known: list[np.ndarray], H: int, W: int) -> torch.Tensor:
     if not known:
         return torch.ones(0, 1, H, W)
@@ -201,4 +254,5 @@ def _stack(known: list[np.ndarray], H: int, W: int) -> torch.Tensor:
 
 
 __all__ = ["MASKS_VERSION", "FAMILIES", "DEFAULT_HOLE_RANGE", "random_brush", "free_form_known", "free_form_masks",
-           "training_rng", "training_masks", "center_known", "strip_known", "eval_rng", "eval_masks", "describe"]
+           "training_rng", "training_masks", "TRAIN_FAMILIES", "box_known", "band_known",
+           "training_mask_bank", "center_known", "strip_known", "eval_rng", "eval_masks", "describe"]

@@ -23,8 +23,12 @@ PANELS = (
 COLOURS = ((31, 119, 180), (255, 127, 14))
 
 
-def read_stats(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_stats(path: Path, notice=None) -> list[dict]:
+    """The records of a stats.jsonl log. A line that is not a JSON object (a last line cut off by a crash or a full
+    disk while appending) is dropped, with a notice, instead of failing every later checkpoint."""
+    from ..training import read_jsonl
+
+    return read_jsonl(path, notice)
 
 
 def running_mean(values: list[float], k: int) -> list[float]:

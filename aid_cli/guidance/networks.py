@@ -103,8 +103,13 @@ class Actor(GuidanceNet):
         nn.init.zeros_(self.out.weight)  # u ≡ 0 at initialisation: the unguided sampler
         nn.init.zeros_(self.out.bias)
 
+    @staticmethod
+    def output_scale(sigma: torch.Tensor) -> torch.Tensor:
+        """c_u(σ) = √(σ² + σ_data²), the scale of the field at noise level σ (same shape as σ)."""
+        return (sigma ** 2 + SIGMA_DATA ** 2).sqrt()
+
     def forward(self, sigma, x, M, y, cond=None, denoised=None):
-        c_u = (sigma.reshape(-1, 1, 1, 1).to(x.dtype) ** 2 + SIGMA_DATA ** 2).sqrt()
+        c_u = self.output_scale(sigma.reshape(-1, 1, 1, 1).to(x.dtype))
         return c_u * self.out(self.features(sigma, x, M, y, cond, denoised))
 
 
@@ -117,6 +122,44 @@ class Critic(GuidanceNet):
 
     def forward(self, sigma, x, M, y):
         return self.head(self.features(sigma, x, M, y).mean(dim=(2, 3))).squeeze(1)
+
+
+class PrivilegedCritic(nn.Module):
+    """V_θ(σ, x; x0, M, y), a training-only critic that also reads the ground truth x0 and the backbone's estimate
+    D(x; σ) (both fixed functions of the task and the state: a valid baseline for eq. 11, never an input of the actor):
+
+        V_θ = ℓ(D(x; σ); x0, M) + head(mean over pixels of trunk([c_in·x, x0, M, y, D, D − x0, emb(σ)]))
+
+    ℓ(D) is an analytic baseline (what the terminal loss would be if the solve stopped at its current estimate), so
+    the net learns only the correction. No normalisation sits between the trunk and the spatial mean, so the scale of
+    the features (and of V) survives it. Saved in the training state only; a deployable module holds the actor alone.
+    """
+
+    privileged = True
+
+    def __init__(self, channels: int = 3, width: int = 16, emb_dim: int = 16, blocks: int = 4,
+                 lambda_vis: float = 1.0, lambda_hole: float = 1.0):
+        super().__init__()
+        self.channels, self.width, self.emb_dim = channels, width, emb_dim
+        self.lambda_vis, self.lambda_hole = lambda_vis, lambda_hole
+        self.inp = nn.Conv2d(5 * channels + 1 + emb_dim, width, 3, padding=1)
+        self.trunk = nn.Sequential(*[ResBlock(width) for _ in range(blocks)])
+        self.head = nn.Linear(width, 1)
+        nn.init.zeros_(self.head.weight)  # V = ℓ(D) at initialisation
+        nn.init.zeros_(self.head.bias)
+
+    def baseline(self, D: torch.Tensor, x0: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+        """ℓ(D; x0, M) per image (eq. 2, means over all entries)."""
+        err2 = (D - x0) ** 2
+        return (self.lambda_vis / 2) * (M * err2).mean(dim=(1, 2, 3)) + \
+            (self.lambda_hole / 2) * ((1 - M) * err2).mean(dim=(1, 2, 3))
+
+    def forward(self, sigma, x, M, y, x0, D):
+        sigma = sigma.reshape(-1, 1, 1, 1).to(x.dtype).expand(x.shape[0], 1, 1, 1)
+        c_in = 1 / (sigma ** 2 + SIGMA_DATA ** 2).sqrt()
+        emb = noise_embedding(sigma, self.emb_dim)[:, :, None, None].expand(-1, -1, *x.shape[-2:])
+        h = self.trunk(self.inp(torch.cat([c_in * x, x0, M, y, D, D - x0, emb], dim=1)))
+        return self.baseline(D, x0, M) + self.head(silu(h).mean(dim=(2, 3))).squeeze(1)
 
 
 def count_parameters(net: nn.Module) -> int:

@@ -15,15 +15,23 @@ One iteration, for a batch of tasks:
 Pixel sums vs means: ℓ and the running cost both use means over the d = C·H·W entries (recorded in the config);
 log π is the true Gaussian log-density (a sum over entries).
 
-`--estimator` chooses the actor's gradient; the critic's update (eq. 10) is the same for the first two:
-  score     the paper's eq. 11 above (faithful; the default).
+`--estimator` chooses the actor's gradient; the critic's update (eq. 10) is the same for score and pathwise:
+  backprop  the exact gradient of J (the default): no critic, no sampled actions; backpropagate
+            ℓ(X_N) + Σ_n (β/2)·mean(μ_n²)·Δt through the whole deterministic frozen solve (every backbone evaluation
+            gets a backward pass). The dynamics are deterministic and known, so this is J's true gradient for the
+            sampled tasks; the paper calls it the "supervised proxy" ablation (`proxy` is kept as an alias). On this
+            problem it is the estimator that learns: the others estimate the same gradient with far more noise.
+  score     the paper's eq. 11 above (faithful).
   pathwise  a one-step pathwise gradient through the critic (method.md §6's variant, DDPG/SVG(0)-style). The control
             enters the step additively, X_{n+1} = Heun(X_n) + a_n·Δt, so with X̂_{n+1} = X_{n+1} − a_n·Δt the actor
             descends Σ_n (β/2)·mean(μ_n²)·Δt + V_θ(t_{n+1}, X̂_{n+1} + μ_n·Δt), with V_θ(T, ·) = ℓ exactly, the critic's
             weights held fixed: ∇_a of the one-step cost-to-go, no backbone gradient.
-  proxy     the "supervised proxy" ablation: no critic, no sampled actions; backpropagate
-            ℓ(X_N) + Σ_n (β/2)·mean(μ_n²)·Δt through the whole deterministic frozen solve (every backbone evaluation
-            gets a backward pass).
+
+Data (held out from the benchmark by default): validation reads `val_n` images of `--val` after its first `val_offset`
+(100: the benchmark protocol uses val.zip's first 100 images and `aid bench --tune` its first 16), each with a fixed
+mask of the three evaluation families in turn (freeform, center, strip). Training masks come from a bank of
+`mask_bank` masks drawn once per run from the training stream (never an evaluation mask's seed); each iteration picks
+its masks from the bank with the iteration's generator, so a resumed run sees the same masks.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ import torch.utils.checkpoint
 from ..backbones.checkpoint import load_backbone, sha256_file
 from ..backbones.latent import PixelSpace, model_space
 from ..data.datasets import load_image_set
-from ..data.masks import eval_masks, training_masks
+from ..data.masks import FAMILIES, eval_masks, training_mask_bank, training_masks
 from ..devices import prepare_backbone, training_precision
 from ..errors import UserError
 from ..fileio import atomic_write_text
@@ -53,13 +61,21 @@ from ..task import Task
 from ..training import GracefulStop, init_distributed, load_state, prepare_run, save_state, step_generator
 from .checkpoint import load_guidance, save_guidance
 from .curves import read_stats, training_curves
-from .networks import Actor, Critic, count_parameters
+from .networks import Actor, Critic, PrivilegedCritic, count_parameters
 
 STATE_FILE = "training-state.safetensors"
+DIAG_SEED_OFFSET = 0x646961  # "dia": the diagnostic's tasks come from a generator of their own
 GUIDANCE_FILE = "guidance.safetensors"
 SNAPSHOT_DIR = "modules"  # guidance-NNNNNN.safetensors: the module at each checkpoint
 CURVES_FILE = "curves.png"
-ESTIMATORS = ("score", "pathwise", "proxy")
+ESTIMATORS = ("backprop", "score", "pathwise")
+ESTIMATOR_ALIASES = {"proxy": "backprop"}  # the paper's name for the exact-gradient ablation
+TRAIN_MASK_FAMILIES = ("freeform", "box", "strip")
+
+
+def canonical_estimator(name: str) -> str:
+    """`proxy` → `backprop`; anything else unchanged (checked by `train`)."""
+    return ESTIMATOR_ALIASES.get(name, name)
 
 
 @dataclass
@@ -83,18 +99,28 @@ class TrainConfig:
     critic_width: int = 32
     seed: int = 0
     val_every: int = 100  # iterations between validation PSNRs
-    val_n: int = 32  # fixed val images (free-form masks v1, seed 0) for the validation PSNR
+    val_n: int = 64  # fixed val images (masks: the evaluation families in turn, v1, seed 0) for validation
+    val_offset: int = 100  # skip the benchmark's images: the protocol uses val.zip's first 100, --tune its first 16
     checkpoint_every: int = 50  # iterations between resumable states
     val_dataset: str | None = None
     vae: str | None = None  # latent backbones: a local diffusers VAE folder instead of the pinned hub VAE
     class_label: int | None = None  # class-conditional backbones: this class for every image (else dataset.json)
-    estimator: str = "score"  # actor gradient: score (eq. 11) | pathwise | proxy (see the module docstring)
+    estimator: str = "backprop"  # actor gradient: backprop (exact) | score (eq. 11) | pathwise (module docstring)
     precision: str = "auto"  # the frozen backbone's autocast in rollouts (devices.training_precision); nets stay fp32
     compile: bool = False  # torch.compile the frozen backbone
+    recompute: bool = True  # backprop: recompute each step's activations in the backward pass (memory of one step)
     denoised_input: bool = False  # the actor also reads D(X_n; σ_n) and M ⊙ (y − D) (networks.py; an option)
     lambda_lpips: float = 0.0  # an option beyond the paper: ℓ + λ·LPIPS of the completed image (terminal_cost)
     init: str | None = None  # warm start: the actor's weights from this guidance module (same backbone, same actor)
     init_sha256: str | None = None  # its sha256, recorded for provenance
+    mask_bank: int = 4096  # training masks drawn once per run; 0 = draw each iteration's masks afresh
+    explore: str = "constant"  # exploration: constant γ (the paper) | scaled: γ_n = γ·c_u(σ_n)² (actor's output units)
+    critic: str = "plain"  # plain: V(t, x; M, y) (the paper) | privileged: also x0 and D(x; σ), ℓ(D) baseline
+    td_lambda: float = 0.0  # λ of the critic's λ-return and the actor's advantages: 0 = TD(0) (eq. 10/11), 1 = Monte Carlo
+    normalize_advantage: bool = False  # the actor's weights Â_n standardised over the batch
+    diag_every: int = 0  # iterations between gradient diagnostics (cosines to the exact gradient); 0 = never
+    diag_batch: int = 0  # tasks of a diagnostic (0: --batch)
+    train_masks: str = "freeform"  # families of the training masks, comma-separated: freeform, box, strip
     reductions: str = "mean over C·H·W in both the terminal loss and the running cost"
 
     def actor_kwargs(self, channels: int) -> dict:
@@ -105,6 +131,13 @@ class TrainConfig:
 
     def critic_kwargs(self, channels: int) -> dict:
         return dict(channels=channels, width=self.critic_width, emb_dim=16)
+
+    def make_critic(self, channels: int):
+        """The training-only critic: the paper's V(t, x; M, y), or the privileged V(t, x; x0, M, y, D)."""
+        if self.critic == "privileged":
+            return PrivilegedCritic(**self.critic_kwargs(channels), lambda_vis=self.lambda_vis,
+                                    lambda_hole=self.lambda_hole)
+        return Critic(**self.critic_kwargs(channels))
 
 
 def terminal_loss(x: torch.Tensor, x0: torch.Tensor, M: torch.Tensor, lambda_vis: float, lambda_hole: float):
@@ -125,42 +158,89 @@ def terminal_cost(cfg: TrainConfig, x: torch.Tensor, x0: torch.Tensor, task: Tas
     return ell
 
 
-def rollout(backbone, actor: Actor, task: Task, steps: int, gamma: float, generators) -> tuple[torch.Tensor, ...]:
+def rollout(backbone, actor: Actor, task: Task, steps: int, gamma: float, generators,
+            scaled_exploration: bool = False) -> tuple[torch.Tensor, ...]:
     """Sampled-action rollout through the ordinary sampler loop: (X [N,B,...], A [N,B,...], X_N [B,...], D), where D
-    [N,B,...] stacks the steps' D(X_n; σ_n) for an actor that reads them (`denoised_input`), else None."""
-    policy = AID(actor=actor, gamma=gamma, record=True)
+    [N,B,...] stacks the steps' D(X_n; σ_n) (read by a `denoised_input` actor and by the privileged critic)."""
+    policy = AID(actor=actor, gamma=gamma, record=True, scaled_exploration=scaled_exploration)
     result = sample(backbone, task, policy, num_steps=steps, generators=generators)
     X = torch.stack([x for _, x, _, _ in policy.trajectory])
     A = torch.stack([a for _, _, a, _ in policy.trajectory])
-    D = torch.stack([d for *_, d in policy.trajectory]) if actor.denoised_input else None
+    D = torch.stack([d for *_, d in policy.trajectory])
     return X, A, result.x, D
 
 
+def exploration_gammas(cfg: TrainConfig, sigmas: torch.Tensor, N: int) -> torch.Tensor:
+    """γ_n [N] of the Gaussian policy N(μ_n, γ_n I): γ (constant, the paper) or γ·c_u(σ_n)² (`--explore scaled`)."""
+    s = sigmas[:N].to(torch.float32)
+    return cfg.gamma * (Actor.output_scale(s) ** 2 if cfg.explore == "scaled" else torch.ones_like(s))
+
+
+def log_policy(A: torch.Tensor, mu: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
+    """log π_φ(a_n | t_n, X_n) [N, B] up to a constant: −‖a_n − μ_n‖²/(2γ_n), summed over entries (the Gaussian's
+    true log-density less its normaliser, which does not depend on φ)."""
+    return -((A - mu) ** 2).sum(dim=(2, 3, 4)) / (2 * gammas.to(A.device)[:, None])
+
+
+def lambda_advantages(delta: torch.Tensor, lam: float) -> torch.Tensor:
+    """Â_n = Σ_{k≥n} λ^{k−n} δ_k over the steps (dim 0; no discount: the horizon is finite). λ = 0 gives the TD(0)
+    residual δ_n of eq. 11; λ = 1 the Monte-Carlo advantage G_n − V_n, G_n = Σ_{k≥n} r_k + ℓ(X_N) (telescoping sum)."""
+    adv = torch.zeros_like(delta)
+    running = torch.zeros_like(delta[0])
+    for n in reversed(range(delta.shape[0])):
+        running = delta[n] + lam * running
+        adv[n] = running
+    return adv
+
+
+def critic_values(critic, sig, X, M, y, x0, D) -> torch.Tensor:
+    """V_θ(t_n, X_n) for flattened [N·B] states; the privileged critic also reads x0 and D(X_n; σ_n)."""
+    if getattr(getattr(critic, "module", critic), "privileged", False):
+        return critic(sig, X, M, y, x0, D)
+    return critic(sig, X, M, y)
+
+
 def actor_critic_losses(cfg: TrainConfig, actor, critic, X, A, X_N, x0, task: Task, sigmas, D=None,
-                        lpips=None) -> dict:
-    """The TD residuals and both losses of one batch of rollouts (steps 3–5 above)."""
+                        lpips=None, estimators: tuple[str, ...] | None = None) -> dict:
+    """The TD residuals, the advantages and both losses of one batch of rollouts (steps 3–5 above).
+
+    Running costs r_n = (β/2)(mean(a_n²) − γ_n)·Δt: centred exactly, E[r_n] = (β/2)·mean(μ_n²)·Δt.
+    Critic: V_θ(t_n, X_n) regresses on the λ-return sg(V_n + Â_n) (λ = 0: the semi-gradient TD(0) of eq. 10).
+    Actor: eq. 11 with Â_n in place of δ_n (λ = 0: exactly eq. 11), optionally normalised over the batch.
+    `per_task` holds each of `estimators`' actor loss per task (default: the run's own; pathwise needs a plain critic)."""
+    estimators = estimators or ((cfg.estimator,) if cfg.estimator in ("score", "pathwise") else ("score",))
     N, B = X.shape[:2]
     dt = 1.0 / N
     M, y = task.M, task.y
     flat = lambda t: t.reshape(N * B, *t.shape[2:])  # noqa: E731
     rep = lambda t: t.unsqueeze(0).expand(N, *t.shape).reshape(N * B, *t.shape[1:])  # noqa: E731
     sig = sigmas[:N].to(X.device).repeat_interleave(B)
-    r = (cfg.beta / 2) * ((A ** 2).mean(dim=(2, 3, 4)) - cfg.gamma) * dt  # [N, B]
+    gammas = exploration_gammas(cfg, sigmas, N).to(X.device)
+    r = (cfg.beta / 2) * ((A ** 2).mean(dim=(2, 3, 4)) - gammas[:, None]) * dt  # [N, B]
     ell = terminal_cost(cfg, X_N, x0, task, lpips)  # [B]
-    V = critic(sig, flat(X), rep(M), rep(y)).reshape(N, B)
+    V = critic_values(critic, sig, flat(X), rep(M), rep(y), rep(x0), None if D is None else flat(D)).reshape(N, B)
     V_next = torch.cat([V[1:].detach(), ell[None]], dim=0)
     delta = V_next - V + r
-    critic_loss = 0.5 * (delta ** 2).sum(0).mean()
-    mu = actor(sig, flat(X), rep(M), rep(y), denoised=None if D is None else flat(D)).reshape(A.shape)
-    if cfg.estimator == "pathwise":
-        actor_loss = pathwise_actor_loss(cfg, critic, X, A, X_N, mu, x0, task, sigmas, lpips)
-    else:  # eq. 11: Σ_n sg(δ_n)·log π_φ(a_n | t_n, X_n)
-        log_pi = -((A - mu) ** 2).sum(dim=(2, 3, 4)) / (2 * cfg.gamma)  # up to a constant
-        actor_loss = (delta.detach() * log_pi).sum(0).mean()
-    target = V_next.detach() + r  # what V_θ(t_n, X_n) regresses on; explained variance = 1 − var(δ)/var(target)
-    return {"critic_loss": critic_loss, "actor_loss": actor_loss, "delta": delta.detach(), "terminal": ell.detach(),
+    adv = lambda_advantages(delta.detach(), cfg.td_lambda)
+    critic_loss = 0.5 * ((V.detach() + adv - V) ** 2).sum(0).mean()
+    mu = actor(sig, flat(X), rep(M), rep(y), denoised=flat(D) if actor_reads_denoised(actor) else None).reshape(A.shape)
+    weight = adv
+    if cfg.normalize_advantage:
+        weight = (adv - adv.mean()) / adv.std().clamp_min(1e-12)
+    per_task = {}
+    if "score" in estimators:  # eq. 11: Σ_n sg(Â_n)·log π_φ(a_n | t_n, X_n)
+        per_task["score"] = (weight * log_policy(A, mu, gammas)).sum(0)
+    if "pathwise" in estimators:
+        per_task["pathwise"] = pathwise_actor_loss(cfg, critic, X, A, X_N, mu, x0, task, sigmas, lpips)
+    target = V.detach() + adv  # what V_θ(t_n, X_n) regresses on; explained variance = 1 − var(Â)/var(target)
+    return {"critic_loss": critic_loss, "actor_loss": per_task[estimators[0]].mean(), "per_task": per_task,
+            "delta": delta.detach(), "terminal": ell.detach(),
             "energy": (A ** 2).mean(dim=(2, 3, 4)).sum(0).mul(dt).detach(), "V0": V[0].detach(),
-            "critic_ev": (1 - delta.detach().var() / target.var().clamp_min(1e-12)).item()}
+            "critic_ev": (1 - adv.var() / target.var().clamp_min(1e-12)).item()}
+
+
+def actor_reads_denoised(actor) -> bool:
+    return getattr(getattr(actor, "module", actor), "denoised_input", False)
 
 
 def _frozen(net):
@@ -171,7 +251,7 @@ def _frozen(net):
 
 
 def pathwise_actor_loss(cfg: TrainConfig, critic, X, A, X_N, mu, x0, task: Task, sigmas, lpips=None) -> torch.Tensor:
-    """Σ_n (β/2)·mean(μ_n²)·Δt + V_θ(t_{n+1}, X̂_{n+1} + μ_n·Δt), V_θ(T, ·) = ℓ; mean over the batch (estimator pathwise)."""
+    """Σ_n (β/2)·mean(μ_n²)·Δt + V_θ(t_{n+1}, X̂_{n+1} + μ_n·Δt), V_θ(T, ·) = ℓ; per task [B] (estimator pathwise)."""
     N, B = X.shape[:2]
     dt = 1.0 / N
     X_next_hat = torch.cat([X[1:], X_N[None]]) - A * dt  # Heun(X_n): the step without its control
@@ -180,11 +260,12 @@ def pathwise_actor_loss(cfg: TrainConfig, critic, X, A, X_N, mu, x0, task: Task,
     values = [V(sigmas[n + 1].to(X.device).expand(B), X_next[n], task.M, task.y) for n in range(N - 1)]
     values.append(terminal_cost(cfg, X_next[-1], x0, task, lpips))
     running = (cfg.beta / 2) * (mu ** 2).mean(dim=(2, 3, 4)) * dt
-    return (running + torch.stack(values)).sum(0).mean()
+    return (running + torch.stack(values)).sum(0)
 
 
-def proxy_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators, lpips=None) -> dict:
-    """The supervised proxy: ℓ(X_N) + Σ_n (β/2)·mean(μ_n²)·Δt through the whole deterministic solve (backbone included)."""
+def backprop_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators, lpips=None) -> dict:
+    """J of the sampled tasks, ℓ(X_N) + Σ_n (β/2)·mean(μ_n²)·Δt (eqs. 2, 5 with γ = 0), through the whole deterministic
+    solve, backbone included: its gradient is J's exact gradient (estimator backprop; the paper's supervised proxy)."""
     energy = []
 
     class Recorded(AID):
@@ -196,11 +277,55 @@ def proxy_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators, lp
     s = SamplerState(net=backbone, task=task, sigmas=edm_sigmas(cfg.steps, device=x0.device), generators=generators)
     policy = Recorded(actor=actor, gamma=0.0)
     x = s.randn_like(task.y) * s.sigmas[0]
-    for n in range(cfg.steps):  # each step's activations are recomputed in the backward pass: memory of one step
-        x = torch.utils.checkpoint.checkpoint(heun_step, s, policy, n, x, use_reentrant=False)
+    for n in range(cfg.steps):
+        if cfg.recompute:  # each step's activations are recomputed in the backward pass: memory of one step
+            x = torch.utils.checkpoint.checkpoint(heun_step, s, policy, n, x, use_reentrant=False)
+        else:  # all N steps' activations kept: a quarter less compute, N times the memory
+            x = heun_step(s, policy, n, x)
     ell = terminal_cost(cfg, x, x0, task, lpips)
     E = torch.stack(energy).sum(0) * s.dt
-    return {"actor_loss": (ell + (cfg.beta / 2) * E).mean(), "terminal": ell.detach(), "energy": E.detach()}
+    J = ell + (cfg.beta / 2) * E
+    return {"actor_loss": J.mean(), "per_task": J, "terminal": ell.detach(), "energy": E.detach()}
+
+
+def _grad(loss: torch.Tensor, params: list) -> torch.Tensor:
+    """∇_φ loss, flattened (parameters the loss does not reach count as zeros); the graph is kept for more calls."""
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-30))
+
+
+def gradient_diagnostic(cfg: TrainConfig, backbone, actor, critic, task: Task, x0, seed: int, sigmas, lpips=None,
+                        sizes=None, actor_critic: bool = True) -> dict:
+    """How well each estimator's actor gradient points along J's exact gradient, on the same tasks and initial noise.
+
+    g*_k: the backprop gradient of J over the first k tasks (deterministic solve); ĝ_k: an estimator's gradient over
+    the first k tasks' sampled rollouts (score, eq. 11 with this run's exploration, critic and advantages; pathwise
+    with a plain critic). Returns diag_cos_{estimator}_b{k} = cos(ĝ_k, g*_k) and diag_cos_backprop_b{k} =
+    cos(g*_k, g*_B) (how far k tasks' exact gradient already is from the whole batch's) for k = 1, 2, 4, …, B.
+    Nothing accumulates into the optimisers' gradients. Cost: one backprop solve and one rollout of B tasks."""
+    B = x0.shape[0]
+    sizes = sizes or [k for k in (2 ** i for i in range(20)) if k < B] + [B]
+    params = [p for p in actor.parameters()]
+    exact = backprop_loss(cfg, backbone, actor, task, x0, sample_generators(seed, B), lpips)["per_task"]
+    g_star = {k: _grad(exact[:k].mean(), params) for k in sizes}
+    rec = {f"diag_cos_backprop_b{k}": _cos(g_star[k], g_star[B]) for k in sizes}
+    rec["diag_exact_grad_norm"] = float(g_star[B].norm())
+    if not actor_critic:  # a backprop run trains no critic: only the exact gradients' agreement across batch sizes
+        return rec
+    with torch.no_grad():
+        X, A, X_N, D = rollout(backbone, actor, task, cfg.steps, cfg.gamma, sample_generators(seed, B),
+                               cfg.explore == "scaled")
+    privileged = getattr(critic, "privileged", False)
+    out = actor_critic_losses(cfg, actor, critic, X, A, X_N, x0, task, sigmas, D, lpips,
+                              estimators=("score",) if privileged else ("score", "pathwise"))
+    for name, per_task in out["per_task"].items():
+        for k in sizes:
+            rec[f"diag_cos_{name}_b{k}"] = _cos(_grad(per_task[:k].mean(), params), g_star[k])
+    return rec
 
 
 @torch.no_grad()
@@ -223,6 +348,19 @@ def validation_scores(backbone, actor, images: torch.Tensor, M: torch.Tensor, st
     if lpips is not None:
         scores["lpips"] = float(torch.cat(perceptual).mean())
     return scores
+
+
+def validation_masks(n: int, resolution) -> torch.Tensor:
+    """The fixed masks of validation: image i gets mask i of the evaluation family FAMILIES[i % 3] (v1, seed 0), so
+    checkpoints are chosen on all three families the benchmark reports."""
+    per_family = {f: eval_masks(f, n, resolution, seed=0) for f in FAMILIES}
+    return torch.stack([per_family[FAMILIES[i % len(FAMILIES)]][i] for i in range(n)]) if n else \
+        eval_masks("freeform", 0, resolution)
+
+
+def mask_families(spec: str) -> tuple[str, ...]:
+    """`--train-masks freeform,box,strip` → the families' names (checked by the mask bank)."""
+    return tuple(f.strip() for f in spec.split(",") if f.strip())
 
 
 def one_hot_labels(data, label_dim: int, class_label: int | None, what: str) -> torch.Tensor | None:
@@ -257,15 +395,34 @@ def warm_start(actor: Actor, path, actor_kwargs: dict, backbone_sha: str) -> Non
 def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int | None = None, progress: bool = True,
           log=print) -> Path:
     rank, world, device = init_distributed(torch.device(device))
+    cfg = dataclasses.replace(cfg, estimator=canonical_estimator(cfg.estimator))
     if cfg.estimator not in ESTIMATORS:
-        raise UserError(f"unknown --estimator {cfg.estimator!r}: choose one of {', '.join(ESTIMATORS)}")
+        raise UserError(f"unknown --estimator {cfg.estimator!r}: choose one of {', '.join(ESTIMATORS)} "
+                        f"(proxy = backprop)")
+    if cfg.explore not in ("constant", "scaled"):
+        raise UserError(f"unknown --explore {cfg.explore!r}: choose constant or scaled")
+    if cfg.critic not in ("plain", "privileged"):
+        raise UserError(f"unknown --critic {cfg.critic!r}: choose plain or privileged")
+    if not 0 <= cfg.td_lambda <= 1:
+        raise UserError(f"--td-lambda must lie in [0, 1], got {cfg.td_lambda}")
+    if cfg.critic == "privileged" and cfg.estimator == "pathwise":
+        raise UserError("--critic privileged reads D(x; σ), whose derivative in x needs the backbone's backward pass; "
+                        "the pathwise estimator differentiates V in x: use --critic plain with pathwise")
+    if cfg.critic == "privileged" and cfg.lambda_lpips:
+        raise UserError("--critic privileged: its baseline ℓ(D) is the L2 loss of eq. 2; drop --lambda-lpips")
+    families = mask_families(cfg.train_masks)
+    if not families or any(f not in TRAIN_MASK_FAMILIES for f in families):
+        raise UserError(f"--train-masks {cfg.train_masks!r}: give families from {', '.join(TRAIN_MASK_FAMILIES)}, "
+                        f"comma-separated")
     if cfg.batch % world:
         raise UserError(f"--batch {cfg.batch} is not divisible by the {world} processes")
     run = Path(cfg.out)
     state_path = run / STATE_FILE
     cfg = prepare_run(cfg, run, STATE_FILE, resume, log=log,
                       free=("dataset", "out", "iters", "val_dataset", "checkpoint_every", "val_every", "precision",
-                            "compile"))
+                            "compile", "diag_every", "diag_batch", "recompute"))
+    cfg = dataclasses.replace(cfg, estimator=canonical_estimator(cfg.estimator))  # a run saved as `proxy`
+    families = mask_families(cfg.train_masks)  # the run's own on --resume
 
     backbone_net, binfo = load_backbone(cfg.backbone, device=device)
     # The denoiser the rollouts call: NHWC, autocast to bf16 where asked (float32 out), compiled where asked.
@@ -282,8 +439,14 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
     C, res = binfo["channels"], binfo["resolution"] * space.factor  # res: pixels
     data = load_image_set(cfg.dataset, resolution=res)
     labels = one_hot_labels(data, binfo.get("label_dim", 0), cfg.class_label, cfg.dataset)
-    val = load_image_set(cfg.val_dataset, resolution=res, limit=cfg.val_n) if cfg.val_dataset else None
-    val_M = eval_masks("freeform", len(val), res, seed=0).to(device) if val else None
+    val = None
+    if cfg.val_dataset:
+        try:
+            val = load_image_set(cfg.val_dataset, resolution=res, limit=cfg.val_n, offset=cfg.val_offset)
+        except UserError:
+            raise UserError(f"--val {cfg.val_dataset}: no images after its first {cfg.val_offset} (validation skips "
+                            f"the benchmark's images; pass --val-offset 0 for a set of its own)") from None
+    val_M = validation_masks(len(val), res).to(device) if val else None
     val_labels = one_hot_labels(val, binfo.get("label_dim", 0), cfg.class_label, cfg.val_dataset) if val else None
     val_labels = val_labels.to(device) if val_labels is not None else None
     lpips = None
@@ -305,7 +468,7 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
 
     torch.manual_seed(cfg.seed)
     actor = Actor(**cfg.actor_kwargs(C)).to(device)
-    critic = Critic(**cfg.critic_kwargs(C)).to(device)
+    critic = cfg.make_critic(C).to(device)
     opt_actor = torch.optim.Adam(actor.parameters(), lr=cfg.lr_actor)
     opt_critic = torch.optim.Adam(critic.parameters(), lr=cfg.lr_critic)
     it, elapsed = 0, 0.0
@@ -319,6 +482,9 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
         if world > 1 else (lambda m: m)
     actor_t, critic_t = ddp(actor), ddp(critic)
     sigmas = edm_sigmas(cfg.steps, device=device)
+    # the run's training masks, drawn once (bool, 1 = known); each iteration indexes it with its own generator
+    bank = training_mask_bank(cfg.mask_bank, res, cfg.seed, families, (cfg.hole_min, cfg.hole_max)) \
+        if cfg.mask_bank else None
 
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
@@ -331,7 +497,7 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
     def checkpoint():
         save_state(state_path, {"actor": actor, "critic": critic}, {"opt_actor": opt_actor, "opt_critic": opt_critic},
                    {"config": dataclasses.asdict(cfg), "iteration": it, "elapsed_s": elapsed})
-        training_curves(read_stats(run / "stats.jsonl"), run / CURVES_FILE,
+        training_curves(read_stats(run / "stats.jsonl", notice=log), run / CURVES_FILE,
                         f"aid train ({cfg.estimator}): {run.name}, batch {cfg.batch}, N = {cfg.steps}")
         training = {**dataclasses.asdict(cfg), "iterations": it, "train_seconds": round(elapsed, 1),
                     "backbone": str(cfg.backbone)}
@@ -352,6 +518,31 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
             + (f"; LPIPS {rec['val_lpips_18']:.3f} / {rec['val_lpips_12']:.3f}" if val_lpips is not None else ""))
         return rec
 
+    def draw_tasks(g: torch.Generator, batch: int, step: int, sl=slice(None)):
+        """(task, x0, seed of the initial noise) of `batch` tasks drawn with `g`; this process's share `sl`."""
+        idx = torch.randint(len(data), (batch,), generator=g)
+        if bank is not None:
+            M_all = bank[torch.randint(len(bank), (batch,), generator=g)].to(torch.float32)
+        else:
+            M_all = training_masks(batch, res, cfg.seed, step, hole_range=(cfg.hole_min, cfg.hole_max))
+        x0 = data.as_float(idx[sl]).to(device)
+        task = space.task(x0, M_all[sl].to(device), None if labels is None else labels[idx[sl]].to(device))
+        if space.latent:
+            x0 = space.encode(x0)  # the terminal loss compares latents (method.md §4: λ_vis = λ_hole = 1 there)
+        return task, x0, int(torch.randint(2 ** 62, (1,), generator=g))
+
+    def diagnose() -> dict:
+        """The gradient diagnostic on tasks of its own (its own generator: training's draws are untouched)."""
+        task, x0, noise_seed = draw_tasks(step_generator(cfg.seed + DIAG_SEED_OFFSET, it), cfg.diag_batch or cfg.batch,
+                                          -1 - it)
+        rec = gradient_diagnostic(cfg, backbone, actor, critic, task, x0, noise_seed, sigmas, lpips,
+                                  actor_critic=cfg.estimator != "backprop")
+        b = max(int(k.rsplit("_b", 1)[1]) for k in rec if k.startswith("diag_cos_backprop_b"))
+        log(f"it {it}: gradient cosines to the exact gradient at batch {b}: "
+            + ", ".join(f"{k[9:-len(f'_b{b}')]} {v:+.3f}" for k, v in rec.items()
+                        if k.endswith(f"_b{b}") and "backprop" not in k))
+        return rec
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     B_local = cfg.batch // world
@@ -361,35 +552,28 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
     with bar, GracefulStop() as stop:
         ptask = bar.add_task("train", total=cfg.iters, completed=it, td=float("nan"), ell=float("nan"))
         if it == 0 and val is not None and rank == 0:  # the starting point: u ≡ 0 is the unguided sampler
-            vx = val.as_float(slice(None)).to(device)
             rec = {"iteration": 0, **validate()}
             with open(run / "stats.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
         prev_grad = None
         while it < cfg.iters and (max_iters is None or it < max_iters):
             t0 = time.time()
-            g = step_generator(cfg.seed, it)
-            idx = torch.randint(len(data), (cfg.batch,), generator=g)
-            M_all = training_masks(cfg.batch, res, cfg.seed, it, hole_range=(cfg.hole_min, cfg.hole_max))
             sl = slice(rank * B_local, (rank + 1) * B_local)
-            x0 = data.as_float(idx[sl]).to(device)
-            task = space.task(x0, M_all[sl].to(device), None if labels is None else labels[idx[sl]].to(device))
-            if space.latent:
-                x0 = space.encode(x0)  # the terminal loss compares latents (method.md §4: λ_vis = λ_hole = 1 there)
-            gens = sample_generators(int(torch.randint(2 ** 62, (1,), generator=g)), cfg.batch)[sl]
-            if cfg.estimator == "proxy":  # the ablation: backpropagate through the whole frozen solve
-                out = proxy_loss(cfg, backbone, actor, task, x0, gens, lpips)
+            task, x0, noise_seed = draw_tasks(step_generator(cfg.seed, it), cfg.batch, it, sl)
+            gens = sample_generators(noise_seed, cfg.batch)[sl]
+            if cfg.estimator == "backprop":  # J's exact gradient through the whole frozen solve
+                out = backprop_loss(cfg, backbone, actor, task, x0, gens, lpips)
                 out["critic_loss"] = torch.zeros(())
             else:
                 with torch.no_grad():
-                    X, A, X_N, D = rollout(backbone, actor, task, cfg.steps, cfg.gamma, gens)
+                    X, A, X_N, D = rollout(backbone, actor, task, cfg.steps, cfg.gamma, gens, cfg.explore == "scaled")
                 out = actor_critic_losses(cfg, actor_t, critic_t, X, A, X_N, x0, task, sigmas, D, lpips)
             if not (math.isfinite(out["critic_loss"].item()) and math.isfinite(out["actor_loss"].item())):
                 raise RuntimeError(f"non-finite loss at iteration {it}; the last checkpoint in {run} is intact")
             opt_critic.zero_grad(set_to_none=True)
             opt_actor.zero_grad(set_to_none=True)
             out["actor_loss"].backward()
-            if cfg.estimator == "proxy":
+            if cfg.estimator == "backprop":
                 if world > 1:  # the raw actor ran N times in the loop: average its gradients by hand
                     for p in actor.parameters():
                         torch.distributed.all_reduce(p.grad)
@@ -416,13 +600,15 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
                    "actor_grad_cos_prev": grad_cos,
                    "terminal": out["terminal"].mean().item(), "control_energy": out["energy"].mean().item(),
                    "seconds": round(time.time() - t0, 3)}
-            if cfg.estimator != "proxy":
+            if cfg.estimator != "backprop":
                 d = out["delta"]
                 rec.update({"critic_loss": out["critic_loss"].item(), "delta_mean": d.mean().item(),
                             "delta_std": d.std().item(), "critic_grad_norm": float(gn_critic),
                             "critic_ev": out["critic_ev"], "V0": out["V0"].mean().item()})
             if val is not None and (it % cfg.val_every == 0 or it == cfg.iters):
                 rec.update(validate())
+            if cfg.diag_every and it % cfg.diag_every == 0:
+                rec.update(diagnose())
             with open(run / "stats.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             bar.update(ptask, completed=it, td=rec.get("critic_loss", float("nan")), ell=rec["terminal"])

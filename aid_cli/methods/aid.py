@@ -2,7 +2,11 @@
 
     X_{n+1} = Heun(X_n, σ_n → σ_{n+1}) + a_n·Δt,    Δt = 1/N,
     a_n = μ_φ(σ_n, X_n; M, y)                   at deployment (the policy's mean, Theorems 3.2/3.3),
-    a_n = μ_φ(σ_n, X_n; M, y) + √γ·ε_n           in training rollouts (Gaussian policy N(μ, γI)).
+    a_n = μ_φ(σ_n, X_n; M, y) + √γ_n·ε_n         in training rollouts (Gaussian policy N(μ, γ_n I)),
+
+with γ_n = γ (the paper's constant temperature) or, with `scaled` exploration, γ_n = γ·c_u(σ_n)²: the noise is added in
+the actor's output units, before its scale c_u(σ) = √(σ² + σ_data²) (guidance/networks.py), so the score-function
+weight (a_n − μ_n)/γ_n·∇μ_n = ε_n/√γ·∇F_n is the same at every noise level.
 
 Nothing else changes: no replacement, no gradients through the backbone; visible pixels are pasted back at the end like
 every method. The actor sees σ, not n, so one module serves N = 18 (35 NFE) and N = 12 (23 NFE).
@@ -29,7 +33,7 @@ class AID(Method):
     name = "aid"
 
     def __init__(self, actor=None, gamma: float = 0.0, record: bool = False, guidance=None,
-                 backbone_sha256: str | None = None):
+                 backbone_sha256: str | None = None, scaled_exploration: bool = False):
         if actor is None:
             from ..guidance.checkpoint import load_guidance
             from ..registry import resolve_guidance
@@ -37,8 +41,9 @@ class AID(Method):
             actor, _ = load_guidance(resolve_guidance(guidance), backbone_sha256=backbone_sha256)
         self.actor = actor
         self.gamma = gamma  # exploration temperature γ; 0 = deterministic (deployment)
+        self.scaled_exploration = scaled_exploration  # γ_n = γ·c_u(σ_n)² instead of γ
         self.record = record
-        self.trajectory: list[tuple] = []  # (n, X_n, a_n, D(X_n; σ_n) or None) when recording
+        self.trajectory: list[tuple] = []  # (n, X_n, a_n, D(X_n; σ_n)) when recording
         self._cond = None
 
     def setup(self, s: SamplerState) -> None:
@@ -49,14 +54,19 @@ class AID(Method):
     def drift(self, s: SamplerState, n: int, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
         sigma = s.sigmas[n].expand(x.shape[0])
         cond = None
-        if not torch.is_grad_enabled():  # with gradients (proxy training) the stem stays in each step's graph
+        if not torch.is_grad_enabled():  # with gradients (backprop training) the stem stays in each step's graph
             if self._cond is None:
                 self._cond = self.actor.condition(s.task.M, s.task.y)
             cond = self._cond
-        denoised = denoised if self.actor.denoised_input else None  # D(x_n; σ_n) of this step, for actors that read it
-        a = self.actor(sigma, x, s.task.M, s.task.y, cond, denoised)
+        # D(x_n; σ_n) of this step, for actors that read it
+        a = self.actor(sigma, x, s.task.M, s.task.y, cond, denoised if self.actor.denoised_input else None)
         if self.gamma > 0:
-            a = a + math.sqrt(self.gamma) * s.randn_like(x)
-        if self.record:
-            self.trajectory.append((n, x.detach(), a.detach(), None if denoised is None else denoised.detach()))
+            a = a + self.exploration_std(s.sigmas[n]) * s.randn_like(x)
+        if self.record:  # D is kept for actors that read it and for the privileged critic
+            self.trajectory.append((n, x.detach(), a.detach(), denoised.detach()))
         return a
+
+    def exploration_std(self, sigma: torch.Tensor) -> torch.Tensor:
+        """√γ_n of the policy at noise level σ (a scalar tensor)."""
+        scale = self.actor.output_scale(sigma) if self.scaled_exploration else torch.ones_like(sigma)
+        return math.sqrt(self.gamma) * scale
