@@ -309,10 +309,10 @@ MODELS: tuple[ModelEntry, ...] = (
                            "cat faces", file=EMBEDDED_BACKBONE, embedded=True,
                sha256="b7fefd36232891fb810f66472ec4b519fe141b741838298ad242338cda18f44d", size=16813228),
     ModelEntry(name="aid-cats64-guidance", kind="guidance", resolution=64, license=EMBEDDED_LICENSE,
-               description="AID guidance module for aid-cats64 (CPU-trained, proxy estimator with the denoised-input "
-                           "actor; weights/aid-cats64-guidance.md)",
+               description="AID guidance module for aid-cats64 (CPU-trained, backprop estimator at N = 18 with the "
+                           "denoised-input actor; weights/aid-cats64-guidance.md)",
                file=EMBEDDED_GUIDANCE, embedded=True, backbone="aid-cats64",
-               sha256="88a06bd5d4cc5187b0c3bf21faacba8e5604ce2f321e318375a80c5f9c1cdc5c", size=146316),
+               sha256="f9076b6f615fb096286495e187b4b80528c437234c98ced6972f636e21adca41", size=146996),
     _edm("ffhq", "vp", "DDPM++"),
     _edm("ffhq", "ve", "NCSN++"),
     _edm("afhqv2", "vp", "DDPM++"),

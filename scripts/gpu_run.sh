@@ -46,7 +46,7 @@ PRETRAIN_EXTRA=${PRETRAIN_EXTRA:-}
 # stage 3
 TUNE_METHODS=${TUNE_METHODS:-dps,mcg,gradpaint,copaint,vipaint}; TUNE_N=${TUNE_N:-16}
 # stage 4: the recipe of the "AID wins" issue (aid train --help on main)
-GBATCH=${GBATCH:-128}; GSTEPS=${GSTEPS:-18}; BETA=${BETA:-0.01}; LR_ACTOR=${LR_ACTOR:-3e-4}; GITERS=${GITERS:-1000000}
+GBATCH=${GBATCH:-128}; GSTEPS=${GSTEPS:-18}; BETA=${BETA:-0.003}; LR_ACTOR=${LR_ACTOR:-3e-4}; GITERS=${GITERS:-1000000}
 RECOMPUTE=${RECOMPUTE:-1}      # 0: --no-recompute (a quarter less compute; all N steps' activations in memory)
 MASK_BANK=${MASK_BANK:-4096}; TRAIN_MASKS=${TRAIN_MASKS:-freeform,box,strip}
 VAL_OFFSET=${VAL_OFFSET:-100}; VAL_N=${VAL_N:-64}; VAL_EVERY=${VAL_EVERY:-20}
