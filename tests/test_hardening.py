@@ -16,20 +16,8 @@ from .conftest import run_cli
 
 
 # ---------------------------------------------------------------------------------------------------------------- item 1
-@pytest.fixture
-def tiny_data(tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
-
-
-def _train_cfg(data, out, backbone, **kw):
-    from .test_guidance import cfg_for  # the tiny actor-critic run of the training tests
-
-    return cfg_for(data, out, backbone, **kw)
+from .test_guidance import cfg_for as _train_cfg  # noqa: E402  the training tests' tiny actor-critic run
+from .test_guidance import tiny_data  # noqa: E402,F401  (a fixture: six 16x16 images)
 
 
 def test_read_stats_drops_a_torn_last_line_with_a_notice(tmp_path):
