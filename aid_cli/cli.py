@@ -1035,6 +1035,7 @@ def train(
     precision: str = typer.Option("auto", "--precision", help=TRAIN_PRECISION_HELP + " Applies to the frozen "
                                   "backbone; the actor and critic train in float32."),
     compile_net: bool = typer.Option(False, "--compile", help="torch.compile the frozen backbone."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ):
     """Learn the AID guidance module for a frozen backbone with the continuous-time actor-critic.
 
@@ -1046,6 +1047,9 @@ def train(
     from .devices import resolve_device
     from .guidance.trainer import TrainConfig
     from .guidance.trainer import train as run_train
+    from .threads import apply_threads
+
+    apply_threads(threads)
     from .registry import resolve_backbone, resolve_dataset
 
     try:

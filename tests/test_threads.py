@@ -92,7 +92,7 @@ def test_entry_point_chooses_threads_before_torch_starts():
     assert json.loads(r.stdout)["env"]["OMP_WAIT_POLICY"] == "PASSIVE"
 
 
-@pytest.mark.parametrize("command", ["inpaint", "bench", "metrics", "pretrain", "models eval"])
+@pytest.mark.parametrize("command", ["inpaint", "bench", "metrics", "pretrain", "models eval", "train"])
 def test_compute_commands_take_threads(command):
     r = run_aid(*command.split(), "--help", COLUMNS="200")
     assert r.returncode == 0 and "--threads" in r.stdout, command
