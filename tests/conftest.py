@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: idle OpenMP threads sleep
 
-from aid_cli.backbones.edm import build_precond
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from aid_cli.backbones.edm import build_precond  # noqa: E402
+
+# torch's threads, pinned for the whole suite: AID_TEST_THREADS, else OMP_NUM_THREADS, else 2 (at most 2: the tests'
+# networks are tiny, and more threads on a shared machine only spin). Every test starts with this count again, since
+# an in-process `aid ... --threads N` changes it for the rest of the process. The suite passes with 1 and with 2.
+TEST_THREADS = max(1, min(2, int(os.environ.get("AID_TEST_THREADS") or os.environ.get("OMP_NUM_THREADS") or 2)))
+torch.set_num_threads(TEST_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _pinned_threads():
+    torch.set_num_threads(TEST_THREADS)
+    yield
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
