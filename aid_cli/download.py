@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from .errors import DownloadError
+from .errors import DownloadError, one_line
 from .fileio import publish
 
 ATTEMPTS = 5  # transfers per call; each one resumes where the previous stopped
@@ -97,10 +97,10 @@ def _transfer(url: str, part: Path, progress: Progress | None, size: int | None 
     except urllib.error.URLError as e:
         reason = e.reason
         if isinstance(reason, (socket.gaierror, ConnectionRefusedError)) or not isinstance(reason, OSError):
-            raise DownloadError(f"{url}: cannot connect ({_first_line(reason)})") from None
-        raise Interrupted(_first_line(reason)) from None
+            raise DownloadError(f"{url}: cannot connect ({one_line(reason)})") from None
+        raise Interrupted(one_line(reason)) from None
     except (OSError, http.client.HTTPException) as e:  # a timeout or reset while waiting for the headers
-        raise Interrupted(f"{type(e).__name__}: {_first_line(e)}") from None
+        raise Interrupted(f"{type(e).__name__}: {one_line(e)}") from None
     with response:
         length = response.headers.get("Content-Length")
         length = int(length) if length and length.isdigit() else None
@@ -161,11 +161,6 @@ def _transfer(url: str, part: Path, progress: Progress | None, size: int | None 
                     window_start, window_bytes = now, 0
     if total is not None and done < total:
         raise Interrupted(f"connection closed after {done:,} of {total:,} bytes")
-
-
-def _first_line(value) -> str:
-    lines = [line.strip() for line in str(value).splitlines() if line.strip()]
-    return lines[0] if lines else type(value).__name__
 
 
 def _content_range(content_range: str | None) -> tuple[int | None, int | None, int | None]:

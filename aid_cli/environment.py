@@ -57,7 +57,9 @@ def environment(cache: str | os.PathLike | None = None) -> dict:
     """Everything `aid env` reports, as plain JSON-ready data."""
     import torch
 
-    from .registry import MODELS, cache_dir, cached_path, hub_cache_dir, models_dir, offline_mode, weights_dir
+    from .models.catalogue import MODELS
+    from .models.paths import cache_dir, hub_cache_dir, models_dir, offline_mode, weights_dir
+    from .models.cache import cached_path
 
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {

@@ -94,10 +94,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return Path(path)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    return atomic_write(path, lambda p: p.write_bytes(data))
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text))
 
@@ -126,6 +122,29 @@ def _sort_safetensors_header(path: Path) -> None:
         if len(canonical) <= size:  # always, for safetensors' compact JSON; otherwise the file stays as written
             f.seek(8)
             f.write(canonical.ljust(size, b" "))  # safetensors pads its header with spaces
+
+
+def clean_stale_temps(folder: Path, log=None) -> int:
+    """Remove the temp files an atomic write killed half-way left behind (`.NAME.XXXX.tmp*`, see fileio.atomic_path)
+    in a run folder that this run owns; returns how many."""
+    n = 0
+    for p in [*Path(folder).glob(".*.tmp*"), *Path(folder).glob("*/.*.tmp*")]:
+        if p.is_file() and not p.is_symlink():
+            try:
+                p.unlink()
+                n += 1
+            except OSError:
+                pass
+    if n and log is not None:
+        log(f"removed {n} stale temp file{'s' if n > 1 else ''} left by an interrupted write in {folder}")
+    return n
+
+
+def utc_now() -> str:
+    """Now, in UTC, to the second (ISO 8601): the date of records and reports."""
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

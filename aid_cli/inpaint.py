@@ -3,9 +3,10 @@
 file + mask file → Task at model resolution (+ the Fit that says how) → sampler loop with one method → completed tensor →
 composited back at the original resolution (visible pixels bit-exact) → file, written atomically.
 
-Latent backbones (EDM2) take the same path through their space (backbones/latent.py): the fit is planned at the pixel
-resolution the VAE maps to the network's latent grid (8 × 64 = 512 for img512), the Task lives on the latent grid, the
-completion is decoded and its visible pixels pasted back before compositing.
+The middle of the path, tensors to completed tensors, is the Inpainter's (inpainter.py), as for `aid bench` and `aid
+train`. Latent backbones (EDM2) take the same path through their space (backbones/spaces.py): the fit is planned at the
+pixel resolution the VAE maps to the network's latent grid (8 × 64 = 512 for img512), the Task lives on the latent
+grid, the completion is decoded and its visible pixels pasted back before compositing.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from .data.images import (OUTPUT_FORMATS, composite, grow, load_image, load_mask
                           save_image, to_task_tensors)
 from .errors import UserError
 from .fileio import check_writable_dir
-from .methods import get_method
-from .sampling.heun import sample, sample_generators
+from .inpainter import Inpainter
+from .resolve import MethodSpec
+from .sampling.heun import sample_generators
 
 INVERTED_WARNING_FRACTION = 0.9
 
@@ -36,7 +38,7 @@ class InpaintOptions:
     invert_mask: bool = False
     resize_mask: bool = False
     fit: str = "crop"
-    params: dict = field(default_factory=dict)  # method params (the backbone's tuned ones, registry.tuned_params)
+    params: dict = field(default_factory=dict)  # method params as recorded (resolve.py: tuned ones, AID's module)
     class_label: int | None = None  # --class N of a class-conditional backbone (recorded; the one-hot goes to the net)
     method_default: bool = False  # the method was chosen by default, not given (recorded)
     dilate: int = 0  # grow the hole by this many pixels first (--dilate)
@@ -211,17 +213,16 @@ def prepare(job: Job, resolution: int, opts: InpaintOptions, notice: Callable[[s
     return Prepared(job, img, hole, fit, x, M)
 
 
-def inpaint_windows(net, item: Prepared, opts: InpaintOptions, device: torch.device, notice: Callable[[str], None],
-                    space, class_labels: torch.Tensor | None = None,
+def inpaint_windows(inpainter: Inpainter, item: Prepared, opts: InpaintOptions, spec: MethodSpec,
+                    notice: Callable[[str], None], class_labels: torch.Tensor | None = None,
                     progress: Callable[[int], None] | None = None) -> list[dict]:
     """`--fit native`: fill the hole window by window at the model's own scale (plan_windows), each window seeing the
     fills before it; the K samples of the image run side by side, sample k drawing its noise, window after window, from
     its own generator seeded seed + k. Writes the outputs; one record each."""
     import dataclasses
 
-    K, windows = opts.samples, item.fit
-    method = get_method(opts.method, **opts.params)
-    space = space.for_method(method)
+    K, windows, device = opts.samples, item.fit, inpainter.device
+    method = spec.build()
     labels = class_labels.expand(K, -1).to(device) if class_labels is not None else None
     generators = sample_generators(opts.seed, K)
     pixels = [item.img.pixels.copy() for _ in range(K)]
@@ -233,49 +234,44 @@ def inpaint_windows(net, item: Prepared, opts: InpaintOptions, device: torch.dev
         tensors = [to_task_tensors(v, unfilled, fit) for v in views]  # every unfilled hole pixel is unknown
         x = torch.cat([t[0] for t in tensors]).to(device)
         M = torch.cat([t[1] for t in tensors]).to(device)
-        task = space.task(x, M, labels)
-        result = sample(net, task, method, num_steps=opts.steps, generators=generators, progress=progress)
-        completed = space.to_pixels(x, M, result.completed)
+        completed, result = inpainter.complete(x, M, method, opts.steps, generators, labels, progress=progress)
         nfe, backward = nfe + result.nfe, backward + result.backward
         pixels = [composite(v, fills, fit, completed[k:k + 1]) for k, v in enumerate(views)]
         unfilled &= ~fills
     seconds = (time.perf_counter() - t0) / K
     side = windows[0][0].resolution
     how = f"{len(windows)} window(s) of {side}x{side} at native scale"
+    space = inpainter.space.for_method(method).describe()
     records = []
     for k, path in enumerate(item.job.outputs):
         for w in save_image(path, pixels[k], item.img, protect=[item.job.mask]):
             notice(f"{path.name}: {w}")
-        records.append(_record(path, item.job, opts, k, nfe, backward, seconds, how, space.describe()))
+        records.append(_record(path, item.job, opts, k, nfe, backward, seconds, how, space))
     return records
 
 
-def inpaint_batch(net, items: list[Prepared], opts: InpaintOptions, device: torch.device,
-                  notice: Callable[[str], None], space=None, class_labels: torch.Tensor | None = None,
+def inpaint_batch(inpainter: Inpainter, items: list[Prepared], opts: InpaintOptions, spec: MethodSpec,
+                  notice: Callable[[str], None], class_labels: torch.Tensor | None = None,
                   progress: Callable[[int], None] | None = None) -> list[dict]:
     """Inpaint prepared inputs in one sampler call (K samples each) and write their outputs; one record per output.
 
     Sample k of an image uses the generator seeded seed + k whatever the batch, so its noise does not depend on it.
-    `space`: the backbone's PixelSpace (default) or LatentSpace. `class_labels`: one-hot [1, label_dim] for
-    class-conditional nets. `progress(k)`: told the NFE of every network evaluation (sample's progress).
+    `class_labels`: one-hot [1, label_dim] for class-conditional nets. `progress(k)`: told the NFE of every network
+    evaluation (sample's progress).
     """
-    from .backbones.latent import PixelSpace
-
     if opts.fit == "native":
-        return [rec for p in items for rec in inpaint_windows(net, p, opts, device, notice, space or PixelSpace(),
-                                                              class_labels, progress)]
-    K = opts.samples
+        return [rec for p in items for rec in inpaint_windows(inpainter, p, opts, spec, notice, class_labels, progress)]
+    K, device = opts.samples, inpainter.device
     x = torch.cat([p.x.repeat(K, 1, 1, 1) for p in items]).to(device)
     M = torch.cat([p.M.repeat(K, 1, 1, 1) for p in items]).to(device)
     labels = class_labels.expand(len(x), -1).to(device) if class_labels is not None else None
-    method = get_method(opts.method, **opts.params)
-    space = (space or PixelSpace()).for_method(method)
+    method = spec.build()
     t0 = time.perf_counter()
-    task = space.task(x, M, labels)  # latent backbones: y and M on the latent grid
-    result = sample(net, task, method, num_steps=opts.steps,
-                    generators=[g for _ in items for g in sample_generators(opts.seed, K)], progress=progress)
-    completed = space.to_pixels(x, M, result.completed)  # latent: decoded, visible pixels pasted back
+    completed, result = inpainter.complete(x, M, method, opts.steps,
+                                           [g for _ in items for g in sample_generators(opts.seed, K)], labels,
+                                           progress=progress)
     seconds = (time.perf_counter() - t0) / len(x)
+    space = inpainter.space.for_method(method).describe()
     records = []
     for i, p in enumerate(items):
         for k, path in enumerate(p.job.outputs):
@@ -283,17 +279,8 @@ def inpaint_batch(net, items: list[Prepared], opts: InpaintOptions, device: torc
             for w in save_image(path, out, p.img, protect=[p.job.mask]):
                 notice(f"{path.name}: {w}")
             records.append(_record(path, p.job, opts, k, result.nfe, result.backward, seconds, p.fit.describe(),
-                                   space.describe()))
+                                   space))
     return records
-
-
-def inpaint_one(net, resolution: int, job: Job, opts: InpaintOptions, device: torch.device,
-                notice: Callable[[str], None], space=None, class_labels: torch.Tensor | None = None) -> list[dict]:
-    """Inpaint one image (all its samples as one batch) and write its outputs; returns one record per output."""
-    item = prepare(job, resolution, opts, notice)
-    if isinstance(item, list):
-        return item
-    return inpaint_batch(net, [item], opts, device, notice, space=space, class_labels=class_labels)
 
 
 def _record(path: Path, job: Job, opts: InpaintOptions, k: int, nfe: int, backward: int, seconds: float,
@@ -304,4 +291,4 @@ def _record(path: Path, job: Job, opts: InpaintOptions, k: int, nfe: int, backwa
             "seconds": round(seconds, 4), "fit": fit, "space": space, "class": opts.class_label}
 
 
-__all__ = ["InpaintOptions", "Job", "plan_outputs", "plan_jobs", "default_output", "check_outputs", "prepare", "inpaint_batch", "inpaint_one"]
+__all__ = ["InpaintOptions", "Job", "plan_outputs", "plan_jobs", "default_output", "check_outputs", "prepare", "inpaint_batch"]

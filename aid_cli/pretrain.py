@@ -26,7 +26,7 @@ from .backbones.checkpoint import save_backbone
 from .backbones.edm import build_precond, count_parameters
 from .backbones.loss import EDMLoss
 from .data.datasets import load_image_set
-from .data.grid import save_grid
+from .plots import save_grid
 from .devices import training_precision
 from .errors import UserError
 from .fileio import atomic_write_text, portable_record

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
+
 
 @dataclass
 class Task:
-    y: torch.Tensor  # observation M ⊙ x0, [B, C, H, W] in [−1, 1] (latent backbones: EDM2's latents, backbones/latent.py)
+    y: torch.Tensor  # observation M ⊙ x0, [B, C, H, W] in [−1, 1] (latent backbones: EDM2's latents, backbones/spaces.py)
     M: torch.Tensor  # mask, [B, 1, H, W] (broadcast over channels), 1 = known, 0 = hole
     class_labels: torch.Tensor | None = None  # one-hot [B, label_dim] for class-conditional backbones
 
@@ -51,3 +53,22 @@ class Task:
         """A sub-batch (slice or index tensor)."""
         labels = self.class_labels[index] if self.class_labels is not None else None
         return Task(y=self.y[index], M=self.M[index], class_labels=labels)
+
+
+def one_hot(labels: torch.Tensor, label_dim: int) -> torch.Tensor:
+    """int64 class indices [B] → the float32 one-hot [B, label_dim] a class-conditional backbone reads."""
+    return torch.nn.functional.one_hot(labels, label_dim).to(torch.float32)
+
+
+def class_labels(label: int | None, label_dim: int, batch: int) -> torch.Tensor | None:
+    """One-hot labels [batch, label_dim] for `--class N` (None for unconditional backbones); user errors otherwise."""
+    if label_dim == 0:
+        if label is not None:
+            raise UserError(f"--class {label}: this backbone is unconditional; drop --class")
+        return None
+    if label is None:
+        raise UserError(f"this backbone is class-conditional ({label_dim} classes): pass --class N with "
+                        f"0 <= N < {label_dim}")
+    if not 0 <= label < label_dim:
+        raise UserError(f"--class {label} is out of range: this backbone has classes 0..{label_dim - 1}")
+    return one_hot(torch.full((batch,), int(label)), label_dim)

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .fileio import save_safetensors
+from .fileio import clean_stale_temps, save_safetensors
 
 
 def dist_info() -> tuple[int, int]:
@@ -210,22 +210,6 @@ def prepare_run(cfg, run: Path, state_file: str, resume: bool, free: tuple[str, 
     if changed:
         log(f"--resume: keeping the run's own {', '.join(changed)}")
     return dataclasses.replace(cfg, **kept)
-
-
-def clean_stale_temps(folder: Path, log=None) -> int:
-    """Remove the temp files an atomic write killed half-way left behind (`.NAME.XXXX.tmp*`, see fileio.atomic_path)
-    in a run folder that this run owns; returns how many."""
-    n = 0
-    for p in [*Path(folder).glob(".*.tmp*"), *Path(folder).glob("*/.*.tmp*")]:
-        if p.is_file() and not p.is_symlink():
-            try:
-                p.unlink()
-                n += 1
-            except OSError:
-                pass
-    if n and log is not None:
-        log(f"removed {n} stale temp file{'s' if n > 1 else ''} left by an interrupted write in {folder}")
-    return n
 
 
 class GracefulStop:

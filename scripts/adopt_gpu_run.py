@@ -13,7 +13,7 @@ session.log are read for the cards) it updates, in --root (default: this repo):
   weights/aid-cats64-edm.tuned.json        the baselines' step sizes tuned on the GPU for that backbone
   weights/aid-cats64-guidance.safetensors  the module picked on held-out validation images (bound to the backbone)
   weights/README.md, weights/aid-cats64-guidance.md   both model cards, rewritten from the run's facts
-  aid_cli/registry.py                      sha256 and size of aid-cats64 and aid-cats64-guidance
+  aid_cli/models/catalogue.py                      sha256 and size of aid-cats64 and aid-cats64-guidance
   README.md                                the benchmark table (between the `aid bench` markers) and its caption
 
 and commits exactly those files. A stage that did not come back leaves its files as they are, and says so; a module
@@ -48,7 +48,7 @@ GUIDANCE = "weights/aid-cats64-guidance.safetensors"
 GUIDANCE_CURVES = "weights/aid-cats64-guidance-curves.png"
 CARD = "weights/README.md"
 GCARD = "weights/aid-cats64-guidance.md"
-REGISTRY = "aid_cli/registry.py"
+REGISTRY = "aid_cli/models/catalogue.py"
 README = "README.md"
 STAGES = ("s1-timings", "s2-backbone", "s3-tune", "s4-guidance", "s5-bench")
 

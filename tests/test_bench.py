@@ -17,8 +17,10 @@ import torch
 from PIL import Image
 
 from aid_cli import bench as bench_mod
-from aid_cli import registry
-from aid_cli.backbones.checkpoint import save_backbone, sha256_file
+from aid_cli import inpainter as inpainter_mod
+from aid_cli.models import tuned
+from aid_cli.backbones.checkpoint import save_backbone
+from aid_cli.fileio import sha256_file
 from aid_cli.backbones.edm import build_precond
 from aid_cli.bench import BenchConfig, read_cells, resolve_method, run_bench, tune_grid
 from aid_cli.data.masks import MASKS_VERSION
@@ -163,7 +165,7 @@ def test_resume_skips_finished_cells_and_survives_an_interruption(tmp_path, data
                                                                   monkeypatch):
     out = tmp_path / "out"
     calls, interrupt_at = [], [4]
-    real_sample = bench_mod.sample
+    real_sample = inpainter_mod.sample
 
     def counting(*args, **kwargs):
         calls.append(args[2].name)
@@ -171,7 +173,7 @@ def test_resume_skips_finished_cells_and_survives_an_interruption(tmp_path, data
             raise KeyboardInterrupt
         return real_sample(*args, **kwargs)
 
-    monkeypatch.setattr(bench_mod, "sample", counting)
+    monkeypatch.setattr(inpainter_mod, "sample", counting)
     code, _, err = run_cli(_bench_args(data, tiny_checkpoint, out, "replace", "freeform,center", "2"), capsys)
     assert code == 130 and "--resume" in err, (code, err)
     # warm-up + cells (replace, freeform, 0) and (replace, freeform, 1); the interrupt hit the third cell
@@ -208,14 +210,14 @@ def test_resume_skips_finished_cells_and_survives_an_interruption(tmp_path, data
 
 def test_results_do_not_depend_on_batch_size(tmp_path, data, tiny_checkpoint, monkeypatch):
     seen = {}
-    real_sample = bench_mod.sample
+    real_sample = inpainter_mod.sample
 
     def recording(net, task, method, **kwargs):
         for g, y in zip(kwargs["generators"], task.y):
             seen.setdefault(g.initial_seed(), set()).add(float(y.abs().sum()))
         return real_sample(net, task, method, **kwargs)
 
-    monkeypatch.setattr(bench_mod, "sample", recording)
+    monkeypatch.setattr(inpainter_mod, "sample", recording)
     cells = {}
     for batch in (1, 4):
         cfg = BenchConfig(dataset=str(data), methods=["dps", "replace"], masks=["freeform"], n=4, seeds=[0, 1],
@@ -250,10 +252,10 @@ def test_tune_records_params_that_inpaint_and_bench_use(tmp_path, data, tiny_che
     zeta = entry["params"]["zeta"]
 
     # merging: a second method's record keeps the first
-    registry.write_tuned(tiny_checkpoint, "mcg", {"params": {"alpha": 0.25}}, sha256_file(tiny_checkpoint))
-    assert registry.tuned_params(tiny_checkpoint, "dps") == {"zeta": zeta}
-    assert registry.tuned_params(tiny_checkpoint, "mcg") == {"alpha": 0.25}
-    assert registry.tuned_params(tiny_checkpoint, "replace") == {}
+    tuned.write_tuned(tiny_checkpoint, "mcg", {"params": {"alpha": 0.25}}, sha256_file(tiny_checkpoint))
+    assert tuned.tuned_params(tiny_checkpoint, "dps") == {"zeta": zeta}
+    assert tuned.tuned_params(tiny_checkpoint, "mcg") == {"alpha": 0.25}
+    assert tuned.tuned_params(tiny_checkpoint, "replace") == {}
 
     # bench uses it, and says so
     spec = resolve_method("dps", 2, tiny_checkpoint)
@@ -271,10 +273,10 @@ def test_tune_records_params_that_inpaint_and_bench_use(tmp_path, data, tiny_che
 
 
 def test_tuned_record_for_another_backbone_is_refused(tmp_path, tiny_checkpoint):
-    sidecar = registry.tuned_sidecar(tiny_checkpoint)
+    sidecar = tuned.tuned_sidecar(tiny_checkpoint)
     sidecar.write_text(json.dumps({"backbone_sha256": "0" * 64, "methods": {"dps": {"params": {"zeta": 9.0}}}}))
     notes = []
-    assert registry.tuned_params(tiny_checkpoint, "dps", notice=notes.append) == {}
+    assert tuned.tuned_params(tiny_checkpoint, "dps", notice=notes.append) == {}
     assert len(notes) == 1 and "sha256" in notes[0] and "defaults" in notes[0]
     assert resolve_method("dps", 18, tiny_checkpoint).params == {}
 
@@ -282,17 +284,17 @@ def test_tuned_record_for_another_backbone_is_refused(tmp_path, tiny_checkpoint)
 def test_tuned_record_goes_to_the_cache_when_the_folder_is_read_only(tmp_path, tiny_checkpoint, monkeypatch,
                                                                      isolated_cache):
     folder = str(tiny_checkpoint.resolve().parent)
-    real_access = registry.os.access
-    monkeypatch.setattr(registry.os, "access", lambda p, mode: False if str(p) == folder else real_access(p, mode))
+    real_access = tuned.os.access
+    monkeypatch.setattr(tuned.os, "access", lambda p, mode: False if str(p) == folder else real_access(p, mode))
     sha = sha256_file(tiny_checkpoint)
-    path = registry.write_tuned(tiny_checkpoint, "gradpaint", {"params": {"alpha": 0.01}}, sha)
+    path = tuned.write_tuned(tiny_checkpoint, "gradpaint", {"params": {"alpha": 0.01}}, sha)
     assert path == isolated_cache / "tuned" / f"{sha}.json"
-    assert not registry.tuned_sidecar(tiny_checkpoint).exists()
-    assert registry.tuned_params(tiny_checkpoint, "gradpaint") == {"alpha": 0.01}
+    assert not tuned.tuned_sidecar(tiny_checkpoint).exists()
+    assert tuned.tuned_params(tiny_checkpoint, "gradpaint") == {"alpha": 0.01}
 
 
 def test_every_method_keeps_visible_pixels_exact(tmp_path, data, tiny_checkpoint, monkeypatch):
-    real_sample = bench_mod.sample
+    real_sample = inpainter_mod.sample
     checked = set()
 
     def checking(net, task, method, **kwargs):
@@ -302,7 +304,7 @@ def test_every_method_keeps_visible_pixels_exact(tmp_path, data, tiny_checkpoint
         checked.add(method.name)
         return result
 
-    monkeypatch.setattr(bench_mod, "sample", checking)
+    monkeypatch.setattr(inpainter_mod, "sample", checking)
     guidance = _guidance(tmp_path / "guidance.safetensors", sha256_file(tiny_checkpoint))
     names = sorted(METHODS) + ["aid-12"]  # every registered method, and an AID operating point
     cfg = BenchConfig(dataset=str(data), methods=names, masks=["freeform"], n=2, seeds=[0], steps=2, batch=2,
@@ -319,7 +321,7 @@ def test_every_method_keeps_visible_pixels_exact(tmp_path, data, tiny_checkpoint
         def finish(self, s, x):
             return x
 
-    monkeypatch.setattr(bench_mod, "sample", real_sample)  # the bench's own check must catch it
+    monkeypatch.setattr(inpainter_mod, "sample", real_sample)  # the bench's own check must catch it
     monkeypatch.setitem(METHODS, "broken", Broken)
     cfg = BenchConfig(dataset=str(data), methods=["broken"], masks=["center"], n=2, seeds=[0], steps=2, batch=2)
     with pytest.raises(RuntimeError, match="visible pixels"):
@@ -344,15 +346,12 @@ def test_method_names_and_bad_options_fail_with_one_line(tmp_path, data, tiny_ch
     code, stdout, err = run_cli(["bench", "--tune", "replace", "--dataset", data, "--model", tiny_checkpoint], capsys)
     assert_user_error(code, stdout, err, "--tune")
 
-    # operating points: aid-12 / aid-18 are method `aid` at 12 / 18 steps; without the method, one clear line
+    # operating points: aid-12 / aid-18 are method `aid` at 12 / 18 steps
     sha = sha256_file(tiny_checkpoint)
     guidance = str(_guidance(tmp_path / "g.safetensors", sha))
     for label, steps in (("aid-12", 12), ("aid-18", 18)):
         spec = resolve_method(label, 5, tiny_checkpoint, sha, guidance=guidance)
         assert (spec.method, spec.steps, spec.params) == ("aid", steps, {"guidance": str(Path(guidance).resolve())})
-    monkeypatch.delitem(METHODS, "aid")
-    code, stdout, err = run_cli(_bench_args(data, tiny_checkpoint, out, "aid-18"), capsys)
-    assert_user_error(code, stdout, err, "aid-18", "'aid'")
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")

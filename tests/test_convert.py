@@ -18,11 +18,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from aid_cli.backbones.checkpoint import load_backbone, sha256_file
+from aid_cli.backbones.checkpoint import load_backbone
+from aid_cli.fileio import sha256_file
 from aid_cli.backbones.convert import ALLOWED_GLOBALS, RestrictedUnpickler, convert_pickle
 from aid_cli.backbones.edm import build_precond
 from aid_cli.backbones.edm2 import build_precond as build_edm2
-from aid_cli.backbones.latent import VAE_REPO, stability_encoder
+from aid_cli.backbones.vae import VAE_REPO, stability_encoder
 from aid_cli.errors import CheckpointError, UserError
 
 from .conftest import REPO, TINY_KWARGS, need_shared

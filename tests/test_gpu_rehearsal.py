@@ -170,7 +170,7 @@ def test_rehearsal_adoption_takes_it_all_in_one_commit(rehearsal, tmp_path):
     if proc.returncode != 0:
         pytest.skip("the rehearsal run failed (see the test above)")
     root = tmp_path / "repo"
-    for rel in ("README.md", "aid_cli/registry.py", "weights/README.md", "weights/aid-cats64-guidance.md",
+    for rel in ("README.md", "aid_cli/models/catalogue.py", "weights/README.md", "weights/aid-cats64-guidance.md",
                 "weights/aid-cats64-edm.tuned.json", "weights/aid-cats64-edm.eval.json"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO / rel, root / rel)
@@ -192,7 +192,7 @@ def test_rehearsal_adoption_takes_it_all_in_one_commit(rehearsal, tmp_path):
     assert r.returncode == 0, r.stderr
     show = subprocess.run(["git", "-C", str(root), "show", "--stat", "--format=%s", "HEAD"], capture_output=True,
                           text=True).stdout
-    for rel in ("README.md", "aid_cli/registry.py", "weights/README.md", "weights/aid-cats64-guidance.md",
+    for rel in ("README.md", "aid_cli/models/catalogue.py", "weights/README.md", "weights/aid-cats64-guidance.md",
                 "weights/aid-cats64-edm.tuned.json", "weights/aid-cats64-edm.eval.json",
                 "weights/aid-cats64-edm.safetensors", "weights/aid-cats64-guidance.safetensors"):
         assert rel in show, show
@@ -200,7 +200,7 @@ def test_rehearsal_adoption_takes_it_all_in_one_commit(rehearsal, tmp_path):
                           text=True).stdout == ""  # all of it in that one commit
     new = (root / "weights/aid-cats64-edm.safetensors").read_bytes()
     sha = hashlib.sha256(new).hexdigest()
-    registry = (root / "aid_cli/registry.py").read_text()
+    registry = (root / "aid_cli/models/catalogue.py").read_text()
     assert f'sha256="{sha}", size={len(new)}' in registry
     g = (root / "weights/aid-cats64-guidance.safetensors").read_bytes()
     assert f'sha256="{hashlib.sha256(g).hexdigest()}", size={len(g)}' in registry

@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from aid_cli.backbones.checkpoint import sha256_file
+from aid_cli.fileio import sha256_file
 from aid_cli.errors import CheckpointError, UserError
 from aid_cli.guidance.checkpoint import load_guidance, save_guidance
-from aid_cli.guidance.networks import Actor, Critic, count_parameters
+from aid_cli.backbones.edm import count_parameters
+from aid_cli.guidance.networks import Actor, Critic
 from aid_cli.guidance.trainer import STATE_FILE, TrainConfig, actor_critic_losses, rollout, train
 from aid_cli.methods import get_method
 from aid_cli.sampling.heun import SamplerState, edm_sigmas, sample, sample_generators
@@ -130,15 +131,15 @@ def test_deployment_uses_the_mean_and_checks_the_backbone(tiny_net, tmp_path):
     torch.nn.init.normal_(actor.out.weight, std=0.05)
     path = save_guidance(tmp_path / "g.safetensors", actor, dict(channels=3, width=8, emb_dim=16), "a" * 64)
     task, _ = tiny_task()
-    method = get_method("aid", guidance=path, backbone_sha256="a" * 64)
+    method = get_method("aid", actor=load_guidance(path, backbone_sha256="a" * 64)[0])
     out = sample(tiny_net, task, method, num_steps=3, seed=0)
     assert out.nfe == 5 and out.backward == 0
     plain = sample(tiny_net, task, get_method("unguided"), num_steps=3, seed=0)
     assert not torch.allclose(out.completed, plain.completed)
-    again = sample(tiny_net, task, get_method("aid", guidance=path), num_steps=3, seed=0)
+    again = sample(tiny_net, task, get_method("aid", actor=load_guidance(path)[0]), num_steps=3, seed=0)
     assert torch.equal(out.completed, again.completed)  # deterministic: the policy's mean
     with pytest.raises(CheckpointError, match="trained on backbone"):
-        get_method("aid", guidance=path, backbone_sha256="b" * 64)
+        load_guidance(path, backbone_sha256="b" * 64)
     assert TINY_KWARGS["img_resolution"] == 16
 
 
@@ -373,7 +374,8 @@ def test_unknown_estimator_is_one_line(tiny_data, tiny_checkpoint, tmp_path, cap
 
 
 def test_curves_png_from_a_run(tiny_data, tiny_checkpoint, tmp_path):
-    from aid_cli.guidance.curves import read_stats, training_curves
+    from aid_cli.plots import training_curves
+    from aid_cli.training import read_jsonl as read_stats
 
     run = train(cfg_for(tiny_data, tmp_path / "r", tiny_checkpoint), progress=False, log=lambda *a: None)
     im = Image.open(run / "curves.png")  # written with every checkpoint

@@ -21,7 +21,7 @@ from .test_guidance import tiny_data  # noqa: E402,F401  (a fixture: six 16x16 i
 
 
 def test_read_stats_drops_a_torn_last_line_with_a_notice(tmp_path):
-    from aid_cli.guidance.curves import read_stats
+    from aid_cli.training import read_jsonl as read_stats
 
     path = tmp_path / "stats.jsonl"
     path.write_text('{"iteration": 1, "actor_loss": 0.1}\n{"iteration": 2}\n{"iteration": 61, "actor_loss": 0.12')
@@ -608,7 +608,7 @@ def hostile():
 
 
 def test_html_error_page_is_never_recorded_and_rm_can_forget(home, server, monkeypatch, persistence, capsys):
-    from aid_cli import registry
+    from aid_cli.models import cache, paths
     from aid_cli.backbones.edm import build_precond
 
     from .conftest import TINY_KWARGS
@@ -616,7 +616,7 @@ def test_html_error_page_is_never_recorded_and_rm_can_forget(home, server, monke
 
     entry = url_entry(server, name="tiny-edm", file="edm-tiny.pkl")
     use_models(monkeypatch, entry)
-    known = registry.models_dir() / registry.KNOWN_HASHES
+    known = paths.models_dir() / cache.KNOWN_HASHES
     server.plain["/files/edm-tiny.pkl"] = b"<html><body>503 Service Unavailable</body></html>"
     code, out, err = run_cli(["models", "download", "tiny-edm"], capsys)
     assert "converting it failed" in error_line(code, err)
@@ -808,15 +808,15 @@ def test_atomic_writes_fsync_the_file_before_the_rename_and_the_folder_after(tmp
 
 
 def test_model_cache_temp_left_by_a_killed_conversion_is_removed(home, server, monkeypatch, tiny_bytes):
-    from aid_cli import registry
+    from aid_cli.models import cache, paths
 
     entry = url_entry(server)
     use_models(monkeypatch, entry)
     server.plain["/files/tiny.safetensors"] = tiny_bytes
-    folder = registry.model_folder(entry)
+    folder = cache.model_folder(entry)
     folder.mkdir(parents=True)
     (folder / ".tiny-url.safetensors.k1ll.tmp.safetensors").write_bytes(b"\0" * 1000)
-    registry.fetch_model(entry)
+    cache.fetch_model(entry)
     assert not list(folder.glob(".*.tmp*"))
 
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from aid_cli.backbones.checkpoint import save_backbone, sha256_file
+from aid_cli.backbones.checkpoint import save_backbone
+from aid_cli.fileio import sha256_file
 from aid_cli.backbones.edm2 import build_precond
-from aid_cli.backbones import latent as latent_mod
-from aid_cli.backbones.latent import (RAW_MEAN, RAW_STD, VAE_REPO, LatentSpace, PixelSpace, check_encoder,
-                                      stability_encoder)
+from aid_cli.backbones import vae as vae_mod
+from aid_cli.backbones.spaces import LatentSpace, PixelSpace
+from aid_cli.backbones.vae import RAW_MEAN, RAW_STD, VAE_REPO, check_encoder, stability_encoder
 from aid_cli.bench import BenchConfig, run_bench
 from aid_cli.errors import CheckpointError, UserError
 from aid_cli.methods import METHODS, get_method
@@ -232,7 +233,7 @@ def test_vae_offline_and_not_cached_is_one_line_and_fast(tmp_path, capsys, monke
     code, stdout, err = run_cli(args, capsys)  # HF_HUB_OFFLINE=1, empty cache
     assert_user_error(code, stdout, err, VAE_REPO, "HF_HUB_OFFLINE", "hf download", "--vae DIR")
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(latent_mod, "_hub_reachable", lambda timeout=3.0: False)  # no network
+    monkeypatch.setattr(vae_mod, "_hub_reachable", lambda timeout=3.0: False)  # no network
     code, stdout, err = run_cli(args, capsys)
     assert_user_error(code, stdout, err, VAE_REPO, "cannot be reached", "hf download", "--vae DIR")
     assert time.perf_counter() - t0 < 10
@@ -256,10 +257,10 @@ def test_vae_download_is_pinned_and_checked(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     with pytest.raises(CheckpointError, match="sha256"):
-        latent_mod.fetch_vae(VAE_REPO)
-    assert {c[2] for c in calls} == {latent_mod.VAE_REVISION} and {c[0] for c in calls} == {VAE_REPO}
+        vae_mod.fetch_vae(VAE_REPO)
+    assert {c[2] for c in calls} == {vae_mod.VAE_REVISION} and {c[0] for c in calls} == {VAE_REPO}
     with pytest.raises(UserError, match="pinned revision"):
-        latent_mod.fetch_vae("someone/else-vae")
+        vae_mod.fetch_vae("someone/else-vae")
 
 
 def test_vae_on_a_pixel_backbone_is_refused(tmp_path, tiny_checkpoint, vae_dir, capsys):

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from aid_cli.errors import CheckpointError
+from aid_cli.fileio import sha256_file
 from aid_cli.metrics import lpips as lp
 from aid_cli.metrics.quality import finite_or_none, gaussian_taps, psnr, psnr_hole, ssim, ssim_01
 
@@ -200,7 +201,7 @@ def test_lpips_torch_files_and_download(monkeypatch, tmp_path):
         monkeypatch.setattr(lp, "TORCHVISION_SHA256_PREFIX", "00000000")  # the fake file fails the hash check
         with pytest.raises(lp.LPIPSUnavailable, match="SHA-256"):
             lp.load_lpips(offline=False)
-        monkeypatch.setattr(lp, "TORCHVISION_SHA256_PREFIX", lp._sha256(served / lp.TORCHVISION_FILE)[:8])
+        monkeypatch.setattr(lp, "TORCHVISION_SHA256_PREFIX", sha256_file(served / lp.TORCHVISION_FILE)[:8])
         downloaded = lp.load_lpips(offline=False)
     finally:
         server.shutdown()

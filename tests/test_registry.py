@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from aid_cli import download, registry
+from aid_cli import download
+from aid_cli.models import cache, catalogue, paths
 from aid_cli.backbones.checkpoint import load_backbone
 from aid_cli.backbones.edm import build_precond
 from aid_cli.errors import CheckpointError, DownloadError, OfflineError
-from aid_cli.registry import HubFile, ModelEntry
+from aid_cli.models.catalogue import HubFile, ModelEntry
 
 from .conftest import REPO, TINY_KWARGS, run_cli
 from .test_convert import official_layout_bytes, persistence  # noqa: F401  (persistence: a fixture)
@@ -141,7 +142,7 @@ def home(tmp_path, monkeypatch, server):
 
 def use_models(monkeypatch, *entries: ModelEntry):
     """The registry's table plus test entries."""
-    monkeypatch.setattr(registry, "MODELS", registry.MODELS + entries)
+    monkeypatch.setattr(catalogue, "MODELS", catalogue.MODELS + entries)
 
 
 @pytest.fixture
@@ -216,7 +217,7 @@ def _write_pair(image: Path, mask: Path) -> None:
 def test_model_name_downloads_on_first_use(home, server, monkeypatch, tiny_bytes):
     server.plain["/files/tiny.safetensors"] = tiny_bytes
     use_models(monkeypatch, url_entry(server))
-    path = registry.resolve_backbone("tiny-url")
+    path = catalogue.resolve_backbone("tiny-url")
     net, info = load_backbone(path)
     assert info["resolution"] == 16
 
@@ -235,16 +236,16 @@ def test_first_download_records_the_sha256_and_later_downloads_must_match(home, 
     entry = url_entry(server)
     use_models(monkeypatch, entry)
     server.plain["/files/tiny.safetensors"] = tiny_bytes
-    registry.fetch_model(entry)
-    assert registry.remove_model(entry) > len(tiny_bytes)  # the file and its record
-    assert not registry.model_folder(entry).exists()
-    known = json.loads((registry.models_dir() / registry.KNOWN_HASHES).read_text())
+    cache.fetch_model(entry)
+    assert cache.remove_model(entry) > len(tiny_bytes)  # the file and its record
+    assert not cache.model_folder(entry).exists()
+    known = json.loads((paths.models_dir() / cache.KNOWN_HASHES).read_text())
     assert known["tiny-url/tiny.safetensors"]["sha256"] == sha256(tiny_bytes)  # rm keeps what was recorded
 
     server.plain["/files/tiny.safetensors"] = tiny_bytes + b"changed upstream"
     with pytest.raises(DownloadError, match="recorded on the first download"):
-        registry.fetch_model(entry)
-    assert not registry.model_folder(entry).exists()
+        cache.fetch_model(entry)
+    assert not cache.model_folder(entry).exists()
 
 
 def test_dropped_connection_is_resumed_with_range(home, server, monkeypatch, tiny_bytes):
@@ -252,7 +253,7 @@ def test_dropped_connection_is_resumed_with_range(home, server, monkeypatch, tin
     use_models(monkeypatch, entry)
     server.plain["/files/tiny.safetensors"] = tiny_bytes
     server.drop["/files/tiny.safetensors"] = 1
-    path = registry.fetch_model(entry)
+    path = cache.fetch_model(entry)
     assert path.read_bytes() == tiny_bytes
     gets = [r for r in server.requests if r[0] == "GET"]
     assert [g[2] for g in gets] == [None, f"bytes={len(tiny_bytes) // 2}-"]
@@ -266,14 +267,14 @@ def test_interrupted_download_resumes_on_the_next_run(home, server, monkeypatch,
     server.drop["/files/tiny.safetensors"] = 1
     code, out, err = run_cli(["models", "download", "tiny-url"], capsys)
     assert "run the command again to resume" in error_line(code, err)
-    part = registry.model_folder(entry) / "tiny.safetensors.part"
+    part = cache.model_folder(entry) / "tiny.safetensors.part"
     assert part.stat().st_size == len(tiny_bytes) // 2
-    assert registry.cached_path(entry) is None  # a part is never used
+    assert cache.cached_path(entry) is None  # a part is never used
 
     code, out, err = run_cli(["models", "download", "tiny-url"], capsys)
     assert code == 0, err
     assert server.requests[-1] == ("GET", "/files/tiny.safetensors", f"bytes={len(tiny_bytes) // 2}-")
-    assert registry.cached_path(entry).read_bytes() == tiny_bytes and not part.exists()
+    assert cache.cached_path(entry).read_bytes() == tiny_bytes and not part.exists()
 
 
 def test_http_error_is_one_line(home, server, monkeypatch, capsys):
@@ -293,15 +294,15 @@ def test_official_pickle_is_converted_once_and_deleted(home, server, monkeypatch
     entry = url_entry(server, name="tiny-edm", file="edm-tiny.pkl")
     use_models(monkeypatch, entry)
     server.plain["/files/edm-tiny.pkl"] = data
-    path = registry.fetch_model(entry)
-    assert path == registry.model_folder(entry) / "tiny-edm.safetensors"
+    path = cache.fetch_model(entry)
+    assert path == cache.model_folder(entry) / "tiny-edm.safetensors"
     loaded, info = load_backbone(path)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in net.state_dict().items())
     assert info["provenance"]["source_sha256"] == sha256(data)
-    record = json.loads((registry.model_folder(entry) / "record.json").read_text())
+    record = json.loads((cache.model_folder(entry) / "record.json").read_text())
     assert record["sha256"] == sha256(data) and record["converted"]["precond"] == "EDMPrecond"
-    assert files_under(registry.model_folder(entry)) == ["record.json", "tiny-edm.safetensors"]  # pickle gone
-    assert registry.describe_model(entry)["size"] == len(data)
+    assert files_under(cache.model_folder(entry)) == ["record.json", "tiny-edm.safetensors"]  # pickle gone
+    assert catalogue.describe_model(entry)["size"] == len(data)
 
 
 class Mystery(torch.nn.Module):
@@ -316,7 +317,7 @@ def test_failed_conversion_is_one_line_and_keeps_the_download(home, server, monk
     code, out, err = run_cli(["models", "download", "tiny-edm"], capsys)
     line = error_line(code, err)
     assert line.startswith("error: tiny-edm: edm-tiny.pkl is downloaded and verified") and "unknown network class" in line
-    assert files_under(registry.model_folder(entry)) == ["edm-tiny.pkl"]
+    assert files_under(cache.model_folder(entry)) == ["edm-tiny.pkl"]
     requests = len(server.requests)
     code, out, err = run_cli(["models", "convert", "tiny-edm"], capsys)  # retries from the kept file, offline
     assert "unknown network class" in error_line(code, err) and len(server.requests) == requests
@@ -344,7 +345,7 @@ def test_hub_download_goes_to_the_hub_cache_pinned_by_revision(home, server, mon
     assert ("HEAD", server.hub_path("tiny.safetensors"), None) in server.requests
     # offline now: found in the hub cache without a request
     requests = len(server.requests)
-    assert registry.fetch_model(entry, offline=True) == path and len(server.requests) == requests
+    assert cache.fetch_model(entry, offline=True) == path and len(server.requests) == requests
 
     code, out, err = run_cli(["models", "rm", "tiny-hub"], capsys)
     assert code == 0 and "freed" in err
@@ -356,9 +357,9 @@ def test_corrupted_hub_file_is_refused_and_nothing_is_left(home, server, monkeyp
     use_models(monkeypatch, entry)
     server.hub[(REPO_ID, REVISION, "tiny.safetensors")] = b"not the weights" + tiny_bytes[15:]
     with pytest.raises(DownloadError, match="refused, nothing kept"):
-        registry.fetch_model(entry)
+        cache.fetch_model(entry)
     assert files_under(home / "hf" / "hub" / "models--test-org--tiny-edm") == []
-    assert registry.cached_path(entry) is None
+    assert cache.cached_path(entry) is None
 
 
 def test_hub_download_resumes_a_dropped_connection(home, server, monkeypatch, tiny_bytes):
@@ -369,7 +370,7 @@ def test_hub_download_resumes_a_dropped_connection(home, server, monkeypatch, ti
     use_models(monkeypatch, entry)
     server.hub[(REPO_ID, REVISION, "tiny.safetensors")] = tiny_bytes
     server.drop[server.hub_path("tiny.safetensors")] = 1
-    path = registry.fetch_model(entry)
+    path = cache.fetch_model(entry)
     assert path.read_bytes() == tiny_bytes
     gets = [r for r in server.requests if r[0] == "GET" and "/resolve/" in r[1]]
     assert len(gets) == 2 and gets[0][2] is None, server.requests
@@ -382,7 +383,7 @@ def test_hub_source_falls_back_to_the_url(home, server, monkeypatch, tiny_bytes)
                        urls=(f"{server.url}/files/tiny.safetensors",))
     use_models(monkeypatch, entry)
     server.plain["/files/tiny.safetensors"] = tiny_bytes  # the hub has nothing: 404
-    assert registry.fetch_model(entry).read_bytes() == tiny_bytes
+    assert cache.fetch_model(entry).read_bytes() == tiny_bytes
 
 
 # ------------------------------------------------------------------------------------------------------- offline
@@ -417,7 +418,7 @@ def test_offline_flag_and_model_name_make_no_request(home, server, monkeypatch, 
     assert server.requests == [] and not (tmp_path / "out.png").exists()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OfflineError, match="HF_HUB_OFFLINE=1"):
-        registry.fetch_model(hub_entry())
+        cache.fetch_model(hub_entry())
     assert server.requests == []
 
 
@@ -425,13 +426,13 @@ def test_offline_uses_a_file_put_where_the_message_says(home, server, monkeypatc
     entry = url_entry(server)
     use_models(monkeypatch, entry)
     with pytest.raises(OfflineError) as info:
-        registry.fetch_model(entry, offline=True)
+        cache.fetch_model(entry, offline=True)
     target = Path(re.search(r"put it at (\S+),", str(info.value))[1])
     target.parent.mkdir(parents=True)
     target.write_bytes(tiny_bytes)
-    assert registry.fetch_model(entry, offline=True) == target
+    assert cache.fetch_model(entry, offline=True) == target
     assert server.requests == []
-    assert not (registry.models_dir() / registry.KNOWN_HASHES).exists()  # a hand-placed file sets no reference hash
+    assert not (paths.models_dir() / cache.KNOWN_HASHES).exists()  # a hand-placed file sets no reference hash
 
 
 # ------------------------------------------------------------------------------------------------ cache folders
@@ -441,19 +442,19 @@ def test_cache_folders_follow_the_environment(tmp_path, monkeypatch):
     for var in CACHE_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert registry.models_dir() == tmp_path / "home" / ".cache" / "aid" / "models"
-    assert registry.hub_cache_dir() == tmp_path / "home" / ".cache" / "huggingface" / "hub"
+    assert paths.models_dir() == tmp_path / "home" / ".cache" / "aid" / "models"
+    assert paths.hub_cache_dir() == tmp_path / "home" / ".cache" / "huggingface" / "hub"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert registry.models_dir() == tmp_path / "xdg" / "aid" / "models"
-    assert registry.hub_cache_dir() == tmp_path / "xdg" / "huggingface" / "hub"
+    assert paths.models_dir() == tmp_path / "xdg" / "aid" / "models"
+    assert paths.hub_cache_dir() == tmp_path / "xdg" / "huggingface" / "hub"
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    assert registry.hub_cache_dir() == tmp_path / "hf" / "hub"
+    assert paths.hub_cache_dir() == tmp_path / "hf" / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hubcache"))
-    assert registry.hub_cache_dir() == tmp_path / "hubcache"
+    assert paths.hub_cache_dir() == tmp_path / "hubcache"
     monkeypatch.setenv("AID_CACHE", str(tmp_path / "aid"))
-    assert registry.models_dir() == tmp_path / "aid" / "models"
-    assert registry.models_dir(tmp_path / "flag") == tmp_path / "flag"  # --cache-dir wins
-    assert registry.hub_cache_dir(tmp_path / "flag") == tmp_path / "flag" / "hub"
+    assert paths.models_dir() == tmp_path / "aid" / "models"
+    assert paths.models_dir(tmp_path / "flag") == tmp_path / "flag"  # --cache-dir wins
+    assert paths.hub_cache_dir(tmp_path / "flag") == tmp_path / "flag" / "hub"
 
 
 def test_cache_dir_option_holds_the_download_and_rm_frees_it(home, server, monkeypatch, tiny_bytes, capsys):
@@ -503,7 +504,7 @@ def test_models_list_json_schema(capsys, monkeypatch, tmp_path):
 
 
 def test_every_hub_source_is_pinned_to_a_commit():
-    for m in registry.MODELS:
+    for m in catalogue.MODELS:
         assert all(re.fullmatch(r"[0-9a-f]{40}", h.revision) for h in m.hub), m.name
         assert m.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", m.sha256), m.name
 

@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from aid_cli import registry
-from aid_cli.backbones.checkpoint import sha256_file
+from aid_cli.models import tuned
+from aid_cli.fileio import sha256_file
 from aid_cli.bench import tune_grid
 from aid_cli.methods import METHODS, get_method
 from aid_cli.methods.vipaint import hierarchy_levels
@@ -178,7 +178,7 @@ def test_listed_and_tunable(capsys):
 
 def short_fit_for(checkpoint) -> None:
     """Record SMALL as the checkpoint's tuned vipaint params: `inpaint` and `bench` then run a short fit."""
-    registry.write_tuned(checkpoint, "vipaint", {"params": dict(SMALL)}, sha256_file(checkpoint))
+    tuned.write_tuned(checkpoint, "vipaint", {"params": dict(SMALL)}, sha256_file(checkpoint))
 
 
 def test_inpaint_cli(tmp_path, tiny_checkpoint, capsys, monkeypatch):

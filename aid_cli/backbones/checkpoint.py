@@ -8,7 +8,7 @@ Metadata keys (all strings, as safetensors requires):
   aid.provenance    JSON: where the weights came from (source file and its sha256, training run, ...)
   aid.encoder       (latent backbones only) JSON of the pixel ↔ latent encoder, as EDM2's `StabilityVAEEncoder`:
                     {"class_name", "vae_name", "scale", "bias"} with final latent = raw latent · scale + bias
-                    (latent.py, method.md §11). Absent: the network works on pixels.
+                    (vae.py, method.md §11). Absent: the network works on pixels.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import CheckpointError
-from ..fileio import save_safetensors, sha256_file  # noqa: F401  (sha256_file: imported from here by many modules)
+from ..fileio import save_safetensors
 from . import edm, edm2
 
 # Official class name → (family, class). Both families keep the official names, so a class name identifies its family.
@@ -184,7 +184,7 @@ def load_backbone(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict
         encoder = _json(meta["aid.encoder"], "aid.encoder") if "aid.encoder" in meta else None
         check_init_kwargs(precond, init_kwargs)
         if encoder is not None:
-            from .latent import check_encoder
+            from .vae import check_encoder
 
             check_encoder(encoder, init_kwargs["img_channels"])
     except (KeyError, ValueError, TypeError) as e:

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 import torch._utils
 
-from ..errors import CheckpointError, UserError
+from ..errors import CheckpointError, UserError, one_line
 from ..fileio import check_writable_dir
-from .checkpoint import NETWORKS, build_checked, check_finite, save_backbone, sha256_file
+from ..fileio import sha256_file
+from .checkpoint import NETWORKS, build_checked, check_finite, save_backbone
 from .edm import count_parameters
-from .latent import ENCODER_CLASS, check_encoder, stability_encoder
+from .vae import ENCODER_CLASS, check_encoder, stability_encoder
 
 try:
     from numpy._core.multiarray import _reconstruct as _numpy_reconstruct
@@ -99,7 +100,7 @@ def _load_storage_bytes(data):
         return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"refused: a tensor storage record fails torch's weights-only check "
-                              f"({_one_line(e, prefer='GLOBAL')}); nothing from it was run") from None
+                              f"({one_line(e, prefer='GLOBAL')}); nothing from it was run") from None
 
 
 # Every global an official EDM/EDM2 pickle may name, mapped to what it resolves to here. The torch rebuild functions and
@@ -238,12 +239,6 @@ class RestrictedUnpickler(pickle._Unpickler):
                                   f"nothing from it was run") from None
 
 
-def _one_line(error: BaseException, prefer: str = "") -> str:
-    """The most useful single line of an exception message (the first containing `prefer`, else the first)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-    return next((line for line in lines if prefer and prefer in line), lines[0])
-
-
 def read_official_pickle(path: Path):
     """Unpickle an official NVIDIA file with the restricted unpickler; any failure is one CheckpointError line."""
     try:
@@ -255,7 +250,7 @@ def read_official_pickle(path: Path):
     except CheckpointError as e:
         raise CheckpointError(f"{path.name}: {e}") from None
     except Exception as e:  # untrusted bytes: every way they can fail to parse is the file's fault
-        raise CheckpointError(f"{path.name}: not a readable pickle ({type(e).__name__}: {_one_line(e)})") from None
+        raise CheckpointError(f"{path.name}: not a readable pickle ({type(e).__name__}: {one_line(e)})") from None
 
 
 def _entries(state: dict, key: str, where: str) -> dict:

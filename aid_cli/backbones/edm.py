@@ -436,6 +436,7 @@ def build_precond(precond: str, init_kwargs: dict) -> _Precond:
 
 
 def count_parameters(net: torch.nn.Module) -> int:
+    """Parameters of any network (backbones, the guidance actor and critic)."""
     return sum(p.numel() for p in net.parameters())
 
 

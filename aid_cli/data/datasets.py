@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import UserError
+from ..models.paths import data_dir
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -179,3 +180,33 @@ def load_image_set(path: str | Path, resolution: int | None = None, channels: in
     if table is not None and all(n.replace("\\", "/") in table for n in names):
         labels = torch.tensor([table[n.replace("\\", "/")] for n in names], dtype=torch.int64)
     return ImageSet(images=images, names=names, skipped=skipped, source=str(path), labels=labels)
+
+
+# ------------------------------------------------------------------------------------------------------ dataset names
+# `aid train --dataset NAME`: a name resolves to a local copy; none of these can be downloaded by aid itself (licences
+# and sizes differ), so a name that is not found locally fails at once with what to fetch and where to put it.
+
+DATASETS = {
+    "cats": ("cats64/train.zip", "the 64x64 cat faces (EDM zip layout); set AID_DATA to the folder holding cats64/"),
+    "ffhq": ("ffhq-64x64.zip", "FFHQ at 64x64: build it with NVlabs/edm dataset_tool.py from the FFHQ images "
+             "(github.com/NVlabs/ffhq-dataset)"),
+    "afhqv2": ("afhqv2-64x64.zip", "AFHQv2 at 64x64: build it with NVlabs/edm dataset_tool.py from AFHQv2 "
+               "(github.com/clovaai/stargan-v2)"),
+    "imagenet": ("imagenet-512x512.zip", "ImageNet at 512x512: build it with NVlabs/edm2 dataset_tool.py from the "
+                 "ILSVRC2012 training set (image-net.org)"),
+}
+
+
+def resolve_dataset(name_or_path: str) -> Path:
+    """A folder or zip path as given, or a dataset name resolved under `data_dir()`; fails at once, in one line."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    if name_or_path in DATASETS:
+        relative, howto = DATASETS[name_or_path]
+        candidate = data_dir() / relative
+        if candidate.exists():
+            return candidate
+        raise UserError(f"dataset {name_or_path!r} is not available offline: expected {candidate} ({howto}); or pass "
+                        f"--dataset PATH to a folder or EDM zip")
+    raise UserError(f"dataset not found: {name_or_path} (a folder, an EDM zip, or one of {', '.join(DATASETS)})")

@@ -63,10 +63,6 @@ class LoadedImage:
         return 65535 if self.pixels.dtype == np.uint16 else 255
 
     @property
-    def has_alpha(self) -> bool:
-        return self.mode in ("LA", "RGBA")
-
-    @property
     def is_grey(self) -> bool:
         return self.mode in ("L", "LA", "I;16")
 

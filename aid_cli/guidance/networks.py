@@ -160,7 +160,3 @@ class PrivilegedCritic(nn.Module):
         emb = noise_embedding(sigma, self.emb_dim)[:, :, None, None].expand(-1, -1, *x.shape[-2:])
         h = self.trunk(self.inp(torch.cat([c_in * x, x0, M, y, D, D - x0, emb], dim=1)))
         return self.baseline(D, x0, M) + self.head(silu(h).mean(dim=(2, 3))).squeeze(1)
-
-
-def count_parameters(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())

@@ -46,22 +46,24 @@ from pathlib import Path
 import torch
 import torch.utils.checkpoint
 
-from ..backbones.checkpoint import load_backbone, sha256_file
-from ..backbones.latent import PixelSpace, model_space
+from ..backbones.checkpoint import load_backbone
+from ..backbones.edm import count_parameters
+from ..backbones.spaces import model_space
 from ..data.datasets import load_image_set
 from ..data.masks import FAMILIES, eval_masks, training_mask_bank, training_masks
 from ..devices import prepare_backbone, training_precision
 from ..errors import UserError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, sha256_file
+from ..inpainter import Inpainter
+from ..plots import training_curves
 from ..methods.aid import AID
 from ..metrics.lpips import MIN_SIZE, LPIPSUnavailable, load_lpips
 from ..metrics.quality import psnr_hole
 from ..sampling.heun import SamplerState, edm_sigmas, heun_step, sample, sample_generators
-from ..task import Task
-from ..training import GracefulStop, init_distributed, load_state, prepare_run, save_state, step_generator
+from ..task import Task, one_hot
+from ..training import GracefulStop, init_distributed, load_state, prepare_run, read_jsonl, save_state, step_generator
 from .checkpoint import load_guidance, save_guidance
-from .curves import read_stats, training_curves
-from .networks import Actor, Critic, PrivilegedCritic, count_parameters
+from .networks import Actor, Critic, PrivilegedCritic
 
 STATE_FILE = "training-state.safetensors"
 DIAG_SEED_OFFSET = 0x646961  # "dia": the diagnostic's tasks come from a generator of their own
@@ -329,18 +331,16 @@ def gradient_diagnostic(cfg: TrainConfig, backbone, actor, critic, task: Task, x
 
 
 @torch.no_grad()
-def validation_scores(backbone, actor, images: torch.Tensor, M: torch.Tensor, steps: int, batch: int = 64,
-                      space=None, labels: torch.Tensor | None = None, lpips=None) -> dict[str, float]:
+def validation_scores(inpainter: Inpainter, actor, images: torch.Tensor, M: torch.Tensor, steps: int, batch: int = 64,
+                      labels: torch.Tensor | None = None, lpips=None) -> dict[str, float]:
     """Mean hole PSNR (on pixels) of the deterministic actor (the policy's mean) on fixed images and masks, and the
-    completed images' mean LPIPS when the model is given."""
-    space = space or PixelSpace()
+    completed images' mean LPIPS when the model is given: the images completed as `aid inpaint` completes them."""
     policy = AID(actor=actor, gamma=0.0)
     psnr, perceptual = [], []
     for i in range(0, len(images), batch):
         x0, m = images[i:i + batch], M[i:i + batch]
-        task = space.task(x0, m, None if labels is None else labels[i:i + batch])
-        out = sample(backbone, task, policy, num_steps=steps, generators=sample_generators(0, len(x0), offset=i))
-        completed = space.to_pixels(x0, m, out.completed)
+        completed, _ = inpainter.complete(x0, m, policy, steps, sample_generators(0, len(x0), offset=i),
+                                          None if labels is None else labels[i:i + batch])
         psnr.append(psnr_hole(completed, x0, m))
         if lpips is not None:
             perceptual.append(lpips(completed, x0))
@@ -379,7 +379,7 @@ def one_hot_labels(data, label_dim: int, class_label: int | None, what: str) -> 
         labels = data.labels
     if int(labels.min()) < 0 or int(labels.max()) >= label_dim:
         raise UserError(f"{what}: class labels lie outside the backbone's classes 0..{label_dim - 1}")
-    return torch.nn.functional.one_hot(labels, label_dim).to(torch.float32)
+    return one_hot(labels, label_dim)
 
 
 def warm_start(actor: Actor, path, actor_kwargs: dict, backbone_sha: str) -> None:
@@ -447,6 +447,8 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
             raise UserError(f"--val {cfg.val_dataset}: no images after its first {cfg.val_offset} (validation skips "
                             f"the benchmark's images; pass --val-offset 0 for a set of its own)") from None
     val_M = validation_masks(len(val), res).to(device) if val else None
+    val_images = val.as_float(slice(None)).to(device) if val else None
+    inpainter = Inpainter(backbone, binfo, space, device, Path(cfg.backbone))  # validation: `aid inpaint`'s path
     val_labels = one_hot_labels(val, binfo.get("label_dim", 0), cfg.class_label, cfg.val_dataset) if val else None
     val_labels = val_labels.to(device) if val_labels is not None else None
     lpips = None
@@ -497,7 +499,7 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
     def checkpoint():
         save_state(state_path, {"actor": actor, "critic": critic}, {"opt_actor": opt_actor, "opt_critic": opt_critic},
                    {"config": dataclasses.asdict(cfg), "iteration": it, "elapsed_s": elapsed})
-        training_curves(read_stats(run / "stats.jsonl", notice=log), run / CURVES_FILE,
+        training_curves(read_jsonl(run / "stats.jsonl", notice=log), run / CURVES_FILE,
                         f"aid train ({cfg.estimator}): {run.name}, batch {cfg.batch}, N = {cfg.steps}")
         training = {**dataclasses.asdict(cfg), "iterations": it, "train_seconds": round(elapsed, 1),
                     "backbone": str(cfg.backbone)}
@@ -509,9 +511,9 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
 
     def validate() -> dict:
         """val_psnr_hole_{18,12} (and val_lpips_{18,12} where LPIPS is at hand), logged in one line."""
-        vx, rec = val.as_float(slice(None)).to(device), {}
+        rec = {}
         for N in (18, 12):
-            for k, v in validation_scores(backbone, actor, vx, val_M, N, space=space, labels=val_labels,
+            for k, v in validation_scores(inpainter, actor, val_images, val_M, N, labels=val_labels,
                                           lpips=val_lpips).items():
                 rec[f"val_{k}_{N}"] = v
         log(f"it {it}: val PSNR-hole {rec['val_psnr_hole_18']:.2f} dB (N=18), {rec['val_psnr_hole_12']:.2f} dB (N=12)"

@@ -32,14 +32,8 @@ class AID(Method):
 
     name = "aid"
 
-    def __init__(self, actor=None, gamma: float = 0.0, record: bool = False, guidance=None,
-                 backbone_sha256: str | None = None, scaled_exploration: bool = False):
-        if actor is None:
-            from ..guidance.checkpoint import load_guidance
-            from ..registry import resolve_guidance
-
-            actor, _ = load_guidance(resolve_guidance(guidance), backbone_sha256=backbone_sha256)
-        self.actor = actor
+    def __init__(self, actor, gamma: float = 0.0, record: bool = False, scaled_exploration: bool = False):
+        self.actor = actor  # μ_φ: a loaded guidance module (resolve.py finds, checks and loads the file)
         self.gamma = gamma  # exploration temperature γ; 0 = deterministic (deployment)
         self.scaled_exploration = scaled_exploration  # γ_n = γ·c_u(σ_n)² instead of γ
         self.record = record

@@ -9,14 +9,9 @@ from ..sampling.heun import Method, SamplerState
 from .base import register
 
 
-def combine_image(s: SamplerState, denoised):
-    """M ⊙ y + M̄ ⊙ x̂0."""
-    return s.task.M * s.task.y + (1 - s.task.M) * denoised
-
-
 @register
 class CombineImage(Method):
     name = "ddnm"
 
     def denoise(self, s: SamplerState, x, sigma):
-        return combine_image(s, s.D(x, sigma))
+        return s.task.complete(s.D(x, sigma))  # M ⊙ y + M̄ ⊙ x̂0

