@@ -6,8 +6,8 @@ them bit-identical.
     python scripts/compare_outputs.py compare before.json after.json
 
 Every command runs as its own `python -m aid_cli.cli` process (fixed seeds, --device cpu, --threads 1). Recorded: the
-sha256 of each PNG `aid inpaint` writes and of each grid `aid bench` writes, and bench.json's rows and per-image
-metrics without the wall-clock figures (seconds, memory, dates) that differ between any two runs.
+sha256 of each PNG `aid inpaint` writes and of each grid `aid bench` writes, bench.json's rows and cells.jsonl's
+per-image metrics, without the wall-clock figures (seconds, memory, dates) that differ between any two runs.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,8 @@ DATASET = os.environ.get("AID_COMPARE_DATA", "/work/shared/data/cats64/val.zip")
 INPAINT_METHODS = ("aid", "repaint", "dps", "replace")
 BENCH_METHODS = "replace,dps,aid-12"
 VOLATILE = ("sec", "second", "time", "memory", "mem_", "date", "started", "finished", "host", "platform", "python",
-            "torch", "version", "device", "threads", "out", "dataset", "model", "path", "command", "argv", "cpu")
+            "torch", "version", "device", "threads", "out", "dataset", "model", "path", "command", "argv", "cpu",
+            "session")
 
 
 def _aid(*args: str, cwd: Path) -> None:
@@ -46,6 +48,8 @@ def _stable(value):
                 if not any(word in k.lower() for word in VOLATILE)}
     if isinstance(value, list):
         return [_stable(v) for v in value]
+    if isinstance(value, str):  # the weights of another checkout are the same files
+        return re.sub(r"\S*/weights/", "weights/", value)
     return value
 
 
@@ -64,6 +68,7 @@ def record(out_json: Path) -> dict:
              "freeform", "--device", "cpu", "--threads", "1", "--out", str(bench), "--batch", "2", cwd=tmp)
         result["bench"]["grids"] = {p.name: _sha(p) for p in sorted(bench.glob("grid-*.png"))}
         result["bench"]["bench.json"] = _stable(json.loads((bench / "bench.json").read_text()))
+        result["bench"]["cells"] = [_stable(json.loads(line)) for line in (bench / "cells.jsonl").read_text().splitlines()]
         print(f"bench grids: {result['bench']['grids']}", flush=True)
     out_json.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     return result
@@ -82,7 +87,10 @@ def compare(a: Path, b: Path) -> int:
         print(f"bench {name:20s} {'identical' if same else 'DIFFERENT'} ({sha[:16]})")
     same = ra["bench"]["bench.json"] == rb["bench"]["bench.json"]
     bad += not same
-    print(f"bench.json (rows, per-image metrics; timings left out): {'identical' if same else 'DIFFERENT'}")
+    print(f"bench.json (rows; timings left out): {'identical' if same else 'DIFFERENT'}")
+    same = ra["bench"].get("cells") == rb["bench"].get("cells")
+    bad += not same
+    print(f"cells.jsonl (per-image PSNR-hole, SSIM, LPIPS; NFE): {'identical' if same else 'DIFFERENT'}")
     return 1 if bad else 0
 
 
