@@ -58,7 +58,7 @@ def environment(cache: str | os.PathLike | None = None) -> dict:
     import torch
 
     from .models.catalogue import MODELS
-    from .models.paths import cache_dir, hub_cache_dir, models_dir, offline_mode, weights_dir
+    from .paths import cache_dir, hub_cache_dir, models_dir, offline_mode, weights_dir
     from .models.cache import cached_path
 
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None

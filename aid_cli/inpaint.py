@@ -18,15 +18,13 @@ from typing import Callable
 
 import torch
 
-from .data.images import (OUTPUT_FORMATS, composite, grow, load_image, load_mask, mask_stats, plan_fit, plan_windows,
-                          save_image, to_task_tensors)
+from .data.images import (INVERTED_WARNING_FRACTION, OUTPUT_FORMATS, composite, grow, load_image, load_mask,
+                          mask_stats, plan_fit, plan_windows, save_image, to_task_tensors)
 from .errors import UserError
 from .fileio import check_writable_dir
 from .inpainter import Inpainter
 from .resolve import MethodSpec
 from .sampling.heun import sample_generators
-
-INVERTED_WARNING_FRACTION = 0.9
 
 
 @dataclass
@@ -283,6 +281,59 @@ def inpaint_batch(inpainter: Inpainter, items: list[Prepared], opts: InpaintOpti
     return records
 
 
+class _NoBar:
+    """No progress display: what `inpaint_jobs` tells a bar goes nowhere."""
+
+    def images_done(self, n: int) -> None:
+        pass
+
+    def sampling(self, description: str, total: int):
+        import contextlib
+
+        return contextlib.nullcontext(None)
+
+
+def inpaint_jobs(inpainter: Inpainter, jobs: list[Job], opts: InpaintOptions, spec: MethodSpec, batch: int,
+                 notice: Callable[[str], None], class_labels: torch.Tensor | None = None,
+                 report: Callable[[list[dict]], None] = lambda records: None,
+                 skipped: Callable[[Job, UserError], None] = lambda job, error: None, bar=None) -> list[Path]:
+    """Fill every job, `batch` prepared images per sampler call, writing each output as its call finishes (`report`
+    gets their records); returns the images that could not be read, each told to `skipped` (a batch goes on without
+    them). With a single job, its error is raised instead.
+
+    `bar`: `images_done(n)`, and `sampling(description, NFE total)`, a context whose value is the sampler's progress
+    callback (the CLI's progress bar); default: none."""
+    bar = bar or _NoBar()
+    expected = spec.build().expected_nfe(opts.steps)
+    pending, failed = [], []
+    for i, job in enumerate(jobs):
+        try:
+            item = prepare(job, inpainter.resolution, opts, notice)
+        except UserError as e:
+            if len(jobs) == 1:
+                raise
+            failed.append(job.image)
+            skipped(job, e)
+            bar.images_done(1)
+            item = None
+        if item is None:
+            pass
+        elif isinstance(item, list):  # an empty mask: copied through
+            report(item)
+            bar.images_done(1)
+        else:
+            pending.append(item)
+        if pending and (len(pending) == batch or i == len(jobs) - 1):
+            names = ", ".join(p.job.image.name for p in pending)
+            calls = sum(len(p.fit) for p in pending) if opts.fit == "native" else 1  # native: a call per window
+            with bar.sampling(f"{opts.method} {names}", expected * calls) as progress:
+                records = inpaint_batch(inpainter, pending, opts, spec, notice, class_labels, progress)
+            report(records)
+            bar.images_done(len(pending))
+            pending = []
+    return failed
+
+
 def _record(path: Path, job: Job, opts: InpaintOptions, k: int, nfe: int, backward: int, seconds: float,
             fit: str, space: str = "pixels") -> dict:
     return {"path": str(path), "input": str(job.image), "mask": str(job.mask), "seed": opts.seed + k,
@@ -291,4 +342,5 @@ def _record(path: Path, job: Job, opts: InpaintOptions, k: int, nfe: int, backwa
             "seconds": round(seconds, 4), "fit": fit, "space": space, "class": opts.class_label}
 
 
-__all__ = ["InpaintOptions", "Job", "plan_outputs", "plan_jobs", "default_output", "check_outputs", "prepare", "inpaint_batch"]
+__all__ = ["InpaintOptions", "Job", "plan_outputs", "plan_jobs", "default_output", "check_outputs", "prepare", "inpaint_batch",
+           "inpaint_jobs"]

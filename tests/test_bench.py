@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from aid_cli import bench as bench_mod
 from aid_cli import inpainter as inpainter_mod
 from aid_cli.models import tuned
 from aid_cli.backbones.checkpoint import save_backbone
 from aid_cli.fileio import sha256_file
 from aid_cli.backbones.edm import build_precond
-from aid_cli.bench import BenchConfig, read_cells, resolve_method, run_bench, tune_grid
+from aid_cli.bench import BenchConfig, read_cells, run_bench, tune_grid
+from aid_cli.resolve import resolve_method
 from aid_cli.data.masks import MASKS_VERSION
 from aid_cli.methods import METHODS, Method
 

@@ -182,7 +182,7 @@ def test_samples_write_suffixed_files_with_consecutive_seeds(scene, capsys):
 
 def test_json_stays_on_stdout_while_a_progress_bar_runs_in_a_terminal(scene, capsys, monkeypatch):
     """With several outputs a progress bar shows on a terminal stderr; it must not swallow the stdout records."""
-    monkeypatch.setattr(cli, "err", Console(stderr=True, highlight=False, soft_wrap=True, force_terminal=True))
+    monkeypatch.setattr(cli.inpaint, "err", Console(stderr=True, highlight=False, soft_wrap=True, force_terminal=True))
     code, out, err = run_cli(scene.args("--samples", 2, "--json"), capsys)
     assert code == 0, err
     recs = [json.loads(line) for line in out.strip().splitlines()]

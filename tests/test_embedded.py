@@ -5,7 +5,7 @@ from PIL import Image
 
 from aid_cli.backbones.checkpoint import load_backbone
 from aid_cli.models.catalogue import EMBEDDED_BACKBONE, resolve_backbone
-from aid_cli.models.paths import weights_dir
+from aid_cli.paths import weights_dir
 
 from .conftest import REPO, run_cli
 

@@ -608,7 +608,8 @@ def hostile():
 
 
 def test_html_error_page_is_never_recorded_and_rm_can_forget(home, server, monkeypatch, persistence, capsys):
-    from aid_cli.models import cache, paths
+    from aid_cli import paths
+    from aid_cli.models import cache
     from aid_cli.backbones.edm import build_precond
 
     from .conftest import TINY_KWARGS
@@ -808,7 +809,8 @@ def test_atomic_writes_fsync_the_file_before_the_rename_and_the_folder_after(tmp
 
 
 def test_model_cache_temp_left_by_a_killed_conversion_is_removed(home, server, monkeypatch, tiny_bytes):
-    from aid_cli.models import cache, paths
+    from aid_cli import paths
+    from aid_cli.models import cache
 
     entry = url_entry(server)
     use_models(monkeypatch, entry)

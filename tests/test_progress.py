@@ -56,7 +56,7 @@ def args(pair, tiny_checkpoint, *extra):
 
 
 def test_a_terminal_shows_the_nfe_bar(pair, tiny_checkpoint, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "err", Console(stderr=True, highlight=False, soft_wrap=True, force_terminal=True,
+    monkeypatch.setattr(cli.inpaint, "err", Console(stderr=True, highlight=False, soft_wrap=True, force_terminal=True,
                                             width=120))
     code, out, err = run_cli(args(pair, tiny_checkpoint), capsys)
     assert code == 0, err
@@ -74,7 +74,7 @@ def test_a_pipe_gets_no_bar_only_the_wrote_line(pair, tiny_checkpoint, capsys):
 
 @pytest.mark.parametrize("flag", ["--quiet", "-q"])
 def test_quiet_prints_nothing_on_a_terminal_but_json_still_prints(pair, tiny_checkpoint, capsys, monkeypatch, flag):
-    monkeypatch.setattr(cli, "err", Console(stderr=True, highlight=False, soft_wrap=True, force_terminal=True))
+    monkeypatch.setattr(cli.inpaint, "err", Console(stderr=True, highlight=False, soft_wrap=True, force_terminal=True))
     code, out, err = run_cli(args(pair, tiny_checkpoint, flag, "--json"), capsys)
     assert code == 0 and err == "", err
     assert '"nfe": 50' in out
@@ -85,7 +85,8 @@ def test_quiet_prints_nothing_on_a_terminal_but_json_still_prints(pair, tiny_che
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_bench_counts_each_methods_evaluations_on_a_stand_in(name):
-    from aid_cli.bench import MethodSpec, count_evaluations
+    from aid_cli.bench import count_evaluations
+    from aid_cli.resolve import MethodSpec
 
     params = method_params(name)
     spec = MethodSpec(name, name, params={k: v for k, v in params.items() if k != "actor"}, steps=N,

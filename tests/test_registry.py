@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from aid_cli import download
-from aid_cli.models import cache, catalogue, paths
+from aid_cli import download, paths
+from aid_cli.models import cache, catalogue
 from aid_cli.backbones.checkpoint import load_backbone
 from aid_cli.backbones.edm import build_precond
 from aid_cli.errors import CheckpointError, DownloadError, OfflineError
-from aid_cli.models.catalogue import HubFile, ModelEntry
+from aid_cli.models.entry import HubFile, ModelEntry
 
 from .conftest import REPO, TINY_KWARGS, run_cli
 from .test_convert import official_layout_bytes, persistence  # noqa: F401  (persistence: a fixture)

@@ -201,10 +201,25 @@ class FourierEmbedding(torch.nn.Module):
 
 
 class SongUNet(torch.nn.Module):
-    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, model_channels=128,
-                 channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), dropout=0.10,
-                 label_dropout=0, embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
-                 decoder_type="standard", resample_filter=(1, 1)):
+    def __init__(self,
+                 img_resolution,                # Image resolution at input/output.
+                 in_channels,                   # Number of color channels at input.
+                 out_channels,                  # Number of color channels at output.
+                 label_dim=0,                   # Number of class labels, 0 = unconditional.
+                 augment_dim=0,                 # Augmentation label dimensionality, 0 = no augmentation.
+                 model_channels=128,            # Base multiplier for the number of channels.
+                 channel_mult=(1, 2, 2, 2),     # Per-resolution multipliers for the number of channels.
+                 channel_mult_emb=4,            # Multiplier for the dimensionality of the embedding vector.
+                 num_blocks=4,                  # Number of residual blocks per resolution.
+                 attn_resolutions=(16,),        # List of resolutions with self-attention.
+                 dropout=0.10,                  # Dropout probability of intermediate activations.
+                 label_dropout=0,               # Dropout probability of class labels for classifier-free guidance.
+                 embedding_type="positional",   # Timestep embedding type: "positional" for DDPM++, "fourier" for NCSN++.
+                 channel_mult_noise=1,          # Timestep embedding size: 1 for DDPM++, 2 for NCSN++.
+                 encoder_type="standard",       # Encoder architecture: "standard" for DDPM++, "residual" for NCSN++.
+                 decoder_type="standard",       # Decoder architecture: "standard" for both DDPM++ and NCSN++.
+                 resample_filter=(1, 1),        # Resampling filter: (1, 1) for DDPM++, (1, 3, 3, 1) for NCSN++.
+                 ):
         assert embedding_type in ["fourier", "positional"]
         assert encoder_type in ["standard", "skip", "residual"]
         assert decoder_type in ["standard", "skip"]

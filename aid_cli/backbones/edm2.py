@@ -70,7 +70,7 @@ def mp_cat(a, b, dim=1, t=0.5):
 class MPFourier(torch.nn.Module):
     """Magnitude-preserving Fourier features (eq. 75); frequencies and phases are stored buffers."""
 
-    def __init__(self, num_channels, bandwidth=1):
+    def __init__(self, num_channels, bandwidth=1):  # Fourier features: channels, frequency scale.
         super().__init__()
         self.register_buffer("freqs", 2 * np.pi * torch.randn(num_channels) * bandwidth)
         self.register_buffer("phases", 2 * np.pi * torch.rand(num_channels))
@@ -86,7 +86,7 @@ class MPFourier(torch.nn.Module):
 class MPConv(torch.nn.Module):
     """Magnitude-preserving convolution or fully-connected layer (eq. 47) with forced weight normalisation (eq. 66)."""
 
-    def __init__(self, in_channels, out_channels, kernel):
+    def __init__(self, in_channels, out_channels, kernel):  # kernel: [] (fully connected) or [kh, kw].
         super().__init__()
         self.out_channels = out_channels
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
@@ -112,9 +112,20 @@ class MPConv(torch.nn.Module):
 class Block(torch.nn.Module):
     """Encoder/decoder block with optional resampling and self-attention."""
 
-    def __init__(self, in_channels, out_channels, emb_channels, flavor="enc", resample_mode="keep",
-                 resample_filter=(1, 1), attention=False, channels_per_head=64, dropout=0, res_balance=0.3,
-                 attn_balance=0.3, clip_act=256):
+    def __init__(self,
+                 in_channels,                # Number of input channels.
+                 out_channels,               # Number of output channels.
+                 emb_channels,               # Number of embedding channels.
+                 flavor="enc",               # Flavor: "enc" or "dec".
+                 resample_mode="keep",       # Resampling: "keep", "up", or "down".
+                 resample_filter=(1, 1),     # Resampling filter.
+                 attention=False,            # Include self-attention?
+                 channels_per_head=64,       # Number of channels per attention head.
+                 dropout=0,                  # Dropout probability.
+                 res_balance=0.3,            # Balance between main branch (0) and residual branch (1).
+                 attn_balance=0.3,           # Balance between main branch (0) and self-attention (1).
+                 clip_act=256,               # Clip output activations. None = do not clip.
+                 ):
         super().__init__()
         self.out_channels = out_channels
         self.flavor = flavor
@@ -173,9 +184,20 @@ class Block(torch.nn.Module):
 class UNet(torch.nn.Module):
     """EDM2 U-Net: Fourier noise embedding (+ class embedding), encoder, decoder with mp_cat skips, gained output."""
 
-    def __init__(self, img_resolution, img_channels, label_dim, model_channels=192, channel_mult=(1, 2, 3, 4),
-                 channel_mult_noise=None, channel_mult_emb=None, num_blocks=3, attn_resolutions=(16, 8),
-                 label_balance=0.5, concat_balance=0.5, **block_kwargs):
+    def __init__(self,
+                 img_resolution,             # Image resolution.
+                 img_channels,               # Image channels.
+                 label_dim,                  # Class label dimensionality. 0 = unconditional.
+                 model_channels=192,         # Base multiplier for the number of channels.
+                 channel_mult=(1, 2, 3, 4),  # Per-resolution multipliers for the number of channels.
+                 channel_mult_noise=None,    # Multiplier for noise embedding dimensionality. None = from channel_mult.
+                 channel_mult_emb=None,      # Multiplier for final embedding dimensionality. None = from channel_mult.
+                 num_blocks=3,               # Number of residual blocks per resolution.
+                 attn_resolutions=(16, 8),   # List of resolutions with self-attention.
+                 label_balance=0.5,          # Balance between noise embedding (0) and class embedding (1).
+                 concat_balance=0.5,         # Balance between skip connections (0) and main path (1).
+                 **block_kwargs,             # Arguments for Block.
+                 ):
         super().__init__()
         cblock = [model_channels * x for x in channel_mult]
         cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
@@ -254,8 +276,15 @@ class UNet(torch.nn.Module):
 class Precond(torch.nn.Module):
     """EDM preconditioning (σ_data = 0.5, c_noise = ln(σ)/4) around the U-Net, plus the log-variance head u(σ)."""
 
-    def __init__(self, img_resolution, img_channels, label_dim, use_fp16=True, sigma_data=0.5, logvar_channels=128,
-                 **unet_kwargs):
+    def __init__(self,
+                 img_resolution,             # Image resolution.
+                 img_channels,               # Image channels.
+                 label_dim,                  # Class label dimensionality. 0 = unconditional.
+                 use_fp16=True,              # Run the model at FP16 precision?
+                 sigma_data=0.5,             # Expected standard deviation of the training data.
+                 logvar_channels=128,        # Intermediate dimensionality for uncertainty estimation.
+                 **unet_kwargs,              # Keyword arguments for UNet.
+                 ):
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import CheckpointError, UserError, one_line
 from ..fileio import sha256_file
-from ..models.paths import offline_mode
+from ..paths import offline_mode
 
 # EDM2's latent scaling (training/encoders.py StabilityVAEEncoder defaults; method.md §11).
 RAW_MEAN = (5.81, 3.25, 0.12, -2.15)

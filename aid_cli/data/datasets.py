@@ -19,10 +19,8 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import UserError
-from ..models.paths import data_dir
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-
+from .images import IMAGE_SUFFIXES
+from ..paths import data_dir
 
 @dataclass
 class ImageSet:

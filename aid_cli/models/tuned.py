@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from .paths import cache_dir
+from ..paths import cache_dir
 
 TUNED_SUFFIX = ".tuned.json"
 

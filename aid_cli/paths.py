@@ -1,9 +1,10 @@
 """Where aid keeps and finds things: the shipped weights, its cache, the Hugging Face hub cache, named datasets; and
-whether downloads are allowed (`offline_mode`, the one place that reads HF_HUB_OFFLINE).
+whether downloads are allowed (`offline_mode`, the one place that reads HF_HUB_OFFLINE). A leaf: every layer may ask
+it for a path.
 
 `AID_WEIGHTS_DIR` overrides the shipped weights' folder (for installs that keep weights elsewhere); `AID_CACHE` (else
 `$XDG_CACHE_HOME/aid`, else `~/.cache/aid`) is aid's own cache: models, reference statistics, LPIPS weights, tuned
-parameters. Nothing here imports anything of aid's: every layer may ask it for a path.
+parameters.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 
 def weights_dir() -> Path:
-    return Path(os.environ.get("AID_WEIGHTS_DIR") or Path(__file__).resolve().parents[2] / "weights")
+    return Path(os.environ.get("AID_WEIGHTS_DIR") or Path(__file__).resolve().parents[1] / "weights")
 
 
 def cache_dir() -> Path:

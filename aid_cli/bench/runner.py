@@ -1,0 +1,450 @@
+"""Running a benchmark: the backbone, images, masks and metric models of one process (`Runner`), one cell at a time
+through the Inpainter, cells saved as they finish, resumable, sharded under torchrun; `run_bench` is the whole run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..data.datasets import load_image_set
+from ..data.masks import FAMILIES, MASKS_VERSION, eval_masks
+from ..errors import UserError
+from ..fileio import atomic_write_text, utc_now
+from ..inpainter import Inpainter
+from ..plots import to_uint8
+from ..resolve import MethodSpec, check_method_names, resolve_method
+from ..sampling.heun import nfe_of_grid
+from ..task import one_hot
+from .cells import CELLS_FILE, append_cell, cell_key, read_cells, same_run
+from .measure import PeakMemory, device_name, peak_memory_kind, synchronize
+from .report import save_examples, write_reports
+
+RUN_FILE = "run.json"
+
+
+SEED_STRIDE = 2 ** 20  # generator of image i under noise seed s: s·2²⁰ + i (distinct in torch's 32 seed bits)
+
+
+MAX_SEED = 2 ** 32 // SEED_STRIDE - 1  # 4095
+
+
+MAX_IMAGES = SEED_STRIDE
+
+
+@dataclass
+class BenchConfig:
+    dataset: str
+    methods: list[str]
+    masks: list[str] = field(default_factory=lambda: list(FAMILIES))
+    n: int = 100
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 18
+    batch: int = 16
+    mask_seed: int = 0
+    examples: int = 6  # images per grid
+    lpips_offline: bool | None = None
+    guidance: str | None = None  # AID's guidance module (default: the embedded one)
+    guidances: dict = field(default_factory=dict)  # NAME → module, for the labels aid-18:NAME (variants side by side)
+    class_label: int | None = None  # --class N (class-conditional backbones; default: the dataset's labels)
+    vae: str | None = None  # latent backbones: a local VAE folder instead of the pinned hub VAE
+    precision: str = "auto"  # the backbone's (devices.prepare_backbone)
+    compile: bool = False  # torch.compile the backbone
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise UserError(f"{what} is empty")
+    if len(set(items)) != len(items):
+        raise UserError(f"{what} names something twice: {text!r}")
+    return items
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`3` → seeds 0, 1, 2; a comma list (`0,5,7`, or `7,` for the single seed 7) → exactly those seeds."""
+    try:
+        if "," in text:
+            seeds = [int(t) for t in text.split(",") if t.strip()]
+        else:
+            seeds = list(range(int(text)))
+    except ValueError:
+        raise UserError(f"--seeds must be a count (3) or a comma list of seeds (0,1,2), got {text!r}") from None
+    if not seeds or any(s < 0 or s > MAX_SEED for s in seeds) or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds must name at least one distinct seed in 0..{MAX_SEED}, got {text!r}")
+    return seeds
+
+
+def check_masks(families: list[str]) -> list[str]:
+    for f in families:
+        if f not in FAMILIES:
+            raise UserError(f"unknown mask family {f!r} (available: {', '.join(FAMILIES)})")
+    return families
+
+
+def bench_generators(seed: int, indices) -> list[torch.Generator]:
+    """One CPU generator per image, seeded seed·2²⁰ + image index (independent of batching and sharding).
+
+    torch's CPU generator (mt19937) uses only the low 32 bits of its seed, so the pair (seed, index) is packed into
+    them: seeds 0..4095, indices below 2²⁰; distinct pairs never share noise. Seed 0 gives image i the noise of
+    `aid inpaint --seed i`."""
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise UserError(f"noise seeds must lie in 0..{MAX_SEED}, got {seed}")
+    if any(not 0 <= int(i) < MAX_IMAGES for i in indices):
+        raise UserError(f"a benchmark takes at most {MAX_IMAGES} images")
+    return [torch.Generator().manual_seed(int(seed) * SEED_STRIDE + int(i)) for i in indices]
+
+
+class Runner:
+    """The backbone, images, masks and metric models of one benchmark process, and how to run one cell."""
+
+    def __init__(self, checkpoint: Path | None, dataset: str, n: int, families: list[str], mask_seed: int,
+                 device, log: Callable[[str], None] = print, lpips_offline: bool | None = None,
+                 progress: Callable[[int, str], None] | None = None, class_label: int | None = None,
+                 vae: str | None = None, precision: str = "auto", compile: bool = False):
+        from ..fileio import sha256_file
+        from ..models.catalogue import resolve_backbone
+        from ..task import class_labels
+        from ..training import init_distributed
+
+        self.rank, self.world, self.device = init_distributed(torch.device(device))
+        self.log = log if self.rank == 0 else (lambda m: None)
+        self.progress = progress if self.rank == 0 else None
+        self.checkpoint = resolve_backbone(checkpoint)
+        self.sha256 = sha256_file(self.checkpoint)
+        self.precision, self.compile = precision, compile
+
+        def check(info: dict) -> None:  # --class checked against the backbone (one-line errors)
+            if info.get("label_dim", 0) == 0 or class_label is not None:
+                class_labels(class_label, info.get("label_dim", 0), 1)
+
+        self.inpainter = Inpainter.load(self.checkpoint, self.device, vae=vae, precision=precision, compile=compile,
+                                        notice=self.log, check=check)
+        self.net, self.info, self.space = self.inpainter.net, self.inpainter.info, self.inpainter.space
+        label_dim = self.info.get("label_dim", 0)
+        self.resolution = self.inpainter.resolution  # pixels (latent backbones: the VAE's 8x)
+        skipped = []
+        self.data = load_image_set(dataset, resolution=self.resolution,
+                                   channels=3 if self.space.latent else self.info["channels"], limit=n,
+                                   on_skip=lambda name, why: skipped.append(name))
+        if skipped:
+            self.log(f"note: skipped {len(skipped)} unreadable image(s) of {dataset}, e.g. {skipped[0]}")
+        if len(self.data) < n:
+            raise UserError(f"--n {n}, but {dataset} has only {len(self.data)} readable images")
+        self.n = n
+        self.class_label, self.labels = class_label, None  # labels: int64 [n] per image, class-conditional only
+        if label_dim and class_label is not None:
+            self.labels = torch.full((n,), int(class_label), dtype=torch.int64)
+        elif label_dim:
+            if self.data.labels is None:
+                raise UserError(f"this backbone is class-conditional ({label_dim} classes) and {dataset} has no "
+                                f"dataset.json labels: pass --class N")
+            self.labels = self.data.labels[:n]
+            if int(self.labels.min()) < 0 or int(self.labels.max()) >= label_dim:
+                raise UserError(f"{dataset}: dataset.json labels lie outside the backbone's classes 0..{label_dim - 1}")
+        self.masks = {f: eval_masks(f, n, self.resolution, mask_seed) for f in families}
+        self.indices = list(range(n))[self.rank::self.world]  # this process's shard
+        self.warmed: set[tuple] = set()  # (method, steps) already warmed up in this process
+        self.session = uuid.uuid4().hex[:12]
+        self.mem_kind = peak_memory_kind(self.device)
+        self._notes: set[str] = set()
+        self.lpips_model, self.lpips_source = None, None
+        from ..metrics.lpips import LPIPSUnavailable, load_lpips
+
+        try:
+            self.lpips_model = load_lpips(device=self.device, offline=lpips_offline, notice=self.note)
+            self.lpips_source = self.lpips_model.source
+        except LPIPSUnavailable as e:
+            self.note(f"{e}; lpips is null")
+
+    def note(self, message: str) -> None:
+        """A notice, once per run."""
+        if message not in self._notes:
+            self._notes.add(message)
+            self.log(message)
+
+    # -- distributed helpers (no-ops for one process)
+    def gather(self, obj) -> list | None:
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.rank == 0 else None
+        torch.distributed.gather_object(obj, out, dst=0)
+        return out
+
+    def broadcast(self, obj):
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _metrics(self, completed: torch.Tensor, x0: torch.Tensor, M: torch.Tensor, label: str) -> dict[str, list]:
+        """Per-image PSNR-hole, SSIM, LPIPS of completed images (on CPU) against x0; null for non-finite images."""
+        from ..metrics.quality import psnr_hole, ssim_01
+
+        finite = torch.isfinite(completed).flatten(1).all(1)
+        visible = M.expand_as(x0) > 0.5
+        for b in torch.nonzero(finite).flatten().tolist():  # visible pixels exactly kept, every method
+            if not torch.equal(completed[b][visible[b]], x0[b][visible[b]]):
+                raise RuntimeError(f"{label} changed visible pixels of a completed image (a bug in the method)")
+        safe = torch.where(finite[:, None, None, None], completed, x0)  # keep kernels away from nan; masked below
+        ph = psnr_hole(safe, x0, M).tolist()
+        try:
+            ss = ssim_01(safe, x0).tolist()
+        except ValueError as e:
+            self.note(f"note: ssim is null: {e}")
+            ss = [None] * len(ph)
+        ll = [None] * len(ph)
+        if self.lpips_model is not None:
+            try:
+                with torch.no_grad():
+                    ll = self.lpips_model(safe.to(self.device), x0.to(self.device)).cpu().double().tolist()
+            except ValueError as e:
+                self.note(f"note: lpips is null: {e}")
+        keep = finite.tolist()
+        return {"psnr_hole": [p if k else float("nan") for p, k in zip(ph, keep)],
+                "ssim": [s if k and s is not None else None for s, k in zip(ss, keep)],
+                "lpips": [v if k and v is not None else None for v, k in zip(ll, keep)],
+                "finite": keep}
+
+    def _batches(self, batch: int):
+        for start in range(0, len(self.indices), batch):
+            yield self.indices[start:start + batch]
+
+    def _run_batch(self, method, spec: MethodSpec, family: str, seed: int, idx: list[int],
+                   mem: PeakMemory | None = None):
+        """(sampler result, completed pixels, seconds, x0, M) of one batch; latent backbones' VAE calls are timed."""
+        x0 = self.data.as_float(idx)
+        M = self.masks[family][idx]
+        labels = one_hot(self.labels[idx], self.info["label_dim"]).to(self.device) if self.labels is not None else None
+        extras = {"x0": x0.to(self.device)} if method.oracle else None  # only oracles see the ground truth
+        x0_d, M_d = x0.to(self.device), M.to(self.device)
+        with mem.measure() if mem else contextlib.nullcontext():
+            synchronize(self.device)
+            t0 = time.perf_counter()  # latent backbones: the VAE's encoding and decoding inside the timed window
+            completed, result = self.inpainter.complete(x0_d, M_d, method, spec.steps, bench_generators(seed, idx),
+                                                        labels, extras=extras)
+            synchronize(self.device)
+            dt = time.perf_counter() - t0
+        return result, completed, dt, x0, M
+
+    def cell(self, spec: MethodSpec, family: str, seed: int, batch: int, examples: int = 0,
+             done_before: int = 0) -> dict | None:
+        """Run one (method, mask family, seed) cell on this process's shard; the merged record on rank 0, else None.
+
+        `examples`: keep the completions of images 0..examples−1 (for the grids). `done_before`: images already
+        finished in this run, for the progress callback.
+        """
+        method = spec.build()
+        warm_key = (spec.method, spec.steps)
+        if warm_key not in self.warmed and self.indices:  # warm-up: first batch, discarded, not timed
+            self._run_batch(method, spec, family, seed, self.indices[:batch])
+            self.warmed.add(warm_key)
+        per_image: dict[int, dict] = {}
+        seconds, nfe_sum, bwd_sum, kept = 0.0, 0.0, 0.0, {}
+        mem = PeakMemory(self.device)
+        for idx in self._batches(batch):
+            result, completed, dt, x0, M = self._run_batch(method, spec, family, seed, idx, mem)
+            seconds += dt
+            nfe_sum += result.nfe * len(idx)
+            bwd_sum += result.backward * len(idx)
+            completed = completed.detach().to("cpu", torch.float32)
+            del result
+            m = self._metrics(completed, x0, M, spec.label)
+            for j, i in enumerate(idx):
+                per_image[i] = {k: v[j] for k, v in m.items()}
+                if i < examples:
+                    kept[i] = to_uint8(completed[j])
+            if self.progress:
+                self.progress(done_before + min(len(per_image) * self.world, self.n),
+                              f"{spec.label} / {family} / seed {seed}")
+        parts = self.gather({"images": per_image, "seconds": seconds, "nfe": nfe_sum, "backward": bwd_sum,
+                             "peak": mem.mib, "examples": kept})
+        if self.rank != 0:
+            return None
+        images, examples_out = {}, {}
+        for p in parts:
+            images.update(p["images"])
+            examples_out.update(p["examples"])
+        order = sorted(images)
+        assert order == list(range(self.n)), "every image is benchmarked exactly once"
+        total_seconds = sum(p["seconds"] for p in parts)
+        nfe, bwd = sum(p["nfe"] for p in parts) / self.n, sum(p["backward"] for p in parts) / self.n
+        peaks = [p["peak"] for p in parts if p["peak"] is not None]
+        rec = {
+            "method": spec.label, "method_name": spec.method, "params": spec.params, "steps": spec.steps,
+            "resources": spec.resources, "mask": family, "seed": seed, "n": self.n,
+            "nfe": int(nfe) if nfe == int(nfe) else round(nfe, 3),
+            "backward": int(bwd) if bwd == int(bwd) else round(bwd, 3),
+            "seconds": round(total_seconds, 6), "sec_per_image": round(total_seconds / self.n, 6),
+            "peak_memory_mib": max(peaks) if peaks else None, "peak_memory_kind": self.mem_kind,
+            "images_nonfinite": sum(not images[i]["finite"] for i in order),
+            "psnr_hole": [images[i]["psnr_hole"] for i in order],
+            "ssim": [images[i]["ssim"] for i in order],
+            "lpips": [images[i]["lpips"] for i in order],
+            "batch": batch, "world_size": self.world, "device": device_name(self.device), "session": self.session,
+            "precision": self.precision, "compile": self.compile,
+            "date": utc_now(),
+        }
+        rec["_examples"] = [examples_out[i] for i in sorted(examples_out)]
+        return rec
+
+
+def _identity(runner: Runner, cfg: BenchConfig, dataset: str) -> dict:
+    """What every cell of one OUT folder must share (a resumed run must match it)."""
+    identity = {"dataset": str(Path(dataset).resolve()), "n": cfg.n, "model_sha256": runner.sha256,
+                "resolution": runner.resolution, "masks_version": MASKS_VERSION, "mask_seed": cfg.mask_seed}
+    if runner.space.latent:
+        identity["space"] = runner.space.describe()
+    if runner.labels is not None:
+        identity["class"] = runner.class_label if runner.class_label is not None else "dataset.json"
+    if cfg.precision != "auto":  # (older runs have no key: auto)
+        identity["precision"] = cfg.precision
+    return identity
+
+
+def _prepare_out(out: Path, identity: dict, resume: bool) -> tuple[dict, str | None]:
+    """(finished cells by key, error or None) — run on rank 0 only."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return {}, f"cannot create --out {out}: {e.strerror or e}"
+    if not os.access(out, os.W_OK | os.X_OK):
+        return {}, f"--out folder is not writable: {out}"
+    cells_path, run_path = out / CELLS_FILE, out / RUN_FILE
+    have_cells = cells_path.is_file() and cells_path.stat().st_size > 0
+    if have_cells and not resume:
+        return {}, f"{out} already holds benchmark cells; pass --resume to continue it, or choose another --out"
+    if have_cells:
+        try:
+            old = json.loads(run_path.read_text())
+        except (OSError, ValueError):
+            old = {}
+        diff = sorted(k for k in identity if not isinstance(old, dict) or old.get(k) != identity[k])
+        if diff:
+            return {}, (f"--resume: {out} holds a benchmark of a different setup ({', '.join(diff)} differ); "
+                        f"use another --out")
+    atomic_write_text(run_path, json.dumps(identity, indent=2) + "\n")
+    done = {}
+    for rec in read_cells(out):
+        done[cell_key(rec["method"], rec["mask"], rec["seed"])] = rec  # the last record of a key wins
+    return done, None
+
+
+def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cpu", resume: bool = False,
+              log: Callable[[str], None] = print, progress: Callable[[int, int, str], None] | None = None,
+              runner: Runner | None = None, report_only: bool = False) -> dict | None:
+    """Run (or resume) a benchmark into `out`; returns the bench.json dict on rank 0 (None on other ranks).
+    `report_only`: run nothing, rebuild the reports from the cells already in `out`."""
+    check_masks(cfg.masks)
+    check_method_names(cfg.methods, cfg.guidances)
+    out = Path(out)
+    state = {"total": 0}
+    runner = runner or Runner(model, cfg.dataset, cfg.n, cfg.masks, cfg.mask_seed, device, log=log,
+                              lpips_offline=cfg.lpips_offline,
+                              progress=(lambda done, desc: progress(done, state["total"], desc)) if progress else None,
+                              class_label=cfg.class_label, vae=cfg.vae, precision=cfg.precision, compile=cfg.compile)
+    specs = [resolve_method(m, cfg.steps, runner.checkpoint, runner.sha256, runner.note, cfg.guidance, cfg.guidances)
+             for m in cfg.methods]
+    identity = _identity(runner, cfg, cfg.dataset)
+    done, error = _prepare_out(out, identity, resume) if runner.rank == 0 else ({}, None)
+    done, error = runner.broadcast((done, error))
+    if error:
+        raise UserError(error)
+    todo = []
+    for spec in specs:
+        for family in cfg.masks:
+            for seed in cfg.seeds:
+                rec = done.get(cell_key(spec.label, family, seed))
+                if rec is None or not same_run(rec, spec):
+                    todo.append((spec, family, seed))
+    skipped = len(specs) * len(cfg.masks) * len(cfg.seeds) - len(todo)
+    if report_only:
+        if not skipped:
+            raise UserError(f"--report-only: {out} holds no finished cell of these methods, masks and seeds")
+        if todo:
+            runner.log(f"report only: {len(todo)} cell(s) not run are left out of the table (rows show the seeds "
+                       f"they have)")
+        todo = []
+    elif skipped:
+        runner.log(f"resuming: {skipped} finished cell(s) skipped, {len(todo)} to run")
+    state["total"] = len(todo) * cfg.n
+    if todo and runner.rank == 0:
+        runner.log(plan_text(runner, cfg, todo))
+    for c, (spec, family, seed) in enumerate(todo):
+        rec = runner.cell(spec, family, seed, cfg.batch, examples=cfg.examples if seed == cfg.seeds[0] else 0,
+                          done_before=c * cfg.n)
+        if runner.rank == 0:
+            save_examples(out, spec.label, family, rec.pop("_examples"))
+            append_cell(out, rec)
+    if runner.rank != 0:
+        return None
+    return write_reports(out, cfg, runner, specs)
+
+
+def count_evaluations(spec: MethodSpec, channels: int, resolution: int) -> tuple[int, int]:
+    """(NFE, backward passes) per image of one method, counted by running its loop on a stand-in network that costs
+    nothing (exact but for CoPaint's adaptive retries, which depend on the real network)."""
+    from ..sampling import heun  # a stand-in network: not the Inpainter, which counts and times the real runs
+    from ..task import Task
+
+    method = spec.build()
+    if method.oracle:
+        return 0, 0
+    x0 = torch.zeros(1, channels, resolution, resolution)
+    M = torch.ones(1, 1, resolution, resolution)
+    M[..., resolution // 4: resolution // 2, resolution // 4: resolution // 2] = 0
+    r = heun.sample(lambda x, sigma, labels=None: 0.5 * x, Task.from_image(x0, M), method, num_steps=spec.steps,
+                    generators=bench_generators(0, [0]))
+    return r.nfe, r.backward
+
+
+def plan_text(runner: Runner, cfg: BenchConfig, todo: list) -> str:
+    """What the run will do and roughly how long it will take, said before it starts: cells, images, network
+    evaluations, and an estimate from one timed network evaluation at --batch (a backward pass counted as two)."""
+    channels, res = runner.info["channels"], runner.info["resolution"]
+    counts = {}
+    for spec, _, _ in todo:
+        if spec.label not in counts:
+            try:
+                counts[spec.label] = count_evaluations(spec, channels, res)
+            except Exception:  # a method the stand-in cannot run: no estimate for it, the run itself will say more
+                counts[spec.label] = (nfe_of_grid(spec.steps), 0)
+    images = len(todo) * cfg.n
+    evals = sum((counts[s.label][0] + 2 * counts[s.label][1]) * cfg.n for s, _, _ in todo)
+    per_eval = _seconds_per_evaluation(runner, min(cfg.batch, cfg.n))
+    eta = evals * per_eval / max(runner.world, 1)
+    methods = ", ".join(f"{label} {n} NFE" + (f" + {b} backward" if b else "") for label, (n, b) in counts.items())
+    return (f"plan: {len(todo)} cell(s) × {cfg.n} images = {images:,} completions ({methods} per image); about "
+            f"{_duration(eta)} on {runner.device} at --batch {cfg.batch} (an estimate from one timed network "
+            f"evaluation; metrics and the VAE come on top)")
+
+
+def _seconds_per_evaluation(runner: Runner, batch: int) -> float:
+    """Seconds per image of one forward pass of the backbone at `batch`, after an untimed first call."""
+    net, res, C = runner.net, runner.info["resolution"], runner.info["channels"]
+    x = torch.zeros(batch, C, res, res, device=runner.device)
+    sigma = torch.ones(batch, device=runner.device)
+    labels = torch.zeros(batch, runner.info["label_dim"], device=runner.device) if runner.info["label_dim"] else None
+    with torch.no_grad():
+        net(x, sigma, labels)
+        synchronize(runner.device)
+        t0 = time.perf_counter()
+        net(x, sigma, labels)
+        synchronize(runner.device)
+    return (time.perf_counter() - t0) / batch
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
