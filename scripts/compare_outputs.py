@@ -5,6 +5,8 @@ them bit-identical.
     python scripts/compare_outputs.py record after.json       # on the new code
     python scripts/compare_outputs.py compare before.json after.json
 
+A short `aid train` (2 iterations) is recorded too: its guidance module's tensors and its stats.jsonl.
+
 Every command runs as its own `python -m aid_cli.cli` process (fixed seeds, --device cpu, --threads 1). Recorded: the
 sha256 of each PNG `aid inpaint` writes and of each grid `aid bench` writes, bench.json's rows and cells.jsonl's
 per-image metrics, without the wall-clock figures (seconds, memory, dates) that differ between any two runs.
@@ -70,6 +72,16 @@ def record(out_json: Path) -> dict:
         result["bench"]["bench.json"] = _stable(json.loads((bench / "bench.json").read_text()))
         result["bench"]["cells"] = [_stable(json.loads(line)) for line in (bench / "cells.jsonl").read_text().splitlines()]
         print(f"bench grids: {result['bench']['grids']}", flush=True)
+        run = tmp / "train"
+        _aid("train", "--dataset", DATASET, "--val", DATASET, "--val-offset", "0", "--val-n", "4", "--val-every", "2",
+             "--iters", "2", "--batch", "2", "--steps", "6", "--checkpoint-every", "2", "--device", "cpu", "--threads",
+             "1", "--out", str(run), cwd=tmp)
+        from safetensors.torch import load_file
+
+        weights = load_file(str(run / "guidance.safetensors"))
+        result["train"] = {"guidance": {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in weights.items()},
+                           "stats": [_stable(json.loads(line)) for line in (run / "stats.jsonl").read_text().splitlines()]}
+        print(f"train: {len(weights)} tensors, {len(result['train']['stats'])} stats lines", flush=True)
     out_json.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     return result
 
@@ -91,6 +103,10 @@ def compare(a: Path, b: Path) -> int:
     same = ra["bench"].get("cells") == rb["bench"].get("cells")
     bad += not same
     print(f"cells.jsonl (per-image PSNR-hole, SSIM, LPIPS; NFE): {'identical' if same else 'DIFFERENT'}")
+    if "train" in ra:
+        same = ra["train"] == rb.get("train")
+        bad += not same
+        print(f"aid train (2 iterations): guidance weights and stats.jsonl {'identical' if same else 'DIFFERENT'}")
     return 1 if bad else 0
 
 

@@ -17,3 +17,14 @@ def test_no_import_runs_upward_or_in_a_circle():
     assert graph_mod.upward(graph) == []
     assert "cli" not in {t.split(".")[0] for mod, targets in graph.items() if not mod.startswith("cli")
                          for t in targets}  # nothing but the command line imports the command line
+
+
+def test_every_citation_of_the_notes_resolves():
+    """`method.md §n` and `design.md` in the code name notes that are in docs/, with a section n."""
+    import re
+
+    sections = set(re.findall(r"^## (\d+)\.", (REPO / "docs" / "method.md").read_text(), re.M))
+    assert (REPO / "docs" / "design.md").is_file()
+    for path in [*(REPO / "aid_cli").rglob("*.py"), *(REPO / "scripts").glob("*.py")]:
+        for cited in re.findall(r"method\.md ((?:§\d+[–-]?)+)", path.read_text()):
+            assert set(re.findall(r"\d+", cited)) <= sections, (path, cited)

@@ -351,8 +351,9 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
                               lpips_offline=cfg.lpips_offline,
                               progress=(lambda done, desc: progress(done, state["total"], desc)) if progress else None,
                               class_label=cfg.class_label, vae=cfg.vae, precision=cfg.precision, compile=cfg.compile)
-    specs = [resolve_method(m, cfg.steps, runner.checkpoint, runner.sha256, runner.note, cfg.guidance, cfg.guidances)
-             for m in cfg.methods]
+    loaded: dict = {}  # each guidance module loaded once, whichever operating points use it (aid-12, aid-18)
+    specs = [resolve_method(m, cfg.steps, runner.checkpoint, runner.sha256, runner.note, cfg.guidance, cfg.guidances,
+                            loaded=loaded) for m in cfg.methods]
     identity = _identity(runner, cfg, cfg.dataset)
     done, error = _prepare_out(out, identity, resume) if runner.rank == 0 else ({}, None)
     done, error = runner.broadcast((done, error))

@@ -392,9 +392,8 @@ def warm_start(actor: Actor, path, actor_kwargs: dict, backbone_sha: str) -> Non
     actor.load_state_dict(init.state_dict())
 
 
-def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int | None = None, progress: bool = True,
-          log=print) -> Path:
-    rank, world, device = init_distributed(torch.device(device))
+def check_config(cfg: TrainConfig, world: int) -> TrainConfig:
+    """The options that must agree with each other, checked before anything is loaded (one-line errors)."""
     cfg = dataclasses.replace(cfg, estimator=canonical_estimator(cfg.estimator))
     if cfg.estimator not in ESTIMATORS:
         raise UserError(f"unknown --estimator {cfg.estimator!r}: choose one of {', '.join(ESTIMATORS)} "
@@ -416,8 +415,56 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
                         f"comma-separated")
     if cfg.batch % world:
         raise UserError(f"--batch {cfg.batch} is not divisible by the {world} processes")
+    return cfg
+
+
+@dataclass
+class Run:
+    """Everything one training process holds (built by `setup`): the config, the frozen backbone and its space, the
+    data, the networks and their optimisers, and where the loop stands."""
+
+    cfg: TrainConfig
+    folder: Path
+    rank: int
+    world: int
+    device: torch.device
+    log: object
+    backbone_net: torch.nn.Module  # the checkpoint's network (its parameters are counted)
+    backbone: object  # the denoiser the rollouts call: NHWC, autocast where asked, compiled where asked
+    backbone_sha: str
+    space: object  # PixelSpace or LatentSpace (backbones/spaces.py)
+    res: int  # pixels
+    data: object
+    labels: torch.Tensor | None  # one-hot class labels of the training images (class-conditional backbones)
+    val: object | None
+    val_images: torch.Tensor | None
+    val_M: torch.Tensor | None
+    val_labels: torch.Tensor | None
+    inpainter: Inpainter  # validation completes images as `aid inpaint` does
+    lpips: object | None  # in the terminal cost (--lambda-lpips)
+    val_lpips: object | None  # reported by validation where its weights are at hand
+    actor: Actor
+    critic: torch.nn.Module
+    opt_actor: torch.optim.Optimizer
+    opt_critic: torch.optim.Optimizer
+    actor_t: torch.nn.Module  # the actor and the critic as trained (DDP-wrapped under torchrun)
+    critic_t: torch.nn.Module
+    sigmas: torch.Tensor
+    bank: torch.Tensor | None  # the run's training masks, drawn once (bool, 1 = known)
+    it: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def state_path(self) -> Path:
+        return self.folder / STATE_FILE
+
+
+def setup(cfg: TrainConfig, resume: bool, device, log) -> Run:
+    """Check the options, load the backbone, its space and the data, build (or restore) the actor, the critic and
+    their optimisers; rank 0 writes the run's config.json and says what it trains."""
+    rank, world, device = init_distributed(torch.device(device))
+    cfg = check_config(cfg, world)
     run = Path(cfg.out)
-    state_path = run / STATE_FILE
     cfg = prepare_run(cfg, run, STATE_FILE, resume, log=log,
                       free=("dataset", "out", "iters", "val_dataset", "checkpoint_every", "val_every", "precision",
                             "compile", "diag_every", "diag_batch", "recompute"))
@@ -448,7 +495,6 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
                             f"the benchmark's images; pass --val-offset 0 for a set of its own)") from None
     val_M = validation_masks(len(val), res).to(device) if val else None
     val_images = val.as_float(slice(None)).to(device) if val else None
-    inpainter = Inpainter(backbone, binfo, space, device, Path(cfg.backbone))  # validation: `aid inpaint`'s path
     val_labels = one_hot_labels(val, binfo.get("label_dim", 0), cfg.class_label, cfg.val_dataset) if val else None
     val_labels = val_labels.to(device) if val_labels is not None else None
     lpips = None
@@ -477,17 +523,20 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
     if cfg.init and not resume:  # a resumed run's own state already holds the warm-started actor
         warm_start(actor, cfg.init, cfg.actor_kwargs(C), backbone_sha)
     if resume:
-        meta = load_state(state_path, {"actor": actor, "critic": critic},
+        meta = load_state(run / STATE_FILE, {"actor": actor, "critic": critic},
                           {"opt_actor": opt_actor, "opt_critic": opt_critic}, device=device)
         it, elapsed = meta["iteration"], meta["elapsed_s"]
     ddp = (lambda m: torch.nn.parallel.DistributedDataParallel(m, device_ids=[device] if device.type == "cuda" else None)) \
         if world > 1 else (lambda m: m)
-    actor_t, critic_t = ddp(actor), ddp(critic)
-    sigmas = edm_sigmas(cfg.steps, device=device)
     # the run's training masks, drawn once (bool, 1 = known); each iteration indexes it with its own generator
     bank = training_mask_bank(cfg.mask_bank, res, cfg.seed, families, (cfg.hole_min, cfg.hole_max)) \
         if cfg.mask_bank else None
-
+    r = Run(cfg=cfg, folder=run, rank=rank, world=world, device=device, log=log, backbone_net=backbone_net,
+            backbone=backbone, backbone_sha=backbone_sha, space=space, res=res, data=data, labels=labels, val=val,
+            val_images=val_images, val_M=val_M, val_labels=val_labels,
+            inpainter=Inpainter(backbone, binfo, space, device, Path(cfg.backbone)), lpips=lpips, val_lpips=val_lpips,
+            actor=actor, critic=critic, opt_actor=opt_actor, opt_critic=opt_critic, actor_t=ddp(actor),
+            critic_t=ddp(critic), sigmas=edm_sigmas(cfg.steps, device=device), bank=bank, it=it, elapsed=elapsed)
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -495,131 +544,166 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
         log(f"{'resuming' if resume else 'training'} AID guidance: actor {n_actor:,} parameters "
             f"({100 * n_actor / n_backbone:.2f} % of the {n_backbone:,}-parameter backbone), critic "
             f"{count_parameters(critic):,}; {len(data):,} training images → {run}")
+    return r
 
-    def checkpoint():
-        save_state(state_path, {"actor": actor, "critic": critic}, {"opt_actor": opt_actor, "opt_critic": opt_critic},
-                   {"config": dataclasses.asdict(cfg), "iteration": it, "elapsed_s": elapsed})
-        training_curves(read_jsonl(run / "stats.jsonl", notice=log), run / CURVES_FILE,
-                        f"aid train ({cfg.estimator}): {run.name}, batch {cfg.batch}, N = {cfg.steps}")
-        training = {**dataclasses.asdict(cfg), "iterations": it, "train_seconds": round(elapsed, 1),
-                    "backbone": str(cfg.backbone)}
-        save_guidance(run / GUIDANCE_FILE, actor, cfg.actor_kwargs(C), backbone_sha, training=training)
-        # every checkpoint's module is kept (~35 k parameters each), so the best on validation can be picked later
-        (run / SNAPSHOT_DIR).mkdir(exist_ok=True)
-        save_guidance(run / SNAPSHOT_DIR / f"guidance-{it:06d}.safetensors", actor, cfg.actor_kwargs(C), backbone_sha,
-                      training=training)
 
-    def validate() -> dict:
-        """val_psnr_hole_{18,12} (and val_lpips_{18,12} where LPIPS is at hand), logged in one line."""
-        rec = {}
-        for N in (18, 12):
-            for k, v in validation_scores(inpainter, actor, val_images, val_M, N, labels=val_labels,
-                                          lpips=val_lpips).items():
-                rec[f"val_{k}_{N}"] = v
-        log(f"it {it}: val PSNR-hole {rec['val_psnr_hole_18']:.2f} dB (N=18), {rec['val_psnr_hole_12']:.2f} dB (N=12)"
-            + (f"; LPIPS {rec['val_lpips_18']:.3f} / {rec['val_lpips_12']:.3f}" if val_lpips is not None else ""))
-        return rec
+def draw_tasks(r: Run, g: torch.Generator, batch: int, step: int, sl=slice(None)):
+    """(task, x0, seed of the initial noise) of `batch` tasks drawn with `g`; this process's share `sl`."""
+    cfg = r.cfg
+    idx = torch.randint(len(r.data), (batch,), generator=g)
+    if r.bank is not None:
+        M_all = r.bank[torch.randint(len(r.bank), (batch,), generator=g)].to(torch.float32)
+    else:
+        M_all = training_masks(batch, r.res, cfg.seed, step, hole_range=(cfg.hole_min, cfg.hole_max))
+    x0 = r.data.as_float(idx[sl]).to(r.device)
+    task = r.space.task(x0, M_all[sl].to(r.device), None if r.labels is None else r.labels[idx[sl]].to(r.device))
+    if r.space.latent:
+        x0 = r.space.encode(x0)  # the terminal loss compares latents (method.md §4: λ_vis = λ_hole = 1 there)
+    return task, x0, int(torch.randint(2 ** 62, (1,), generator=g))
 
-    def draw_tasks(g: torch.Generator, batch: int, step: int, sl=slice(None)):
-        """(task, x0, seed of the initial noise) of `batch` tasks drawn with `g`; this process's share `sl`."""
-        idx = torch.randint(len(data), (batch,), generator=g)
-        if bank is not None:
-            M_all = bank[torch.randint(len(bank), (batch,), generator=g)].to(torch.float32)
-        else:
-            M_all = training_masks(batch, res, cfg.seed, step, hole_range=(cfg.hole_min, cfg.hole_max))
-        x0 = data.as_float(idx[sl]).to(device)
-        task = space.task(x0, M_all[sl].to(device), None if labels is None else labels[idx[sl]].to(device))
-        if space.latent:
-            x0 = space.encode(x0)  # the terminal loss compares latents (method.md §4: λ_vis = λ_hole = 1 there)
-        return task, x0, int(torch.randint(2 ** 62, (1,), generator=g))
 
-    def diagnose() -> dict:
-        """The gradient diagnostic on tasks of its own (its own generator: training's draws are untouched)."""
-        task, x0, noise_seed = draw_tasks(step_generator(cfg.seed + DIAG_SEED_OFFSET, it), cfg.diag_batch or cfg.batch,
-                                          -1 - it)
-        rec = gradient_diagnostic(cfg, backbone, actor, critic, task, x0, noise_seed, sigmas, lpips,
-                                  actor_critic=cfg.estimator != "backprop")
-        b = max(int(k.rsplit("_b", 1)[1]) for k in rec if k.startswith("diag_cos_backprop_b"))
-        log(f"it {it}: gradient cosines to the exact gradient at batch {b}: "
-            + ", ".join(f"{k[9:-len(f'_b{b}')]} {v:+.3f}" for k, v in rec.items()
-                        if k.endswith(f"_b{b}") and "backprop" not in k))
-        return rec
+def step(r: Run, prev_grad: torch.Tensor | None) -> dict:
+    """One iteration (the module docstring's steps 1–6) on this process's share of the batch: the losses, the
+    gradient norms, the actor's gradient and its cosine to the previous one (≈ 0 when the estimator's noise swamps its
+    signal)."""
+    cfg, world = r.cfg, r.world
+    B_local = cfg.batch // world
+    sl = slice(r.rank * B_local, (r.rank + 1) * B_local)
+    task, x0, noise_seed = draw_tasks(r, step_generator(cfg.seed, r.it), cfg.batch, r.it, sl)
+    gens = sample_generators(noise_seed, cfg.batch)[sl]
+    if cfg.estimator == "backprop":  # J's exact gradient through the whole frozen solve
+        out = backprop_loss(cfg, r.backbone, r.actor, task, x0, gens, r.lpips)
+        out["critic_loss"] = torch.zeros(())
+    else:
+        with torch.no_grad():
+            X, A, X_N, D = rollout(r.backbone, r.actor, task, cfg.steps, cfg.gamma, gens, cfg.explore == "scaled")
+        out = actor_critic_losses(cfg, r.actor_t, r.critic_t, X, A, X_N, x0, task, r.sigmas, D, r.lpips)
+    if not (math.isfinite(out["critic_loss"].item()) and math.isfinite(out["actor_loss"].item())):
+        raise RuntimeError(f"non-finite loss at iteration {r.it}; the last checkpoint in {r.folder} is intact")
+    r.opt_critic.zero_grad(set_to_none=True)
+    r.opt_actor.zero_grad(set_to_none=True)
+    out["actor_loss"].backward()
+    if cfg.estimator == "backprop":
+        if world > 1:  # the raw actor ran N times in the loop: average its gradients by hand
+            for p in r.actor.parameters():
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world
+    else:
+        out["critic_loss"].backward()
+    out["gn_critic"] = torch.nn.utils.clip_grad_norm_(r.critic.parameters(), cfg.clip)
+    out["gn_actor"] = torch.nn.utils.clip_grad_norm_(r.actor.parameters(), cfg.clip)
+    grad = torch.cat([p.grad.flatten() for p in r.actor.parameters() if p.grad is not None])
+    out["grad_cos"] = float(torch.nn.functional.cosine_similarity(grad, prev_grad, dim=0)) \
+        if prev_grad is not None and len(prev_grad) == len(grad) else None
+    out["grad"] = grad
+    r.opt_critic.step()
+    r.opt_actor.step()
+    return out
 
+
+def validate(r: Run) -> dict:
+    """val_psnr_hole_{18,12} (and val_lpips_{18,12} where LPIPS is at hand), logged in one line."""
+    rec = {}
+    for N in (18, 12):
+        for k, v in validation_scores(r.inpainter, r.actor, r.val_images, r.val_M, N, labels=r.val_labels,
+                                      lpips=r.val_lpips).items():
+            rec[f"val_{k}_{N}"] = v
+    r.log(f"it {r.it}: val PSNR-hole {rec['val_psnr_hole_18']:.2f} dB (N=18), {rec['val_psnr_hole_12']:.2f} dB (N=12)"
+          + (f"; LPIPS {rec['val_lpips_18']:.3f} / {rec['val_lpips_12']:.3f}" if r.val_lpips is not None else ""))
+    return rec
+
+
+def diagnose(r: Run) -> dict:
+    """The gradient diagnostic on tasks of its own (its own generator: training's draws are untouched)."""
+    cfg = r.cfg
+    task, x0, noise_seed = draw_tasks(r, step_generator(cfg.seed + DIAG_SEED_OFFSET, r.it), cfg.diag_batch or cfg.batch,
+                                      -1 - r.it)
+    rec = gradient_diagnostic(cfg, r.backbone, r.actor, r.critic, task, x0, noise_seed, r.sigmas, r.lpips,
+                              actor_critic=cfg.estimator != "backprop")
+    b = max(int(k.rsplit("_b", 1)[1]) for k in rec if k.startswith("diag_cos_backprop_b"))
+    r.log(f"it {r.it}: gradient cosines to the exact gradient at batch {b}: "
+          + ", ".join(f"{k[9:-len(f'_b{b}')]} {v:+.3f}" for k, v in rec.items()
+                      if k.endswith(f"_b{b}") and "backprop" not in k))
+    return rec
+
+
+def log_record(r: Run, out: dict, seconds: float) -> dict:
+    """The iteration's line of stats.jsonl (rank 0), with validation and the diagnostic when they are due."""
+    cfg = r.cfg
+    rec = {"iteration": r.it, "actor_loss": out["actor_loss"].item(), "actor_grad_norm": float(out["gn_actor"]),
+           "actor_grad_cos_prev": out["grad_cos"],
+           "terminal": out["terminal"].mean().item(), "control_energy": out["energy"].mean().item(),
+           "seconds": round(seconds, 3)}
+    if cfg.estimator != "backprop":
+        d = out["delta"]
+        rec.update({"critic_loss": out["critic_loss"].item(), "delta_mean": d.mean().item(),
+                    "delta_std": d.std().item(), "critic_grad_norm": float(out["gn_critic"]),
+                    "critic_ev": out["critic_ev"], "V0": out["V0"].mean().item()})
+    if r.val is not None and (r.it % cfg.val_every == 0 or r.it == cfg.iters):
+        rec.update(validate(r))
+    if cfg.diag_every and r.it % cfg.diag_every == 0:
+        rec.update(diagnose(r))
+    append_stats(r, rec)
+    return rec
+
+
+def append_stats(r: Run, rec: dict) -> None:
+    with open(r.folder / "stats.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def save_checkpoint(r: Run) -> None:
+    """The resumable state, the curves, and the module: guidance.safetensors and a numbered copy in modules/."""
+    cfg, run, C = r.cfg, r.folder, r.actor.channels
+    save_state(r.state_path, {"actor": r.actor, "critic": r.critic},
+               {"opt_actor": r.opt_actor, "opt_critic": r.opt_critic},
+               {"config": dataclasses.asdict(cfg), "iteration": r.it, "elapsed_s": r.elapsed})
+    training_curves(read_jsonl(run / "stats.jsonl", notice=r.log), run / CURVES_FILE,
+                    f"aid train ({cfg.estimator}): {run.name}, batch {cfg.batch}, N = {cfg.steps}")
+    training = {**dataclasses.asdict(cfg), "iterations": r.it, "train_seconds": round(r.elapsed, 1),
+                "backbone": str(cfg.backbone)}
+    save_guidance(run / GUIDANCE_FILE, r.actor, cfg.actor_kwargs(C), r.backbone_sha, training=training)
+    # every checkpoint's module is kept (~35 k parameters each), so the best on validation can be picked later
+    (run / SNAPSHOT_DIR).mkdir(exist_ok=True)
+    save_guidance(run / SNAPSHOT_DIR / f"guidance-{r.it:06d}.safetensors", r.actor, cfg.actor_kwargs(C),
+                  r.backbone_sha, training=training)
+
+
+def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int | None = None, progress: bool = True,
+          log=print) -> Path:
+    """Train the guidance module: setup, then step after step, each logged (rank 0) and checkpointed now and then,
+    until --iters (or `max_iters`) or a SIGINT/SIGTERM, which finishes the step, saves and leaves."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    B_local = cfg.batch // world
+    r = setup(cfg, resume, device, log)
+    cfg = r.cfg
     bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} it"),
                    TextColumn("TD {task.fields[td]:.4f}  ℓ {task.fields[ell]:.4f}"), TimeRemainingColumn(),
-                   disable=not progress or rank != 0)
+                   disable=not progress or r.rank != 0)
     with bar, GracefulStop() as stop:
-        ptask = bar.add_task("train", total=cfg.iters, completed=it, td=float("nan"), ell=float("nan"))
-        if it == 0 and val is not None and rank == 0:  # the starting point: u ≡ 0 is the unguided sampler
-            rec = {"iteration": 0, **validate()}
-            with open(run / "stats.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        ptask = bar.add_task("train", total=cfg.iters, completed=r.it, td=float("nan"), ell=float("nan"))
+        if r.it == 0 and r.val is not None and r.rank == 0:  # the starting point: u ≡ 0 is the unguided sampler
+            append_stats(r, {"iteration": 0, **validate(r)})
         prev_grad = None
-        while it < cfg.iters and (max_iters is None or it < max_iters):
+        while r.it < cfg.iters and (max_iters is None or r.it < max_iters):
             t0 = time.time()
-            sl = slice(rank * B_local, (rank + 1) * B_local)
-            task, x0, noise_seed = draw_tasks(step_generator(cfg.seed, it), cfg.batch, it, sl)
-            gens = sample_generators(noise_seed, cfg.batch)[sl]
-            if cfg.estimator == "backprop":  # J's exact gradient through the whole frozen solve
-                out = backprop_loss(cfg, backbone, actor, task, x0, gens, lpips)
-                out["critic_loss"] = torch.zeros(())
-            else:
-                with torch.no_grad():
-                    X, A, X_N, D = rollout(backbone, actor, task, cfg.steps, cfg.gamma, gens, cfg.explore == "scaled")
-                out = actor_critic_losses(cfg, actor_t, critic_t, X, A, X_N, x0, task, sigmas, D, lpips)
-            if not (math.isfinite(out["critic_loss"].item()) and math.isfinite(out["actor_loss"].item())):
-                raise RuntimeError(f"non-finite loss at iteration {it}; the last checkpoint in {run} is intact")
-            opt_critic.zero_grad(set_to_none=True)
-            opt_actor.zero_grad(set_to_none=True)
-            out["actor_loss"].backward()
-            if cfg.estimator == "backprop":
-                if world > 1:  # the raw actor ran N times in the loop: average its gradients by hand
-                    for p in actor.parameters():
-                        torch.distributed.all_reduce(p.grad)
-                        p.grad /= world
-            else:
-                out["critic_loss"].backward()
-            gn_critic = torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.clip)
-            gn_actor = torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.clip)
-            grad = torch.cat([p.grad.flatten() for p in actor.parameters() if p.grad is not None])
-            # cosine between successive actor-gradient estimates: ≈ 0 when the estimator's noise swamps its signal
-            grad_cos = float(torch.nn.functional.cosine_similarity(grad, prev_grad, dim=0)) \
-                if prev_grad is not None and len(prev_grad) == len(grad) else None
-            prev_grad = grad
-            opt_critic.step()
-            opt_actor.step()
-            it += 1
-            elapsed += time.time() - t0
-            stopping = stop.agreed(world, device)  # SIGINT/SIGTERM: finish this iteration, save, leave
-            if rank != 0:
+            out = step(r, prev_grad)
+            prev_grad = out["grad"]
+            r.it += 1
+            r.elapsed += time.time() - t0
+            stopping = stop.agreed(r.world, r.device)  # SIGINT/SIGTERM: finish this iteration, save, leave
+            if r.rank != 0:
                 if stopping:
                     break
                 continue
-            rec = {"iteration": it, "actor_loss": out["actor_loss"].item(), "actor_grad_norm": float(gn_actor),
-                   "actor_grad_cos_prev": grad_cos,
-                   "terminal": out["terminal"].mean().item(), "control_energy": out["energy"].mean().item(),
-                   "seconds": round(time.time() - t0, 3)}
-            if cfg.estimator != "backprop":
-                d = out["delta"]
-                rec.update({"critic_loss": out["critic_loss"].item(), "delta_mean": d.mean().item(),
-                            "delta_std": d.std().item(), "critic_grad_norm": float(gn_critic),
-                            "critic_ev": out["critic_ev"], "V0": out["V0"].mean().item()})
-            if val is not None and (it % cfg.val_every == 0 or it == cfg.iters):
-                rec.update(validate())
-            if cfg.diag_every and it % cfg.diag_every == 0:
-                rec.update(diagnose())
-            with open(run / "stats.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            bar.update(ptask, completed=it, td=rec.get("critic_loss", float("nan")), ell=rec["terminal"])
-            if stopping or it % cfg.checkpoint_every == 0 or it == cfg.iters or \
-                    (max_iters is not None and it >= max_iters):
-                checkpoint()
+            rec = log_record(r, out, time.time() - t0)
+            bar.update(ptask, completed=r.it, td=rec.get("critic_loss", float("nan")), ell=rec["terminal"])
+            if stopping or r.it % cfg.checkpoint_every == 0 or r.it == cfg.iters or \
+                    (max_iters is not None and r.it >= max_iters):
+                save_checkpoint(r)
             if stopping:
-                log(f"stopped at iteration {it}; state and module saved; continue with --resume")
+                log(f"stopped at iteration {r.it}; state and module saved; continue with --resume")
                 break
-    if world > 1:
+    if r.world > 1:
         torch.distributed.barrier()
-    return run
+    return r.folder

@@ -81,7 +81,7 @@ def _close_names(name: str) -> list[str]:
 
 
 def _resolve(given, kind: str, embedded: str, missing_embedded: str, fetch: dict) -> Path:
-    """A checkpoint path as given, a registry name (fetched unless cached), or the embedded file when none is given."""
+    """A checkpoint path as given, a model name (fetched unless cached), or the embedded file when none is given."""
     what = "checkpoint" if kind == "backbone" else "guidance module"
     if given is None:
         path = weights_dir() / embedded
@@ -120,7 +120,7 @@ def resolve_guidance(guidance: str | os.PathLike | None, **fetch) -> Path:
 def guidance_at_hand(checkpoint: str | os.PathLike, cache=None) -> tuple[str, Path] | None:
     """(name, file) of a guidance module on disk for this backbone file, else None; nothing is downloaded or hashed.
 
-    "On disk": the module shipped in weights/, or one in the cache, whose registry entry names as its backbone the model
+    "On disk": the module shipped in weights/, or one in the cache, whose catalogue entry names as its backbone the model
     this checkpoint file is (the embedded one, or a cached download). `aid inpaint` defaults to --method aid then.
     """
     try:
