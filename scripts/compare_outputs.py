@@ -1,9 +1,10 @@
 """Record, or compare against a record, a few `aid inpaint` and `aid bench` outputs: the proof that a refactoring kept
 them bit-identical.
 
-    python scripts/compare_outputs.py record before.json      # on the old code
-    python scripts/compare_outputs.py record after.json       # on the new code
-    python scripts/compare_outputs.py compare before.json after.json
+    git archive OLD_COMMIT | tar -x -C /tmp/old        # the old code, beside this checkout
+    PYTHONPATH=/tmp/old python scripts/compare_outputs.py record before.json
+    python scripts/compare_outputs.py record after.json
+    python scripts/compare_outputs.py compare before.json after.json     # exit 1 on any difference
 
 A short `aid train` (2 iterations) is recorded too: its guidance module's tensors and its stats.jsonl.
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE, MASK = ROOT / "examples" / "chelsea.png", ROOT / "examples" / "chelsea_mask.png"
-DATASET = os.environ.get("AID_COMPARE_DATA", "/work/shared/data/cats64/val.zip")
+DATASET = os.environ.get("AID_COMPARE_DATA") or str(ROOT.parent / "shared" / "data" / "cats64" / "val.zip")
 INPAINT_METHODS = ("aid", "repaint", "dps", "replace")
 BENCH_METHODS = "replace,dps,aid-12"
 VOLATILE = ("sec", "second", "time", "memory", "mem_", "date", "started", "finished", "host", "platform", "python",
