@@ -148,18 +148,10 @@ def train(
         raise UserError(f"--hole-range must look like 0.2-0.6, got {hole_range!r}") from None
     if not 0 < lo <= hi < 1:
         raise UserError(f"--hole-range must satisfy 0 < MIN <= MAX < 1, got {hole_range}")
-    from ..backbones.checkpoint import read_metadata
-    from ..errors import CheckpointError
+    from ..guidance.trainer import backbone_lambda_vis
 
     backbone_path = resolve_backbone(model_file(backbone, None, False))
-    try:
-        latent = "aid.encoder" in read_metadata(backbone_path)
-    except CheckpointError:
-        latent = False  # the trainer's load_backbone says what is wrong with the file
-    if vae is not None and not latent:
-        raise UserError("--vae: this backbone works on pixels and uses no VAE; drop --vae")
-    if lambda_vis is None:  # the paper's values: 2 on pixels (EDM), 1 on latents (EDM2)
-        lambda_vis = 1.0 if latent else 2.0
+    lambda_vis = backbone_lambda_vis(backbone_path, vae, lambda_vis)
     out = run_folder(out, resume, "train", dataset)
     cfg = TrainConfig(dataset=str(resolve_dataset(dataset)), out=str(out), backbone=str(backbone_path),
                       steps=steps, batch=batch, iters=iters, beta=beta, gamma=gamma, lambda_vis=lambda_vis,

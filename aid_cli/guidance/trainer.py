@@ -392,6 +392,21 @@ def warm_start(actor: Actor, path, actor_kwargs: dict, backbone_sha: str) -> Non
     actor.load_state_dict(init.state_dict())
 
 
+def backbone_lambda_vis(backbone, vae: str | None, lambda_vis: float | None) -> float:
+    """`--lambda-vis`, or the paper's value for this backbone when it is not given: 2 on pixels (EDM), 1 on latents
+    (EDM2). A `--vae` for a pixel backbone is refused here, before anything is loaded."""
+    from ..backbones.checkpoint import read_metadata
+    from ..errors import CheckpointError
+
+    try:
+        latent = "aid.encoder" in read_metadata(backbone)
+    except CheckpointError:
+        latent = False  # the trainer's load_backbone says what is wrong with the file
+    if vae is not None and not latent:
+        raise UserError("--vae: this backbone works on pixels and uses no VAE; drop --vae")
+    return (1.0 if latent else 2.0) if lambda_vis is None else lambda_vis
+
+
 def check_config(cfg: TrainConfig, world: int) -> TrainConfig:
     """The options that must agree with each other, checked before anything is loaded (one-line errors)."""
     cfg = dataclasses.replace(cfg, estimator=canonical_estimator(cfg.estimator))
