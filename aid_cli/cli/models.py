@@ -204,6 +204,7 @@ def models_eval(
 
     Example: [bold]aid models eval --val ../shared/data/cats64/val.zip --fid-ref ../shared/data/cats64/train.zip[/]
     """
+    import contextlib
     import time
 
     from rich.progress import Progress
@@ -222,25 +223,27 @@ def models_eval(
         check_writable_dir(json_path)
     dev = resolve_device(device)
     path = resolve_backbone(model_file(model, None, False))
-    with Progress(console=err, transient=True, redirect_stdout=False) as bar:
-        started = []  # when the first long step began (FID), for the lines a log file gets instead of the bar
+    @contextlib.contextmanager
+    def tracking():
+        """A progress bar around FID's long steps; without a terminal (a log file), a line at every tenth instead."""
+        t0 = time.perf_counter()
+        with Progress(console=err, transient=True, redirect_stdout=False) as bar:
+            def tracker(what, total):
+                task, state = bar.add_task(what, total=total), {"done": 0, "said": 0}
 
-        def tracker(what, total):
-            """Advance the bar; without a terminal (a log file), print a line at every tenth instead."""
-            task, state = bar.add_task(what, total=total), {"done": 0, "said": 0}
-            started[:] = started or [time.perf_counter()]
+                def advance(n):
+                    bar.advance(task, n)
+                    state["done"] += n
+                    tenth = 10 * state["done"] // total
+                    if not err.is_terminal and tenth > state["said"]:
+                        state["said"] = tenth
+                        err.print(f"{what}: {state['done']}/{total} ({time.perf_counter() - t0:.0f} s)")
+                return advance
 
-            def advance(n):
-                bar.advance(task, n)
-                state["done"] += n
-                tenth = 10 * state["done"] // total
-                if not err.is_terminal and tenth > state["said"]:
-                    state["said"] = tenth
-                    err.print(f"{what}: {state['done']}/{total} ({time.perf_counter() - started[0]:.0f} s)")
-            return advance
+            yield tracker
 
-        result = measure_backbone(path, dev, val=val, fid_ref=fid_ref, fid_samples=fid_samples, steps=steps,
-                                  seed=seed, batch=batch, grid=grid, tracker=tracker, log=log)
+    result = measure_backbone(path, dev, val=val, fid_ref=fid_ref, fid_samples=fid_samples, steps=steps, seed=seed,
+                              batch=batch, grid=grid, tracking=tracking, log=log)
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2))
     print(json.dumps(result))

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from contextlib import AbstractContextManager, nullcontext
 from typing import Callable
 
 from ..errors import UserError
 
 Tracker = Callable[[str, int], Callable[[int], None]]  # tracker(what, total) → advance(n): progress of a long step
+Tracking = Callable[[], AbstractContextManager]  # a context around FID's long steps whose value is a Tracker
 
 
 def measure_backbone(path: Path, device, val: Path | None = None, fid_ref: Path | None = None,
                      fid_samples: int = 5000, steps: int = 18, seed: int = 0, batch: int = 250,
-                     grid: Path | None = None, tracker: Tracker | None = None,
+                     grid: Path | None = None, tracking: Tracking | None = None,
                      log: Callable[[str], None] = print) -> dict:
     """The record `aid models eval` prints: the model, its val loss (with `val`) and its FID (with `fid_ref`); the
-    first 64 FID samples go to `grid` as a PNG when it is given."""
+    first 64 FID samples go to `grid` as a PNG when it is given. `tracking()`: entered around FID's feature
+    extraction and sampling, its value a Tracker of their progress (the CLI's progress bar)."""
     from ..backbones.checkpoint import load_backbone
     from ..backbones.edm import count_parameters
     from ..backbones.evaluate import cached_stats, generate, reference_key, validation_loss
@@ -31,7 +34,6 @@ def measure_backbone(path: Path, device, val: Path | None = None, fid_ref: Path 
     from ..plots import save_grid
     from ..sampling.heun import nfe_of_grid
 
-    tracker = tracker or (lambda what, total: lambda n: None)
     net, info = load_backbone(path, device=device)
     if info.get("encoder") is not None or info.get("label_dim"):
         raise UserError(f"{path}: aid models eval measures unconditional pixel-space backbones; this one is "
@@ -51,16 +53,16 @@ def measure_backbone(path: Path, device, val: Path | None = None, fid_ref: Path 
         inception = load_inception(device)
         ref = load_image_set(fid_ref, resolution=res)
         t0 = time.perf_counter()
+        with tracking() if tracking else nullcontext(lambda what, total: lambda n: None) as tracker:
+            def features(images, what):
+                return inception_features(images, batch=min(batch, 100), model=inception,
+                                          on_batch=tracker(what, len(images)))
 
-        def features(images, what):
-            return inception_features(images, batch=min(batch, 100), model=inception,
-                                      on_batch=tracker(what, len(images)))
-
-        mu_r, sigma_r = cached_stats(cache_dir(), reference_key(ref),
-                                     lambda: feature_stats(features(ref.images, "reference features")))
-        samples = generate(net, fid_samples, res, steps=steps, seed=seed, batch=batch, device=device,
-                           on_batch=tracker(f"sampling ({nfe_of_grid(steps)} NFE)", fid_samples))
-        mu_s, sigma_s = feature_stats(features(samples, "sample features"))
+            mu_r, sigma_r = cached_stats(cache_dir(), reference_key(ref),
+                                         lambda: feature_stats(features(ref.images, "reference features")))
+            samples = generate(net, fid_samples, res, steps=steps, seed=seed, batch=batch, device=device,
+                               on_batch=tracker(f"sampling ({nfe_of_grid(steps)} NFE)", fid_samples))
+            mu_s, sigma_s = feature_stats(features(samples, "sample features"))
         fid = frechet_distance(mu_s, sigma_s, mu_r, sigma_r)
         result["fid"] = {"fid": fid, "samples": fid_samples, "steps": steps, "nfe": nfe_of_grid(steps), "seed": seed,
                          "reference": str(fid_ref), "reference_images": len(ref),
