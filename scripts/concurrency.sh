@@ -7,6 +7,8 @@
 # full process (start-up included) inpainting examples/chelsea.png with the default method at 35 NFE. Prints the median
 # wall time of a solo run, of a run in a pair, and their ratio (the target: at most 2.5). Policies:
 #   default        aid's own choice (threads = usable CPUs less busy ones, OMP_WAIT_POLICY=PASSIVE)
+#   spin-300k      aid's choice, but each idle thread spins GOMP_SPINCOUNT=300000 times before it sleeps (libgomp's
+#                  own default when OMP_WAIT_POLICY is unset; ~3 ms); spin-30k: 30000 (~0.3 ms)
 #   torch-default  what torch does unaided: one thread per core, OpenMP's active wait (AID_THREADS=<cores>, ACTIVE)
 #   one-thread     AID_THREADS=1
 set -euo pipefail
@@ -41,6 +43,8 @@ measure() {  # policy name, then env assignments
 }
 
 echo "$(date -u +%FT%TZ)  $cores CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), $repeats repeats"
-measure default -u AID_THREADS -u OMP_NUM_THREADS -u OMP_WAIT_POLICY
-measure torch-default -u OMP_NUM_THREADS AID_THREADS="$cores" OMP_WAIT_POLICY=ACTIVE
-measure one-thread -u OMP_NUM_THREADS -u OMP_WAIT_POLICY AID_THREADS=1
+measure default -u GOMP_SPINCOUNT -u AID_THREADS -u OMP_NUM_THREADS -u OMP_WAIT_POLICY
+measure spin-300k -u AID_THREADS -u OMP_NUM_THREADS -u OMP_WAIT_POLICY GOMP_SPINCOUNT=300000
+measure spin-30k -u AID_THREADS -u OMP_NUM_THREADS -u OMP_WAIT_POLICY GOMP_SPINCOUNT=30000
+measure torch-default -u GOMP_SPINCOUNT -u OMP_NUM_THREADS AID_THREADS="$cores" OMP_WAIT_POLICY=ACTIVE
+measure one-thread -u GOMP_SPINCOUNT -u OMP_NUM_THREADS -u OMP_WAIT_POLICY AID_THREADS=1

@@ -298,3 +298,42 @@ def test_shipped_weights_record_no_absolute_paths():
                 values.append(v)
         assert not [v for v in values if v.startswith(("/", "~"))], (path.name, values)
     assert read_metadata(guidance)["aid.backbone_sha256"] == sha256_file(backbone)
+
+
+# ------------------------------------------------------------------------------------------- aid bench without --dataset
+
+def test_bench_without_dataset_benchmarks_the_backbones_own_images(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    """The mission's literal `aid bench --methods …`: no --dataset, no --out. The images are the backbone's own samples
+    (seeds far from the fills' noise seeds), written once into the run folder and reused by --resume."""
+    from aid_cli.backbones.checkpoint import load_backbone
+    from aid_cli.backbones.evaluate import generate
+    from aid_cli.bench import SAMPLES_SEED
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AID_RUNS", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = ["bench", "--methods", "replace,unguided", "--model", tiny_checkpoint, "--steps", "3", "--n", "2",
+            "--masks", "freeform", "--offline", "--device", "cpu"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "no --dataset: drawing 2 images from the backbone itself" in err and "pass --dataset" in err
+    out = tmp_path / "aid-runs" / "00000-bench-samples"
+    images = sorted((out / "images").glob("*.png"))
+    assert [p.name for p in images] == [f"sample-{SAMPLES_SEED}.png", f"sample-{SAMPLES_SEED + 1}.png"]
+    net, info = load_backbone(tiny_checkpoint)
+    expected = generate(net, 2, info["resolution"], steps=3, seed=SAMPLES_SEED)  # what the files must hold
+    for p, x in zip(images, expected):
+        assert np.array_equal(np.asarray(Image.open(p)), x.permute(1, 2, 0).numpy())
+    result = json.loads((out / "bench.json").read_text())
+    assert Path(result["config"]["dataset"]).resolve() == (out / "images").resolve()
+    assert result["config"]["seeds"] == [0]  # one seed by default without --dataset
+    before = {p.name: p.stat().st_mtime_ns for p in images}
+    code, _, err = run_cli(args + ["--out", out, "--resume"], capsys)
+    assert code == 0, err
+    assert "no --dataset: drawing" not in err  # reused, not drawn again
+    assert {p.name: p.stat().st_mtime_ns for p in sorted((out / "images").glob("*.png"))} == before
+
+
+def test_bench_tune_without_dataset_is_one_line(tmp_path, tiny_checkpoint, capsys):
+    code, _, err = run_cli(["bench", "--tune", "dps", "--model", tiny_checkpoint, "--device", "cpu"], capsys)
+    assert code == 2 and "--tune needs --dataset" in err and "Traceback" not in err

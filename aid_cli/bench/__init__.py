@@ -38,7 +38,7 @@ seed), best PSNR-hole (ties within 0.01 dB: lowest LPIPS), recorded beside the c
 
 Where each part lives: runner.py (the run: config, Runner, cells one by one, the plan), cells.py (cells.jsonl and the
 rows aggregated from it), measure.py (time, memory, device), report.py (bench.json, CSV, Markdown, grids, the plot),
-tune.py (`--tune`).
+tune.py (`--tune`), samples.py (the backbone's own images, for a benchmark without --dataset).
 """
 
 from .cells import CELLS_FILE, aggregate, read_cells
@@ -46,9 +46,11 @@ from .measure import device_name
 from .report import MD_END, MD_START, markdown_parts, rich_table, rows_markdown, splice_markdown, write_reports
 from .runner import (MAX_SEED, SEED_STRIDE, BenchConfig, Runner, bench_generators, check_masks, count_evaluations,
                      parse_list, parse_seeds, plan_text, run_bench)
+from .samples import SAMPLES_N, SAMPLES_SEED, backbone_samples
 from .tune import TUNABLE, tune, tune_grid
 
 __all__ = ["BenchConfig", "Runner", "run_bench", "tune", "tune_grid", "TUNABLE", "parse_seeds", "parse_list",
            "check_masks", "rich_table", "rows_markdown", "markdown_parts", "splice_markdown", "aggregate",
            "bench_generators", "count_evaluations", "plan_text", "read_cells", "write_reports", "device_name",
-           "CELLS_FILE", "MAX_SEED", "SEED_STRIDE", "MD_START", "MD_END"]
+           "CELLS_FILE", "MAX_SEED", "SEED_STRIDE", "MD_START", "MD_END", "backbone_samples", "SAMPLES_N",
+           "SAMPLES_SEED"]

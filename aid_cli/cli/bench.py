@@ -33,11 +33,14 @@ def parse_guidance_options(values: list[str]) -> dict:
 def bench(
     methods_list: Optional[str] = typer.Option(None, "--methods", help="Comma list of methods (see `aid methods`); "
                                                "aid-12 / aid-18 name AID's operating points."),
-    dataset: Path = typer.Option(..., "--dataset", help="Images: folder or EDM zip (the first --n, sorted by name)."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help="Images: folder or EDM zip (the first --n, sorted "
+                                           "by name). Without it: a small first look on 8 images the backbone draws "
+                                           "itself (OUT/images), one seed."),
     masks: str = typer.Option("freeform,center,strip", "--masks", help="Mask families, comma list (fixed, versioned)."),
     n: Optional[int] = typer.Option(None, "--n", "-n", min=1,
                                     help="Images per cell (default 100; with --tune, 16). Under torchrun: -n."),
-    seeds: str = typer.Option("3", "--seeds", help="Noise seeds: a count (3 = seeds 0,1,2) or a list (0,5,7)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Noise seeds: a count (3 = seeds 0,1,2) or a list "
+                                        "(0,5,7); default 3 (without --dataset: 1)."),
     model: Optional[str] = typer.Option(None, "--model", help="Backbone: a .safetensors file or a model name; default: "
                                         "embedded"),
     steps: int = typer.Option(18, "--steps", min=2, help="EDM grid steps N (NFE = 2N-1 for most methods)."),
@@ -105,7 +108,7 @@ def bench(
     from ..threads import apply_threads
 
     apply_threads(threads)
-    seed_list = parse_seeds(seeds)
+    seed_list = parse_seeds(seeds or ("3" if dataset is not None else "1"))
     if json_path is not None:
         check_writable_dir(json_path)
     dev = resolve_device(device)
@@ -127,6 +130,8 @@ def bench(
             raise UserError("--tune runs alone: drop --methods/--resume/--report-only")
         if out is not None and out.exists() and not out.is_dir():
             raise UserError(f"--out must be a folder, got the file {out}")
+        if dataset is None:
+            raise UserError("--tune needs --dataset: the validation images to tune on (e.g. val.zip)")
         with bar:
             entry = tune(tune_method, str(dataset), model, n=n or 16, steps=steps, seed=seed_list[0], batch=batch,
                          mask_seed=mask_seed, device=dev, log=log, progress=progress, lpips_offline=offline or None,
@@ -161,8 +166,15 @@ def bench(
             raise UserError("--resume and --report-only need --out DIR: the benchmark folder to continue or report")
         from ..fileio import numbered_run_dir, run_description
 
-        out = numbered_run_dir(run_description("bench", dataset))
+        out = numbered_run_dir(run_description("bench", dataset if dataset is not None else "samples"))
         err.print(f"results go to {escape(str(out))} (--out)", soft_wrap=True)
+    if dataset is None:  # a first look: images the backbone draws itself (bench/samples.py says what they are)
+        from ..bench import SAMPLES_N, backbone_samples
+
+        n = n or SAMPLES_N
+        if report_only and not (out / "images").is_dir():
+            raise UserError(f"--report-only: {out} holds no benchmark of the backbone's own images; pass --dataset")
+        dataset = backbone_samples(model, out / "images", n, steps=steps, device=dev, log=log)
     cfg = BenchConfig(dataset=str(dataset), methods=parse_list(methods_list, "--methods"),
                       masks=check_masks(parse_list(masks, "--masks")), n=n or 100, seeds=seed_list, steps=steps,
                       batch=batch, mask_seed=mask_seed, examples=examples, lpips_offline=offline or None,
