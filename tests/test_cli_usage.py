@@ -44,7 +44,8 @@ USAGE_ERRORS = {
     "--steps not a number": (["inpaint", "photo.png", "--mask", "m.png", "--steps", "many"], "aid inpaint", "--steps"),
     "inpaint without --mask": (["inpaint", "photo.png"], "aid inpaint", "Missing option '--mask'"),
     "inpaint without an image": (["inpaint", "--mask", "m.png"], "aid inpaint", "Missing argument 'IMAGE'"),
-    "bench without --dataset": (["bench", "--methods", "repaint,dps,aid"], "aid bench", "Missing option '--dataset'"),
+    "bench with a misspelt option": (["bench", "--methodz", "repaint,dps,aid"], "aid bench",
+                                     "No such option: --methodz"),
     "train without --dataset": (["train"], "aid train", "Missing option '--dataset'"),
     "unknown command": (["inpant"], "aid [OPTIONS] COMMAND", "No such command 'inpant'"),
     "unknown models command": (["models", "lst"], "aid models", "No such command 'lst'"),
@@ -111,7 +112,7 @@ def test_user_error_is_one_line_and_exit_2():
     assert result.stderr.strip().splitlines() == [f"error: image path not found: no-such-photo.png"]
 
 
-@pytest.mark.parametrize("case", ["misspelt option", "--steps 1", "bench without --dataset", "unknown command"])
+@pytest.mark.parametrize("case", ["misspelt option", "--steps 1", "bench with a misspelt option", "unknown command"])
 def test_usage_errors_in_process_too(case, capsys):
     """`aid_cli.cli.main(argv)` (what the entry point calls) gives the same exit code to an in-process caller."""
     args, _, phrase = USAGE_ERRORS[case]
