@@ -105,6 +105,8 @@ def train(
     diag_batch: int = typer.Option(0, "--diag-batch", min=0, help="Tasks of a gradient diagnostic (0: --batch)."),
     mask_bank: int = typer.Option(4096, "--mask-bank", min=0, help="Training masks drawn once per run (0: draw each "
                                   "iteration's afresh)."),
+    mix_steps: int = typer.Option(0, "--mix-steps", min=0, help="backprop: every other iteration's solve at this N "
+                                  "instead of --steps (e.g. 12 beside 18: one module for aid-18 and aid-12; 0: never)."),
     train_masks: str = typer.Option("freeform", "--train-masks", help="Training mask families, comma-separated: "
                                     "freeform, box, strip."),
     denoised_input: bool = typer.Option(False, "--denoised-input", help="The actor also reads the step's own "
@@ -163,6 +165,6 @@ def train(
                       precision=precision, compile=compile_net, denoised_input=denoised_input, lambda_lpips=lambda_lpips,
                       init=str(init) if init else None, mask_bank=mask_bank, train_masks=train_masks,
                       explore=explore, critic=critic, td_lambda=td_lambda, normalize_advantage=normalize_advantage,
-                      diag_every=diag_every, diag_batch=diag_batch, recompute=recompute)
+                      diag_every=diag_every, diag_batch=diag_batch, recompute=recompute, mix_steps=mix_steps)
     run = run_train(cfg, resume=resume, device=resolve_device(device), log=log)
     err.print(f"done: {run / 'guidance.safetensors'}")

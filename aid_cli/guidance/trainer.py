@@ -123,6 +123,7 @@ class TrainConfig:
     diag_every: int = 0  # iterations between gradient diagnostics (cosines to the exact gradient); 0 = never
     diag_batch: int = 0  # tasks of a diagnostic (0: --batch)
     train_masks: str = "freeform"  # families of the training masks, comma-separated: freeform, box, strip
+    mix_steps: int = 0  # backprop: every odd iteration's solve at this N instead of `steps` (0 = never; e.g. 12 beside 18)
     reductions: str = "mean over C·H·W in both the terminal loss and the running cost"
 
     def actor_kwargs(self, channels: int) -> dict:
@@ -265,9 +266,18 @@ def pathwise_actor_loss(cfg: TrainConfig, critic, X, A, X_N, mu, x0, task: Task,
     return (running + torch.stack(values)).sum(0)
 
 
-def backprop_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators, lpips=None) -> dict:
+def rollout_steps(cfg: TrainConfig, it: int) -> int:
+    """N of iteration `it`'s solve: `steps`, or with --mix-steps M every odd iteration M, so that one module learns
+    both operating points (the actor reads σ, not n: aid-18 and aid-12 share it; its field enters as u·Δt, Δt = 1/N)."""
+    return cfg.mix_steps if cfg.mix_steps and it % 2 else cfg.steps
+
+
+def backprop_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators, lpips=None,
+                  steps: int | None = None) -> dict:
     """J of the sampled tasks, ℓ(X_N) + Σ_n (β/2)·mean(μ_n²)·Δt (eqs. 2, 5 with γ = 0), through the whole deterministic
-    solve, backbone included: its gradient is J's exact gradient (estimator backprop; the paper's supervised proxy)."""
+    solve, backbone included: its gradient is J's exact gradient (estimator backprop; the paper's supervised proxy).
+    `steps`: N of the solve (default cfg.steps)."""
+    N = steps or cfg.steps
     energy = []
 
     class Recorded(AID):
@@ -276,10 +286,10 @@ def backprop_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators,
             energy.append((u ** 2).mean(dim=(1, 2, 3)))
             return u
 
-    s = SamplerState(net=backbone, task=task, sigmas=edm_sigmas(cfg.steps, device=x0.device), generators=generators)
+    s = SamplerState(net=backbone, task=task, sigmas=edm_sigmas(N, device=x0.device), generators=generators)
     policy = Recorded(actor=actor, gamma=0.0)
     x = s.randn_like(task.y) * s.sigmas[0]
-    for n in range(cfg.steps):
+    for n in range(N):
         if cfg.recompute:  # each step's activations are recomputed in the backward pass: memory of one step
             x = torch.utils.checkpoint.checkpoint(heun_step, s, policy, n, x, use_reentrant=False)
         else:  # all N steps' activations kept: a quarter less compute, N times the memory
@@ -430,6 +440,11 @@ def check_config(cfg: TrainConfig, world: int) -> TrainConfig:
                         f"comma-separated")
     if cfg.batch % world:
         raise UserError(f"--batch {cfg.batch} is not divisible by the {world} processes")
+    if cfg.mix_steps and cfg.estimator != "backprop":
+        raise UserError("--mix-steps alternates the backprop solve's N; the actor-critic estimators roll out at --steps "
+                        "(drop --mix-steps or use --estimator backprop)")
+    if cfg.mix_steps == 1:
+        raise UserError("--mix-steps must be at least 2 grid steps (or 0: never)")
     return cfg
 
 
@@ -587,7 +602,7 @@ def step(r: Run, prev_grad: torch.Tensor | None) -> dict:
     task, x0, noise_seed = draw_tasks(r, step_generator(cfg.seed, r.it), cfg.batch, r.it, sl)
     gens = sample_generators(noise_seed, cfg.batch)[sl]
     if cfg.estimator == "backprop":  # J's exact gradient through the whole frozen solve
-        out = backprop_loss(cfg, r.backbone, r.actor, task, x0, gens, r.lpips)
+        out = backprop_loss(cfg, r.backbone, r.actor, task, x0, gens, r.lpips, steps=rollout_steps(cfg, r.it))
         out["critic_loss"] = torch.zeros(())
     else:
         with torch.no_grad():
@@ -649,6 +664,8 @@ def log_record(r: Run, out: dict, seconds: float) -> dict:
            "actor_grad_cos_prev": out["grad_cos"],
            "terminal": out["terminal"].mean().item(), "control_energy": out["energy"].mean().item(),
            "seconds": round(seconds, 3)}
+    if cfg.mix_steps:  # the solve's N alternates: its terminal loss and energy belong to this N
+        rec["steps"] = rollout_steps(cfg, r.it)
     if cfg.estimator != "backprop":
         d = out["delta"]
         rec.update({"critic_loss": out["critic_loss"].item(), "delta_mean": d.mean().item(),
