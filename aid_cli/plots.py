@@ -184,7 +184,16 @@ PANELS = (
     ("critic TD loss: sum of delta^2 / 2", (("critic_loss", None),)),
     ("control energy: integral of |u|^2 dt", (("control_energy", None),)),
 )
+LPIPS_PANEL = ("validation LPIPS (lower is better)", (("val_lpips_18", "N = 18 (35 NFE)"),
+                                                     ("val_lpips_12", "N = 12 (23 NFE)")))
 COLOURS = ((31, 119, 180), (255, 127, 14))
+
+
+def curve_panels(stats: list[dict]) -> tuple:
+    """The four panels of a run: one without a critic (backprop) shows validation LPIPS in the critic's place."""
+    if not any("critic_loss" in s for s in stats) and any("val_lpips_18" in s for s in stats):
+        return PANELS[:2] + (LPIPS_PANEL,) + PANELS[3:]
+    return PANELS
 
 
 def running_mean(values: list[float], k: int) -> list[float]:
@@ -250,7 +259,7 @@ def training_curves(stats: list[dict], path: Path, title: str) -> Path:
     big, small = font(14), font(11)
     d.text((W // 2, 8), title, fill="black", font=big, anchor="mt")
     pw, ph = W // 2, (H - 40) // 2
-    for i, (name, keys) in enumerate(PANELS):
+    for i, (name, keys) in enumerate(curve_panels(stats)):
         col, row = i % 2, i // 2
         box = (col * pw + 70, 40 + row * ph + 28, (col + 1) * pw - 20, 40 + (row + 1) * ph - 30)
         series = []

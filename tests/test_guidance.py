@@ -415,6 +415,16 @@ def test_curves_png_from_a_run(tiny_data, tiny_checkpoint, tmp_path):
     assert empty.is_file()
 
 
+def test_curves_of_a_run_without_critic_show_validation_lpips():
+    from aid_cli.plots import LPIPS_PANEL, PANELS, curve_panels
+
+    backprop = [{"iteration": 1, "terminal": 0.1}, {"iteration": 25, "val_psnr_hole_18": 15.0, "val_lpips_18": 0.13}]
+    assert curve_panels(backprop)[2] == LPIPS_PANEL and len(curve_panels(backprop)) == 4
+    score = backprop + [{"iteration": 2, "critic_loss": 0.5}]
+    assert curve_panels(score) == PANELS  # the critic's TD loss where there is a critic
+    assert curve_panels(backprop[:1]) == PANELS  # nothing to show yet: the panel says "not recorded"
+
+
 def _lpips_or_skip():
     from aid_cli.metrics.lpips import LPIPSUnavailable, load_lpips
 

@@ -44,10 +44,10 @@ MODELS: tuple[ModelEntry, ...] = (
                            "cat faces", file=EMBEDDED_BACKBONE, embedded=True,
                sha256="b7fefd36232891fb810f66472ec4b519fe141b741838298ad242338cda18f44d", size=16813228),
     ModelEntry(name="aid-cats64-guidance", kind="guidance", resolution=64, license=EMBEDDED_LICENSE,
-               description="AID guidance module for aid-cats64 (CPU-trained, backprop estimator at N = 18 with the "
+               description="AID guidance module for aid-cats64 (CPU-trained, backprop estimator at N = 18, an LPIPS term, the "
                            "denoised-input actor; weights/aid-cats64-guidance.md)",
                file=EMBEDDED_GUIDANCE, embedded=True, backbone="aid-cats64",
-               sha256="f9076b6f615fb096286495e187b4b80528c437234c98ced6972f636e21adca41", size=146996),
+               sha256="a5ffd309e406c585558799cadb7a91655f9547d5ffa353c876489f266ebfa633", size=146732),
     _edm("ffhq", "vp", "DDPM++"),
     _edm("ffhq", "ve", "NCSN++"),
     _edm("afhqv2", "vp", "DDPM++"),
