@@ -280,15 +280,15 @@ def test_backprop_differentiates_the_whole_solve(tiny_net):
     assert all(p.grad is None for p in tiny_net.parameters())  # the backbone stays frozen
 
 
-def test_mix_steps_alternates_the_solves_n(tiny_net, tiny_data, tiny_checkpoint, tmp_path, capsys):
+def test_mix_steps_alternates_the_solves_n(tiny_net, tiny_data, tiny_checkpoint, tmp_path, capsys, monkeypatch):
     """--mix-steps M: odd iterations solve at N = M, even ones at --steps, each J exactly the solve at that N; the
-    stats say which N each line belongs to; the actor-critic estimators refuse it in one line."""
+    stats say which N each line's solve used; the actor-critic estimators refuse it in one line."""
     import json
 
     from aid_cli.guidance.trainer import backprop_loss, rollout_steps, terminal_loss
 
     cfg = TrainConfig(dataset="", out="", backbone="", steps=3, mix_steps=2, estimator="backprop")
-    assert [rollout_steps(cfg, it) for it in range(1, 5)] == [2, 3, 2, 3]
+    assert [rollout_steps(cfg, it) for it in range(4)] == [3, 2, 3, 2]
     assert rollout_steps(dataclasses.replace(cfg, mix_steps=0), 1) == 3
     task, x0 = tiny_task()
     torch.manual_seed(0)
@@ -298,10 +298,20 @@ def test_mix_steps_alternates_the_solves_n(tiny_net, tiny_data, tiny_checkpoint,
     with torch.no_grad():
         ref = sample(tiny_net, task, get_method("aid", actor=actor), num_steps=2, generators=sample_generators(0, 2))
     assert torch.allclose(out["terminal"], terminal_loss(ref.x, x0, task.M, 2.0, 1.0), rtol=1e-5)
+    from aid_cli.guidance import trainer
+
+    used = []
+
+    def spy(*args, steps=None, **kw):
+        used.append(steps)
+        return backprop_loss(*args, steps=steps, **kw)
+
+    monkeypatch.setattr(trainer, "backprop_loss", spy)
     run = train(cfg_for(tiny_data, tmp_path / "r", tiny_checkpoint, estimator="backprop", iters=4, mix_steps=2),
                 progress=False, log=lambda *a: None)
     lines = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
-    assert [(r["iteration"], r["steps"]) for r in lines if "actor_loss" in r] == [(1, 2), (2, 3), (3, 2), (4, 3)]
+    assert used == [3, 2, 3, 2]  # the solves the steps ran …
+    assert [(r["iteration"], r["steps"]) for r in lines if "actor_loss" in r] == [(1, 3), (2, 2), (3, 3), (4, 2)]
     code, _, err = run_cli(["train", "--dataset", tiny_data, "--out", tmp_path / "s", "--backbone", tiny_checkpoint,
                             "--estimator", "score", "--mix-steps", "2", "--device", "cpu"], capsys)
     assert code == 2 and "--mix-steps" in err and "Traceback" not in err

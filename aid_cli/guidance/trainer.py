@@ -267,8 +267,9 @@ def pathwise_actor_loss(cfg: TrainConfig, critic, X, A, X_N, mu, x0, task: Task,
 
 
 def rollout_steps(cfg: TrainConfig, it: int) -> int:
-    """N of iteration `it`'s solve: `steps`, or with --mix-steps M every odd iteration M, so that one module learns
-    both operating points (the actor reads σ, not n: aid-18 and aid-12 share it; its field enters as u·Δt, Δt = 1/N)."""
+    """N of the solve of the step taken from `it` completed iterations (so the logged iteration it + 1): `steps`, or
+    with --mix-steps M every other one M, so that one module learns both operating points (the actor reads σ, not n:
+    aid-18 and aid-12 share it; its field enters as u·Δt, Δt = 1/N)."""
     return cfg.mix_steps if cfg.mix_steps and it % 2 else cfg.steps
 
 
@@ -603,6 +604,7 @@ def step(r: Run, prev_grad: torch.Tensor | None) -> dict:
     gens = sample_generators(noise_seed, cfg.batch)[sl]
     if cfg.estimator == "backprop":  # J's exact gradient through the whole frozen solve
         out = backprop_loss(cfg, r.backbone, r.actor, task, x0, gens, r.lpips, steps=rollout_steps(cfg, r.it))
+        out["steps"] = rollout_steps(cfg, r.it)
         out["critic_loss"] = torch.zeros(())
     else:
         with torch.no_grad():
@@ -665,7 +667,7 @@ def log_record(r: Run, out: dict, seconds: float) -> dict:
            "terminal": out["terminal"].mean().item(), "control_energy": out["energy"].mean().item(),
            "seconds": round(seconds, 3)}
     if cfg.mix_steps:  # the solve's N alternates: its terminal loss and energy belong to this N
-        rec["steps"] = rollout_steps(cfg, r.it)
+        rec["steps"] = out["steps"]
     if cfg.estimator != "backprop":
         d = out["delta"]
         rec.update({"critic_loss": out["critic_loss"].item(), "delta_mean": d.mean().item(),
