@@ -44,10 +44,10 @@ MODELS: tuple[ModelEntry, ...] = (
                            "cat faces", file=EMBEDDED_BACKBONE, embedded=True,
                sha256="b7fefd36232891fb810f66472ec4b519fe141b741838298ad242338cda18f44d", size=16813228),
     ModelEntry(name="aid-cats64-guidance", kind="guidance", resolution=64, license=EMBEDDED_LICENSE,
-               description="AID guidance module for aid-cats64 (CPU-trained, backprop estimator at N = 18, an LPIPS term, the "
+               description="AID guidance module for aid-cats64 (CPU-trained, backprop estimator at N = 18 and 12, an LPIPS term, the "
                            "denoised-input actor; weights/aid-cats64-guidance.md)",
                file=EMBEDDED_GUIDANCE, embedded=True, backbone="aid-cats64",
-               sha256="a5ffd309e406c585558799cadb7a91655f9547d5ffa353c876489f266ebfa633", size=146732),
+               sha256="b61f1fbaf61e7f5baf59aa45f1e3244daccfb22cc4710fe58ee95ff8f34e44b1", size=146748),
     _edm("ffhq", "vp", "DDPM++"),
     _edm("ffhq", "ve", "NCSN++"),
     _edm("afhqv2", "vp", "DDPM++"),
