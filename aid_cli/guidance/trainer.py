@@ -603,8 +603,9 @@ def step(r: Run, prev_grad: torch.Tensor | None) -> dict:
     task, x0, noise_seed = draw_tasks(r, step_generator(cfg.seed, r.it), cfg.batch, r.it, sl)
     gens = sample_generators(noise_seed, cfg.batch)[sl]
     if cfg.estimator == "backprop":  # J's exact gradient through the whole frozen solve
-        out = backprop_loss(cfg, r.backbone, r.actor, task, x0, gens, r.lpips, steps=rollout_steps(cfg, r.it))
-        out["steps"] = rollout_steps(cfg, r.it)
+        N = rollout_steps(cfg, r.it)
+        out = backprop_loss(cfg, r.backbone, r.actor, task, x0, gens, r.lpips, steps=N)
+        out["steps"] = N
         out["critic_loss"] = torch.zeros(())
     else:
         with torch.no_grad():
