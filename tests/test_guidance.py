@@ -464,6 +464,45 @@ def test_terminal_cost_adds_lpips_of_the_completed_image():
         terminal_cost(cfg, x, x0, task)
 
 
+def test_terminal_cost_adds_ssim_dissimilarity_of_the_completed_image():
+    """--lambda-ssim: ℓ (eq. 2) + λ·(1 − SSIM(M ⊙ x0 + M̄ ⊙ x, x0)), the SSIM aid reports; its gradient reaches only
+    the hole's pixels, and a perfect fill costs nothing."""
+    from aid_cli.guidance.trainer import terminal_cost, terminal_loss
+    from aid_cli.metrics.quality import ssim_01
+
+    task, x0 = tiny_task(res=16)
+    x = (torch.rand_like(x0) * 2 - 1).requires_grad_(True)
+    cfg = TrainConfig(dataset="", out="", backbone="", lambda_ssim=0.3)
+    ell = terminal_cost(cfg, x, x0, task)
+    completed = task.M * x0 + (1 - task.M) * x
+    expected = terminal_loss(x, x0, task.M, 2.0, 1.0) + 0.3 * (1 - ssim_01(completed, x0))
+    assert torch.allclose(ell, expected, rtol=1e-6) and (ell > terminal_loss(x, x0, task.M, 2.0, 1.0)).all()
+    ssim_only = TrainConfig(dataset="", out="", backbone="", lambda_vis=0.0, lambda_hole=0.0, lambda_ssim=0.3)
+    terminal_cost(ssim_only, x, x0, task).sum().backward()
+    visible = task.M.expand_as(x).bool()
+    assert x.grad[visible].abs().max() == 0 and x.grad[~visible].abs().sum() > 0
+    assert torch.allclose(terminal_cost(cfg, x0.clone(), x0, task), torch.zeros(2), atol=1e-6)
+
+
+def test_lambda_ssim_trains_validates_ssim_and_is_refused_where_it_cannot_apply(tiny_data, tiny_checkpoint, tmp_path,
+                                                                               capsys):
+    from .conftest import run_cli
+
+    kw = dict(estimator="backprop", iters=2, batch=2, val_every=2, checkpoint_every=2)
+    runs = {lam: train(cfg_for(tiny_data, tmp_path / f"lam{lam}", tiny_checkpoint, lambda_ssim=lam, **kw),
+                       progress=False, log=lambda *a: None) for lam in (0.0, 1.0)}
+    stats = {lam: [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+             for lam, run in runs.items()}
+    # validation reports SSIM of the completed images beside the hole PSNR, at the start and after training
+    assert all(0 < s[f"val_ssim_{N}"] <= 1 for lam in runs for s in (stats[lam][0], stats[lam][-1]) for N in (18, 12))
+    # the same tasks, so the first iteration's terminal cost differs by the SSIM term alone (> 0)
+    assert stats[1.0][1]["terminal"] > stats[0.0][1]["terminal"]
+    assert json.loads((runs[1.0] / "config.json").read_text())["lambda_ssim"] == 1.0
+    code, _, err = run_cli(["train", "--dataset", tiny_data, "--out", tmp_path / "p", "--backbone", tiny_checkpoint,
+                            "--lambda-ssim", "0.5", "--critic", "privileged"], capsys)
+    assert code == 2 and "drop --lambda-lpips and --lambda-ssim" in err and len(err.strip().splitlines()) == 1
+
+
 def test_lambda_lpips_trains_at_32_pixels_and_is_refused_below_31(tiny_data, tiny_checkpoint, tmp_path, capsys):
     from aid_cli.backbones.checkpoint import save_backbone
     from aid_cli.backbones.edm import build_precond

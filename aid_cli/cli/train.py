@@ -73,6 +73,9 @@ def train(
     lambda_lpips: float = typer.Option(0.0, "--lambda-lpips", min=0.0, help="Add this weight times LPIPS "
                                        "(AlexNet) of the completed image to the terminal loss (an option beyond the "
                                        "paper's L2 loss, against smooth fills; pixel backbones of at least 31 px)."),
+    lambda_ssim: float = typer.Option(0.0, "--lambda-ssim", min=0.0, help="Add this weight times 1 − SSIM of the "
+                                      "completed image to the terminal loss (an option beyond the paper; pixel "
+                                      "backbones of at least 11 px)."),
     lr_actor: float = typer.Option(1e-4, "--lr-actor", help="Adam learning rate of the actor."),
     lr_critic: float = typer.Option(1e-3, "--lr-critic", help="Adam learning rate of the critic."),
     clip: float = typer.Option(1.0, "--clip", help="Gradient-norm clipping of each network."),
@@ -163,6 +166,7 @@ def train(
                       estimator=estimator,
                       val_dataset=str(val) if val else None, vae=vae, class_label=class_label,
                       precision=precision, compile=compile_net, denoised_input=denoised_input, lambda_lpips=lambda_lpips,
+                      lambda_ssim=lambda_ssim,
                       init=str(init) if init else None, mask_bank=mask_bank, train_masks=train_masks,
                       explore=explore, critic=critic, td_lambda=td_lambda, normalize_advantage=normalize_advantage,
                       diag_every=diag_every, diag_batch=diag_batch, recompute=recompute, mix_steps=mix_steps)

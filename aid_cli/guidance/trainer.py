@@ -6,7 +6,8 @@ One iteration, for a batch of tasks:
      a_n = μ_φ(t_n, X_n; ξ) + √γ ε_n, no gradient through the backbone.
   3. Running costs r_n = (β/2)(‖a_n‖²/d − γ)·Δt  (centred, eq. 5; means over the d pixels, as ℓ).
      Terminal target ℓ(X_N) = (λ_vis/2)·mean(M ⊙ (X_N − x0))² + (λ_hole/2)·mean(M̄ ⊙ (X_N − x0))²   (eq. 2)
-     (+ λ_lpips·LPIPS of the completed image with --lambda-lpips, an option beyond the paper: terminal_cost).
+     (+ λ_lpips·LPIPS and λ_ssim·(1 − SSIM) of the completed image with --lambda-lpips / --lambda-ssim, options
+     beyond the paper: terminal_cost).
      TD residuals δ_n = V_θ(t_{n+1}, X_{n+1}) − V_θ(t_n, X_n) + r_n, with V_θ(T, X_N) replaced by ℓ(X_N).
   4. Critic (eq. 10): descend Σ_n δ_n²/2 with the next-state value detached (semi-gradient TD).
   5. Actor (eq. 11): φ ← φ − α_φ Σ_n δ_n ∇_φ log π_φ(a_n | t_n, X_n), ∇_φ log π = ((a_n − μ_n)/γ)·∇_φ μ_n,
@@ -58,7 +59,7 @@ from ..inpainter import Inpainter
 from ..plots import training_curves
 from ..methods.aid import AID
 from ..metrics.lpips import MIN_SIZE, LPIPSUnavailable, load_lpips
-from ..metrics.quality import psnr_hole
+from ..metrics.quality import SSIM_MIN_SIZE, psnr_hole, ssim_01
 from ..sampling.heun import SamplerState, edm_sigmas, heun_step, sample, sample_generators
 from ..task import Task, one_hot
 from ..training import GracefulStop, init_distributed, load_state, prepare_run, read_jsonl, save_state, step_generator
@@ -113,6 +114,7 @@ class TrainConfig:
     recompute: bool = True  # backprop: recompute each step's activations in the backward pass (memory of one step)
     denoised_input: bool = False  # the actor also reads D(X_n; σ_n) and M ⊙ (y − D) (networks.py; an option)
     lambda_lpips: float = 0.0  # an option beyond the paper: ℓ + λ·LPIPS of the completed image (terminal_cost)
+    lambda_ssim: float = 0.0  # an option beyond the paper: ℓ + λ·(1 − SSIM) of the completed image (terminal_cost)
     init: str | None = None  # warm start: the actor's weights from this guidance module (same backbone, same actor)
     init_sha256: str | None = None  # its sha256, recorded for provenance
     mask_bank: int = 4096  # training masks drawn once per run; 0 = draw each iteration's masks afresh
@@ -150,14 +152,18 @@ def terminal_loss(x: torch.Tensor, x0: torch.Tensor, M: torch.Tensor, lambda_vis
 
 
 def terminal_cost(cfg: TrainConfig, x: torch.Tensor, x0: torch.Tensor, task: Task, lpips=None) -> torch.Tensor:
-    """The run's terminal cost per image: ℓ of eq. 2, plus, with --lambda-lpips (an option beyond the paper, which
-    the theory allows: any terminal cost g(X_N) of the final state), λ_lpips·LPIPS(M ⊙ y + M̄ ⊙ x, x0), the
-    perceptual distance of the completed image. The L2 terms alone reward the smooth mean of the plausible fills."""
+    """The run's terminal cost per image: ℓ of eq. 2, plus, with --lambda-lpips / --lambda-ssim (options beyond the
+    paper, which the theory allows: any terminal cost g(X_N) of the final state), λ_lpips·LPIPS(M ⊙ y + M̄ ⊙ x, x0),
+    the perceptual distance of the completed image, and λ_ssim·(1 − SSIM(M ⊙ y + M̄ ⊙ x, x0)), its structural
+    dissimilarity (the SSIM aid reports, `metrics.quality.ssim_01`). The L2 terms alone reward the smooth mean of the
+    plausible fills."""
     ell = terminal_loss(x, x0, task.M, cfg.lambda_vis, cfg.lambda_hole)
     if cfg.lambda_lpips:
         if lpips is None:
             raise ValueError("lambda_lpips > 0 needs the LPIPS model")
         ell = ell + cfg.lambda_lpips * lpips(task.complete(x), x0)
+    if cfg.lambda_ssim:
+        ell = ell + cfg.lambda_ssim * (1 - ssim_01(task.complete(x), x0))
     return ell
 
 
@@ -344,18 +350,23 @@ def gradient_diagnostic(cfg: TrainConfig, backbone, actor, critic, task: Task, x
 @torch.no_grad()
 def validation_scores(inpainter: Inpainter, actor, images: torch.Tensor, M: torch.Tensor, steps: int, batch: int = 64,
                       labels: torch.Tensor | None = None, lpips=None) -> dict[str, float]:
-    """Mean hole PSNR (on pixels) of the deterministic actor (the policy's mean) on fixed images and masks, and the
-    completed images' mean LPIPS when the model is given: the images completed as `aid inpaint` completes them."""
+    """Mean hole PSNR (on pixels) and SSIM of the deterministic actor (the policy's mean) on fixed images and masks,
+    and the completed images' mean LPIPS when the model is given: the images completed as `aid inpaint` completes
+    them (SSIM only for images of at least 11 × 11 pixels, the size its window needs)."""
     policy = AID(actor=actor, gamma=0.0)
-    psnr, perceptual = [], []
+    psnr, structural, perceptual = [], [], []
     for i in range(0, len(images), batch):
         x0, m = images[i:i + batch], M[i:i + batch]
         completed, _ = inpainter.complete(x0, m, policy, steps, sample_generators(0, len(x0), offset=i),
                                           None if labels is None else labels[i:i + batch])
         psnr.append(psnr_hole(completed, x0, m))
+        if min(x0.shape[-2:]) >= SSIM_MIN_SIZE:
+            structural.append(ssim_01(completed, x0))
         if lpips is not None:
             perceptual.append(lpips(completed, x0))
     scores = {"psnr_hole": float(torch.cat(psnr).mean())}
+    if structural:
+        scores["ssim"] = float(torch.cat(structural).mean())
     if lpips is not None:
         scores["lpips"] = float(torch.cat(perceptual).mean())
     return scores
@@ -433,8 +444,9 @@ def check_config(cfg: TrainConfig, world: int) -> TrainConfig:
     if cfg.critic == "privileged" and cfg.estimator == "pathwise":
         raise UserError("--critic privileged reads D(x; σ), whose derivative in x needs the backbone's backward pass; "
                         "the pathwise estimator differentiates V in x: use --critic plain with pathwise")
-    if cfg.critic == "privileged" and cfg.lambda_lpips:
-        raise UserError("--critic privileged: its baseline ℓ(D) is the L2 loss of eq. 2; drop --lambda-lpips")
+    if cfg.critic == "privileged" and (cfg.lambda_lpips or cfg.lambda_ssim):
+        raise UserError("--critic privileged: its baseline ℓ(D) is the L2 loss of eq. 2; drop --lambda-lpips and "
+                        "--lambda-ssim")
     families = mask_families(cfg.train_masks)
     if not families or any(f not in TRAIN_MASK_FAMILIES for f in families):
         raise UserError(f"--train-masks {cfg.train_masks!r}: give families from {', '.join(TRAIN_MASK_FAMILIES)}, "
@@ -537,6 +549,13 @@ def setup(cfg: TrainConfig, resume: bool, device, log) -> Run:
             raise UserError(f"--lambda-lpips: LPIPS (AlexNet) needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels; "
                             f"this backbone makes {res}x{res}")
         lpips = load_lpips(device, notice=log)  # frozen; LPIPSUnavailable says in one line how to get its weights
+    if cfg.lambda_ssim:
+        if space.latent:
+            raise UserError("--lambda-ssim: a latent backbone's terminal loss compares latents; SSIM needs a pixel "
+                            "backbone")
+        if res < SSIM_MIN_SIZE:
+            raise UserError(f"--lambda-ssim: SSIM's window needs images of at least {SSIM_MIN_SIZE}x{SSIM_MIN_SIZE} "
+                            f"pixels; this backbone makes {res}x{res}")
     # validation also reports LPIPS of the completed images when its weights are at hand (never downloaded for it)
     val_lpips = lpips
     if val_lpips is None and val is not None and rank == 0 and res >= MIN_SIZE:
@@ -635,13 +654,14 @@ def step(r: Run, prev_grad: torch.Tensor | None) -> dict:
 
 
 def validate(r: Run) -> dict:
-    """val_psnr_hole_{18,12} (and val_lpips_{18,12} where LPIPS is at hand), logged in one line."""
+    """val_psnr_hole_{18,12}, val_ssim_{18,12} and val_lpips_{18,12} (where LPIPS is at hand), logged in one line."""
     rec = {}
     for N in (18, 12):
         for k, v in validation_scores(r.inpainter, r.actor, r.val_images, r.val_M, N, labels=r.val_labels,
                                       lpips=r.val_lpips).items():
             rec[f"val_{k}_{N}"] = v
     r.log(f"it {r.it}: val PSNR-hole {rec['val_psnr_hole_18']:.2f} dB (N=18), {rec['val_psnr_hole_12']:.2f} dB (N=12)"
+          + (f"; SSIM {rec['val_ssim_18']:.3f} / {rec['val_ssim_12']:.3f}" if "val_ssim_18" in rec else "")
           + (f"; LPIPS {rec['val_lpips_18']:.3f} / {rec['val_lpips_12']:.3f}" if r.val_lpips is not None else ""))
     return rec
 

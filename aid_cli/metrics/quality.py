@@ -36,6 +36,7 @@ SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5  # skimage: radius = int(truncate · σ + 0.5) = 5 → 11 taps (Wang 2004)
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 DATA_RANGE = 2.0  # images in [−1, 1]
+SSIM_MIN_SIZE = 2 * int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5) + 1  # the window's 11 taps: the smallest side SSIM takes
 
 
 def _check_pair(x: torch.Tensor, ref: torch.Tensor) -> None:
