@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -501,6 +502,28 @@ def test_lambda_ssim_trains_validates_ssim_and_is_refused_where_it_cannot_apply(
     code, _, err = run_cli(["train", "--dataset", tiny_data, "--out", tmp_path / "p", "--backbone", tiny_checkpoint,
                             "--lambda-ssim", "0.5", "--critic", "privileged"], capsys)
     assert code == 2 and "drop --lambda-lpips and --lambda-ssim" in err and len(err.strip().splitlines()) == 1
+
+
+def test_validate_modules_script_reads_the_same_as_the_runs_validation(tiny_data, tiny_checkpoint, tmp_path, capsys):
+    """scripts/validate_modules.py scores a saved module on the run's own validation images, masks and noise: its
+    numbers equal the val_* line the run logged for that iteration."""
+    import importlib.util
+
+    kw = dict(estimator="backprop", iters=2, batch=2, val_every=2, checkpoint_every=2, val_n=3)
+    run = train(cfg_for(tiny_data, tmp_path / "r", tiny_checkpoint, **kw), progress=False, log=lambda *a: None)
+    logged = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()][-1]
+    spec = importlib.util.spec_from_file_location("validate_modules",
+                                                  Path(__file__).parents[1] / "scripts" / "validate_modules.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "scores.jsonl"
+    assert script.main([str(run / "modules" / "guidance-000002.safetensors"), "--val", str(tiny_data),
+                        "--val-offset", "0", "--val-n", "3", "--backbone", str(tiny_checkpoint),
+                        "--json", str(out)]) == 0
+    scored = json.loads(out.read_text())
+    for key in ("val_psnr_hole_18", "val_psnr_hole_12", "val_ssim_18", "val_ssim_12"):
+        assert scored[key] == pytest.approx(logged[key], rel=1e-5), key
+    assert "guidance-000002" in capsys.readouterr().out
 
 
 def test_lambda_lpips_trains_at_32_pixels_and_is_refused_below_31(tiny_data, tiny_checkpoint, tmp_path, capsys):
