@@ -196,6 +196,19 @@ def curve_panels(stats: list[dict]) -> tuple:
     return PANELS
 
 
+def curve_series(stats: list[dict], key: str, label: str | None) -> list[tuple[str | None, list, list]]:
+    """(label, iterations, values) of one key. A per-iteration series of a run whose iterations solve at two N
+    (`aid train --mix-steps`: the "steps" of each line) is split into one series per N, so the curve of each is not
+    a zig-zag between them; validation keys and one-N runs give one series."""
+    recs = [s for s in stats if key in s and s[key] is not None]
+    steps = sorted({s["steps"] for s in recs if "steps" in s}, reverse=True)
+    if key.startswith("val_") or len(steps) < 2:
+        return [(label, [s["iteration"] for s in recs], [float(s[key]) for s in recs])]
+    return [(f"N = {n}" if label is None else f"{label}, N = {n}",
+             [s["iteration"] for s in recs if s.get("steps") == n], [float(s[key]) for s in recs if s.get("steps") == n])
+            for n in steps]
+
+
 def running_mean(values: list[float], k: int) -> list[float]:
     out, acc = [], []
     for v in values:
@@ -263,10 +276,9 @@ def training_curves(stats: list[dict], path: Path, title: str) -> Path:
         col, row = i % 2, i // 2
         box = (col * pw + 70, 40 + row * ph + 28, (col + 1) * pw - 20, 40 + (row + 1) * ph - 30)
         series = []
-        for k, (key, label) in enumerate(keys):
-            recs = [s for s in stats if key in s and s[key] is not None]
-            series.append((label, [s["iteration"] for s in recs], [float(s[key]) for s in recs], COLOURS[k],
-                           not key.startswith("val_")))
+        for key, label in keys:
+            for shown, xs, ys in curve_series(stats, key, label):
+                series.append((shown, xs, ys, COLOURS[len(series) % len(COLOURS)], not key.startswith("val_")))
         _panel(d, box, name, series, big, small)
         d.text(((box[0] + box[2]) // 2, box[3] + 22), "iteration", fill="black", font=small, anchor="mt")
     save_png(path, im)

@@ -445,6 +445,22 @@ def _lpips_or_skip():
         pytest.skip(f"LPIPS weights unavailable: {e}")
 
 
+def test_curves_of_a_mix_steps_run_draw_one_series_per_n(tmp_path):
+    """--mix-steps alternates N: the terminal loss and control energy are drawn per N, validation as it is."""
+    from aid_cli.plots import curve_series, training_curves
+
+    stats = [{"iteration": 0, "val_psnr_hole_18": 14.0}] + \
+            [{"iteration": i, "terminal": 0.1 + i, "control_energy": 1.0, "steps": 18 if i % 2 else 12}
+             for i in range(1, 7)]
+    split = curve_series(stats, "terminal", None)
+    assert [(label, xs, ys) for label, xs, ys in split] == [("N = 18", [1, 3, 5], [1.1, 3.1, 5.1]),
+                                                            ("N = 12", [2, 4, 6], [2.1, 4.1, 6.1])]
+    assert curve_series(stats, "val_psnr_hole_18", "N = 18 (35 NFE)") == [("N = 18 (35 NFE)", [0], [14.0])]
+    one_n = [dict(s, steps=18) for s in stats[1:]]
+    assert curve_series(one_n, "terminal", None) == [(None, [1, 2, 3, 4, 5, 6], [s["terminal"] for s in one_n])]
+    assert training_curves(stats, tmp_path / "c.png", "mix").is_file()
+
+
 def test_terminal_cost_adds_lpips_of_the_completed_image():
     """--lambda-lpips: ℓ (eq. 2) + λ·LPIPS(M ⊙ x0 + M̄ ⊙ x, x0); its gradient reaches only the hole's pixels."""
     from aid_cli.guidance.trainer import terminal_cost, terminal_loss
