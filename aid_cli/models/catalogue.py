@@ -47,7 +47,7 @@ MODELS: tuple[ModelEntry, ...] = (
                description="AID guidance module for aid-cats64 (CPU-trained, backprop estimator at N = 18 and 12, an LPIPS term, the "
                            "denoised-input actor; weights/aid-cats64-guidance.md)",
                file=EMBEDDED_GUIDANCE, embedded=True, backbone="aid-cats64",
-               sha256="b61f1fbaf61e7f5baf59aa45f1e3244daccfb22cc4710fe58ee95ff8f34e44b1", size=146748),
+               sha256="bf12aab2e63ea4cc35615970e9deffd7e0da58716a498b2c8d5c716d40f584a1", size=146772),
     _edm("ffhq", "vp", "DDPM++"),
     _edm("ffhq", "ve", "NCSN++"),
     _edm("afhqv2", "vp", "DDPM++"),
