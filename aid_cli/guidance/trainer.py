@@ -540,22 +540,18 @@ def setup(cfg: TrainConfig, resume: bool, device, log) -> Run:
     val_images = val.as_float(slice(None)).to(device) if val else None
     val_labels = one_hot_labels(val, binfo.get("label_dim", 0), cfg.class_label, cfg.val_dataset) if val else None
     val_labels = val_labels.to(device) if val_labels is not None else None
-    lpips = None
-    if cfg.lambda_lpips:
-        if space.latent:
-            raise UserError("--lambda-lpips: a latent backbone's terminal loss compares latents; LPIPS needs a pixel "
-                            "backbone")
-        if res < MIN_SIZE:
-            raise UserError(f"--lambda-lpips: LPIPS (AlexNet) needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels; "
-                            f"this backbone makes {res}x{res}")
-        lpips = load_lpips(device, notice=log)  # frozen; LPIPSUnavailable says in one line how to get its weights
-    if cfg.lambda_ssim:
-        if space.latent:
-            raise UserError("--lambda-ssim: a latent backbone's terminal loss compares latents; SSIM needs a pixel "
-                            "backbone")
-        if res < SSIM_MIN_SIZE:
-            raise UserError(f"--lambda-ssim: SSIM's window needs images of at least {SSIM_MIN_SIZE}x{SSIM_MIN_SIZE} "
-                            f"pixels; this backbone makes {res}x{res}")
+    # the perceptual / structural terms compare completed pixel images (terminal_cost)
+    for option, weight, metric, what, min_size in (
+            ("--lambda-lpips", cfg.lambda_lpips, "LPIPS", "LPIPS (AlexNet)", MIN_SIZE),
+            ("--lambda-ssim", cfg.lambda_ssim, "SSIM", "SSIM's window", SSIM_MIN_SIZE)):
+        if weight and space.latent:
+            raise UserError(f"{option}: a latent backbone's terminal loss compares latents; {metric} needs a pixel "
+                            f"backbone")
+        if weight and res < min_size:
+            raise UserError(f"{option}: {what} needs images of at least {min_size}x{min_size} pixels; this backbone "
+                            f"makes {res}x{res}")
+    # frozen; LPIPSUnavailable says in one line how to get its weights
+    lpips = load_lpips(device, notice=log) if cfg.lambda_lpips else None
     # validation also reports LPIPS of the completed images when its weights are at hand (never downloaded for it)
     val_lpips = lpips
     if val_lpips is None and val is not None and rank == 0 and res >= MIN_SIZE:
