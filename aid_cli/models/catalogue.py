@@ -47,7 +47,7 @@ MODELS: tuple[ModelEntry, ...] = (
                description="AID guidance module for aid-cats64 (CPU-trained, backprop estimator at N = 18 and 12, an LPIPS term, the "
                            "denoised-input actor; weights/aid-cats64-guidance.md)",
                file=EMBEDDED_GUIDANCE, embedded=True, backbone="aid-cats64",
-               sha256="bf12aab2e63ea4cc35615970e9deffd7e0da58716a498b2c8d5c716d40f584a1", size=146772),
+               sha256="7c19cf06fe96c6b3205b26b4e45e598aaaccd0eea3fe60fdfc3df5836175b7b4", size=146772),
     _edm("ffhq", "vp", "DDPM++"),
     _edm("ffhq", "ve", "NCSN++"),
     _edm("afhqv2", "vp", "DDPM++"),
