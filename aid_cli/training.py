@@ -203,8 +203,10 @@ def prepare_run(cfg, run: Path, state_file: str, resume: bool, free: tuple[str, 
                 break
     given = dataclasses.asdict(cfg)
     kept = {k: v for k, v in saved.items() if k not in free and k in given}
-    # a setting newer than the run: the run was made without it, so its default (not this command's value) holds
-    kept.update({f.name: f.default for f in dataclasses.fields(cfg)
+    # a setting newer than the run: the run was made without it, so its default (not this command's value) holds;
+    # where that default has changed since, the value the run was made under (the config's LEGACY_DEFAULTS)
+    legacy = getattr(type(cfg), "LEGACY_DEFAULTS", {})
+    kept.update({f.name: legacy.get(f.name, f.default) for f in dataclasses.fields(cfg)
                  if f.name not in saved and f.name not in free and f.default is not dataclasses.MISSING})
     changed = [f"{k}={v}" for k, v in kept.items() if given[k] != v]
     if changed:

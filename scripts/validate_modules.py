@@ -21,6 +21,7 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     from aid_cli.data.datasets import load_image_set
+    from aid_cli.data.masks import VALIDATION_MASK_SEED
     from aid_cli.fileio import sha256_file
     from aid_cli.guidance.checkpoint import load_guidance
     from aid_cli.guidance.trainer import validation_masks, validation_scores
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", type=Path, required=True, help="the validation images (folder or EDM zip)")
     p.add_argument("--val-offset", type=int, default=100)
     p.add_argument("--val-n", type=int, default=64)
+    p.add_argument("--val-mask-seed", type=int, default=None,
+                   help="validation's mask seed (default: aid train's, masks.VALIDATION_MASK_SEED; 0 for runs made "
+                        "before that setting, whose config.json has no val_mask_seed)")
     p.add_argument("--backbone", type=Path, default=None, help="default: the embedded backbone")
     p.add_argument("--steps", default="18,12", help="grid steps N, comma-separated")
     p.add_argument("--json", type=Path, default=None, help="append one JSON line per module here")
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     sha = sha256_file(backbone)
     res = inpainter.resolution
     val = load_image_set(a.val, resolution=res, limit=a.val_n, offset=a.val_offset)
-    images, M = val.as_float(slice(None)), validation_masks(len(val), res)
+    images, M = val.as_float(slice(None)), validation_masks(len(val), res, VALIDATION_MASK_SEED if a.val_mask_seed is None else a.val_mask_seed)
     try:
         lpips = load_lpips(device, offline=True) if res >= MIN_SIZE else None
     except LPIPSUnavailable as e:

@@ -706,3 +706,29 @@ def test_validation_skips_the_benchmark_images_by_default(tiny_checkpoint, tmp_p
     (folder / "100.png").unlink()
     code, _, err = run_cli(args + ["--out", tmp_path / "t"], capsys)
     assert code == 2 and "no images after its first 100" in err and len(err.strip().splitlines()) == 1
+
+
+def test_validation_masks_are_not_the_benchmarks_and_old_runs_keep_theirs(tiny_data, tiny_checkpoint, tmp_path):
+    """Validation draws the evaluation families with a mask seed of its own (the protocol draws seed 0), so checkpoints
+    are never picked on the benchmark's masks; a run saved before the setting resumes on the seed-0 masks it began on."""
+    from aid_cli.data.masks import FAMILIES, VALIDATION_MASK_SEED, eval_masks
+    from aid_cli.guidance.trainer import validation_masks
+
+    assert TrainConfig(dataset="", out="", backbone="").val_mask_seed == VALIDATION_MASK_SEED != 0
+    own, protocol = validation_masks(6, 64), validation_masks(6, 64, seed=0)
+    assert torch.equal(protocol[0], eval_masks(FAMILIES[0], 1, 64, seed=0)[0])
+    for i in (0, 2, 3, 5):  # free-form and strip masks differ; center (i = 1, 4) is the same square in every seed
+        assert not torch.equal(own[i], protocol[i])
+    assert torch.equal(own[1], protocol[1])
+
+    run = train(cfg_for(tiny_data, tmp_path / "r", tiny_checkpoint, estimator="backprop", iters=2), max_iters=1,
+                progress=False, log=lambda *a: None)
+    assert json.loads((run / "config.json").read_text())["val_mask_seed"] == VALIDATION_MASK_SEED
+    saved = json.loads((run / "config.json").read_text())
+    del saved["val_mask_seed"]
+    (run / "config.json").write_text(json.dumps(saved))
+    notes = []
+    train(cfg_for(tiny_data, run, tiny_checkpoint, estimator="backprop", iters=2), resume=True, progress=False,
+          log=notes.append)
+    assert json.loads((run / "config.json").read_text())["val_mask_seed"] == 0
+    assert any("val_mask_seed=0" in n for n in notes), notes

@@ -88,6 +88,10 @@ def train(
                               "the three evaluation families in turn (fixed)."),
     val_offset: int = typer.Option(100, "--val-offset", min=0, help="Skip this many --val images: the benchmark's "
                                    "(the protocol uses val.zip's first 100, --tune its first 16)."),
+    val_mask_seed: int | None = typer.Option(None, "--val-mask-seed", min=0,
+                                             help="Seed of validation's masks (the evaluation families'; default: "
+                                                  "validation's own, masks.VALIDATION_MASK_SEED; the protocol draws "
+                                                  "seed 0)."),
     estimator: str = typer.Option("backprop", "--estimator",
                                   help="Actor gradient: backprop (J's exact gradient through the frozen solve; alias "
                                        "proxy), score (the paper's eq. 11), pathwise (one-step gradient through the "
@@ -169,6 +173,7 @@ def train(
                       lambda_ssim=lambda_ssim,
                       init=str(init) if init else None, mask_bank=mask_bank, train_masks=train_masks,
                       explore=explore, critic=critic, td_lambda=td_lambda, normalize_advantage=normalize_advantage,
-                      diag_every=diag_every, diag_batch=diag_batch, recompute=recompute, mix_steps=mix_steps)
+                      diag_every=diag_every, diag_batch=diag_batch, recompute=recompute, mix_steps=mix_steps,
+                      **({} if val_mask_seed is None else {"val_mask_seed": val_mask_seed}))
     run = run_train(cfg, resume=resume, device=resolve_device(device), log=log)
     err.print(f"done: {run / 'guidance.safetensors'}")

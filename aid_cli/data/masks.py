@@ -40,6 +40,8 @@ FAMILIES = ("freeform", "center", "strip")
 DEFAULT_HOLE_RANGE = (0.2, 0.6)
 
 EVAL_STREAM = 0x6576616C  # "eval": first word of every evaluation mask's seed
+VALIDATION_MASK_SEED = 0x76616C  # "val": the evaluation families' mask seed that training validation draws (the
+#                                  protocol draws seed 0, so checkpoints are never picked on the benchmark's masks)
 TRAIN_STREAM = 0x74726169  # "trai": first word of every training mask's seed
 _FAMILY_CODE = {"freeform": 1, "center": 2, "strip": 3}
 
@@ -253,6 +255,6 @@ def _stack(known: list[np.ndarray], H: int, W: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(known)[:, None].astype(np.float32))
 
 
-__all__ = ["MASKS_VERSION", "FAMILIES", "DEFAULT_HOLE_RANGE", "random_brush", "free_form_known", "free_form_masks",
+__all__ = ["MASKS_VERSION", "VALIDATION_MASK_SEED", "FAMILIES", "DEFAULT_HOLE_RANGE", "random_brush", "free_form_known", "free_form_masks",
            "training_rng", "training_masks", "TRAIN_FAMILIES", "box_known", "band_known",
            "training_mask_bank", "center_known", "strip_known", "eval_rng", "eval_masks", "describe"]

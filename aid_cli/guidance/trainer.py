@@ -43,6 +43,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.utils.checkpoint
@@ -51,7 +52,7 @@ from ..backbones.checkpoint import load_backbone
 from ..backbones.edm import count_parameters
 from ..backbones.spaces import model_space
 from ..data.datasets import load_image_set
-from ..data.masks import FAMILIES, eval_masks, training_mask_bank, training_masks
+from ..data.masks import FAMILIES, VALIDATION_MASK_SEED, eval_masks, training_mask_bank, training_masks
 from ..devices import prepare_backbone, training_precision
 from ..errors import UserError
 from ..fileio import atomic_write_text, sha256_file
@@ -83,6 +84,9 @@ def canonical_estimator(name: str) -> str:
 
 @dataclass
 class TrainConfig:
+    # settings whose default changed: a run saved without the key was made under this value and keeps it on --resume
+    LEGACY_DEFAULTS: ClassVar[dict] = {"val_mask_seed": 0}
+
     dataset: str
     out: str
     backbone: str
@@ -104,6 +108,8 @@ class TrainConfig:
     val_every: int = 100  # iterations between validation PSNRs
     val_n: int = 64  # fixed val images (masks: the evaluation families in turn, v1, seed 0) for validation
     val_offset: int = 100  # skip the benchmark's images: the protocol uses val.zip's first 100, --tune its first 16
+    val_mask_seed: int = VALIDATION_MASK_SEED  # validation's masks: not the protocol's seed 0 (runs made before
+    #                                         this setting validated on seed 0 and keep it on --resume: LEGACY_DEFAULTS)
     checkpoint_every: int = 50  # iterations between resumable states
     val_dataset: str | None = None
     vae: str | None = None  # latent backbones: a local diffusers VAE folder instead of the pinned hub VAE
@@ -372,10 +378,11 @@ def validation_scores(inpainter: Inpainter, actor, images: torch.Tensor, M: torc
     return scores
 
 
-def validation_masks(n: int, resolution) -> torch.Tensor:
-    """The fixed masks of validation: image i gets mask i of the evaluation family FAMILIES[i % 3] (v1, seed 0), so
-    checkpoints are chosen on all three families the benchmark reports."""
-    per_family = {f: eval_masks(f, n, resolution, seed=0) for f in FAMILIES}
+def validation_masks(n: int, resolution, seed: int = VALIDATION_MASK_SEED) -> torch.Tensor:
+    """The fixed masks of validation: image i gets mask i of the evaluation family FAMILIES[i % 3] (v1, `seed`), so
+    checkpoints are chosen on all three families the benchmark reports, by default on masks of a seed of their own
+    (the protocol's are seed 0: center is the same square in every seed)."""
+    per_family = {f: eval_masks(f, n, resolution, seed=seed) for f in FAMILIES}
     return torch.stack([per_family[FAMILIES[i % len(FAMILIES)]][i] for i in range(n)]) if n else \
         eval_masks("freeform", 0, resolution)
 
@@ -536,7 +543,7 @@ def setup(cfg: TrainConfig, resume: bool, device, log) -> Run:
         except UserError:
             raise UserError(f"--val {cfg.val_dataset}: no images after its first {cfg.val_offset} (validation skips "
                             f"the benchmark's images; pass --val-offset 0 for a set of its own)") from None
-    val_M = validation_masks(len(val), res).to(device) if val else None
+    val_M = validation_masks(len(val), res, cfg.val_mask_seed).to(device) if val else None
     val_images = val.as_float(slice(None)).to(device) if val else None
     val_labels = one_hot_labels(val, binfo.get("label_dim", 0), cfg.class_label, cfg.val_dataset) if val else None
     val_labels = val_labels.to(device) if val_labels is not None else None
