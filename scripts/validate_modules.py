@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", type=Path, required=True, help="the validation images (folder or EDM zip)")
     p.add_argument("--val-offset", type=int, default=100)
     p.add_argument("--val-n", type=int, default=64)
-    p.add_argument("--val-mask-seed", type=int, default=None,
+    p.add_argument("--val-mask-seed", type=int, default=VALIDATION_MASK_SEED,
                    help="validation's mask seed (default: aid train's, masks.VALIDATION_MASK_SEED; 0 for runs made "
                         "before that setting, whose config.json has no val_mask_seed)")
     p.add_argument("--backbone", type=Path, default=None, help="default: the embedded backbone")
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     sha = sha256_file(backbone)
     res = inpainter.resolution
     val = load_image_set(a.val, resolution=res, limit=a.val_n, offset=a.val_offset)
-    images, M = val.as_float(slice(None)), validation_masks(len(val), res, VALIDATION_MASK_SEED if a.val_mask_seed is None else a.val_mask_seed)
+    images, M = val.as_float(slice(None)), validation_masks(len(val), res, a.val_mask_seed)
     try:
         lpips = load_lpips(device, offline=True) if res >= MIN_SIZE else None
     except LPIPSUnavailable as e:

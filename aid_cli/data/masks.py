@@ -255,6 +255,6 @@ def _stack(known: list[np.ndarray], H: int, W: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(known)[:, None].astype(np.float32))
 
 
-__all__ = ["MASKS_VERSION", "VALIDATION_MASK_SEED", "FAMILIES", "DEFAULT_HOLE_RANGE", "random_brush", "free_form_known", "free_form_masks",
-           "training_rng", "training_masks", "TRAIN_FAMILIES", "box_known", "band_known",
+__all__ = ["MASKS_VERSION", "VALIDATION_MASK_SEED", "FAMILIES", "DEFAULT_HOLE_RANGE", "random_brush", "free_form_known",
+           "free_form_masks", "training_rng", "training_masks", "TRAIN_FAMILIES", "box_known", "band_known",
            "training_mask_bank", "center_known", "strip_known", "eval_rng", "eval_masks", "describe"]

@@ -106,7 +106,7 @@ class TrainConfig:
     critic_width: int = 32
     seed: int = 0
     val_every: int = 100  # iterations between validation PSNRs
-    val_n: int = 64  # fixed val images (masks: the evaluation families in turn, v1, seed 0) for validation
+    val_n: int = 64  # fixed val images (masks: the evaluation families in turn, v1, val_mask_seed) for validation
     val_offset: int = 100  # skip the benchmark's images: the protocol uses val.zip's first 100, --tune its first 16
     val_mask_seed: int = VALIDATION_MASK_SEED  # validation's masks: not the protocol's seed 0 (runs made before
     #                                         this setting validated on seed 0 and keep it on --resume: LEGACY_DEFAULTS)
