@@ -3,13 +3,14 @@
     python scripts/actor_cost.py [--batch 16] [--threads 2] [--repeats 10]
 
 AID-N adds one actor call per Heun step (N calls) to the 2N − 1 network evaluations of the ODE solve; this prints the
-milliseconds of each at the same batch and noise level, in NCHW and channels-last layouts, and the share the actor
-would add to a solve at N = 18. Run it alone on the machine: it is a timing.
+milliseconds of each at the same batch and noise level, in NCHW and channels-last layouts (the actor as a converted
+copy with converted inputs, as methods/aid.py runs it on CPU), and the share the actor would add to a solve at N = 18. Run it alone on the machine: it is a timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -37,28 +38,33 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(B, C, R, R, generator=g)
     M = (torch.rand(B, 1, R, R, generator=g) > 0.5).float()
     y, sigma = M * x, torch.full((B,), 2.0)
-    cond = actor.condition(M, y)  # once per solve at deployment (methods/aid.py)
-    denoised = x if actor.denoised_input else None
-
-    def backbone(xx):
-        return inpainter.net(xx, sigma)
-
-    def guidance(xx):
-        return actor(sigma, xx, M, y, cond, denoised)
-
     ms = {}
     with torch.no_grad():
-        for layout, xx in (("NCHW", x), ("channels-last", x.contiguous(memory_format=torch.channels_last))):
+        for layout, fmt in (("NCHW", torch.contiguous_format), ("channels-last", torch.channels_last)):
+            # the actor as a copy in this layout, with its inputs, as methods/aid.py runs it on CPU
+            act = copy.deepcopy(actor).to(memory_format=fmt)
+            xx, MM, yy = (t.contiguous(memory_format=fmt) for t in (x, M, y))
+            cond = act.condition(MM, yy)  # once per solve at deployment
+            denoised = xx if act.denoised_input else None
+
+            def backbone():
+                return inpainter.net(xx, sigma)
+
+            def guidance():
+                return act(sigma, xx, MM, yy, cond, denoised)
+
             for name, f in (("backbone", backbone), ("actor", guidance)):
                 for _ in range(3):
-                    f(xx)
+                    f()
                 t = time.perf_counter()
                 for _ in range(a.repeats):
-                    f(xx)
+                    f()
                 ms[name, layout] = (time.perf_counter() - t) / a.repeats * 1000
                 print(f"{name:8s} {layout:13s} {ms[name, layout]:8.1f} ms per call (batch {B}, {a.threads} threads)")
-    share = 18 * ms["actor", "NCHW"] / (35 * ms["backbone", "NCHW"])
-    print(f"AID-18: 18 actor calls beside 35 network evaluations: +{100 * share:.1f} % of the solve's network time")
+    for layout in ("NCHW", "channels-last"):  # deployment: backbone NCHW; actor channels-last on CPU
+        share = 18 * ms["actor", layout] / (35 * ms["backbone", "NCHW"])
+        print(f"AID-18, actor {layout}: 18 actor calls beside 35 network evaluations: +{100 * share:.1f} % of the "
+              f"solve's network time")
     return 0
 
 

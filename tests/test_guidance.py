@@ -14,7 +14,7 @@ from aid_cli.fileio import sha256_file
 from aid_cli.errors import CheckpointError, UserError
 from aid_cli.guidance.checkpoint import load_guidance, save_guidance
 from aid_cli.backbones.edm import count_parameters
-from aid_cli.guidance.networks import Actor, Critic
+from aid_cli.guidance.networks import Actor, Critic, constant_map_conv, noise_embedding
 from aid_cli.guidance.trainer import STATE_FILE, TrainConfig, actor_critic_losses, rollout, train
 from aid_cli.methods import get_method
 from aid_cli.sampling.heun import SamplerState, edm_sigmas, sample, sample_generators
@@ -167,6 +167,57 @@ def test_deployment_runs_the_task_stem_once_per_solve_with_the_same_result(tiny_
             assert policy.drift(s, n, x, None).requires_grad
     assert len(calls) == 4
     assert cached.nfe == 7
+
+
+def test_cpu_deployment_runs_a_channels_last_copy_with_the_same_field(tiny_net):
+    """Without gradients on CPU the policy's mean comes from a channels-last copy of the actor: the same field (to
+    float rounding), returned NCHW, and the loaded module itself is left as it was."""
+    torch.manual_seed(0)
+    actor = Actor(width=8, denoised_input=True).requires_grad_(False)
+    torch.nn.init.normal_(actor.out.weight, std=0.05)
+    task, _ = tiny_task()
+    policy = get_method("aid", actor=actor)
+    s = SamplerState(net=tiny_net, task=task, sigmas=edm_sigmas(4), generators=sample_generators(0, 2))
+    policy.setup(s)
+    x, D = torch.randn(2, *task.y.shape)
+    with torch.no_grad():
+        a = policy.drift(s, 1, x, D)
+        want = actor(s.sigmas[1].expand(2), x, task.M, task.y, None, D)
+    assert policy._fast is not actor and policy._fast.out.weight.is_contiguous(memory_format=torch.channels_last)
+    assert a.is_contiguous() and torch.allclose(a, want, atol=1e-5, rtol=1e-4) and a.abs().max() > 1e-3
+    assert actor.out.weight.is_contiguous()  # the module's own weights keep their layout
+
+
+@pytest.mark.parametrize("denoised", [False, True])
+@pytest.mark.parametrize("size", [(1, 2), (3, 5), (16, 16)])
+def test_first_layer_in_parts_equals_the_conv_of_the_concatenation(denoised, size):
+    """The trunk's first conv runs as task part + state part + embedding part (the embedding's over a 3×3 map); it
+    must give what one conv over the concatenated channels gives, at every image size, edges included."""
+    torch.manual_seed(0)
+    for net in (Actor(width=8, emb_dim=6, denoised_input=denoised), Critic(width=8, emb_dim=6, denoised_input=denoised)):
+        torch.nn.init.normal_(net.trunk_in.bias)
+        B, (H, W) = 3, size
+        x, y, D = torch.randn(3, B, 3, H, W)
+        M = (torch.rand(B, 1, H, W) > 0.5).float()
+        sigma = torch.tensor([0.01, 1.3, 70.0])
+        with torch.no_grad():
+            stem = net.stem(net.stem_in(torch.cat([M, y], dim=1)))
+            c_in = (1 / (sigma ** 2 + 0.25).sqrt())[:, None, None, None]
+            emb = noise_embedding(sigma, 6)[:, :, None, None].expand(-1, -1, H, W)
+            state = [c_in * x] + ([D, M * (y - D)] if denoised else [])
+            want = net.trunk_in(torch.cat([stem, *state, emb], dim=1))  # the layer as one conv
+            seen = []
+            hook = net.trunk.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+            got = net.features(sigma, x, M, y, denoised=D if denoised else None)
+            hook.remove()
+            assert torch.allclose(seen[0], want, atol=1e-5, rtol=1e-5)  # the trunk's input (norms would magnify ulps)
+            assert torch.allclose(net.features(sigma, x, M, y, net.condition(M, y), D if denoised else None), got,
+                                  atol=0, rtol=0)
+        e = torch.randn(B, 6)
+        w = torch.randn(4, 6, 3, 3)
+        assert torch.allclose(constant_map_conv(e, w, (H, W)),
+                              torch.nn.functional.conv2d(e[:, :, None, None].expand(-1, -1, H, W), w, padding=1),
+                              atol=1e-5)
 
 
 def test_denoised_input_actor_reads_the_steps_own_estimate(tiny_net, tmp_path):

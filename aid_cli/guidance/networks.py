@@ -17,6 +17,11 @@ zero, so training starts from the unguided sampler (u ≡ 0).
 D(x; σ) of the step it steers and its residual on the visible pixels, M ⊙ (y − D(x; σ)). D is a fixed function of
 (σ, x), so the field is still a feedback control μ(t, x; ξ) of eq. 1; the Heun step computes D(x_n; σ_n) anyway, so
 reading it costs no network evaluation, and it gives the small net the backbone's global view of the image.
+
+The trunk's first conv is linear in its input channels, so it runs as three parts (same weights, same sums): the
+task's stem features (fixed along a solve: `condition` returns their part once per solve), the noise embedding
+(constant over the image: its part is a 3×3 conv of the embedding, spread over the rows and columns by
+`constant_map_conv`), and the state's few channels, the only part each step must convolve in full.
 """
 
 from __future__ import annotations
@@ -37,6 +42,19 @@ def noise_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
     angles = c_noise[:, None].float() * freqs[None] * 100  # c_noise spans about [−1.6, 1.1]: spread it over the bands
     return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def constant_map_conv(e: torch.Tensor, weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """conv2d(e spread over an H×W map, weight, padding=1) for e [B, E] and a 3×3 weight [O, E, 3, 3], without the
+    H×W convolution: the output takes one value in the interior and others only along the edges and corners (where
+    the zero padding drops kernel taps), so it is the conv of a 3×3 map with its middle row and column repeated."""
+    H, W = size
+    small = torch.nn.functional.conv2d(e[:, :, None, None].expand(-1, -1, min(H, 3), min(W, 3)), weight, padding=1)
+
+    def spread(n):  # index of the small map's row (column) that each of the n output rows (columns) equals
+        return torch.tensor([0] + [1] * (n - 2) + [2], device=e.device) if n > 3 else torch.arange(n, device=e.device)
+
+    return small[:, :, spread(H)][:, :, :, spread(W)]
 
 
 def _groups(channels: int) -> int:
@@ -73,8 +91,10 @@ class GuidanceNet(nn.Module):
         self.norm_out = nn.GroupNorm(_groups(width), width)
 
     def condition(self, M: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The conditioning stem's features of the task ξ = (M, y); they do not change along a solve."""
-        return self.stem(self.stem_in(torch.cat([M, y], dim=1)))
+        """The task ξ = (M, y)'s part of the trunk's first layer: trunk_in (its stem-feature channels, and its bias)
+        applied to the conditioning stem's features. It does not change along a solve."""
+        cond = self.stem(self.stem_in(torch.cat([M, y], dim=1)))
+        return torch.nn.functional.conv2d(cond, self.trunk_in.weight[:, :self.width], self.trunk_in.bias, padding=1)
 
     def features(self, sigma: torch.Tensor, x: torch.Tensor, M: torch.Tensor, y: torch.Tensor,
                  cond: torch.Tensor | None = None, denoised: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,14 +104,20 @@ class GuidanceNet(nn.Module):
         c_in = 1 / (sigma ** 2 + SIGMA_DATA ** 2).sqrt()
         if cond is None:
             cond = self.condition(M, y)
-        emb = noise_embedding(sigma, self.emb_dim)[:, :, None, None].expand(-1, -1, *x.shape[-2:])
-        inputs = [cond, c_in * x]
+        inputs = [c_in * x]
         if self.denoised_input:
             if denoised is None:
                 raise ValueError("this guidance net reads the denoiser's estimate D(x; σ): pass `denoised`")
             inputs += [denoised, M * (y - denoised)]
-        h = self.trunk(self.trunk_in(torch.cat([*inputs, emb], dim=1)))
-        return silu(self.norm_out(h))
+        # trunk_in on [stem features, state, emb(σ)], as the sum of its parts (module docstring)
+        w = self.trunk_in.weight
+        k = self.width + sum(t.shape[1] for t in inputs)
+        h = torch.nn.functional.conv2d(torch.cat(inputs, dim=1), w[:, self.width:k], padding=1)
+        e = noise_embedding(sigma, self.emb_dim).to(x.dtype)
+        if e.shape[0] > 1 and bool((sigma == sigma[0]).all()):
+            e = e[:1]  # one noise level for the whole batch (a solve's step): one map, broadcast over the images
+        h = h + cond + constant_map_conv(e, w[:, k:], x.shape[-2:])
+        return silu(self.norm_out(self.trunk(h)))
 
 
 class Actor(GuidanceNet):
