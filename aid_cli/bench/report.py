@@ -31,7 +31,9 @@ METRIC_DEFINITIONS = {
     "aggregation": "per seed: mean over the n images; then mean and sample std (ddof 1) over seeds (std null for one "
                    "seed)",
     "sec_per_image": "wall-clock seconds of the sampler calls per image, after a discarded warm-up batch, same "
-                     "device and run, synchronised; with --batch B a batch's time / B; mean over seeds",
+                     "device and run, synchronised, the methods of one mask family and seed run batch by batch in "
+                     "turn (so a drift in the machine's speed slows them alike); with --batch B a batch's time / B; "
+                     "mean over seeds",
     "nfe": "network evaluations per image as counted by the sampler loop (backward: backward passes through it)",
 }
 

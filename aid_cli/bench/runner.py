@@ -1,5 +1,6 @@
-"""Running a benchmark: the backbone, images, masks and metric models of one process (`Runner`), one cell at a time
-through the Inpainter, cells saved as they finish, resumable, sharded under torchrun; `run_bench` is the whole run."""
+"""Running a benchmark: the backbone, images, masks and metric models of one process (`Runner`), cells through the
+Inpainter (the methods of one mask family and seed interleaved batch by batch, so their timings share the machine's
+drift), cells saved as they finish, resumable, sharded under torchrun; `run_bench` is the whole run."""
 
 from __future__ import annotations
 
@@ -242,31 +243,46 @@ class Runner:
         `examples`: keep the completions of images 0..examples−1 (for the grids). `done_before`: images already
         finished in this run, for the progress callback.
         """
-        method = spec.build()
-        warm_key = (spec.method, spec.steps)
-        if warm_key not in self.warmed and self.indices:  # warm-up: first batch, discarded, not timed
-            self._run_batch(method, spec, family, seed, self.indices[:batch])
-            self.warmed.add(warm_key)
-        per_image: dict[int, dict] = {}
-        seconds, nfe_sum, bwd_sum, kept = 0.0, 0.0, 0.0, {}
-        mem = PeakMemory(self.device)
+        return self.cells([spec], family, seed, batch, examples, done_before)[0]
+
+    def cells(self, specs: list[MethodSpec], family: str, seed: int, batch: int, examples: int = 0,
+              done_before: int = 0) -> list[dict | None]:
+        """Run the cells of several methods on one (mask family, seed), interleaved: each batch of images goes through
+        every method in turn before the next batch, so a machine whose speed drifts (a shared CPU, a GPU warming up)
+        slows every method's timed window alike and their seconds per image stay comparable. The numbers are those
+        of `cell` run method by method (same images, masks and noise). Records on rank 0, else Nones."""
+        methods = [spec.build() for spec in specs]
+        for spec, method in zip(specs, methods):
+            warm_key = (spec.method, spec.steps)
+            if warm_key not in self.warmed and self.indices:  # warm-up: first batch, discarded, not timed
+                self._run_batch(method, spec, family, seed, self.indices[:batch])
+                self.warmed.add(warm_key)
+        acc = [{"images": {}, "seconds": 0.0, "nfe": 0.0, "backward": 0.0, "mem": PeakMemory(self.device),
+                "examples": {}} for _ in specs]
+        done = 0
         for idx in self._batches(batch):
-            result, completed, dt, x0, M = self._run_batch(method, spec, family, seed, idx, mem)
-            seconds += dt
-            nfe_sum += result.nfe * len(idx)
-            bwd_sum += result.backward * len(idx)
-            completed = completed.detach().to("cpu", torch.float32)
-            del result
-            m = self._metrics(completed, x0, M, spec.label)
-            for j, i in enumerate(idx):
-                per_image[i] = {k: v[j] for k, v in m.items()}
-                if i < examples:
-                    kept[i] = to_uint8(completed[j])
-            if self.progress:
-                self.progress(done_before + min(len(per_image) * self.world, self.n),
-                              f"{spec.label} / {family} / seed {seed}")
-        parts = self.gather({"images": per_image, "seconds": seconds, "nfe": nfe_sum, "backward": bwd_sum,
-                             "peak": mem.mib, "examples": kept})
+            for spec, method, a in zip(specs, methods, acc):
+                result, completed, dt, x0, M = self._run_batch(method, spec, family, seed, idx, a["mem"])
+                a["seconds"] += dt
+                a["nfe"] += result.nfe * len(idx)
+                a["backward"] += result.backward * len(idx)
+                completed = completed.detach().to("cpu", torch.float32)
+                del result
+                m = self._metrics(completed, x0, M, spec.label)
+                for j, i in enumerate(idx):
+                    a["images"][i] = {k: v[j] for k, v in m.items()}
+                    if i < examples:
+                        a["examples"][i] = to_uint8(completed[j])
+                done += len(idx)
+                if self.progress:
+                    self.progress(done_before + min(done * self.world, self.n * len(specs)),
+                                  f"{' + '.join(s.label for s in specs)} / {family} / seed {seed}")
+        return [self._record(spec, family, seed, batch, a) for spec, a in zip(specs, acc)]
+
+    def _record(self, spec: MethodSpec, family: str, seed: int, batch: int, a: dict) -> dict | None:
+        """The cell's record, merged over the ranks (rank 0; None elsewhere)."""
+        parts = self.gather({"images": a["images"], "seconds": a["seconds"], "nfe": a["nfe"],
+                             "backward": a["backward"], "peak": a["mem"].mib, "examples": a["examples"]})
         if self.rank != 0:
             return None
         images, examples_out = {}, {}
@@ -379,12 +395,18 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
     state["total"] = len(todo) * cfg.n
     if todo and runner.rank == 0:
         runner.log(plan_text(runner, cfg, todo))
-    for c, (spec, family, seed) in enumerate(todo):
-        rec = runner.cell(spec, family, seed, cfg.batch, examples=cfg.examples if seed == cfg.seeds[0] else 0,
-                          done_before=c * cfg.n)
+    groups: dict[tuple[str, int], list[MethodSpec]] = {}  # the methods still to run on each (family, seed)
+    for spec, family, seed in sorted(todo, key=lambda t: (cfg.masks.index(t[1]), cfg.seeds.index(t[2]))):
+        groups.setdefault((family, seed), []).append(spec)  # stable sort: methods keep --methods' order
+    finished = 0
+    for (family, seed), group in groups.items():  # interleaved within a group: comparable timings (Runner.cells)
+        recs = runner.cells(group, family, seed, cfg.batch, examples=cfg.examples if seed == cfg.seeds[0] else 0,
+                            done_before=finished * cfg.n)
+        finished += len(group)
         if runner.rank == 0:
-            save_examples(out, spec.label, family, rec.pop("_examples"))
-            append_cell(out, rec)
+            for rec in recs:
+                save_examples(out, rec["method"], family, rec.pop("_examples"))
+                append_cell(out, rec)
     if runner.rank != 0:
         return None
     return write_reports(out, cfg, runner, specs)
