@@ -57,6 +57,12 @@ def constant_map_conv(e: torch.Tensor, weight: torch.Tensor, size: tuple[int, in
     return small[:, :, spread(H)][:, :, :, spread(W)]
 
 
+def _silu(h: torch.Tensor) -> torch.Tensor:
+    """SiLU of a fresh tensor (a norm's output): in place when no graph is recorded (deployment), which saves the
+    small net a full-resolution write per activation; with gradients, out of place (its backward reads its input)."""
+    return silu(h, inplace=not torch.is_grad_enabled())
+
+
 def _groups(channels: int) -> int:
     return max(g for g in (8, 4, 2, 1) if channels % g == 0)
 
@@ -72,7 +78,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(width, width, 3, padding=1)
 
     def forward(self, h):
-        return h + self.conv1(silu(self.norm1(self.conv0(silu(self.norm0(h))))))
+        return self.conv1(_silu(self.norm1(self.conv0(_silu(self.norm0(h)))))).add_(h)  # the conv's output: in place
 
 
 class GuidanceNet(nn.Module):
@@ -116,8 +122,8 @@ class GuidanceNet(nn.Module):
         e = noise_embedding(sigma, self.emb_dim).to(x.dtype)
         if e.shape[0] > 1 and bool((sigma == sigma[0]).all()):
             e = e[:1]  # one noise level for the whole batch (a solve's step): one map, broadcast over the images
-        h = h + cond + constant_map_conv(e, w[:, k:], x.shape[-2:])
-        return silu(self.norm_out(self.trunk(h)))
+        h = h.add_(cond).add_(constant_map_conv(e, w[:, k:], x.shape[-2:]))  # the conv's own output: in place
+        return _silu(self.norm_out(self.trunk(h)))
 
 
 class Actor(GuidanceNet):
