@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                              for N in steps))
     for path in a.modules:
         actor, _ = load_guidance(path, sha, device)
-        rec = {"module": str(path), "sha256": sha256_file(path)}
+        rec = {"module": str(path), "sha256": sha256_file(path), "val_offset": a.val_offset, "val_n": len(val),
+               "val_mask_seed": a.val_mask_seed}
         for N in steps:
             for k, v in validation_scores(inpainter, actor, images, M, N, lpips=lpips).items():
                 rec[f"val_{k}_{N}"] = v
