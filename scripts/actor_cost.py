@@ -1,10 +1,12 @@
 """Wall-clock cost of one guidance-actor call against one backbone evaluation (the embedded models by default).
 
-    python scripts/actor_cost.py [--batch 16] [--threads 2] [--repeats 10]
+    python scripts/actor_cost.py [--batch 16] [--threads 2] [--repeats 10] [--solves 4]
 
 AID-N adds one actor call per Heun step (N calls) to the 2N − 1 network evaluations of the ODE solve; this prints the
 milliseconds of each at the same batch and noise level, in NCHW and channels-last layouts (the actor as a converted
-copy with converted inputs, as methods/aid.py runs it on CPU), and the share the actor would add to a solve at N = 18. Run it alone on the machine: it is a timing.
+copy with converted inputs, as methods/aid.py runs it on CPU), and the share the actor would add to a solve at
+N = 18. `--solves R`: R rounds of whole 18-step solves of the batch, unguided and AID-18 in turn, with the seconds
+inside the backbone and the actor. Run it alone on the machine: it is a timing.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--solves", type=int, default=0, help="also time this many rounds of whole solves, unguided and "
+                   "AID-18 in turn, with the actor's share of each (0: skip)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     inpainter = Inpainter.load(a.backbone, torch.device("cpu"))
@@ -65,7 +69,57 @@ def main(argv: list[str] | None = None) -> int:
         share = 18 * ms["actor", layout] / (35 * ms["backbone", "NCHW"])
         print(f"AID-18, actor {layout}: 18 actor calls beside 35 network evaluations: +{100 * share:.1f} % of the "
               f"solve's network time")
+    if a.solves:
+        solve_shares(inpainter, actor, x.clamp(-1, 1), M, a.solves)
     return 0
+
+
+def solve_shares(inpainter, actor, x, M, rounds: int) -> None:
+    """Whole 18-step solves of one batch, unguided and AID in turn (the order alternating), each timed with the
+    seconds spent inside the backbone and inside the actor (as methods/aid.py runs it): the actor's share of a real
+    solve, and the two solves' ratio, measured seconds apart so that the machine's drift cancels."""
+    import statistics
+
+    from aid_cli.bench.runner import bench_generators
+    from aid_cli.methods import get_method
+    from aid_cli.methods.aid import AID
+
+    spent = {"net": 0.0, "actor": 0.0}
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            spent[key] += time.perf_counter() - t
+            return out
+        return wrapper
+
+    inpainter.net.forward = timed(inpainter.net.forward, "net")
+    AID._deployed = timed(AID._deployed, "actor")
+    methods = {"unguided": get_method("unguided"), "aid-18": get_method("aid", actor=actor)}
+    gens = range(x.shape[0])
+
+    def solve(name):
+        spent.update(net=0.0, actor=0.0)
+        t = time.perf_counter()
+        inpainter.complete(x, M, methods[name], 18, bench_generators(0, gens))
+        return time.perf_counter() - t, spent["net"], spent["actor"]
+
+    for name in methods:  # warm-up
+        solve(name)
+    ratios, shares = [], []
+    with torch.no_grad():
+        for r in range(rounds):
+            times = {}
+            for name in (methods if r % 2 == 0 else list(methods)[::-1]):
+                times[name] = solve(name)
+                total, net, act = times[name]
+                print(f"round {r} {name:8s} solve {total:6.2f} s  backbone {net:6.2f} s  actor {act:5.2f} s "
+                      f"({100 * act / total:.1f} %)")
+            ratios.append(times["aid-18"][0] / times["unguided"][0])
+            shares.append(times["aid-18"][2] / times["aid-18"][0])
+    print(f"AID-18 / unguided solve time: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max "
+          f"{max(ratios):.3f}); the actor's share of an AID-18 solve: median {100 * statistics.median(shares):.1f} %")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from aid_cli.fileio import sha256_file
 from aid_cli.errors import CheckpointError, UserError
+from aid_cli.data.masks import VALIDATION_MASK_SEED
 from aid_cli.guidance.checkpoint import load_guidance, save_guidance
 from aid_cli.backbones.edm import count_parameters
 from aid_cli.guidance.networks import Actor, Critic, constant_map_conv, noise_embedding
@@ -590,7 +591,35 @@ def test_validate_modules_script_reads_the_same_as_the_runs_validation(tiny_data
     scored = json.loads(out.read_text())
     for key in ("val_psnr_hole_18", "val_psnr_hole_12", "val_ssim_18", "val_ssim_12"):
         assert scored[key] == pytest.approx(logged[key], rel=1e-5), key
+    assert (scored["val_offset"], scored["val_n"], scored["val_mask_seed"]) == (0, 3, VALIDATION_MASK_SEED)
     assert "guidance-000002" in capsys.readouterr().out
+
+
+def test_actor_cost_script_times_calls_and_whole_solves(tiny_checkpoint, tmp_path, capsys):
+    """scripts/actor_cost.py runs on any backbone and module: per-call milliseconds in both layouts, then whole solves
+    unguided and AID-18 in turn with the actor's share (a timing tool: only its shape is checked here)."""
+    import importlib.util
+
+    torch.manual_seed(0)
+    actor = Actor(width=8, denoised_input=True)
+    torch.nn.init.normal_(actor.out.weight, std=0.05)
+    path = save_guidance(tmp_path / "g.safetensors", actor, dict(channels=3, width=8, emb_dim=16, denoised_input=True),
+                         sha256_file(tiny_checkpoint))
+    spec = importlib.util.spec_from_file_location("actor_cost", Path(__file__).parents[1] / "scripts" / "actor_cost.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    from aid_cli.methods.aid import AID
+
+    deployed = AID._deployed
+    try:
+        assert script.main(["--backbone", str(tiny_checkpoint), "--guidance", str(path), "--batch", "2", "--threads",
+                            "1", "--repeats", "1", "--solves", "2"]) == 0
+    finally:
+        AID._deployed = deployed  # the script wraps it with a timer
+    out = capsys.readouterr().out
+    assert out.count("ms per call") == 4 and out.count("round ") == 4
+    share = float(out.split("the actor's share of an AID-18 solve: median ")[1].split(" %")[0])
+    assert 0 < share < 100
 
 
 def test_lambda_lpips_trains_at_32_pixels_and_is_refused_below_31(tiny_data, tiny_checkpoint, tmp_path, capsys):
