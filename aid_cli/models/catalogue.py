@@ -47,7 +47,7 @@ MODELS: tuple[ModelEntry, ...] = (
                description="AID guidance module for aid-cats64 (CPU-trained, backprop estimator at N = 18 and 12, an LPIPS term, the "
                            "denoised-input actor; weights/aid-cats64-guidance.md)",
                file=EMBEDDED_GUIDANCE, embedded=True, backbone="aid-cats64",
-               sha256="7c19cf06fe96c6b3205b26b4e45e598aaaccd0eea3fe60fdfc3df5836175b7b4", size=146772),
+               sha256="8358615c6a1d2aa88c42d9fa15d3f46a9f91f828757f9ae523e18a43fcfea281", size=146796),
     _edm("ffhq", "vp", "DDPM++"),
     _edm("ffhq", "ve", "NCSN++"),
     _edm("afhqv2", "vp", "DDPM++"),
