@@ -78,10 +78,6 @@ def solve_shares(inpainter, actor, x, M, rounds: int) -> None:
     """Whole 18-step solves of one batch, unguided and AID in turn (the order alternating), each timed with the
     seconds spent inside the backbone and inside the actor (as methods/aid.py runs it): the actor's share of a real
     solve, and the two solves' ratio, measured seconds apart so that the machine's drift cancels."""
-    import statistics
-
-    from aid_cli.bench.runner import bench_generators
-    from aid_cli.methods import get_method
     from aid_cli.methods.aid import AID
 
     spent = {"net": 0.0, "actor": 0.0}
@@ -95,7 +91,22 @@ def solve_shares(inpainter, actor, x, M, rounds: int) -> None:
         return wrapper
 
     inpainter.net.forward = timed(inpainter.net.forward, "net")
-    AID._deployed = timed(AID._deployed, "actor")
+    deployed = AID._deployed
+    AID._deployed = timed(deployed, "actor")
+    try:
+        _alternate(inpainter, actor, x, M, rounds, spent)
+    finally:
+        AID._deployed = deployed
+        del inpainter.net.forward  # the instance's wrapper: the class's method again
+
+
+def _alternate(inpainter, actor, x, M, rounds: int, spent: dict) -> None:
+    """The rounds of `solve_shares`, with the timers in place (`spent` is what they fill)."""
+    import statistics
+
+    from aid_cli.bench.runner import bench_generators
+    from aid_cli.methods import get_method
+
     methods = {"unguided": get_method("unguided"), "aid-18": get_method("aid", actor=actor)}
     gens = range(x.shape[0])
 

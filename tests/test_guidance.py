@@ -184,7 +184,8 @@ def test_cpu_deployment_runs_a_channels_last_copy_with_the_same_field(tiny_net):
     with torch.no_grad():
         a = policy.drift(s, 1, x, D)
         want = actor(s.sigmas[1].expand(2), x, task.M, task.y, None, D)
-    assert policy._fast is not actor and policy._fast.out.weight.is_contiguous(memory_format=torch.channels_last)
+    fast = policy._solve[0]  # the per-solve copy
+    assert fast is not actor and fast.out.weight.is_contiguous(memory_format=torch.channels_last)
     assert a.is_contiguous() and torch.allclose(a, want, atol=1e-5, rtol=1e-4) and a.abs().max() > 1e-3
     assert actor.out.weight.is_contiguous()  # the module's own weights keep their layout
 

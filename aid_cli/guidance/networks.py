@@ -21,7 +21,7 @@ reading it costs no network evaluation, and it gives the small net the backbone'
 The trunk's first conv is linear in its input channels, so it runs as three parts (same weights, same sums): the
 task's stem features (fixed along a solve: `condition` returns their part once per solve), the noise embedding
 (constant over the image: its part is a 3×3 conv of the embedding, spread over the rows and columns by
-`constant_map_conv`), and the state's few channels, the only part each step must convolve in full.
+`constant_map_conv`; one map for a batch that shares σ), and the state's few channels, the only part each step must convolve in full.
 """
 
 from __future__ import annotations
@@ -105,7 +105,9 @@ class GuidanceNet(nn.Module):
     def features(self, sigma: torch.Tensor, x: torch.Tensor, M: torch.Tensor, y: torch.Tensor,
                  cond: torch.Tensor | None = None, denoised: torch.Tensor | None = None) -> torch.Tensor:
         """`cond`: `condition(M, y)` computed once per solve (deployment), or None to compute it here.
-        `denoised`: D(x; σ), read only by a net built with `denoised_input` (which requires it)."""
+        `denoised`: D(x; σ), read only by a net built with `denoised_input` (which requires it). `sigma`: one value
+        per image, or a single value the batch shares (a solve's step), whose embedding map is then made once."""
+        e = noise_embedding(sigma, self.emb_dim).to(x.dtype)  # [1 or B, emb_dim], as σ was given
         sigma = sigma.reshape(-1, 1, 1, 1).to(x.dtype).expand(x.shape[0], 1, 1, 1)
         c_in = 1 / (sigma ** 2 + SIGMA_DATA ** 2).sqrt()
         if cond is None:
@@ -119,9 +121,6 @@ class GuidanceNet(nn.Module):
         w = self.trunk_in.weight
         k = self.width + sum(t.shape[1] for t in inputs)
         h = torch.nn.functional.conv2d(torch.cat(inputs, dim=1), w[:, self.width:k], padding=1)
-        e = noise_embedding(sigma, self.emb_dim).to(x.dtype)
-        if e.shape[0] > 1 and bool((sigma == sigma[0]).all()):
-            e = e[:1]  # one noise level for the whole batch (a solve's step): one map, broadcast over the images
         h = h.add_(cond).add_(constant_map_conv(e, w[:, k:], x.shape[-2:]))  # the conv's own output: in place
         return _silu(self.norm_out(self.trunk(h)))
 

@@ -44,17 +44,15 @@ class AID(Method):
         self.scaled_exploration = scaled_exploration  # γ_n = γ·c_u(σ_n)² instead of γ
         self.record = record
         self.trajectory: list[tuple] = []  # (n, X_n, a_n, D(X_n; σ_n)) when recording
-        self._cond = None
-        self._fast = None
+        self._solve = None
 
     def setup(self, s: SamplerState) -> None:
         self.trajectory = []
         self.actor.to(s.device)
-        self._cond = None  # the task's part of the actor's first layer for this solve (computed at the first step)
-        self._fast = None  # the channels-last copy of the actor for this solve (CPU, no gradients)
+        self._solve = None  # without gradients: what stays fixed along this solve (`_deployed`, at the first step)
 
     def drift(self, s: SamplerState, n: int, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-        sigma = s.sigmas[n].expand(x.shape[0])
+        sigma = s.sigmas[n].reshape(1)  # the step's σ, shared by the batch
         D = denoised if self.actor.denoised_input else None  # D(x_n; σ_n) of this step, for actors that read it
         if torch.is_grad_enabled():  # backprop training: the stem stays in each step's graph
             a = self.actor(sigma, x, s.task.M, s.task.y, None, D)
@@ -67,15 +65,16 @@ class AID(Method):
         return a
 
     def _deployed(self, sigma, x, M, y, D) -> torch.Tensor:
-        """μ_φ without gradients: the task's stem once per solve; on CPU in channels-last layout (module docstring)."""
-        layout = torch.channels_last if x.device.type == "cpu" and x.dim() == 4 else torch.contiguous_format
-        if self._fast is None:
-            self._fast = copy.deepcopy(self.actor).to(memory_format=layout) if layout is torch.channels_last \
-                else self.actor
-        x, M, y, D = (t if t is None else t.contiguous(memory_format=layout) for t in (x, M, y, D))
-        if self._cond is None:
-            self._cond = self._fast.condition(M, y)
-        return self._fast(sigma, x, M, y, self._cond, D).contiguous()
+        """μ_φ without gradients. Once per solve: the actor in the layout it runs in (a channels-last copy on CPU,
+        module docstring), the task (M, y) in that layout and the task's part of its first layer."""
+        if self._solve is None:
+            layout = torch.channels_last if x.device.type == "cpu" and x.dim() == 4 else torch.contiguous_format
+            actor = copy.deepcopy(self.actor).to(memory_format=layout) if layout is torch.channels_last else self.actor
+            M, y = M.contiguous(memory_format=layout), y.contiguous(memory_format=layout)
+            self._solve = (actor, layout, M, y, actor.condition(M, y))
+        actor, layout, M, y, cond = self._solve
+        x, D = (t if t is None else t.contiguous(memory_format=layout) for t in (x, D))
+        return actor(sigma, x, M, y, cond, D).contiguous()
 
     def exploration_std(self, sigma: torch.Tensor) -> torch.Tensor:
         """√γ_n of the policy at noise level σ (a scalar tensor)."""
