@@ -72,13 +72,14 @@ def save_state(path, modules: dict, optimizers: dict, meta: dict) -> None:
     save_safetensors(path, tensors, metadata)
 
 
-def load_state(path, modules: dict, optimizers: dict, device="cpu") -> dict:
-    """Restore what `save_state` wrote into the given modules and optimizers; returns the metadata. A corrupt or
+def load_state(path, modules: dict, optimizers: dict, device="cpu", optional: tuple[str, ...] = ()) -> dict:
+    """Restore what `save_state` wrote into the given modules and optimizers; returns the metadata. Modules named in
+    `optional` that the file does not hold are left as they are (a state saved before they existed). A corrupt or
     mismatched state file is a one-line CheckpointError."""
     from .errors import CheckpointError
 
     try:
-        return _load_state(path, modules, optimizers, device)
+        return _load_state(path, modules, optimizers, device, optional)
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, IndexError) as e:
@@ -87,13 +88,15 @@ def load_state(path, modules: dict, optimizers: dict, device="cpu") -> dict:
                               f"{detail}") from None
 
 
-def _load_state(path, modules: dict, optimizers: dict, device="cpu") -> dict:
+def _load_state(path, modules: dict, optimizers: dict, device="cpu", optional: tuple[str, ...] = ()) -> dict:
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
     sd = load_file(str(path), device=str(device))
     for name, module in modules.items():
         prefix = f"{name}."
-        module.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+        held = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if held or name not in optional:
+            module.load_state_dict(held)
     groups = json.loads(metadata.pop("param_groups"))
     for name, opt in optimizers.items():
         state: dict[int, dict] = {}

@@ -6,7 +6,8 @@ The images, masks and noise are exactly those of a training run's validation (`-
 default: val.zip's images 100–163, never the benchmark's first 100 nor --tune's first 16; image i gets mask i of the
 evaluation family FAMILIES[i % 3]; noise seeds 0, 1, …), completed by the same code (`trainer.validation_scores`), so
 a module scored here reads the same as the val_* line its run logged, plus SSIM for runs older than its logging.
-Use it to pick among checkpoints of different runs before spending a protocol benchmark on one.
+Use it to pick among checkpoints of different runs before spending a protocol benchmark on one. `--by-family` adds
+each mask family's own means (a third of the images each: noisier, but it shows which family a checkpoint gains on).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     from aid_cli.data.datasets import load_image_set
-    from aid_cli.data.masks import VALIDATION_MASK_SEED
+    from aid_cli.data.masks import FAMILIES, VALIDATION_MASK_SEED
     from aid_cli.fileio import sha256_file
     from aid_cli.guidance.checkpoint import load_guidance
     from aid_cli.guidance.trainer import validation_masks, validation_scores
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", default="18,12", help="grid steps N, comma-separated")
     p.add_argument("--json", type=Path, default=None, help="append one JSON line per module here")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--by-family", action="store_true",
+                   help="also score each mask family alone (a third of the images each) and print those lines")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -65,11 +68,17 @@ def main(argv: list[str] | None = None) -> int:
         rec = {"module": str(path), "sha256": sha256_file(path), "val_offset": a.val_offset, "val_n": len(val),
                "val_mask_seed": a.val_mask_seed}
         for N in steps:
-            for k, v in validation_scores(inpainter, actor, images, M, N, lpips=lpips).items():
+            for k, v in validation_scores(inpainter, actor, images, M, N, lpips=lpips,
+                                          by_family=a.by_family).items():
                 rec[f"val_{k}_{N}"] = v
         print(f"{path}: " + " | ".join(
             f"{rec[f'val_psnr_hole_{N}']:.2f} {rec.get(f'val_ssim_{N}', float('nan')):.4f} "
             f"{rec.get(f'val_lpips_{N}', float('nan')):.4f}" for N in steps), flush=True)
+        if a.by_family:
+            for fam in FAMILIES:
+                print(f"  {fam:>8}: " + " | ".join(
+                    f"{rec[f'val_psnr_hole_{fam}_{N}']:.2f} {rec.get(f'val_ssim_{fam}_{N}', float('nan')):.4f} "
+                    f"{rec.get(f'val_lpips_{fam}_{N}', float('nan')):.4f}" for N in steps), flush=True)
         if a.json:
             with open(a.json, "a") as f:
                 f.write(json.dumps(rec) + "\n")

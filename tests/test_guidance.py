@@ -575,7 +575,8 @@ def test_lambda_ssim_trains_validates_ssim_and_is_refused_where_it_cannot_apply(
 
 def test_validate_modules_script_reads_the_same_as_the_runs_validation(tiny_data, tiny_checkpoint, tmp_path, capsys):
     """scripts/validate_modules.py scores a saved module on the run's own validation images, masks and noise: its
-    numbers equal the val_* line the run logged for that iteration."""
+    numbers equal the val_* line the run logged for that iteration; `--by-family` adds each mask family's own means
+    (one image each here: they average to the whole set's)."""
     import importlib.util
 
     kw = dict(estimator="backprop", iters=2, batch=2, val_every=2, checkpoint_every=2, val_n=3)
@@ -588,12 +589,16 @@ def test_validate_modules_script_reads_the_same_as_the_runs_validation(tiny_data
     out = tmp_path / "scores.jsonl"
     assert script.main([str(run / "modules" / "guidance-000002.safetensors"), "--val", str(tiny_data),
                         "--val-offset", "0", "--val-n", "3", "--backbone", str(tiny_checkpoint),
-                        "--json", str(out)]) == 0
+                        "--json", str(out), "--by-family"]) == 0
     scored = json.loads(out.read_text())
     for key in ("val_psnr_hole_18", "val_psnr_hole_12", "val_ssim_18", "val_ssim_12"):
         assert scored[key] == pytest.approx(logged[key], rel=1e-5), key
+        metric, N = key[4:].rsplit("_", 1)
+        by_family = [scored[f"val_{metric}_{f}_{N}"] for f in ("freeform", "center", "strip")]
+        assert sum(by_family) / 3 == pytest.approx(scored[key], rel=1e-5) and len(set(by_family)) > 1, key
     assert (scored["val_offset"], scored["val_n"], scored["val_mask_seed"]) == (0, 3, VALIDATION_MASK_SEED)
-    assert "guidance-000002" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "guidance-000002" in out_text and "freeform:" in out_text and "strip:" in out_text
 
 
 def test_actor_cost_script_times_calls_and_whole_solves(tiny_checkpoint, tmp_path, capsys):
@@ -668,6 +673,56 @@ def test_resume_of_a_run_older_than_a_setting_keeps_its_default(tiny_data, tiny_
     train(cfg_for(tiny_data, run, tiny_checkpoint, estimator="backprop", iters=2, lambda_lpips=1.0), resume=True,
           progress=False, log=notes.append)  # 16 px: LPIPS would be refused, so the default 0 must hold
     assert json.loads((run / "config.json").read_text())["lambda_lpips"] == 0.0
+
+
+def test_ema_module_is_the_average_of_the_trained_weights_and_resumes_exactly(tiny_data, tiny_checkpoint, tmp_path):
+    """--ema-halflife H: after every step φ̄ ← κ·φ̄ + (1 − κ)·φ with κ = 0.5^(1/H), φ̄ starting at φ after the first
+    step; the module saved (and validated) is φ̄, the state keeps φ and φ̄, and a resumed run equals an uninterrupted
+    one. Without the option a resume keeps the run's own half-life."""
+    kw = dict(estimator="backprop", iters=4, checkpoint_every=1, val_every=2, ema_halflife=2.0)
+    run = train(cfg_for(tiny_data, tmp_path / "a", tiny_checkpoint, **kw), progress=False, log=lambda *a: None)
+    assert json.loads((run / "config.json").read_text())["ema_halflife"] == 2.0
+    kappa = 0.5 ** (1 / 2.0)
+    snapshot = lambda i: load_file(str(run / "modules" / f"guidance-{i:06d}.safetensors"))
+    state = load_file(str(run / STATE_FILE))
+    # φ_i after each step, from the same run without averaging (the same steps: the average never feeds back)
+    plain = train(cfg_for(tiny_data, tmp_path / "p", tiny_checkpoint, **{**kw, "ema_halflife": 0.0}), progress=False,
+                  log=lambda *a: None)
+    raw = {i: load_file(str(plain / "modules" / f"guidance-{i:06d}.safetensors")) for i in (1, 2, 3, 4)}
+    expected = dict(raw[1])
+    for i in (2, 3, 4):
+        expected = {k: kappa * expected[k] + (1 - kappa) * raw[i][k] for k in expected}
+    for k, v in expected.items():
+        assert torch.allclose(snapshot(4)[k], v, atol=1e-6), k
+        assert torch.equal(state[f"actor.{k}"], raw[4][k]), k  # the optimiser trains φ itself
+        assert torch.equal(state[f"actor_ema.module.{k}"], snapshot(4)[k]), k
+    assert not torch.equal(snapshot(4)["out.weight"], raw[4]["out.weight"])
+    assert torch.equal(load_guidance(run / "guidance.safetensors")[0].out.weight, snapshot(4)["out.weight"])
+
+    half = train(cfg_for(tiny_data, tmp_path / "b", tiny_checkpoint, **kw), max_iters=2, progress=False,
+                 log=lambda *a: None)
+    notes = []
+    train(cfg_for(tiny_data, half, tiny_checkpoint, **{**kw, "ema_halflife": None}), resume=True, progress=False,
+          log=notes.append)  # not given on --resume: the run's own half-life
+    assert any("EMA (half-life 2" in n for n in notes)
+    resumed = load_file(str(half / STATE_FILE))
+    assert resumed.keys() == state.keys()
+    for k in state:
+        assert torch.equal(state[k], resumed[k]), k
+
+
+def test_a_run_starts_averaging_on_resume(tiny_data, tiny_checkpoint, tmp_path):
+    """--ema-halflife given on --resume of a run saved without φ̄: φ̄ starts as the φ of the first resumed step."""
+    kw = dict(estimator="backprop", iters=3, checkpoint_every=1, val_every=10)
+    run = train(cfg_for(tiny_data, tmp_path / "r", tiny_checkpoint, **kw), max_iters=2, progress=False,
+                log=lambda *a: None)
+    assert not any(k.startswith("actor_ema.") for k in load_file(str(run / STATE_FILE)))
+    train(cfg_for(tiny_data, run, tiny_checkpoint, **kw, ema_halflife=5.0), resume=True, progress=False,
+          log=lambda *a: None)
+    state = load_file(str(run / STATE_FILE))
+    assert int(state["actor_ema.n_averaged"]) == 1
+    assert all(torch.equal(state[k], state[f"actor_ema.module.{k[6:]}"]) for k in state if k.startswith("actor."))
+    assert json.loads((run / "config.json").read_text())["ema_halflife"] == 5.0
 
 
 def test_scaled_exploration_log_prob_gradient_matches_autograd(tiny_net):

@@ -114,6 +114,10 @@ def train(
                                   "iteration's afresh)."),
     mix_steps: int = typer.Option(0, "--mix-steps", min=0, help="backprop: every other iteration's solve at this N "
                                   "instead of --steps (e.g. 12 beside 18: one module for aid-18 and aid-12; 0: never)."),
+    ema_halflife: Optional[float] = typer.Option(None, "--ema-halflife", min=0.0, help="Save and validate an "
+                                                 "exponential moving average of the actor's weights with this "
+                                                 "half-life in iterations (0: the actor itself; default: 0, or a "
+                                                 "resumed run's own)."),
     train_masks: str = typer.Option("freeform", "--train-masks", help="Training mask families, comma-separated: "
                                     "freeform, box, strip."),
     denoised_input: bool = typer.Option(False, "--denoised-input", help="The actor also reads the step's own "
@@ -174,6 +178,7 @@ def train(
                       init=str(init) if init else None, mask_bank=mask_bank, train_masks=train_masks,
                       explore=explore, critic=critic, td_lambda=td_lambda, normalize_advantage=normalize_advantage,
                       diag_every=diag_every, diag_batch=diag_batch, recompute=recompute, mix_steps=mix_steps,
+                      ema_halflife=ema_halflife,
                       **({} if val_mask_seed is None else {"val_mask_seed": val_mask_seed}))
     run = run_train(cfg, resume=resume, device=resolve_device(device), log=log)
     err.print(f"done: {run / 'guidance.safetensors'}")

@@ -13,6 +13,10 @@ One iteration, for a batch of tasks:
   5. Actor (eq. 11): φ ← φ − α_φ Σ_n δ_n ∇_φ log π_φ(a_n | t_n, X_n), ∇_φ log π = ((a_n − μ_n)/γ)·∇_φ μ_n,
      i.e. descend Σ_n sg(δ_n)·log π_φ(a_n) with log π = −‖a_n − μ_n‖²/(2γ) + const.
   6. Adam for both, constant learning rates, gradient-norm clipping.
+  7. With `--ema-halflife H` (an option beyond the paper): the module saved and validated is an exponential moving
+     average of the actor's weights, φ̄ ← κ·φ̄ + (1 − κ)·φ after every step, κ = 0.5^(1/H) (torch's AveragedModel);
+     the optimiser keeps training φ itself. A constant learning rate leaves φ wandering ±0.2–0.3 dB between
+     checkpoints; the average keeps what the wandering shares.
 Pixel sums vs means: ℓ and the running cost both use means over the d = C·H·W entries (recorded in the config);
 log π is the true Gaussian log-density (a sum over entries).
 
@@ -47,6 +51,7 @@ from typing import ClassVar
 
 import torch
 import torch.utils.checkpoint
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..backbones.checkpoint import load_backbone
 from ..backbones.edm import count_parameters
@@ -132,6 +137,8 @@ class TrainConfig:
     diag_batch: int = 0  # tasks of a diagnostic (0: --batch)
     train_masks: str = "freeform"  # families of the training masks, comma-separated: freeform, box, strip
     mix_steps: int = 0  # backprop: every odd iteration's solve at this N instead of `steps` (0 = never; e.g. 12 beside 18)
+    ema_halflife: float | None = None  # iterations: the saved, validated module is the actor's EMA (0: the actor
+    #                                  itself); None = not given: a new run 0, a resumed run its own (ema_halflife())
     reductions: str = "mean over C·H·W in both the terminal loss and the running cost"
 
     def actor_kwargs(self, channels: int) -> dict:
@@ -355,26 +362,33 @@ def gradient_diagnostic(cfg: TrainConfig, backbone, actor, critic, task: Task, x
 
 @torch.no_grad()
 def validation_scores(inpainter: Inpainter, actor, images: torch.Tensor, M: torch.Tensor, steps: int, batch: int = 64,
-                      labels: torch.Tensor | None = None, lpips=None) -> dict[str, float]:
+                      labels: torch.Tensor | None = None, lpips=None, by_family: bool = False) -> dict[str, float]:
     """Mean hole PSNR (on pixels) and SSIM of the deterministic actor (the policy's mean) on fixed images and masks,
     and the completed images' mean LPIPS when the model is given: the images completed as `aid inpaint` completes
-    them (SSIM only for images of at least 11 × 11 pixels, the size its window needs)."""
+    them (SSIM only for images of at least 11 × 11 pixels, the size its window needs). `by_family`: also each
+    metric's mean over the images of each mask family of `validation_masks` (image i: FAMILIES[i % 3]), as
+    `psnr_hole_freeform`, `lpips_strip`, …"""
     policy = AID(actor=actor, gamma=0.0)
-    psnr, structural, perceptual = [], [], []
+    per_image: dict[str, list[torch.Tensor]] = {"psnr_hole": [], "ssim": [], "lpips": []}
     for i in range(0, len(images), batch):
         x0, m = images[i:i + batch], M[i:i + batch]
         completed, _ = inpainter.complete(x0, m, policy, steps, sample_generators(0, len(x0), offset=i),
                                           None if labels is None else labels[i:i + batch])
-        psnr.append(psnr_hole(completed, x0, m))
+        per_image["psnr_hole"].append(psnr_hole(completed, x0, m))
         if min(x0.shape[-2:]) >= SSIM_MIN_SIZE:
-            structural.append(ssim_01(completed, x0))
+            per_image["ssim"].append(ssim_01(completed, x0))
         if lpips is not None:
-            perceptual.append(lpips(completed, x0))
-    scores = {"psnr_hole": float(torch.cat(psnr).mean())}
-    if structural:
-        scores["ssim"] = float(torch.cat(structural).mean())
-    if lpips is not None:
-        scores["lpips"] = float(torch.cat(perceptual).mean())
+            per_image["lpips"].append(lpips(completed, x0))
+    scores = {}
+    for k, parts in per_image.items():
+        if not parts:
+            continue
+        values = torch.cat(parts)
+        scores[k] = float(values.mean())
+        if by_family:
+            family = torch.arange(len(values)) % len(FAMILIES)
+            scores.update({f"{k}_{f}": float(values[family == j].mean())
+                           for j, f in enumerate(FAMILIES) if (family == j).any()})
     return scores
 
 
@@ -497,6 +511,7 @@ class Run:
     critic: torch.nn.Module
     opt_actor: torch.optim.Optimizer
     opt_critic: torch.optim.Optimizer
+    actor_ema: AveragedModel | None  # φ̄, the EMA of the actor's weights (--ema-halflife), or None
     actor_t: torch.nn.Module  # the actor and the critic as trained (DDP-wrapped under torchrun)
     critic_t: torch.nn.Module
     sigmas: torch.Tensor
@@ -508,6 +523,28 @@ class Run:
     def state_path(self) -> Path:
         return self.folder / STATE_FILE
 
+    @property
+    def module(self) -> Actor:
+        """The actor as deployed, validated and saved: the EMA φ̄ with --ema-halflife, else φ itself."""
+        return self.actor if self.actor_ema is None else self.actor_ema.module
+
+
+def ema_halflife(cfg: TrainConfig, run: Path, resume: bool) -> float:
+    """--ema-halflife as given; not given: a resumed run's own (0 for runs made before the option), a new run's 0.
+    Free on --resume (it changes what is saved, not how φ trains), so a run can start averaging part-way."""
+    if cfg.ema_halflife is not None:
+        return float(cfg.ema_halflife)
+    if resume:
+        return float(json.loads((run / "config.json").read_text()).get("ema_halflife") or 0.0)
+    return 0.0
+
+
+def make_ema(actor: Actor, halflife: float) -> AveragedModel | None:
+    """φ̄ with κ = 0.5^(1/halflife) per step (None for 0): its first update copies φ, later ones lerp toward it."""
+    if not halflife:
+        return None
+    return AveragedModel(actor, multi_avg_fn=get_ema_multi_avg_fn(0.5 ** (1 / halflife)), use_buffers=True)
+
 
 def setup(cfg: TrainConfig, resume: bool, device, log) -> Run:
     """Check the options, load the backbone, its space and the data, build (or restore) the actor, the critic and
@@ -517,7 +554,8 @@ def setup(cfg: TrainConfig, resume: bool, device, log) -> Run:
     run = Path(cfg.out)
     cfg = prepare_run(cfg, run, STATE_FILE, resume, log=log,
                       free=("dataset", "out", "iters", "val_dataset", "checkpoint_every", "val_every", "precision",
-                            "compile", "diag_every", "diag_batch", "recompute"))
+                            "compile", "diag_every", "diag_batch", "recompute", "ema_halflife"))
+    cfg = dataclasses.replace(cfg, ema_halflife=ema_halflife(cfg, run, resume))
     cfg = dataclasses.replace(cfg, estimator=canonical_estimator(cfg.estimator))  # a run saved as `proxy`
     families = mask_families(cfg.train_masks)  # the run's own on --resume
 
@@ -575,9 +613,12 @@ def setup(cfg: TrainConfig, resume: bool, device, log) -> Run:
     it, elapsed = 0, 0.0
     if cfg.init and not resume:  # a resumed run's own state already holds the warm-started actor
         warm_start(actor, cfg.init, cfg.actor_kwargs(C), backbone_sha)
+    actor_ema = make_ema(actor, cfg.ema_halflife)
     if resume:
-        meta = load_state(run / STATE_FILE, {"actor": actor, "critic": critic},
-                          {"opt_actor": opt_actor, "opt_critic": opt_critic}, device=device)
+        # a state saved without φ̄ (a run that starts averaging now) leaves it fresh: its first update copies φ
+        meta = load_state(run / STATE_FILE, {"actor": actor, "critic": critic,
+                                             **({"actor_ema": actor_ema} if actor_ema is not None else {})},
+                          {"opt_actor": opt_actor, "opt_critic": opt_critic}, device=device, optional=("actor_ema",))
         it, elapsed = meta["iteration"], meta["elapsed_s"]
     ddp = (lambda m: torch.nn.parallel.DistributedDataParallel(m, device_ids=[device] if device.type == "cuda" else None)) \
         if world > 1 else (lambda m: m)
@@ -588,15 +629,18 @@ def setup(cfg: TrainConfig, resume: bool, device, log) -> Run:
             backbone=backbone, backbone_sha=backbone_sha, space=space, res=res, data=data, labels=labels, val=val,
             val_images=val_images, val_M=val_M, val_labels=val_labels,
             inpainter=Inpainter(backbone, binfo, space, device, Path(cfg.backbone)), lpips=lpips, val_lpips=val_lpips,
-            actor=actor, critic=critic, opt_actor=opt_actor, opt_critic=opt_critic, actor_t=ddp(actor),
-            critic_t=ddp(critic), sigmas=edm_sigmas(cfg.steps, device=device), bank=bank, it=it, elapsed=elapsed)
+            actor=actor, critic=critic, opt_actor=opt_actor, opt_critic=opt_critic, actor_ema=actor_ema,
+            actor_t=ddp(actor), critic_t=ddp(critic), sigmas=edm_sigmas(cfg.steps, device=device), bank=bank, it=it,
+            elapsed=elapsed)
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         n_actor, n_backbone = count_parameters(actor), count_parameters(backbone_net)
         log(f"{'resuming' if resume else 'training'} AID guidance: actor {n_actor:,} parameters "
             f"({100 * n_actor / n_backbone:.2f} % of the {n_backbone:,}-parameter backbone), critic "
-            f"{count_parameters(critic):,}; {len(data):,} training images → {run}")
+            f"{count_parameters(critic):,}; {len(data):,} training images → {run}"
+            + (f"; the module saved is the actor's EMA (half-life {cfg.ema_halflife:g} iterations)"
+               if actor_ema is not None else ""))
     return r
 
 
@@ -653,6 +697,8 @@ def step(r: Run, prev_grad: torch.Tensor | None) -> dict:
     out["grad"] = grad
     r.opt_critic.step()
     r.opt_actor.step()
+    if r.actor_ema is not None:
+        r.actor_ema.update_parameters(r.actor)  # φ̄ ← κ·φ̄ + (1 − κ)·φ (step 7)
     return out
 
 
@@ -660,7 +706,7 @@ def validate(r: Run) -> dict:
     """val_psnr_hole_{18,12}, val_ssim_{18,12} and val_lpips_{18,12} (where LPIPS is at hand), logged in one line."""
     rec = {}
     for N in (18, 12):
-        for k, v in validation_scores(r.inpainter, r.actor, r.val_images, r.val_M, N, labels=r.val_labels,
+        for k, v in validation_scores(r.inpainter, r.module, r.val_images, r.val_M, N, labels=r.val_labels,
                                       lpips=r.val_lpips).items():
             rec[f"val_{k}_{N}"] = v
     r.log(f"it {r.it}: val PSNR-hole {rec['val_psnr_hole_18']:.2f} dB (N=18), {rec['val_psnr_hole_12']:.2f} dB (N=12)"
@@ -713,17 +759,18 @@ def append_stats(r: Run, rec: dict) -> None:
 def save_checkpoint(r: Run) -> None:
     """The resumable state, the curves, and the module: guidance.safetensors and a numbered copy in modules/."""
     cfg, run, C = r.cfg, r.folder, r.actor.channels
-    save_state(r.state_path, {"actor": r.actor, "critic": r.critic},
+    save_state(r.state_path, {"actor": r.actor, "critic": r.critic,
+                              **({"actor_ema": r.actor_ema} if r.actor_ema is not None else {})},
                {"opt_actor": r.opt_actor, "opt_critic": r.opt_critic},
                {"config": dataclasses.asdict(cfg), "iteration": r.it, "elapsed_s": r.elapsed})
     training_curves(read_jsonl(run / "stats.jsonl", notice=r.log), run / CURVES_FILE,
                     f"aid train ({cfg.estimator}): {run.name}, batch {cfg.batch}, N = {cfg.steps}")
     training = {**dataclasses.asdict(cfg), "iterations": r.it, "train_seconds": round(r.elapsed, 1),
                 "backbone": str(cfg.backbone)}
-    save_guidance(run / GUIDANCE_FILE, r.actor, cfg.actor_kwargs(C), r.backbone_sha, training=training)
+    save_guidance(run / GUIDANCE_FILE, r.module, cfg.actor_kwargs(C), r.backbone_sha, training=training)
     # every checkpoint's module is kept (~35 k parameters each), so the best on validation can be picked later
     (run / SNAPSHOT_DIR).mkdir(exist_ok=True)
-    save_guidance(run / SNAPSHOT_DIR / f"guidance-{r.it:06d}.safetensors", r.actor, cfg.actor_kwargs(C),
+    save_guidance(run / SNAPSHOT_DIR / f"guidance-{r.it:06d}.safetensors", r.module, cfg.actor_kwargs(C),
                   r.backbone_sha, training=training)
 
 
