@@ -601,6 +601,40 @@ def test_validate_modules_script_reads_the_same_as_the_runs_validation(tiny_data
     assert "guidance-000002" in out_text and "freeform:" in out_text and "strip:" in out_text
 
 
+def test_average_modules_script_writes_the_mean_with_its_sources(tmp_path, capsys):
+    """scripts/average_modules.py: the mean of the modules' weights, loadable as a module, its sources recorded; a
+    module of another backbone is refused in one line."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("average_modules",
+                                                  Path(__file__).parents[1] / "scripts" / "average_modules.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    kw = dict(channels=3, width=8, emb_dim=16)
+    paths = []
+    for i in range(3):
+        torch.manual_seed(i)
+        actor = Actor(width=8)
+        torch.nn.init.normal_(actor.out.weight, std=0.05)
+        paths.append(save_guidance(tmp_path / f"g{i}.safetensors", actor, kw, "a" * 64,
+                                   training={"iterations": 25 * (i + 1)}))
+    out = tmp_path / "mean.safetensors"
+    assert script.main([str(out), *map(str, paths)]) == 0
+    mean, info = load_guidance(out, backbone_sha256="a" * 64)
+    sources = [load_guidance(q)[0].state_dict() for q in paths]
+    for k, v in mean.state_dict().items():
+        assert torch.allclose(v, sum(sd[k] for sd in sources) / 3, atol=1e-7), k
+    assert [s["iterations"] for s in info["training"]["averaged_from"]] == [25, 50, 75]
+    assert info["training"]["averaged_from"][0]["sha256"] == sha256_file(paths[0])
+    assert info["training"]["iterations"] == 75
+    other = save_guidance(tmp_path / "other.safetensors", Actor(width=8), kw, "b" * 64)
+    capsys.readouterr()
+    assert script.main([str(tmp_path / "bad.safetensors"), str(paths[0]), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "another backbone" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
 def test_actor_cost_script_times_calls_and_whole_solves(tiny_checkpoint, tmp_path, capsys):
     """scripts/actor_cost.py runs on any backbone and module: per-call milliseconds in both layouts, then whole solves
     unguided and AID-18 in turn with the actor's share (a timing tool: only its shape is checked here)."""
