@@ -175,9 +175,12 @@ def state_metadata(path) -> dict:
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
 
 
-def prepare_run(cfg, run: Path, state_file: str, resume: bool, free: tuple[str, ...], log):
+def prepare_run(cfg, run: Path, state_file: str, resume: bool, free: tuple[str, ...], log,
+                free_if_given: tuple[str, ...] = ()):
     """The config a run continues with. On --resume the run's own saved settings win, except the keys in `free`
-    (where the data is, how long, how often to save); without --resume an existing run is never overwritten."""
+    (where the data is, how long, how often to save) and those in `free_if_given` that the command gives (not None:
+    a setting a run may change part-way; not given, the run's own, or its default for a run made before it); without
+    --resume an existing run is never overwritten."""
     import dataclasses
 
     from .errors import UserError
@@ -205,6 +208,7 @@ def prepare_run(cfg, run: Path, state_file: str, resume: bool, free: tuple[str, 
                 truncate_log(run / "stats.jsonl", key, meta[key], notice=log)
                 break
     given = dataclasses.asdict(cfg)
+    free = tuple(free) + tuple(k for k in free_if_given if given.get(k) is not None)
     kept = {k: v for k, v in saved.items() if k not in free and k in given}
     # a setting newer than the run: the run was made without it, so its default (not this command's value) holds;
     # where that default has changed since, the value the run was made under (the config's LEGACY_DEFAULTS)

@@ -12,7 +12,6 @@ beside the newest source's training record. Score it with scripts/validate_modul
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,6 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    from aid_cli.backbones.checkpoint import read_metadata
     from aid_cli.errors import CheckpointError
     from aid_cli.fileio import sha256_file
     from aid_cli.guidance.checkpoint import load_guidance, save_guidance
@@ -40,22 +38,22 @@ def main(argv: list[str] | None = None) -> int:
         except (CheckpointError, OSError) as e:
             print(f"average_modules.py: {e}", file=sys.stderr)
             return 2
-        sources.append((path, read_metadata(path), actor, info["training"]))
-    path0, meta0 = sources[0][:2]
-    for path, meta, _, _ in sources[1:]:
-        for key, what in (("aid.backbone_sha256", "backbone"), ("aid.actor", "actor")):
-            if meta.get(key) != meta0.get(key):
+        sources.append((path, info, actor))
+    path0, info0 = sources[0][:2]
+    for path, info, _ in sources[1:]:
+        for key, what in (("backbone_sha256", "backbone"), ("actor", "actor")):
+            if info[key] != info0[key]:
                 print(f"average_modules.py: {path.name} has another {what} than {path0.name}", file=sys.stderr)
                 return 2
-    kwargs = json.loads(meta0["aid.actor"])
-    states = [actor.state_dict() for _, _, actor, _ in sources]
+    kwargs = info0["actor"]
+    states = [actor.state_dict() for _, _, actor in sources]
     mean = Actor(**kwargs)
     mean.load_state_dict({k: torch.stack([s[k].float() for s in states]).mean(0) for k in states[0]})
-    newest = max(sources, key=lambda s: s[3].get("iterations", 0))[3]
+    newest = max((info["training"] for _, info, _ in sources), key=lambda t: t.get("iterations", 0))
     record = {**newest, "averaged_from": [{"file": path.name, "sha256": sha256_file(path),
-                                           "iterations": training.get("iterations")}
-                                          for path, _, _, training in sources]}
-    save_guidance(a.out, mean, kwargs, meta0["aid.backbone_sha256"], training=record)
+                                           "iterations": info["training"].get("iterations")}
+                                          for path, info, _ in sources]}
+    save_guidance(a.out, mean, kwargs, info0["backbone_sha256"], training=record)
     print(f"{a.out}: the mean of {len(sources)} modules, sha256 {sha256_file(a.out)}")
     return 0
 

@@ -138,7 +138,7 @@ class TrainConfig:
     train_masks: str = "freeform"  # families of the training masks, comma-separated: freeform, box, strip
     mix_steps: int = 0  # backprop: every odd iteration's solve at this N instead of `steps` (0 = never; e.g. 12 beside 18)
     ema_halflife: float | None = None  # iterations: the saved, validated module is the actor's EMA (0: the actor
-    #                                  itself); None = not given: a new run 0, a resumed run its own (ema_halflife())
+    #                                  itself); None = not given: a new run 0, a resumed run its own (prepare_run)
     reductions: str = "mean over C·H·W in both the terminal loss and the running cost"
 
     def actor_kwargs(self, channels: int) -> dict:
@@ -529,16 +529,6 @@ class Run:
         return self.actor if self.actor_ema is None else self.actor_ema.module
 
 
-def ema_halflife(cfg: TrainConfig, run: Path, resume: bool) -> float:
-    """--ema-halflife as given; not given: a resumed run's own (0 for runs made before the option), a new run's 0.
-    Free on --resume (it changes what is saved, not how φ trains), so a run can start averaging part-way."""
-    if cfg.ema_halflife is not None:
-        return float(cfg.ema_halflife)
-    if resume:
-        return float(json.loads((run / "config.json").read_text()).get("ema_halflife") or 0.0)
-    return 0.0
-
-
 def make_ema(actor: Actor, halflife: float) -> AveragedModel | None:
     """φ̄ with κ = 0.5^(1/halflife) per step (None for 0): its first update copies φ, later ones lerp toward it."""
     if not halflife:
@@ -554,8 +544,9 @@ def setup(cfg: TrainConfig, resume: bool, device, log) -> Run:
     run = Path(cfg.out)
     cfg = prepare_run(cfg, run, STATE_FILE, resume, log=log,
                       free=("dataset", "out", "iters", "val_dataset", "checkpoint_every", "val_every", "precision",
-                            "compile", "diag_every", "diag_batch", "recompute", "ema_halflife"))
-    cfg = dataclasses.replace(cfg, ema_halflife=ema_halflife(cfg, run, resume))
+                            "compile", "diag_every", "diag_batch", "recompute"),
+                      free_if_given=("ema_halflife",))  # a run can start averaging part-way (step 7)
+    cfg = dataclasses.replace(cfg, ema_halflife=cfg.ema_halflife or 0.0)  # not given and never set: none
     cfg = dataclasses.replace(cfg, estimator=canonical_estimator(cfg.estimator))  # a run saved as `proxy`
     families = mask_families(cfg.train_masks)  # the run's own on --resume
 
