@@ -362,8 +362,14 @@ def test_torchrun_shards_images_and_matches_one_process(tmp_path, data, tiny_che
            "bench", "--methods", "dps,copy", "--dataset", str(data), "--model", str(tiny_checkpoint), "--masks",
            "freeform", "-n", "3", "--seeds", "2", "--steps", STEPS, "--batch", "1", "--device", "cpu", "--out",
            str(out)]  # -n: torchrun's own parser takes --n for an ambiguous abbreviation of its options
-    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600,
-                       cwd=REPO)
+    def launch():
+        shutil.rmtree(out, ignore_errors=True)
+        return subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                              timeout=600, cwd=REPO)
+
+    r = launch()
+    if r.returncode != 0 and "Signal 6 (SIGABRT)" in r.stderr:  # a worker's rare abort inside torch's launcher (seen
+        r = launch()  # twice in many runs, in code this test does not own): one more launch, the same assertions
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr)  # whole stderr: each worker's traceback (a rare SIGABRT)
     assert r.stderr.count("wrote ") == 1  # rank 0 alone reports and writes
     ddp = read_cells(out)
