@@ -495,3 +495,55 @@ def test_a_row_gives_mean_counts_to_one_decimal_and_whole_counts_whole():
     cfg = {"n": 2, "dataset": "val.zip", "seeds": [0, 1], "masks": {"version": "v1"}, "device": "cpu",
            "aid": "0", "date": "2026-11-25"}
     assert "| copaint | center | 257.0 | 36 | 1 |" in rows_markdown({"config": cfg, "rows": [row]})
+
+
+def _script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hole_texture_is_the_mean_neighbour_difference_inside_the_hole():
+    tb = _script("texture_breakdown")
+    checker = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2  # luminance 0/1 alternating
+    x0 = torch.stack([checker.float().expand(3, 8, 8), torch.full((3, 8, 8), 0.5), checker.float().expand(3, 8, 8)])
+    M = torch.ones(3, 1, 8, 8)
+    M[:2, :, 2:6, 2:6] = 0  # a 4×4 hole in the first two images; none in the third
+    t = tb.hole_texture(x0, M)
+    assert t[0] == 1 and t[1] == 0 and torch.isnan(t[2])
+    M2 = M.clone()
+    M2[0, :, 2:6, 2:6] = 1
+    M2[0, :, 0, 0] = 0  # a one-pixel hole has no pair of hole pixels
+    assert torch.isnan(tb.hole_texture(x0[:1], M2[:1]))[0]
+
+
+def test_texture_breakdown_pairs_images_and_refuses_runs_of_other_masks(tmp_path, data, tiny_checkpoint, capsys):
+    """scripts/texture_breakdown.py: Δ per image equals the cells' own difference, bins hold every image once, the
+    kept fills' texture is read from the grids (copy's fills are the truth: ratio 1; greyfill's are flat: 0), and two
+    runs that drew other masks are refused in one line."""
+    tb = _script("texture_breakdown")
+    out = tmp_path / "a"
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, out, "copy,greyfill", "freeform,center", "1", "4",
+                                       "--examples", "4"), capsys)
+    assert code == 0, err
+    assert tb.main([str(out), "--a", "greyfill", "--b", "copy", "--metric", "ssim", "--bins", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    cells = {(c["method"], c["mask"]): c for c in read_cells(out)}
+    for family in ("freeform", "center"):
+        r = result["families"][family]
+        delta = np.subtract(cells[("greyfill", family)]["ssim"], cells[("copy", family)]["ssim"])
+        np.testing.assert_allclose(r["mean_delta"], delta.mean(), rtol=1e-9)
+        assert sum(b["n"] for b in r["bins"]) == r["n"] == 4
+        assert r["fill_texture_b"]["ratio"] == pytest.approx(1.0, abs=1e-6)  # copy: the ground truth itself
+        assert r["fill_texture_a"]["ratio"] == pytest.approx(0.0, abs=1e-6)  # greyfill: one grey value
+    assert result["all"]["n"] == 8
+    other = tmp_path / "b"
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, other, "copy", "freeform", "1", "4", "--mask-seed", "3"),
+                           capsys)
+    assert code == 0, err
+    assert tb.main([str(out), "--a", "greyfill", "--b", "copy", "--b-run", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "different images or masks (mask_seed 0 / 3)" in err
