@@ -4,8 +4,9 @@ runs, binned by how much texture the ground truth holds inside each image's hole
     python scripts/texture_breakdown.py BENCH --a aid-18 --b repaint [--metric lpips] [--bins 4] [--json]
     python scripts/texture_breakdown.py BENCH_A --a aid-18:e --b repaint --b-run BENCH_B   # two runs, same images
 
-Texture of image i under its mask: the mean absolute difference between neighbouring hole pixels of the ground
-truth's luminance (in [0, 1]; horizontal and vertical pairs whose two pixels are both in the hole). Both runs must
+Texture of image i under its mask: `metrics.quality.hole_texture` of the ground truth, the mean absolute difference
+between neighbouring hole pixels' luminance (on the [0, 1] scale; horizontal and vertical pairs whose two pixels are
+both in the hole). Both runs must
 have drawn the same images and masks (their run.json: dataset, n, resolution, mask version and seed); per image the
 metric is averaged over the noise seeds both methods ran. For each mask family and for all families together it
 prints the correlation between texture and Δ = metric(a) − metric(b), and Δ's mean in equal-count bins of texture.
@@ -25,18 +26,6 @@ import numpy as np
 import torch
 
 
-def hole_texture(x0: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """Per image: mean |difference| of neighbouring luminance values (x0 in [0, 1], [N, C, H, W]) over pixel pairs
-    that both lie in the hole (M = 0, [N, 1, H, W]); nan where the hole has no such pair."""
-    L = x0.mean(dim=1, keepdim=True)
-    hole = M < 0.5
-    pairs_x, pairs_y = hole[..., :, 1:] & hole[..., :, :-1], hole[..., 1:, :] & hole[..., :-1, :]
-    diff_x, diff_y = (L[..., :, 1:] - L[..., :, :-1]).abs(), (L[..., 1:, :] - L[..., :-1, :]).abs()
-    total = (diff_x * pairs_x).flatten(1).sum(1) + (diff_y * pairs_y).flatten(1).sum(1)
-    count = pairs_x.flatten(1).sum(1) + pairs_y.flatten(1).sum(1)
-    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
-
-
 def per_image(cells: list[dict], method: str, family: str, metric: str) -> dict[int, np.ndarray]:
     """{seed: the cell's per-image values} of one method and mask family (the last cell of each seed wins)."""
     out = {}
@@ -47,7 +36,7 @@ def per_image(cells: list[dict], method: str, family: str, metric: str) -> dict[
 
 
 def fills(run: Path, label: str, family: str, resolution: int) -> torch.Tensor | None:
-    """The completions `aid bench` kept of images 0..K−1 for the grids (first seed), [K, C, H, W] in [0, 1]."""
+    """The completions `aid bench` kept of images 0..K−1 for the grids (first seed), [K, C, H, W] in [−1, 1]."""
     from PIL import Image
 
     from aid_cli.bench.report import _safe_name
@@ -55,7 +44,7 @@ def fills(run: Path, label: str, family: str, resolution: int) -> torch.Tensor |
     path = run / "examples" / f"{_safe_name(label)}__{family}.png"
     if not path.is_file():
         return None
-    strip = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+    strip = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
     return torch.stack(strip.split(resolution, dim=2)[:strip.shape[2] // resolution])
 
 
@@ -75,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from aid_cli.bench.cells import read_cells
     from aid_cli.data.datasets import load_image_set
     from aid_cli.data.masks import eval_masks
+    from aid_cli.metrics.quality import hole_texture
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="an `aid bench --out` folder (run.json, cells.jsonl)")
@@ -106,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if not families:
         print(f"error: no mask family has cells of both {args.a!r} and {args.b!r} with {args.metric}", file=sys.stderr)
         return 2
-    x0 = load_image_set(run["dataset"], resolution=run["resolution"], limit=run["n"]).images.float() / 255
+    x0 = load_image_set(run["dataset"], resolution=run["resolution"], limit=run["n"]).as_float(slice(None))
 
     result, pooled_t, pooled_d = {"a": args.a, "b": args.b, "metric": args.metric, "families": {}}, [], []
     for f in families:

@@ -6,7 +6,8 @@ The images, masks and noise are exactly those of a training run's validation (`-
 default: val.zip's images 100–163, never the benchmark's first 100 nor --tune's first 16; image i gets mask i of the
 evaluation family FAMILIES[i % 3]; noise seeds 0, 1, …), completed by the same code (`trainer.validation_scores`), so
 a module scored here reads the same as the val_* line its run logged, plus SSIM for runs older than its logging.
-Use it to pick among checkpoints of different runs before spending a protocol benchmark on one. `--by-family` adds
+Use it to pick among checkpoints of different runs before spending a protocol benchmark on one. It also gives the
+fills' hole texture over the originals' (`texture_ratio`; below 1: smoother than the truth). `--by-family` adds
 each mask family's own means (a third of the images each: noisier, but it shows which family a checkpoint gains on).
 """
 
@@ -61,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"LPIPS not reported: {e}", file=sys.stderr)
         lpips = None
     steps = [int(s) for s in a.steps.split(",")]
-    print(f"{len(val)} images ({a.val}, from {a.val_offset}); " + " | ".join(f"N = {N}: PSNR-hole SSIM LPIPS"
-                                                                             for N in steps))
+    print(f"{len(val)} images ({a.val}, from {a.val_offset}); " + " | ".join(
+        f"N = {N}: PSNR-hole SSIM LPIPS texture" for N in steps) + " (texture: the fills' over the truth's)")
     for path in a.modules:
         actor, _ = load_guidance(path, sha, device)
         rec = {"module": str(path), "sha256": sha256_file(path), "val_offset": a.val_offset, "val_n": len(val),
@@ -73,12 +74,14 @@ def main(argv: list[str] | None = None) -> int:
                 rec[f"val_{k}_{N}"] = v
         print(f"{path}: " + " | ".join(
             f"{rec[f'val_psnr_hole_{N}']:.2f} {rec.get(f'val_ssim_{N}', float('nan')):.4f} "
-            f"{rec.get(f'val_lpips_{N}', float('nan')):.4f}" for N in steps), flush=True)
+            f"{rec.get(f'val_lpips_{N}', float('nan')):.4f} {rec.get(f'val_texture_ratio_{N}', float('nan')):.3f}"
+            for N in steps), flush=True)
         if a.by_family:
             for fam in FAMILIES:
                 print(f"  {fam:>8}: " + " | ".join(
                     f"{rec[f'val_psnr_hole_{fam}_{N}']:.2f} {rec.get(f'val_ssim_{fam}_{N}', float('nan')):.4f} "
-                    f"{rec.get(f'val_lpips_{fam}_{N}', float('nan')):.4f}" for N in steps), flush=True)
+                    f"{rec.get(f'val_lpips_{fam}_{N}', float('nan')):.4f} "
+                    f"{rec.get(f'val_texture_ratio_{fam}_{N}', float('nan')):.3f}" for N in steps), flush=True)
         if a.json:
             with open(a.json, "a") as f:
                 f.write(json.dumps(rec) + "\n")

@@ -506,20 +506,6 @@ def _script(name):
     return module
 
 
-def test_hole_texture_is_the_mean_neighbour_difference_inside_the_hole():
-    tb = _script("texture_breakdown")
-    checker = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2  # luminance 0/1 alternating
-    x0 = torch.stack([checker.float().expand(3, 8, 8), torch.full((3, 8, 8), 0.5), checker.float().expand(3, 8, 8)])
-    M = torch.ones(3, 1, 8, 8)
-    M[:2, :, 2:6, 2:6] = 0  # a 4×4 hole in the first two images; none in the third
-    t = tb.hole_texture(x0, M)
-    assert t[0] == 1 and t[1] == 0 and torch.isnan(t[2])
-    M2 = M.clone()
-    M2[0, :, 2:6, 2:6] = 1
-    M2[0, :, 0, 0] = 0  # a one-pixel hole has no pair of hole pixels
-    assert torch.isnan(tb.hole_texture(x0[:1], M2[:1]))[0]
-
-
 def test_texture_breakdown_pairs_images_and_refuses_runs_of_other_masks(tmp_path, data, tiny_checkpoint, capsys):
     """scripts/texture_breakdown.py: Δ per image equals the cells' own difference, bins hold every image once, the
     kept fills' texture is read from the grids (copy's fills are the truth: ratio 1; greyfill's are flat: 0), and two

@@ -596,6 +596,8 @@ def test_validate_modules_script_reads_the_same_as_the_runs_validation(tiny_data
         metric, N = key[4:].rsplit("_", 1)
         by_family = [scored[f"val_{metric}_{f}_{N}"] for f in ("freeform", "center", "strip")]
         assert sum(by_family) / 3 == pytest.approx(scored[key], rel=1e-5) and len(set(by_family)) > 1, key
+    assert scored["val_texture_ratio_18"] == pytest.approx(logged["val_texture_ratio_18"], rel=1e-5)
+    assert all(scored[f"val_texture_ratio_{f}_18"] > 0 for f in ("freeform", "center", "strip"))
     assert (scored["val_offset"], scored["val_n"], scored["val_mask_seed"]) == (0, 3, VALIDATION_MASK_SEED)
     out_text = capsys.readouterr().out
     assert "guidance-000002" in out_text and "freeform:" in out_text and "strip:" in out_text

@@ -340,3 +340,21 @@ def test_cli_metrics_help_says_how(capsys):
     text = " ".join((out + err).split())
     for phrase in ("data range 1", "σ = 1.5", "11-tap", "v0.1", "AlexNet", "[−1, 1]", "hole pixels"):
         assert phrase in text, phrase
+
+
+def test_hole_texture_is_the_mean_neighbour_difference_inside_the_hole():
+    """Luminance read on [0, 1]: a −1/1 checkerboard differs by 1 between every pair of neighbours, a flat image by 0;
+    a hole without two neighbouring pixels has no texture to measure (nan); channels are averaged first."""
+    from aid_cli.metrics.quality import hole_texture
+
+    checker = ((torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2).float() * 2 - 1
+    x = torch.stack([checker.expand(3, 8, 8), torch.full((3, 8, 8), 0.3), checker.expand(3, 8, 8),
+                     torch.stack([checker, -checker, checker])])
+    M = torch.ones(4, 1, 8, 8)
+    M[[0, 1, 3], :, 2:6, 2:6] = 0  # a 4×4 hole; image 2 keeps a one-pixel hole only
+    M[2, :, 0, 0] = 0
+    t = hole_texture(x, M)
+    assert t[0] == 1 and t[1] == 0 and torch.isnan(t[2])
+    assert t[3] == pytest.approx(1 / 3)  # channel mean of (c, −c, c) = c / 3
+    with pytest.raises(ValueError, match="does not fit"):
+        hole_texture(x, M[:2])

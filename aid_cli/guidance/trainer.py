@@ -65,7 +65,7 @@ from ..inpainter import Inpainter
 from ..plots import training_curves
 from ..methods.aid import AID
 from ..metrics.lpips import MIN_SIZE, LPIPSUnavailable, load_lpips
-from ..metrics.quality import SSIM_MIN_SIZE, psnr_hole, ssim_01
+from ..metrics.quality import SSIM_MIN_SIZE, hole_texture, psnr_hole, ssim_01
 from ..sampling.heun import SamplerState, edm_sigmas, heun_step, sample, sample_generators
 from ..task import Task, one_hot
 from ..training import GracefulStop, init_distributed, load_state, prepare_run, read_jsonl, save_state, step_generator
@@ -367,9 +367,11 @@ def validation_scores(inpainter: Inpainter, actor, images: torch.Tensor, M: torc
     and the completed images' mean LPIPS when the model is given: the images completed as `aid inpaint` completes
     them (SSIM only for images of at least 11 × 11 pixels, the size its window needs). `by_family`: also each
     metric's mean over the images of each mask family of `validation_masks` (image i: FAMILIES[i % 3]), as
-    `psnr_hole_freeform`, `lpips_strip`, …"""
+    `psnr_hole_freeform`, `lpips_strip`, …. `texture_ratio`: the fills' hole texture over the truth's
+    (`metrics.quality.hole_texture`, summed over the images; below 1: fills smoother than the originals)."""
     policy = AID(actor=actor, gamma=0.0)
-    per_image: dict[str, list[torch.Tensor]] = {"psnr_hole": [], "ssim": [], "lpips": []}
+    per_image: dict[str, list[torch.Tensor]] = {"psnr_hole": [], "ssim": [], "lpips": [], "texture": [],
+                                                "texture_truth": []}
     for i in range(0, len(images), batch):
         x0, m = images[i:i + batch], M[i:i + batch]
         completed, _ = inpainter.complete(x0, m, policy, steps, sample_generators(0, len(x0), offset=i),
@@ -379,6 +381,11 @@ def validation_scores(inpainter: Inpainter, actor, images: torch.Tensor, M: torc
             per_image["ssim"].append(ssim_01(completed, x0))
         if lpips is not None:
             per_image["lpips"].append(lpips(completed, x0))
+        per_image["texture"].append(hole_texture(completed, m))
+        per_image["texture_truth"].append(hole_texture(x0, m))
+    fill, truth = (torch.cat(per_image.pop(k)) for k in ("texture", "texture_truth"))
+    has_pairs = torch.isfinite(fill) & torch.isfinite(truth)
+    family = torch.arange(len(fill)) % len(FAMILIES)
     scores = {}
     for k, parts in per_image.items():
         if not parts:
@@ -386,9 +393,12 @@ def validation_scores(inpainter: Inpainter, actor, images: torch.Tensor, M: torc
         values = torch.cat(parts)
         scores[k] = float(values.mean())
         if by_family:
-            family = torch.arange(len(values)) % len(FAMILIES)
             scores.update({f"{k}_{f}": float(values[family == j].mean())
                            for j, f in enumerate(FAMILIES) if (family == j).any()})
+    for suffix, keep in [("", has_pairs)] + ([(f"_{f}", has_pairs & (family == j)) for j, f in enumerate(FAMILIES)
+                                              if (family == j).any()] if by_family else []):
+        if truth[keep].sum() > 0:  # no texture in any hole (flat images): no ratio
+            scores[f"texture_ratio{suffix}"] = float(fill[keep].sum() / truth[keep].sum())
     return scores
 
 
@@ -694,7 +704,8 @@ def step(r: Run, prev_grad: torch.Tensor | None) -> dict:
 
 
 def validate(r: Run) -> dict:
-    """val_psnr_hole_{18,12}, val_ssim_{18,12} and val_lpips_{18,12} (where LPIPS is at hand), logged in one line."""
+    """val_psnr_hole_{18,12}, val_ssim_{18,12}, val_lpips_{18,12} (where LPIPS is at hand) and
+    val_texture_ratio_{18,12} (the fills' hole texture over the truth's), logged in one line."""
     rec = {}
     for N in (18, 12):
         for k, v in validation_scores(r.inpainter, r.module, r.val_images, r.val_M, N, labels=r.val_labels,
@@ -702,7 +713,9 @@ def validate(r: Run) -> dict:
             rec[f"val_{k}_{N}"] = v
     r.log(f"it {r.it}: val PSNR-hole {rec['val_psnr_hole_18']:.2f} dB (N=18), {rec['val_psnr_hole_12']:.2f} dB (N=12)"
           + (f"; SSIM {rec['val_ssim_18']:.3f} / {rec['val_ssim_12']:.3f}" if "val_ssim_18" in rec else "")
-          + (f"; LPIPS {rec['val_lpips_18']:.3f} / {rec['val_lpips_12']:.3f}" if r.val_lpips is not None else ""))
+          + (f"; LPIPS {rec['val_lpips_18']:.3f} / {rec['val_lpips_12']:.3f}" if r.val_lpips is not None else "")
+          + (f"; texture {rec['val_texture_ratio_18']:.2f} / {rec['val_texture_ratio_12']:.2f} of the truth's"
+             if "val_texture_ratio_18" in rec else ""))
     return rec
 
 

@@ -23,6 +23,11 @@ use_sample_covariance=False, data_range=R, channel_axis=…)`:
   SSIM is NOT shift-invariant (the luminance term uses the means), so the range matters: `ssim_01` maps [−1, 1] images
   to [0, 1] and uses R = 1, the standard setting (identical to [0, 255] with R = 255). That is the number aid reports.
   Images need at least 11 × 11 pixels.
+
+Hole texture (a diagnostic, not a quality score): `hole_texture` is the mean absolute difference between the luminance
+(channel mean, on the [0, 1] scale) of neighbouring pixels, over horizontal and vertical pairs that both lie in the
+hole. Of a completed image against the original's, it says whether a fill is smoother than the truth (below it) or
+noisier (above it): LPIPS punishes both, PSNR rewards the smooth one.
 """
 
 from __future__ import annotations
@@ -122,6 +127,20 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float, sigma: float = S
 def ssim_01(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """The SSIM aid reports: images in [−1, 1] mapped to [0, 1], data range 1 → [N]."""
     return ssim((x + 1) / 2, (ref + 1) / 2, data_range=1.0)
+
+
+def hole_texture(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """Mean |luminance difference| of neighbouring hole pixels (x in [−1, 1], read on the [0, 1] scale) → [N]; nan
+    for an image whose hole holds no two neighbouring pixels."""
+    if M.ndim != 4 or M.shape[0] != x.shape[0] or M.shape[-2:] != x.shape[-2:]:
+        raise ValueError(f"mask {tuple(M.shape)} does not fit images {tuple(x.shape)}")
+    L = (x.double().mean(dim=1, keepdim=True) + 1) / 2
+    hole = (M < 0.5).all(dim=1, keepdim=True)
+    pairs_x, pairs_y = hole[..., :, 1:] & hole[..., :, :-1], hole[..., 1:, :] & hole[..., :-1, :]
+    total = ((L[..., :, 1:] - L[..., :, :-1]).abs() * pairs_x).flatten(1).sum(1) + \
+        ((L[..., 1:, :] - L[..., :-1, :]).abs() * pairs_y).flatten(1).sum(1)
+    count = pairs_x.flatten(1).sum(1) + pairs_y.flatten(1).sum(1)
+    return total / count  # 0 / 0 = nan when there is no pair
 
 
 def finite_or_none(v: float) -> float | None:
