@@ -48,8 +48,9 @@ def fills(run: Path, label: str, family: str, resolution: int) -> torch.Tensor |
     return torch.stack(strip.split(resolution, dim=2)[:strip.shape[2] // resolution])
 
 
-def breakdown(texture: np.ndarray, delta: np.ndarray, bins: int) -> dict:
-    """Correlation of texture and Δ, and Δ's mean in `bins` equal-count bins of texture (lowest texture first)."""
+def breakdown(texture: np.ndarray, delta: np.ndarray, bins: int, lower_is_better: bool = True) -> dict:
+    """Correlation of texture and Δ, and Δ's mean in `bins` equal-count bins of texture (lowest texture first);
+    `a_worse` counts the images where a did worse than b."""
     ok = np.isfinite(texture) & np.isfinite(delta)
     t, d = texture[ok], delta[ok]
     order = np.argsort(t, kind="stable")
@@ -57,7 +58,7 @@ def breakdown(texture: np.ndarray, delta: np.ndarray, bins: int) -> dict:
     return {"n": int(len(t)), "mean_delta": float(d.mean()), "corr": float(np.corrcoef(t, d)[0, 1]) if len(t) > 2 else
             float("nan"), "bins": [{"texture_min": float(t[p].min()), "texture_max": float(t[p].max()),
                                      "n": int(len(p)), "mean_delta": float(d[p].mean()),
-                                     "a_worse": int((d[p] > 0).sum())} for p in parts]}
+                                     "a_worse": int((d[p] > 0 if lower_is_better else d[p] < 0).sum())} for p in parts]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     x0 = load_image_set(run["dataset"], resolution=run["resolution"], limit=run["n"]).as_float(slice(None))
 
+    lower = args.metric == "lpips"  # PSNR and SSIM: higher is better
     result, pooled_t, pooled_d = {"a": args.a, "b": args.b, "metric": args.metric, "families": {}}, [], []
     for f in families:
         a, b = per_image(cells_a, args.a, f, args.metric), per_image(cells_b, args.b, f, args.metric)
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         M = eval_masks(f, run["n"], run["resolution"], seed=run["mask_seed"], version=run["masks_version"])
         texture = hole_texture(x0[:len(delta)], M[:len(delta)]).numpy().astype(np.float64)
         result["families"][f] = {"seeds": seeds, "mean_texture": float(np.nanmean(texture)),
-                                 **breakdown(texture, delta, args.bins)}
+                                 **breakdown(texture, delta, args.bins, lower)}
         for who, label, folder in (("a", args.a, runs[0]), ("b", args.b, runs[1])):
             kept = fills(folder, label, f, run["resolution"])
             if kept is not None and len(kept):
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                     "ratio": float(t_fill[ok].mean() / texture[:k][ok].mean())}
         pooled_t.append(texture)
         pooled_d.append(delta)
-    result["all"] = breakdown(np.concatenate(pooled_t), np.concatenate(pooled_d), args.bins)
+    result["all"] = breakdown(np.concatenate(pooled_t), np.concatenate(pooled_d), args.bins, lower)
 
     if args.json:
         print(json.dumps(result, indent=1))

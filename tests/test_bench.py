@@ -523,6 +523,7 @@ def test_texture_breakdown_pairs_images_and_refuses_runs_of_other_masks(tmp_path
         delta = np.subtract(cells[("greyfill", family)]["ssim"], cells[("copy", family)]["ssim"])
         np.testing.assert_allclose(r["mean_delta"], delta.mean(), rtol=1e-9)
         assert sum(b["n"] for b in r["bins"]) == r["n"] == 4
+        assert sum(b["a_worse"] for b in r["bins"]) == 4  # SSIM: higher is better, greyfill below copy everywhere
         assert r["fill_texture_b"]["ratio"] == pytest.approx(1.0, abs=1e-6)  # copy: the ground truth itself
         assert r["fill_texture_a"]["ratio"] == pytest.approx(0.0, abs=1e-6)  # greyfill: one grey value
     assert result["all"]["n"] == 8
