@@ -37,15 +37,12 @@ def per_image(cells: list[dict], method: str, family: str, metric: str) -> dict[
 
 def fills(run: Path, label: str, family: str, resolution: int) -> torch.Tensor | None:
     """The completions `aid bench` kept of images 0..K−1 for the grids (first seed), [K, C, H, W] in [−1, 1]."""
-    from PIL import Image
+    from aid_cli.bench.report import load_examples
 
-    from aid_cli.bench.report import _safe_name
-
-    path = run / "examples" / f"{_safe_name(label)}__{family}.png"
-    if not path.is_file():
+    tiles = load_examples(run, label, family, resolution, k=1 << 30)
+    if not tiles:
         return None
-    strip = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
-    return torch.stack(strip.split(resolution, dim=2)[:strip.shape[2] // resolution])
+    return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def breakdown(texture: np.ndarray, delta: np.ndarray, bins: int, lower_is_better: bool = True) -> dict:
@@ -65,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from aid_cli.bench.cells import read_cells
     from aid_cli.data.datasets import load_image_set
     from aid_cli.data.masks import eval_masks
-    from aid_cli.metrics.quality import hole_texture
+    from aid_cli.metrics.quality import hole_texture, texture_ratio
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="an `aid bench --out` folder (run.json, cells.jsonl)")
@@ -113,13 +110,15 @@ def main(argv: list[str] | None = None) -> int:
                                  **breakdown(texture, delta, args.bins, lower)}
         for who, label, folder in (("a", args.a, runs[0]), ("b", args.b, runs[1])):
             kept = fills(folder, label, f, run["resolution"])
-            if kept is not None and len(kept):
-                k = min(len(kept), len(texture))
-                t_fill = hole_texture(kept[:k], M[:k]).numpy().astype(np.float64)
-                ok = np.isfinite(t_fill) & np.isfinite(texture[:k]) & (texture[:k] > 0)
+            if kept is None:
+                continue
+            k = min(len(kept), len(texture))
+            t_fill, t_truth = hole_texture(kept[:k], M[:k]), torch.from_numpy(texture[:k])
+            ok = (torch.isfinite(t_fill) & torch.isfinite(t_truth)).numpy()
+            if (ratio := texture_ratio(t_fill, t_truth)) is not None:  # None: no texture in the originals' holes
                 result["families"][f][f"fill_texture_{who}"] = {
-                    "images": int(ok.sum()), "mean": float(t_fill[ok].mean()), "truth": float(texture[:k][ok].mean()),
-                    "ratio": float(t_fill[ok].mean() / texture[:k][ok].mean())}
+                    "images": int(ok.sum()), "mean": float(t_fill[ok].mean()), "truth": float(t_truth[ok].mean()),
+                    "ratio": ratio}
         pooled_t.append(texture)
         pooled_d.append(delta)
     result["all"] = breakdown(np.concatenate(pooled_t), np.concatenate(pooled_d), args.bins, lower)

@@ -161,7 +161,8 @@ def save_examples(out: Path, label: str, family: str, examples: list[np.ndarray]
         save_png(out / "examples" / f"{_safe_name(label)}__{family}.png", np.concatenate(examples, axis=1))
 
 
-def _load_examples(out: Path, label: str, family: str, res: int, k: int) -> list[np.ndarray] | None:
+def load_examples(out: Path, label: str, family: str, res: int, k: int) -> list[np.ndarray] | None:
+    """The first k completions `save_examples` kept of a method and mask family (uint8 H×W×C each), or None."""
     from PIL import Image
 
     path = out / "examples" / f"{_safe_name(label)}__{family}.png"
@@ -182,7 +183,7 @@ def write_grids(out: Path, runner, specs: list, families: list[str], k: int) -> 
         M = runner.masks[family][:k]
         rows = [("input", list(to_uint8(x0 * M)))]  # hole: 0 in [−1, 1], mid grey
         for spec in specs:
-            tiles = _load_examples(out, spec.label, family, runner.resolution, k)
+            tiles = load_examples(out, spec.label, family, runner.resolution, k)
             if tiles:
                 rows.append((spec.label, tiles))
         rows.append(("ground truth", list(to_uint8(x0))))

@@ -65,7 +65,7 @@ from ..inpainter import Inpainter
 from ..plots import training_curves
 from ..methods.aid import AID
 from ..metrics.lpips import MIN_SIZE, LPIPSUnavailable, load_lpips
-from ..metrics.quality import SSIM_MIN_SIZE, hole_texture, psnr_hole, ssim_01
+from ..metrics.quality import SSIM_MIN_SIZE, hole_texture, psnr_hole, ssim_01, texture_ratio
 from ..sampling.heun import SamplerState, edm_sigmas, heun_step, sample, sample_generators
 from ..task import Task, one_hot
 from ..training import GracefulStop, init_distributed, load_state, prepare_run, read_jsonl, save_state, step_generator
@@ -384,7 +384,6 @@ def validation_scores(inpainter: Inpainter, actor, images: torch.Tensor, M: torc
         per_image["texture"].append(hole_texture(completed, m))
         per_image["texture_truth"].append(hole_texture(x0, m))
     fill, truth = (torch.cat(per_image.pop(k)) for k in ("texture", "texture_truth"))
-    has_pairs = torch.isfinite(fill) & torch.isfinite(truth)
     family = torch.arange(len(fill)) % len(FAMILIES)
     scores = {}
     for k, parts in per_image.items():
@@ -395,10 +394,10 @@ def validation_scores(inpainter: Inpainter, actor, images: torch.Tensor, M: torc
         if by_family:
             scores.update({f"{k}_{f}": float(values[family == j].mean())
                            for j, f in enumerate(FAMILIES) if (family == j).any()})
-    for suffix, keep in [("", has_pairs)] + ([(f"_{f}", has_pairs & (family == j)) for j, f in enumerate(FAMILIES)
-                                              if (family == j).any()] if by_family else []):
-        if truth[keep].sum() > 0:  # no texture in any hole (flat images): no ratio
-            scores[f"texture_ratio{suffix}"] = float(fill[keep].sum() / truth[keep].sum())
+    for suffix, rows in [("", slice(None))] + ([(f"_{f}", family == j) for j, f in enumerate(FAMILIES)
+                                                 if (family == j).any()] if by_family else []):
+        if (ratio := texture_ratio(fill[rows], truth[rows])) is not None:  # None: flat originals
+            scores[f"texture_ratio{suffix}"] = ratio
     return scores
 
 

@@ -143,6 +143,13 @@ def hole_texture(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     return total / count  # 0 / 0 = nan when there is no pair
 
 
+def texture_ratio(fill: torch.Tensor, truth: torch.Tensor) -> float | None:
+    """Σ `hole_texture` of the fills over Σ of the originals', over the images where both are defined; None where
+    the originals' holes hold no texture at all."""
+    keep = torch.isfinite(fill) & torch.isfinite(truth)
+    return float(fill[keep].sum() / truth[keep].sum()) if truth[keep].sum() > 0 else None
+
+
 def finite_or_none(v: float) -> float | None:
     """JSON has no inf/nan: such values are written as null."""
     return v if math.isfinite(v) else None
