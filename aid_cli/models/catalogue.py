@@ -47,7 +47,7 @@ MODELS: tuple[ModelEntry, ...] = (
                description="AID guidance module for aid-cats64 (CPU-trained, backprop estimator at N = 18 and 12, an LPIPS term, the "
                            "denoised-input actor; weights/aid-cats64-guidance.md)",
                file=EMBEDDED_GUIDANCE, embedded=True, backbone="aid-cats64",
-               sha256="311d0d2bd8d707226f91560ca6fe78b07a095ae570dc885b61027b00b87e711e", size=146820),
+               sha256="006a4dcd7c931c887934f23fc2272f7d35e6ebc583a3dcc6f130b061a2a4c5ff", size=146828),
     _edm("ffhq", "vp", "DDPM++"),
     _edm("ffhq", "ve", "NCSN++"),
     _edm("afhqv2", "vp", "DDPM++"),
