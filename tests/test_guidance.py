@@ -904,3 +904,58 @@ def test_validation_masks_are_not_the_benchmarks_and_old_runs_keep_theirs(tiny_d
           log=notes.append)
     assert json.loads((run / "config.json").read_text())["val_mask_seed"] == 0
     assert any("val_mask_seed=0" in n for n in notes), notes
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("estimator", ["backprop", "score"])
+def test_torchrun_two_processes_train_and_validate_as_one(estimator, tiny_data, tiny_checkpoint, tmp_path):
+    """`aid train` under torchrun: each process solves its slice of the same global batch and scores a share of the
+    validation images (5 here: shares of 2 and 3, each with its own images' noise seeds); rank 0 gathers them. The
+    state, the module and every logged validation number equal one process's."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["-m", "aid_cli.cli", "train", "--dataset", str(tiny_data), "--val", str(tiny_data), "--val-offset", "0",
+            "--val-n", "5", "--backbone", str(tiny_checkpoint), "--steps", "3", "--batch", "4", "--iters", "4",
+            "--width", "8", "--critic-width", "8", "--val-every", "2", "--checkpoint-every", "2", "--mask-bank", "16",
+            "--lr-actor", "1e-3", "--estimator", estimator, "--seed", "3", "--device", "cpu", "--threads", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def launch(prefix, out):
+        return subprocess.run([*prefix, *args, "--out", str(out)], env=env, capture_output=True, text=True,
+                              timeout=600)
+
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    r = launch(ddp, tmp_path / "ddp")
+    if r.returncode != 0 and "Signal 6 (SIGABRT)" in r.stderr:  # torch's launcher's rare abort (test_bench's note)
+        r = launch(ddp, tmp_path / "ddp")
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = launch([sys.executable], tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    read = lambda run: [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]  # noqa: E731
+    a, b = read(tmp_path / "one"), read(tmp_path / "ddp")
+    assert [s["iteration"] for s in a] == [s["iteration"] for s in b] == [0, 1, 2, 3, 4]
+    val_keys = [k for k in a[0] if k.startswith("val_")]
+    assert "val_psnr_hole_18" in val_keys and "val_texture_ratio_12" in val_keys and "val_ssim_18" in val_keys
+    for sa, sb in zip(a, b):
+        assert [k for k in sa if k.startswith("val_")] == [k for k in sb if k.startswith("val_")]
+        for k in (k for k in sa if k.startswith("val_") or k in ("actor_loss", "terminal")):
+            assert sb[k] == pytest.approx(sa[k], rel=1e-4, abs=1e-6), (sa["iteration"], k)
+    # The networks compute the same functions. (Not their weights: a per-channel constant in the residual stream,
+    # which every per-channel GroupNorm removes, has a zero gradient; Adam turns its float noise into ±lr steps.)
+    sa, sb = load_file(str(tmp_path / "one" / STATE_FILE)), load_file(str(tmp_path / "ddp" / STATE_FILE))
+    assert sa.keys() == sb.keys()
+    torch.manual_seed(0)
+    sigma, x, y = torch.tensor([2.0, 0.3]), torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    M = torch.ones(2, 1, 16, 16)
+    M[:, :, 4:12, 4:12] = 0
+    for net, prefix in ((Actor(channels=3, width=8, emb_dim=16), "actor."), (Critic(channels=3, width=8, emb_dim=16),
+                                                                          "critic.")):
+        outs = []
+        for state in (sa, sb):
+            net.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            with torch.no_grad():
+                outs.append(net(sigma, x, M, y))
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-3, atol=1e-4 * float(outs[0].abs().max()))
+    assert not torch.equal(sa["actor.out.weight"], torch.zeros_like(sa["actor.out.weight"]))  # it trained

@@ -361,35 +361,41 @@ def gradient_diagnostic(cfg: TrainConfig, backbone, actor, critic, task: Task, x
 
 
 @torch.no_grad()
-def validation_scores(inpainter: Inpainter, actor, images: torch.Tensor, M: torch.Tensor, steps: int, batch: int = 64,
-                      labels: torch.Tensor | None = None, lpips=None, by_family: bool = False) -> dict[str, float]:
-    """Mean hole PSNR (on pixels) and SSIM of the deterministic actor (the policy's mean) on fixed images and masks,
-    and the completed images' mean LPIPS when the model is given: the images completed as `aid inpaint` completes
-    them (SSIM only for images of at least 11 × 11 pixels, the size its window needs). `by_family`: also each
-    metric's mean over the images of each mask family of `validation_masks` (image i: FAMILIES[i % 3]), as
-    `psnr_hole_freeform`, `lpips_strip`, …. `texture_ratio`: the fills' hole texture over the truth's
-    (`metrics.quality.hole_texture`, summed over the images; below 1: fills smoother than the originals)."""
+def validation_per_image(inpainter: Inpainter, actor, images: torch.Tensor, M: torch.Tensor, steps: int,
+                         batch: int = 64, labels: torch.Tensor | None = None, lpips=None,
+                         first: int = 0) -> dict[str, torch.Tensor]:
+    """Each image's hole PSNR (on pixels), SSIM, LPIPS (where the model is given) and hole texture of the fill and of
+    the truth, the deterministic actor (the policy's mean) completing them as `aid inpaint` does. `first`: the index
+    of `images[0]` in the whole validation set, whose noise seed it keeps (image i: seed i), so a share of the set
+    scored by one process reads as it does in the whole (SSIM only for images of at least 11 × 11 pixels, the size
+    its window needs)."""
     policy = AID(actor=actor, gamma=0.0)
-    per_image: dict[str, list[torch.Tensor]] = {"psnr_hole": [], "ssim": [], "lpips": [], "texture": [],
-                                                "texture_truth": []}
+    parts: dict[str, list[torch.Tensor]] = {"psnr_hole": [], "ssim": [], "lpips": [], "texture": [],
+                                            "texture_truth": []}
     for i in range(0, len(images), batch):
         x0, m = images[i:i + batch], M[i:i + batch]
-        completed, _ = inpainter.complete(x0, m, policy, steps, sample_generators(0, len(x0), offset=i),
+        completed, _ = inpainter.complete(x0, m, policy, steps, sample_generators(0, len(x0), offset=first + i),
                                           None if labels is None else labels[i:i + batch])
-        per_image["psnr_hole"].append(psnr_hole(completed, x0, m))
+        parts["psnr_hole"].append(psnr_hole(completed, x0, m))
         if min(x0.shape[-2:]) >= SSIM_MIN_SIZE:
-            per_image["ssim"].append(ssim_01(completed, x0))
+            parts["ssim"].append(ssim_01(completed, x0))
         if lpips is not None:
-            per_image["lpips"].append(lpips(completed, x0))
-        per_image["texture"].append(hole_texture(completed, m))
-        per_image["texture_truth"].append(hole_texture(x0, m))
-    fill, truth = (torch.cat(per_image.pop(k)) for k in ("texture", "texture_truth"))
+            parts["lpips"].append(lpips(completed, x0))
+        parts["texture"].append(hole_texture(completed, m))
+        parts["texture_truth"].append(hole_texture(x0, m))
+    return {k: torch.cat(v) for k, v in parts.items() if v}
+
+
+def summarize_validation(per_image: dict[str, torch.Tensor], by_family: bool = False) -> dict[str, float]:
+    """The means of `validation_per_image`'s values over the whole set (image i in order: mask family
+    FAMILIES[i % 3] of `validation_masks`); `by_family`: also each family's means, as `psnr_hole_freeform`,
+    `lpips_strip`, …; `texture_ratio`: the fills' hole texture over the truth's (`metrics.quality.hole_texture`,
+    summed over the images; below 1: fills smoother than the originals)."""
+    per_image = dict(per_image)
+    fill, truth = (per_image.pop(k) for k in ("texture", "texture_truth"))
     family = torch.arange(len(fill)) % len(FAMILIES)
     scores = {}
-    for k, parts in per_image.items():
-        if not parts:
-            continue
-        values = torch.cat(parts)
+    for k, values in per_image.items():
         scores[k] = float(values.mean())
         if by_family:
             scores.update({f"{k}_{f}": float(values[family == j].mean())
@@ -399,6 +405,14 @@ def validation_scores(inpainter: Inpainter, actor, images: torch.Tensor, M: torc
         if (ratio := texture_ratio(fill[rows], truth[rows])) is not None:  # None: flat originals
             scores[f"texture_ratio{suffix}"] = ratio
     return scores
+
+
+def validation_scores(inpainter: Inpainter, actor, images: torch.Tensor, M: torch.Tensor, steps: int, batch: int = 64,
+                      labels: torch.Tensor | None = None, lpips=None, by_family: bool = False) -> dict[str, float]:
+    """Mean hole PSNR, SSIM, LPIPS (where the model is given) and texture ratio of the deterministic actor on fixed
+    images and masks (`validation_per_image`, `summarize_validation`)."""
+    return summarize_validation(validation_per_image(inpainter, actor, images, M, steps, batch, labels, lpips),
+                                by_family)
 
 
 def validation_masks(n: int, resolution, seed: int = VALIDATION_MASK_SEED) -> torch.Tensor:
@@ -599,7 +613,7 @@ def setup(cfg: TrainConfig, resume: bool, device, log) -> Run:
     lpips = load_lpips(device, notice=log) if cfg.lambda_lpips else None
     # validation also reports LPIPS of the completed images when its weights are at hand (never downloaded for it)
     val_lpips = lpips
-    if val_lpips is None and val is not None and rank == 0 and res >= MIN_SIZE:
+    if val_lpips is None and val is not None and res >= MIN_SIZE:  # every process scores a share
         try:
             val_lpips = load_lpips(device, offline=True)
         except LPIPSUnavailable:
@@ -697,19 +711,55 @@ def step(r: Run, prev_grad: torch.Tensor | None) -> dict:
     out["grad"] = grad
     r.opt_critic.step()
     r.opt_actor.step()
+    if world > 1:
+        whole_batch_statistics(out, world)
     if r.actor_ema is not None:
         r.actor_ema.update_parameters(r.actor)  # φ̄ ← κ·φ̄ + (1 − κ)·φ (step 7)
     return out
 
 
+def whole_batch_statistics(out: dict, world: int) -> None:
+    """Under torchrun, the logged statistics of the whole batch instead of this process's slice: the losses averaged
+    over the processes (equal slices: the batch's means), the per-task and per-step tensors gathered along the batch
+    (critic_ev stays rank 0's own)."""
+    for k in ("actor_loss", "critic_loss"):
+        v = out[k].detach().clone()
+        torch.distributed.all_reduce(v)
+        out[k] = v / world
+    for k, dim in (("terminal", 0), ("energy", 0), ("V0", 0), ("delta", 1)):
+        if k in out:
+            parts = [torch.empty_like(out[k]) for _ in range(world)]
+            torch.distributed.all_gather(parts, out[k].contiguous())
+            out[k] = torch.cat(parts, dim=dim)
+
+
+def validation_due(r: Run) -> bool:
+    return r.val is not None and (r.it % r.cfg.val_every == 0 or r.it == r.cfg.iters)
+
+
 def validate(r: Run) -> dict:
     """val_psnr_hole_{18,12}, val_ssim_{18,12}, val_lpips_{18,12} (where LPIPS is at hand) and
-    val_texture_ratio_{18,12} (the fills' hole texture over the truth's), logged in one line."""
+    val_texture_ratio_{18,12} (the fills' hole texture over the truth's), logged in one line. Every process calls
+    it: under torchrun each scores a contiguous share of the images (with their own noise seeds, so the numbers are
+    one process's) and rank 0 gathers the shares; the other ranks return {}."""
+    n = len(r.val_images)
+    lo, hi = r.rank * n // r.world, (r.rank + 1) * n // r.world
+    labels = None if r.val_labels is None else r.val_labels[lo:hi]
+    share = {N: {k: v.cpu() for k, v in validation_per_image(r.inpainter, r.module, r.val_images[lo:hi],
+                                                             r.val_M[lo:hi], N, labels=labels, lpips=r.val_lpips,
+                                                             first=lo).items()}
+             for N in (18, 12)}
+    shares = [share]
+    if r.world > 1:
+        shares = [None] * r.world
+        torch.distributed.all_gather_object(shares, share)
+    if r.rank != 0:
+        return {}
     rec = {}
     for N in (18, 12):
-        for k, v in validation_scores(r.inpainter, r.module, r.val_images, r.val_M, N, labels=r.val_labels,
-                                      lpips=r.val_lpips).items():
-            rec[f"val_{k}_{N}"] = v
+        keys = dict.fromkeys(k for s in shares for k in s[N])
+        merged = {k: torch.cat([s[N][k] for s in shares if k in s[N]]) for k in keys}
+        rec.update({f"val_{k}_{N}": v for k, v in summarize_validation(merged).items()})
     r.log(f"it {r.it}: val PSNR-hole {rec['val_psnr_hole_18']:.2f} dB (N=18), {rec['val_psnr_hole_12']:.2f} dB (N=12)"
           + (f"; SSIM {rec['val_ssim_18']:.3f} / {rec['val_ssim_12']:.3f}" if "val_ssim_18" in rec else "")
           + (f"; LPIPS {rec['val_lpips_18']:.3f} / {rec['val_lpips_12']:.3f}" if r.val_lpips is not None else "")
@@ -732,8 +782,8 @@ def diagnose(r: Run) -> dict:
     return rec
 
 
-def log_record(r: Run, out: dict, seconds: float) -> dict:
-    """The iteration's line of stats.jsonl (rank 0), with validation and the diagnostic when they are due."""
+def log_record(r: Run, out: dict, seconds: float, val: dict) -> dict:
+    """The iteration's line of stats.jsonl (rank 0), with validation's scores `val` and the diagnostic when due."""
     cfg = r.cfg
     rec = {"iteration": r.it, "actor_loss": out["actor_loss"].item(), "actor_grad_norm": float(out["gn_actor"]),
            "actor_grad_cos_prev": out["grad_cos"],
@@ -746,8 +796,7 @@ def log_record(r: Run, out: dict, seconds: float) -> dict:
         rec.update({"critic_loss": out["critic_loss"].item(), "delta_mean": d.mean().item(),
                     "delta_std": d.std().item(), "critic_grad_norm": float(out["gn_critic"]),
                     "critic_ev": out["critic_ev"], "V0": out["V0"].mean().item()})
-    if r.val is not None and (r.it % cfg.val_every == 0 or r.it == cfg.iters):
-        rec.update(validate(r))
+    rec.update(val)
     if cfg.diag_every and r.it % cfg.diag_every == 0:
         rec.update(diagnose(r))
     append_stats(r, rec)
@@ -790,8 +839,10 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
                    disable=not progress or r.rank != 0)
     with bar, GracefulStop() as stop:
         ptask = bar.add_task("train", total=cfg.iters, completed=r.it, td=float("nan"), ell=float("nan"))
-        if r.it == 0 and r.val is not None and r.rank == 0:  # the starting point: u ≡ 0 is the unguided sampler
-            append_stats(r, {"iteration": 0, **validate(r)})
+        if r.it == 0 and r.val is not None:  # the starting point: u ≡ 0 is the unguided sampler
+            val = validate(r)
+            if r.rank == 0:
+                append_stats(r, {"iteration": 0, **val})
         prev_grad = None
         while r.it < cfg.iters and (max_iters is None or r.it < max_iters):
             t0 = time.time()
@@ -799,12 +850,14 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
             prev_grad = out["grad"]
             r.it += 1
             r.elapsed += time.time() - t0
+            seconds = time.time() - t0
             stopping = stop.agreed(r.world, r.device)  # SIGINT/SIGTERM: finish this iteration, save, leave
+            val = validate(r) if validation_due(r) else {}  # every process scores its share
             if r.rank != 0:
                 if stopping:
                     break
                 continue
-            rec = log_record(r, out, time.time() - t0)
+            rec = log_record(r, out, seconds, val)
             bar.update(ptask, completed=r.it, td=rec.get("critic_loss", float("nan")), ell=rec["terminal"])
             if stopping or r.it % cfg.checkpoint_every == 0 or r.it == cfg.iters or \
                     (max_iters is not None and r.it >= max_iters):
