@@ -936,6 +936,7 @@ def test_torchrun_two_processes_train_and_validate_as_one(estimator, tiny_data, 
     read = lambda run: [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]  # noqa: E731
     a, b = read(tmp_path / "one"), read(tmp_path / "ddp")
     assert [s["iteration"] for s in a] == [s["iteration"] for s in b] == [0, 1, 2, 3, 4]
+    assert [s.get("processes") for s in b[1:]] == [2] * 4 and "processes" not in a[1]  # for CPU-hours
     val_keys = [k for k in a[0] if k.startswith("val_")]
     assert "val_psnr_hole_18" in val_keys and "val_texture_ratio_12" in val_keys and "val_ssim_18" in val_keys
     for sa, sb in zip(a, b):

@@ -789,6 +789,8 @@ def log_record(r: Run, out: dict, seconds: float, val: dict) -> dict:
            "actor_grad_cos_prev": out["grad_cos"],
            "terminal": out["terminal"].mean().item(), "control_energy": out["energy"].mean().item(),
            "seconds": round(seconds, 3)}
+    if r.world > 1:  # torchrun: the iteration's CPU (or GPU) time is `processes` × its seconds
+        rec["processes"] = r.world
     if cfg.mix_steps:  # the solve's N alternates: its terminal loss and energy belong to this N
         rec["steps"] = out["steps"]
     if cfg.estimator != "backprop":
