@@ -36,6 +36,15 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def gather_to_rank0(obj, rank: int, world: int) -> list | None:
+    """Every process's `obj`, in rank order, on rank 0 (None on the others); [obj] for one process."""
+    if world == 1:
+        return [obj]
+    out = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(obj, out, dst=0)
+    return out
+
+
 def _leave_distributed() -> None:
     """Destroy the process group before the interpreter tears down: a gloo group left alive at exit can abort the
     process ("terminate called without an active exception", SIGABRT) after its work is done."""

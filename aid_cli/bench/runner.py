@@ -24,6 +24,7 @@ from ..plots import to_uint8
 from ..resolve import MethodSpec, check_method_names, resolve_method
 from ..sampling.heun import nfe_of_grid
 from ..task import one_hot
+from ..training import gather_to_rank0
 from .cells import CELLS_FILE, append_cell, cell_key, read_cells, same_run
 from .measure import PeakMemory, device_name, peak_memory_kind, synchronize
 from .report import save_examples, write_reports
@@ -173,11 +174,7 @@ class Runner:
 
     # -- distributed helpers (no-ops for one process)
     def gather(self, obj) -> list | None:
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world if self.rank == 0 else None
-        torch.distributed.gather_object(obj, out, dst=0)
-        return out
+        return gather_to_rank0(obj, self.rank, self.world)
 
     def broadcast(self, obj):
         if self.world == 1:

@@ -68,7 +68,8 @@ from ..metrics.lpips import MIN_SIZE, LPIPSUnavailable, load_lpips
 from ..metrics.quality import SSIM_MIN_SIZE, hole_texture, psnr_hole, ssim_01, texture_ratio
 from ..sampling.heun import SamplerState, edm_sigmas, heun_step, sample, sample_generators
 from ..task import Task, one_hot
-from ..training import GracefulStop, init_distributed, load_state, prepare_run, read_jsonl, save_state, step_generator
+from ..training import (GracefulStop, gather_to_rank0, init_distributed, load_state, prepare_run, read_jsonl,
+                        save_state, step_generator)
 from .checkpoint import load_guidance, save_guidance
 from .networks import Actor, Critic, PrivilegedCritic
 
@@ -749,16 +750,13 @@ def validate(r: Run) -> dict:
                                                              r.val_M[lo:hi], N, labels=labels, lpips=r.val_lpips,
                                                              first=lo).items()}
              for N in (18, 12)}
-    shares = [share]
-    if r.world > 1:
-        shares = [None] * r.world
-        torch.distributed.all_gather_object(shares, share)
+    shares = gather_to_rank0(share, r.rank, r.world)
     if r.rank != 0:
         return {}
     rec = {}
     for N in (18, 12):
-        keys = dict.fromkeys(k for s in shares for k in s[N])
-        merged = {k: torch.cat([s[N][k] for s in shares if k in s[N]]) for k in keys}
+        keys = next(s[N] for s in shares if s[N]).keys()  # a share without images holds no keys
+        merged = {k: torch.cat([s[N][k] for s in shares if s[N]]) for k in keys}
         rec.update({f"val_{k}_{N}": v for k, v in summarize_validation(merged).items()})
     r.log(f"it {r.it}: val PSNR-hole {rec['val_psnr_hole_18']:.2f} dB (N=18), {rec['val_psnr_hole_12']:.2f} dB (N=12)"
           + (f"; SSIM {rec['val_ssim_18']:.3f} / {rec['val_ssim_12']:.3f}" if "val_ssim_18" in rec else "")
