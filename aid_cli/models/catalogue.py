@@ -47,7 +47,7 @@ MODELS: tuple[ModelEntry, ...] = (
                description="AID guidance module for aid-cats64 (CPU-trained, backprop estimator at N = 18 and 12, an LPIPS term, the "
                            "denoised-input actor; weights/aid-cats64-guidance.md)",
                file=EMBEDDED_GUIDANCE, embedded=True, backbone="aid-cats64",
-               sha256="9b6588f30a2734e54c6520ad9d37b2de0ecdb53a739f2f2e22aadb8a95eff813", size=146828),
+               sha256="0f5be661f69c64bda27ea3aaf8be24c9a2480aed45ff5591d9855d567f562d9e", size=146828),
     _edm("ffhq", "vp", "DDPM++"),
     _edm("ffhq", "ve", "NCSN++"),
     _edm("afhqv2", "vp", "DDPM++"),
