@@ -24,8 +24,9 @@ import torch
 
 from .backbones.checkpoint import save_backbone
 from .backbones.edm import build_precond, count_parameters
+from .backbones.evaluate import validation_loss
 from .backbones.loss import EDMLoss
-from .data.datasets import load_image_set
+from .data.datasets import load_image_set, load_photo_set, random_crops
 from .plots import save_grid
 from .devices import training_precision
 from .errors import UserError
@@ -35,6 +36,7 @@ from .task import Task
 from .training import GracefulStop, init_distributed, load_state, prepare_run, save_state, step_generator
 
 STATE_FILE = "training-state.safetensors"
+VAL_CROP_SEED = 12345  # the fixed validation crops of a photo backbone (--val), the same for every run
 
 
 @dataclass
@@ -60,6 +62,17 @@ class PretrainConfig:
     grad_clip: float = 0.0  # 0 = off (EDM does not clip; NaN/inf gradients are zeroed as in the official code)
     precision: str = "auto"  # auto|fp32|bf16 autocast of the forward pass (devices.training_precision)
     compile: bool = False  # torch.compile the training forward
+    # How training images are made: resize = each image's centred square at the resolution, once (aligned sets such
+    # as cats64, EDM's dataset_tool); random = random windows of the photos at their own size, side log-uniform in
+    # [crop_min, crop_max] source pixels (0: the resolution / the photo's short side), resized to the resolution
+    # (whole photos); auto = resize when every image is a square of one size, else random.
+    crop: str = "auto"
+    crop_min: int = 0
+    crop_max: int = 0
+    val: str | None = None  # held-out images: EDM loss of the EMA at every snapshot (random crops: fixed crops of them)
+    val_n: int = 256
+
+    LEGACY_DEFAULTS = {"crop": "resize"}  # runs made before `crop` existed trained on centred squares
 
     def network_kwargs(self) -> dict:
         """`_init_kwargs` in the official layout: DDPM++ (positional embedding, standard encoder/decoder, [1,1] filter)."""
@@ -94,15 +107,30 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
     state_path = run / STATE_FILE
     cfg = prepare_run(cfg, run, STATE_FILE, resume, log=log,
                       free=("dataset", "out", "duration_kimg", "snapshot_kimg", "checkpoint_minutes", "precision",
-                            "compile"))
+                            "compile", "val", "val_n"))
     amp = torch.bfloat16 if training_precision(cfg.precision, device) == "bf16" else None  # autocast dtype
 
     # Data.
-    data = load_image_set(cfg.dataset, resolution=cfg.resolution,
-                          on_skip=lambda name, why: log(f"skipped {name}: {why}") if rank == 0 else None)
-    images = data.images  # uint8; on a GPU it is moved there once (15,000 64×64 images are 184 MB)
-    if device.type == "cuda":
+    on_skip = (lambda name, why: log(f"skipped {name}: {why}")) if rank == 0 else None
+    if cfg.crop not in ("auto", "resize", "random"):
+        raise UserError(f"--crop must be auto, resize or random, not {cfg.crop!r}")
+    photos = None
+    if cfg.crop == "resize":
+        data = load_image_set(cfg.dataset, resolution=cfg.resolution, on_skip=on_skip)
+    else:
+        photos = load_photo_set(cfg.dataset, on_skip=on_skip)
+        if cfg.crop == "auto":
+            cfg = dataclasses.replace(cfg, crop="random" if photos.same_square() is None else "resize")
+        data = photos.as_image_set(cfg.resolution) if cfg.crop == "resize" else photos
+        photos = photos if cfg.crop == "random" else None
+    images = data.images if photos is None else None  # uint8; on a GPU moved there once (15,000 64×64: 184 MB)
+    if images is not None and device.type == "cuda":
         images = images.to(device)
+    val_set = None
+    if cfg.val and rank == 0:
+        val_set = load_photo_set(cfg.val).crops(cfg.val_n, cfg.resolution, seed=VAL_CROP_SEED,
+                                                min_side=cfg.crop_min or None, max_side=cfg.crop_max or None) \
+            if photos is not None else load_image_set(cfg.val, resolution=cfg.resolution, limit=cfg.val_n)
 
     # Networks, optimizer, EMA.
     torch.manual_seed(cfg.seed)
@@ -124,8 +152,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        how = (f"random crops of {cfg.crop_min or cfg.resolution}-{cfg.crop_max or 'short side'} px at "
+               f"{cfg.resolution}x{cfg.resolution}") if photos is not None else f"{cfg.resolution}x{cfg.resolution}"
         log(f"{'resuming' if resume else 'training'} {count_parameters(net):,}-parameter EDM backbone on {len(data):,} images "
-            f"({cfg.resolution}x{cfg.resolution}, {len(data.skipped)} skipped) on {device}"
+            f"({how}, {len(data.skipped)} skipped) on {device}"
             f"{', bf16 autocast' if amp else ''}{', compiled' if cfg.compile else ''} → {run}")
 
     total = int(cfg.duration_kimg * 1000)
@@ -145,12 +175,17 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
         while nimg < total and (max_steps is None or step < max_steps):
             t0 = time.time()
             g = step_generator(cfg.seed, step)
-            idx = torch.randint(len(data), (cfg.batch,), generator=g)
-            flip = torch.rand(cfg.batch, generator=g) < 0.5 if cfg.xflip else torch.zeros(cfg.batch, dtype=torch.bool)
-            sigma, z = loss_fn.draw((cfg.batch, *images.shape[1:]), g)  # the global batch's, identical on every rank
             sl = slice(rank * batch_local, (rank + 1) * batch_local)
-            y = images[idx[sl].to(images.device)].to(device, torch.float32) / 127.5 - 1
-            y = torch.where(flip[sl, None, None, None].to(device), y.flip(-1), y)
+            if photos is None:
+                idx = torch.randint(len(data), (cfg.batch,), generator=g)
+                flip = torch.rand(cfg.batch, generator=g) < 0.5 if cfg.xflip else \
+                    torch.zeros(cfg.batch, dtype=torch.bool)
+                y = images[idx[sl].to(images.device)].to(device, torch.float32) / 127.5 - 1
+                y = torch.where(flip[sl, None, None, None].to(device), y.flip(-1), y)
+            else:  # the global batch's crops, identical on every rank; this rank trains on its slice
+                y = random_crops(photos, cfg.batch, cfg.resolution, g, cfg.crop_min or None, cfg.crop_max or None,
+                                 xflip=cfg.xflip)[sl].to(device, torch.float32) / 127.5 - 1
+            sigma, z = loss_fn.draw((cfg.batch, 3, cfg.resolution, cfg.resolution), g)  # the global batch's
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss = loss_fn(model, y, sigma[sl], z[sl]).sum() / batch_local  # DDP averages over ranks
@@ -192,6 +227,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
                 if snapshot_due:
                     last_snapshot_kimg = snap
                     write_snapshot(run, cfg, ema, nimg, elapsed, data.source)
+                    if val_set is not None:
+                        val = validation_loss(ema, val_set, seed=0, batch=64, device=device)
+                        with open(stats_path, "a") as f:
+                            f.write(json.dumps({"step": step, "kimg": nimg / 1000, "elapsed_s": elapsed,
+                                                "val_edm_loss": val["edm_loss"],
+                                                "val_mse_at_sigma": val["mse_at_sigma"], "val_images": val["images"],
+                                                "time": time.time()}) + "\n")
                 if snapshot_due or time.time() - last_ckpt >= cfg.checkpoint_minutes * 60:
                     save_state(state_path, {"net": net, "ema": ema}, {"opt": opt},
                                {"config": dataclasses.asdict(cfg), "step": step, "nimg": nimg, "elapsed_s": elapsed})

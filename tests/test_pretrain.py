@@ -147,3 +147,76 @@ def test_fp16_training_is_refused_in_one_line(tiny_dataset, tmp_path):
         pretrain(config(tiny_dataset, tmp_path / "r", precision="fp16"), max_steps=1, progress=False,
                  log=lambda *a: None)
     assert not (tmp_path / "r" / STATE_FILE).exists()
+
+
+# ------------------------------------------------------------------------------------ whole photos, random-scale crops
+
+@pytest.fixture
+def tiny_photos(tmp_path):
+    """Photos of several sizes, none square: `--crop auto` must train on random-scale windows of them."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i, (h, w) in enumerate([(40, 60), (64, 48), (33, 90)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_random_crops_cover_the_scales_asked_for(tiny_photos):
+    import math
+
+    from aid_cli.data.datasets import crop_boxes, crop_sides, load_photo_set, random_crops
+
+    photos = load_photo_set(tiny_photos)
+    assert photos.same_square() is None and len(photos) == 3
+    boxes = crop_boxes(photos, 3000, 16, torch.Generator().manual_seed(0))
+    for k, top, left, side, _ in boxes:  # every window lies inside its photo, within the range asked for
+        h, w = photos.photos[k].shape[1:]
+        lo, hi = crop_sides(h, w, 16, None, None)
+        assert (lo, hi) == (16, min(h, w))
+        assert lo <= side <= hi and 0 <= top <= h - side and 0 <= left <= w - side
+    # log-uniform sides: both ends reached, and half the windows below the geometric middle of the range
+    for k in range(3):
+        lo, hi = crop_sides(*photos.photos[k].shape[1:], 16, None, None)
+        sides = np.array([b[3] for b in boxes if b[0] == k])
+        assert sides.min() <= lo + 1 and sides.max() >= hi - 1
+        assert np.mean(sides < math.sqrt(lo * hi)) == pytest.approx(0.5, abs=0.06)
+    assert 0.45 < np.mean([b[4] for b in boxes]) < 0.55  # flips
+    # a narrower range asked for is kept; the same generator draws the same crops
+    boxes = crop_boxes(photos, 500, 16, torch.Generator().manual_seed(1), min_side=20, max_side=30)
+    assert all(20 <= b[3] <= 30 for b in boxes)
+    a = random_crops(photos, 8, 16, torch.Generator().manual_seed(2))
+    b = random_crops(photos, 8, 16, torch.Generator().manual_seed(2))
+    assert a.shape == (8, 3, 16, 16) and a.dtype == torch.uint8 and torch.equal(a, b)
+    # a native-scale window is the photo's own pixels
+    (k, top, left, side, flip), = crop_boxes(photos, 1, 16, torch.Generator().manual_seed(5), max_side=16)
+    x = random_crops(photos, 1, 16, torch.Generator().manual_seed(5), max_side=16)[0]
+    ref = photos.photos[k][:, top:top + 16, left:left + 16]
+    assert torch.equal(x, ref.flip(-1) if flip else ref)
+
+
+def test_pretrain_on_photos_trains_on_random_crops_and_resumes_exactly(tiny_photos, tmp_path):
+    logs = []
+    cfg = config(tiny_photos, tmp_path / "a", val=str(tiny_photos), val_n=4)
+    pretrain(cfg, progress=False, log=logs.append)
+    assert any("random crops" in str(line) for line in logs)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["crop"] == "random"  # auto, resolved and kept
+    stats = [json.loads(line) for line in (tmp_path / "a" / "stats.jsonl").read_text().splitlines()]
+    vals = [s for s in stats if "val_edm_loss" in s]
+    assert len(vals) == 2 and all(np.isfinite(s["val_edm_loss"]) and s["val_images"] == 4 for s in vals)
+    pretrain(config(tiny_photos, tmp_path / "b"), max_steps=3, progress=False, log=lambda *a: None)
+    pretrain(config(tiny_photos, tmp_path / "b"), resume=True, progress=False, log=lambda *a: None)
+    a = load_file(str(tmp_path / "a" / STATE_FILE))
+    b = load_file(str(tmp_path / "b" / STATE_FILE))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_crop_keeps_an_aligned_set_whole(tiny_dataset, tmp_path):
+    """Square images of one size (cat faces) train whole, exactly as `--crop resize` does."""
+    pretrain(config(tiny_dataset, tmp_path / "auto"), max_steps=2, progress=False, log=lambda *a: None)
+    pretrain(config(tiny_dataset, tmp_path / "resize", crop="resize"), max_steps=2, progress=False,
+             log=lambda *a: None)
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["crop"] == "resize"
+    a = load_file(str(tmp_path / "auto" / STATE_FILE))
+    b = load_file(str(tmp_path / "resize" / STATE_FILE))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -16,7 +16,18 @@ def pretrain(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (created); holds checkpoints, stats.jsonl, "
                                        "sample grids. Default: a new numbered folder aid-runs/NNNNN-pretrain-DATA "
                                        "($AID_RUNS instead of ./aid-runs)."),
-    resolution: int = typer.Option(64, help="Training resolution (images are centre-cropped and resized to it)."),
+    resolution: int = typer.Option(64, help="Training resolution."),
+    crop: str = typer.Option("auto", "--crop", help="How training images are made: resize (each image's centred "
+                             "square, resized to --resolution: aligned sets such as cat faces), random (random "
+                             "windows of whole photos at random downscales: photos of any size), auto (resize when "
+                             "every image is a square of one size, else random)."),
+    crop_min: int = typer.Option(0, "--crop-min", min=0, help="random: smallest window side in source pixels "
+                                 "(0: --resolution, the photo's own scale)."),
+    crop_max: int = typer.Option(0, "--crop-max", min=0, help="random: largest window side in source pixels "
+                                 "(0: the photo's short side). Sides are log-uniform between the two."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Held-out images (folder or zip): the EDM loss of the EMA "
+                                       "at every snapshot, in stats.jsonl (random crops: fixed crops of them)."),
+    val_n: int = typer.Option(256, "--val-n", min=1, help="Validation images (or crops) for --val."),
     width: int = typer.Option(32, "--width", help="SongUNet model_channels."),
     channel_mult: str = typer.Option("1,2,3,4", help="Channel multiplier per resolution level."),
     depth: int = typer.Option(1, "--depth", help="Residual blocks per resolution level (num_blocks)."),
@@ -52,7 +63,8 @@ def pretrain(
                          attn_resolutions=parse_ints(attn, "--attn"), dropout=dropout, batch=batch, lr=lr,
                          lr_rampup_kimg=lr_rampup_kimg, ema_halflife_kimg=ema_halflife_kimg,
                          duration_kimg=duration_kimg, snapshot_kimg=snapshot_kimg, checkpoint_minutes=checkpoint_minutes,
-                         seed=seed, precision=precision, compile=compile_net)
+                         seed=seed, precision=precision, compile=compile_net, crop=crop, crop_min=crop_min,
+                         crop_max=crop_max, val=str(val) if val else None, val_n=val_n)
     run = run_pretrain(cfg, resume=resume, device=resolve_device(device), log=log)
     err.print(f"done: {run}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,16 @@ class SkipEntry(Exception):
     """One dataset entry that cannot be used; the reason is its message, and the entry is skipped and reported."""
 
 
+def center_square(im: Image.Image, resolution: int) -> Image.Image:
+    """The centred square of `im`, resized (box/Lanczos) to resolution x resolution; as EDM's dataset_tool does."""
+    if im.size == (resolution, resolution):
+        return im
+    w, h = im.size
+    side = min(w, h)
+    im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    return im.resize((resolution, resolution), Image.LANCZOS)
+
+
 def _decode(data: bytes, resolution: int | None, channels: int) -> np.ndarray:
     import warnings
 
@@ -69,11 +80,8 @@ def _decode(data: bytes, resolution: int | None, channels: int) -> np.ndarray:
                     im.load()
             im = ImageOps.exif_transpose(im)
             im = im.convert("RGB" if channels == 3 else "L")
-            if resolution is not None and im.size != (resolution, resolution):
-                w, h = im.size
-                side = min(w, h)  # centre square crop, then a box/Lanczos resize
-                im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-                im = im.resize((resolution, resolution), Image.LANCZOS)
+            if resolution is not None:
+                im = center_square(im, resolution)
             arr = np.asarray(im, dtype=np.uint8)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
@@ -143,11 +151,10 @@ def _read_labels(path: Path) -> dict[str, int] | None:
         raise UserError(f"{path}: dataset.json labels must be [name, class] pairs") from None
 
 
-def load_image_set(path: str | Path, resolution: int | None = None, channels: int = 3, limit: int | None = None,
-                   on_skip=None, offset: int = 0) -> ImageSet:
-    """Decode every image of a folder or EDM zip (sorted by name) at `resolution` (None: keep; all must then agree).
-    `offset`: skip the first `offset` entries unread (e.g. a benchmark's images); `limit`: keep at most that many."""
-    path = Path(path)
+def _decode_all(path: Path, resolution: int | None, channels: int, limit: int | None, on_skip, offset: int,
+                same_shape: bool) -> tuple[list[np.ndarray], list[str], list[tuple[str, str]]]:
+    """(arrays HWC uint8, names, skipped) of a folder or EDM zip, sorted by name; unreadable entries are skipped and
+    reported (and, with `same_shape`, those whose size differs from the first image's)."""
     arrays, names, skipped = [], [], []
     for k, (name, read) in enumerate(_entries(path)):
         if k < offset:
@@ -161,7 +168,7 @@ def load_image_set(path: str | Path, resolution: int | None = None, channels: in
             if on_skip:
                 on_skip(name, skipped[-1][1])
             continue
-        if arrays and arr.shape != arrays[0].shape:
+        if same_shape and arrays and arr.shape != arrays[0].shape:
             skipped.append((name, f"size {arr.shape[1]}x{arr.shape[0]} differs from the first image's"))
             if on_skip:
                 on_skip(*skipped[-1])
@@ -170,6 +177,15 @@ def load_image_set(path: str | Path, resolution: int | None = None, channels: in
         names.append(name)
     if not arrays:
         raise UserError(f"no readable images in {path}")
+    return arrays, names, skipped
+
+
+def load_image_set(path: str | Path, resolution: int | None = None, channels: int = 3, limit: int | None = None,
+                   on_skip=None, offset: int = 0) -> ImageSet:
+    """Decode every image of a folder or EDM zip (sorted by name) at `resolution` (None: keep; all must then agree).
+    `offset`: skip the first `offset` entries unread (e.g. a benchmark's images); `limit`: keep at most that many."""
+    path = Path(path)
+    arrays, names, skipped = _decode_all(path, resolution, channels, limit, on_skip, offset, same_shape=True)
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     if images.shape[-1] != images.shape[-2]:
         raise UserError(f"dataset images must be square (got {images.shape[-1]}x{images.shape[-2]}); pass a resolution")
@@ -178,6 +194,106 @@ def load_image_set(path: str | Path, resolution: int | None = None, channels: in
     if table is not None and all(n.replace("\\", "/") in table for n in names):
         labels = torch.tensor([table[n.replace("\\", "/")] for n in names], dtype=torch.int64)
     return ImageSet(images=images, names=names, skipped=skipped, source=str(path), labels=labels)
+
+
+# ------------------------------------------------------------------------------------------------ whole photos
+# Photos of any size (`../shared/data/photos`: long side 400–512 px) are kept at their own resolution, and a backbone
+# trains on random square windows of them at random downscales: a 64-px training image then shows anything from 64 px
+# of the photo (native scale) to its whole short side, as `aid inpaint` presents a hole at whatever scale it fits.
+
+
+@dataclass
+class PhotoSet:
+    """Whole photos, each a uint8 [C, H, W] tensor at its own size."""
+    photos: list[torch.Tensor]
+    names: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.photos)
+
+    def same_square(self) -> int | None:
+        """The common side when every photo is a square of one size (an aligned set such as cats64), else None."""
+        sizes = {tuple(p.shape[1:]) for p in self.photos}
+        if len(sizes) != 1:
+            return None
+        h, w = sizes.pop()
+        return h if h == w else None
+
+    def as_image_set(self, resolution: int) -> ImageSet:
+        """Every photo's centred square at `resolution` (what `load_image_set` gives for the same files)."""
+        arrays = []
+        for p in self.photos:
+            im = Image.fromarray(p.permute(1, 2, 0).squeeze(-1).numpy())
+            arr = np.asarray(center_square(im, resolution), dtype=np.uint8)
+            arrays.append(arr[:, :, None] if arr.ndim == 2 else arr)
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        return ImageSet(images=images, names=list(self.names), skipped=list(self.skipped), source=self.source)
+
+    def crops(self, n: int, resolution: int, seed: int, min_side: int | None = None,
+              max_side: int | None = None) -> ImageSet:
+        """A fixed set of `n` random-scale crops (no flips), crop i drawn from its own generator (seed + i): the
+        validation images of a photo backbone, the same for every run and batch size."""
+        out = [random_crops(self, 1, resolution, torch.Generator().manual_seed(seed + i), min_side, max_side,
+                            xflip=False) for i in range(n)]
+        names = [f"crop-{i}" for i in range(n)]
+        return ImageSet(images=torch.cat(out), names=names, source=f"{self.source} ({n} crops, seed {seed})")
+
+
+def load_photo_set(path: str | Path, channels: int = 3, limit: int | None = None, on_skip=None,
+                   offset: int = 0) -> PhotoSet:
+    """Decode every image of a folder or zip (sorted by name) at its own size."""
+    path = Path(path)
+    arrays, names, skipped = _decode_all(path, None, channels, limit, on_skip, offset, same_shape=False)
+    photos = [torch.from_numpy(np.array(a)).permute(2, 0, 1).contiguous() for a in arrays]
+    return PhotoSet(photos=photos, names=names, skipped=skipped, source=str(path))
+
+
+def crop_sides(h: int, w: int, resolution: int, min_side: int | None, max_side: int | None) -> tuple[int, int]:
+    """The range of window sides (source pixels) that random crops of an h x w photo take: from `min_side` (default:
+    the resolution, native scale) to `max_side` (default: the photo's short side), both within the photo."""
+    short = min(h, w)
+    hi = min(short, max_side) if max_side else short
+    lo = min(max(min_side or resolution, 1), hi)
+    return lo, hi
+
+
+def crop_boxes(photos: PhotoSet, n: int, resolution: int, g: torch.Generator, min_side: int | None = None,
+               max_side: int | None = None) -> list[tuple[int, int, int, int, bool]]:
+    """`n` windows (photo index, top, left, side, x-flip): photo uniform, side L log-uniform in `crop_sides`, position
+    uniform, flip with probability 1/2. Every draw comes from `g` in a fixed order, so a training step's crops depend
+    on the step's generator alone."""
+    idx = torch.randint(len(photos), (n,), generator=g)
+    u = torch.rand(n, 3, generator=g)  # scale, top, left
+    flip = torch.rand(n, generator=g) < 0.5
+    boxes = []
+    for i in range(n):
+        k = int(idx[i])
+        h, w = photos.photos[k].shape[1:]
+        lo, hi = crop_sides(h, w, resolution, min_side, max_side)
+        side = int(round(math.exp(math.log(lo) + float(u[i, 0]) * (math.log(hi) - math.log(lo)))))
+        side = min(max(side, lo), hi)
+        top = min(int(float(u[i, 1]) * (h - side + 1)), h - side)
+        left = min(int(float(u[i, 2]) * (w - side + 1)), w - side)
+        boxes.append((k, top, left, side, bool(flip[i])))
+    return boxes
+
+
+def random_crops(photos: PhotoSet, n: int, resolution: int, g: torch.Generator, min_side: int | None = None,
+                 max_side: int | None = None, xflip: bool = True) -> torch.Tensor:
+    """`n` uint8 [n, C, R, R] training images: the windows of `crop_boxes`, resized to R x R (bilinear, antialiased
+    when shrinking), x-flipped where drawn (and `xflip`)."""
+    import torch.nn.functional as F
+
+    out = []
+    for k, top, left, side, flip in crop_boxes(photos, n, resolution, g, min_side, max_side):
+        x = photos.photos[k][:, top:top + side, left:left + side]
+        if side != resolution:
+            x = F.interpolate(x[None].float(), size=(resolution, resolution), mode="bilinear", align_corners=False,
+                              antialias=side > resolution)[0].round().clamp(0, 255).to(torch.uint8)
+        out.append(x.flip(-1) if xflip and flip else x)
+    return torch.stack(out)
 
 
 # ------------------------------------------------------------------------------------------------------ dataset names
