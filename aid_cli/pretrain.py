@@ -69,8 +69,9 @@ class PretrainConfig:
     crop: str = "auto"
     crop_min: int = 0
     crop_max: int = 0
-    val: str | None = None  # held-out images: EDM loss of the EMA at every snapshot (random crops: fixed crops of them)
+    val: str | None = None  # held-out images: EDM loss of the EMA every val_kimg (random crops: fixed crops of them)
     val_n: int = 256
+    val_kimg: float = 0.0  # validate every this many thousand images (0: at every snapshot)
 
     LEGACY_DEFAULTS = {"crop": "resize"}  # runs made before `crop` existed trained on centred squares
 
@@ -107,7 +108,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
     state_path = run / STATE_FILE
     cfg = prepare_run(cfg, run, STATE_FILE, resume, log=log,
                       free=("dataset", "out", "duration_kimg", "snapshot_kimg", "checkpoint_minutes", "precision",
-                            "compile", "val", "val_n"))
+                            "compile", "val", "val_n", "val_kimg"))
     amp = torch.bfloat16 if training_precision(cfg.precision, device) == "bf16" else None  # autocast dtype
 
     # Data.
@@ -161,6 +162,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
     total = int(cfg.duration_kimg * 1000)
     last_ckpt = time.time()
     last_snapshot_kimg = nimg // int(cfg.snapshot_kimg * 1000) if cfg.snapshot_kimg > 0 else 0
+    val_every = int((cfg.val_kimg or cfg.snapshot_kimg) * 1000)
+    last_val = nimg // val_every if val_every > 0 else 0
     tick_start, tick_nimg, tick_loss, tick_n = time.time(), nimg, 0.0, 0
     batch_local = cfg.batch // world
 
@@ -227,13 +230,15 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
                 if snapshot_due:
                     last_snapshot_kimg = snap
                     write_snapshot(run, cfg, ema, nimg, elapsed, data.source)
-                    if val_set is not None:
-                        val = validation_loss(ema, val_set, seed=0, batch=64, device=device)
-                        with open(stats_path, "a") as f:
-                            f.write(json.dumps({"step": step, "kimg": nimg / 1000, "elapsed_s": elapsed,
-                                                "val_edm_loss": val["edm_loss"],
-                                                "val_mse_at_sigma": val["mse_at_sigma"], "val_images": val["images"],
-                                                "time": time.time()}) + "\n")
+                val_k = nimg // val_every if val_every > 0 else 0
+                if val_set is not None and (val_k > last_val or done):
+                    last_val = val_k
+                    val = validation_loss(ema, val_set, seed=0, batch=64, device=device)
+                    with open(stats_path, "a") as f:
+                        f.write(json.dumps({"step": step, "kimg": nimg / 1000, "elapsed_s": elapsed,
+                                            "val_edm_loss": val["edm_loss"],
+                                            "val_mse_at_sigma": val["mse_at_sigma"], "val_images": val["images"],
+                                            "time": time.time()}) + "\n")
                 if snapshot_due or time.time() - last_ckpt >= cfg.checkpoint_minutes * 60:
                     save_state(state_path, {"net": net, "ema": ema}, {"opt": opt},
                                {"config": dataclasses.asdict(cfg), "step": step, "nimg": nimg, "elapsed_s": elapsed})

@@ -28,6 +28,8 @@ def pretrain(
     val: Optional[Path] = typer.Option(None, "--val", help="Held-out images (folder or zip): the EDM loss of the EMA "
                                        "at every snapshot, in stats.jsonl (random crops: fixed crops of them)."),
     val_n: int = typer.Option(256, "--val-n", min=1, help="Validation images (or crops) for --val."),
+    val_kimg: float = typer.Option(0.0, "--val-kimg", min=0.0, help="Validate every this many thousand images "
+                                   "(0: at every snapshot)."),
     width: int = typer.Option(32, "--width", help="SongUNet model_channels."),
     channel_mult: str = typer.Option("1,2,3,4", help="Channel multiplier per resolution level."),
     depth: int = typer.Option(1, "--depth", help="Residual blocks per resolution level (num_blocks)."),
@@ -64,7 +66,8 @@ def pretrain(
                          lr_rampup_kimg=lr_rampup_kimg, ema_halflife_kimg=ema_halflife_kimg,
                          duration_kimg=duration_kimg, snapshot_kimg=snapshot_kimg, checkpoint_minutes=checkpoint_minutes,
                          seed=seed, precision=precision, compile=compile_net, crop=crop, crop_min=crop_min,
-                         crop_max=crop_max, val=str(val) if val else None, val_n=val_n)
+                         crop_max=crop_max, val=str(val) if val else None, val_n=val_n,
+                         val_kimg=val_kimg)
     run = run_pretrain(cfg, resume=resume, device=resolve_device(device), log=log)
     err.print(f"done: {run}")
 
