@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 
 from .data.images import (INVERTED_WARNING_FRACTION, OUTPUT_FORMATS, composite, grow, load_image, load_mask,
-                          mask_stats, plan_fit, plan_windows, save_image, to_task_tensors)
+                          choose_fit, mask_stats, plan_fit, plan_native_crop, plan_windows, save_image,
+                          to_task_tensors)
 from .errors import UserError
 from .fileio import check_writable_dir
 from .inpainter import Inpainter
@@ -35,7 +36,7 @@ class InpaintOptions:
     samples: int = 1
     invert_mask: bool = False
     resize_mask: bool = False
-    fit: str = "crop"
+    fit: str = "auto"  # auto|crop|resize|native (fit_hole)
     params: dict = field(default_factory=dict)  # method params as recorded (resolve.py: tuned ones, AID's module)
     class_label: int | None = None  # --class N of a class-conditional backbone (recorded; the one-hot goes to the net)
     method_default: bool = False  # the method was chosen by default, not given (recorded)
@@ -178,10 +179,13 @@ class Prepared:
     M: torch.Tensor
 
 
-def prepare(job: Job, resolution: int, opts: InpaintOptions, notice: Callable[[str], None]) -> Prepared | list[dict]:
+def prepare(job: Job, resolution: int, opts: InpaintOptions, notice: Callable[[str], None],
+            full_resolution: bool = False, multiscale: bool = False) -> Prepared | list[dict]:
     """Load and fit one input; an empty mask is copied through at once (its records are returned instead).
 
-    `resolution`: the pixel side the image is fitted to (the network's resolution × the space's factor).
+    `resolution`: the pixel side the image is fitted to (the network's resolution × the space's factor);
+    `full_resolution`: the method works at any size (classical ones); `multiscale`: the backbone was trained on photo
+    windows at every scale (what `--fit auto` chooses by: fit_hole).
     """
     img = load_image(job.image)
     notes: list[str] = []
@@ -204,23 +208,50 @@ def prepare(job: Job, resolution: int, opts: InpaintOptions, notice: Callable[[s
     if fraction > INVERTED_WARNING_FRACTION:
         notice(f"{job.mask.name}: {fraction:.0%} of the image is to be filled; if white was meant to be kept, "
                f"pass --invert-mask")
-    if opts.fit == "native":  # windows, filled one after another (inpaint_windows); nothing to batch
-        return Prepared(job, img, hole, plan_windows(hole, resolution), None, None)
-    fit = plan_fit(grow(hole, opts.feather) if opts.feather else hole, resolution, mode=opts.fit)  # covers the ring
+    return fit_hole(job, img, hole, resolution, opts, full_resolution, multiscale)
+
+
+def fit_hole(job: Job, img, hole, resolution: int, opts: InpaintOptions, full_resolution: bool = False,
+             multiscale: bool = False) -> Prepared:
+    """How the hole reaches the method (design.md: file → Task): a box around it at native scale for methods that
+    work at any size; else `opts.fit` (auto: choose_fit's per-hole choice where the backbone is `multiscale`, crop
+    otherwise): windows at the model's own scale along the hole (native), a box around it (crop), the whole image
+    (resize)."""
+    covered = grow(hole, opts.feather) if opts.feather else hole  # the fit covers the feathered ring
+    if full_resolution:
+        fit = plan_native_crop(covered)
+    else:
+        mode = opts.fit
+        if mode == "auto":
+            mode = choose_fit(covered, resolution) if multiscale else "crop"
+        if mode == "native" and not opts.feather:  # filled one after another (fill_windows); nothing to batch
+            return Prepared(job, img, hole, plan_windows(hole, resolution), None, None)
+        fit = plan_fit(covered, resolution, mode="crop" if mode == "native" else mode)
     x, M = to_task_tensors(img, hole, fit)
     return Prepared(job, img, hole, fit, x, M)
 
 
-def inpaint_windows(inpainter: Inpainter, item: Prepared, opts: InpaintOptions, spec: MethodSpec,
-                    notice: Callable[[str], None], class_labels: torch.Tensor | None = None,
-                    progress: Callable[[int], None] | None = None) -> list[dict]:
-    """`--fit native`: fill the hole window by window at the model's own scale (plan_windows), each window seeing the
+@dataclass
+class Filled:
+    """A prepared input completed: its K results at the image's own size (only hole pixels changed) and their cost."""
+
+    item: Prepared
+    pixels: list  # K arrays like item.img.pixels
+    nfe: int  # network evaluations per sample (windows: all of them)
+    backward: int
+    seconds: float  # per sample
+    how: str  # what the fit did, in words
+    space: str
+
+
+def fill_windows(inpainter: Inpainter, item: Prepared, opts: InpaintOptions, method,
+                 class_labels: torch.Tensor | None = None, progress: Callable[[int], None] | None = None) -> Filled:
+    """Native fit: fill the hole window by window at the model's own scale (plan_windows), each window seeing the
     fills before it; the K samples of the image run side by side, sample k drawing its noise, window after window, from
-    its own generator seeded seed + k. Writes the outputs; one record each."""
+    its own generator seeded seed + k."""
     import dataclasses
 
     K, windows, device = opts.samples, item.fit, inpainter.device
-    method = spec.build()
     labels = class_labels.expand(K, -1).to(device) if class_labels is not None else None
     generators = sample_generators(opts.seed, K)
     pixels = [item.img.pixels.copy() for _ in range(K)]
@@ -239,45 +270,57 @@ def inpaint_windows(inpainter: Inpainter, item: Prepared, opts: InpaintOptions, 
     seconds = (time.perf_counter() - t0) / K
     side = windows[0][0].resolution
     how = f"{len(windows)} window(s) of {side}x{side} at native scale"
-    space = inpainter.space.for_method(method).describe()
-    records = []
-    for k, path in enumerate(item.job.outputs):
-        for w in save_image(path, pixels[k], item.img, protect=[item.job.mask]):
-            notice(f"{path.name}: {w}")
-        records.append(_record(path, item.job, opts, k, nfe, backward, seconds, how, space))
-    return records
+    return Filled(item, pixels, nfe, backward, seconds, how, inpainter.space.for_method(method).describe())
+
+
+def fill_items(inpainter: Inpainter, items: list[Prepared], opts: InpaintOptions, method,
+               class_labels: torch.Tensor | None = None,
+               progress: Callable[[int], None] | None = None) -> list[Filled]:
+    """Complete prepared inputs, K samples each: boxes fitted to the model in one sampler call, windows and
+    native-scale boxes (each at its own size) one after another. What `aid inpaint`, `aid bench` on photos and
+    every other caller fill with.
+
+    Sample k of an image uses the generator seeded seed + k whatever the batch, so its noise does not depend on it.
+    `class_labels`: one-hot [1, label_dim] for class-conditional nets. `progress(k)`: told the NFE of every network
+    evaluation."""
+    done: dict[int, Filled] = {}
+    batched = []
+    for i, p in enumerate(items):
+        if isinstance(p.fit, list):
+            done[i] = fill_windows(inpainter, p, opts, method, class_labels, progress)
+        elif method.full_resolution and len(items) > 1:
+            done[i] = fill_items(inpainter, [p], opts, method, class_labels, progress)[0]
+        else:
+            batched.append(i)
+    if batched:
+        K, device = opts.samples, inpainter.device
+        x = torch.cat([items[i].x.repeat(K, 1, 1, 1) for i in batched]).to(device)
+        M = torch.cat([items[i].M.repeat(K, 1, 1, 1) for i in batched]).to(device)
+        labels = class_labels.expand(len(x), -1).to(device) if class_labels is not None else None
+        t0 = time.perf_counter()
+        completed, result = inpainter.complete(x, M, method, opts.steps,
+                                               [g for _ in batched for g in sample_generators(opts.seed, K)], labels,
+                                               progress=progress)
+        seconds = (time.perf_counter() - t0) / len(x)
+        space = inpainter.space.for_method(method).describe()
+        for j, i in enumerate(batched):
+            p = items[i]
+            pixels = [composite(p.img, p.hole, p.fit, completed[j * K + k:j * K + k + 1], feather=opts.feather)
+                      for k in range(K)]
+            done[i] = Filled(p, pixels, result.nfe, result.backward, seconds, p.fit.describe(), space)
+    return [done[i] for i in range(len(items))]
 
 
 def inpaint_batch(inpainter: Inpainter, items: list[Prepared], opts: InpaintOptions, spec: MethodSpec,
                   notice: Callable[[str], None], class_labels: torch.Tensor | None = None,
                   progress: Callable[[int], None] | None = None) -> list[dict]:
-    """Inpaint prepared inputs in one sampler call (K samples each) and write their outputs; one record per output.
-
-    Sample k of an image uses the generator seeded seed + k whatever the batch, so its noise does not depend on it.
-    `class_labels`: one-hot [1, label_dim] for class-conditional nets. `progress(k)`: told the NFE of every network
-    evaluation (sample's progress).
-    """
-    if opts.fit == "native":
-        return [rec for p in items for rec in inpaint_windows(inpainter, p, opts, spec, notice, class_labels, progress)]
-    K, device = opts.samples, inpainter.device
-    x = torch.cat([p.x.repeat(K, 1, 1, 1) for p in items]).to(device)
-    M = torch.cat([p.M.repeat(K, 1, 1, 1) for p in items]).to(device)
-    labels = class_labels.expand(len(x), -1).to(device) if class_labels is not None else None
-    method = spec.build()
-    t0 = time.perf_counter()
-    completed, result = inpainter.complete(x, M, method, opts.steps,
-                                           [g for _ in items for g in sample_generators(opts.seed, K)], labels,
-                                           progress=progress)
-    seconds = (time.perf_counter() - t0) / len(x)
-    space = inpainter.space.for_method(method).describe()
+    """Fill prepared inputs (fill_items) and write their outputs; one record per output."""
     records = []
-    for i, p in enumerate(items):
-        for k, path in enumerate(p.job.outputs):
-            out = composite(p.img, p.hole, p.fit, completed[i * K + k:i * K + k + 1], feather=opts.feather)
-            for w in save_image(path, out, p.img, protect=[p.job.mask]):
+    for f in fill_items(inpainter, items, opts, spec.build(), class_labels, progress):
+        for k, path in enumerate(f.item.job.outputs):
+            for w in save_image(path, f.pixels[k], f.item.img, protect=[f.item.job.mask]):
                 notice(f"{path.name}: {w}")
-            records.append(_record(path, p.job, opts, k, result.nfe, result.backward, seconds, p.fit.describe(),
-                                   space))
+            records.append(_record(path, f.item.job, opts, k, f.nfe, f.backward, f.seconds, f.how, f.space))
     return records
 
 
@@ -304,11 +347,13 @@ def inpaint_jobs(inpainter: Inpainter, jobs: list[Job], opts: InpaintOptions, sp
     `bar`: `images_done(n)`, and `sampling(description, NFE total)`, a context whose value is the sampler's progress
     callback (the CLI's progress bar); default: none."""
     bar = bar or _NoBar()
-    expected = spec.build().expected_nfe(opts.steps)
+    method = spec.build()
+    expected, full = method.expected_nfe(opts.steps), method.full_resolution
     pending, failed = [], []
     for i, job in enumerate(jobs):
         try:
-            item = prepare(job, inpainter.resolution, opts, notice)
+            item = prepare(job, inpainter.resolution, opts, notice, full_resolution=full,
+                           multiscale=inpainter.multiscale)
         except UserError as e:
             if len(jobs) == 1:
                 raise
@@ -325,7 +370,8 @@ def inpaint_jobs(inpainter: Inpainter, jobs: list[Job], opts: InpaintOptions, sp
             pending.append(item)
         if pending and (len(pending) == batch or i == len(jobs) - 1):
             names = ", ".join(p.job.image.name for p in pending)
-            calls = sum(len(p.fit) for p in pending) if opts.fit == "native" else 1  # native: a call per window
+            windows = [p for p in pending if isinstance(p.fit, list)]  # a call per window; the boxes share one
+            calls = sum(len(p.fit) for p in windows) + (len(windows) < len(pending))
             with bar.sampling(f"{opts.method} {names}", expected * calls) as progress:
                 records = inpaint_batch(inpainter, pending, opts, spec, notice, class_labels, progress)
             report(records)
@@ -342,5 +388,6 @@ def _record(path: Path, job: Job, opts: InpaintOptions, k: int, nfe: int, backwa
             "seconds": round(seconds, 4), "fit": fit, "space": space, "class": opts.class_label}
 
 
-__all__ = ["InpaintOptions", "Job", "plan_outputs", "plan_jobs", "default_output", "check_outputs", "prepare", "inpaint_batch",
+__all__ = ["InpaintOptions", "Job", "plan_outputs", "plan_jobs", "default_output", "check_outputs", "prepare", "fit_hole", "Filled",
+           "fill_items", "inpaint_batch",
            "inpaint_jobs"]

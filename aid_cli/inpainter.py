@@ -50,6 +50,14 @@ class Inpainter:
         return cls(net, info, space, device, Path(checkpoint))
 
     @property
+    def multiscale(self) -> bool:
+        """Trained on photo windows at every scale (`aid pretrain --crop random`): holes may be filled at native scale
+        as well as shrunk (inpaint.fit_hole's auto); False for aligned sets at one scale (cat faces) and official nets."""
+        provenance = self.info.get("provenance") or {}
+        config = provenance.get("config") if isinstance(provenance, dict) else None
+        return isinstance(config, dict) and config.get("crop") == "random"
+
+    @property
     def resolution(self) -> int:
         """The pixel side images are fitted to: the network's resolution × the space's factor (latent: the VAE's 8)."""
         return self.info["resolution"] * self.space.factor

@@ -65,6 +65,8 @@ def check_method_names(labels: list[str], guidances: dict | None = None) -> None
         if label not in OPERATING_POINTS and label not in METHODS:
             known = sorted(METHODS) + sorted(OPERATING_POINTS)
             raise UserError(f"unknown method {label!r} (available: {', '.join(known)})")
+        if label in METHODS:
+            METHODS[label].check_available()  # a missing optional extra: one line, before anything is loaded
 
 
 def default_method(method: str | None, guidance, checkpoint, cache=None) -> tuple[str, object, str]:

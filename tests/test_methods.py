@@ -34,6 +34,10 @@ COUNTS = {
     "aid": (2 * N - 1, 0),  # the actor is a separate small net: backbone forwards only, no backward at deployment
     "copy": (0, 0),
     "greyfill": (0, 0),
+    # classical inpainting: no network at all
+    "biharmonic": (0, 0),
+    "telea": (0, 0),
+    "ns": (0, 0),
 }
 
 

@@ -222,7 +222,7 @@ class Runner:
         x0 = self.data.as_float(idx)
         M = self.masks[family][idx]
         labels = one_hot(self.labels[idx], self.info["label_dim"]).to(self.device) if self.labels is not None else None
-        extras = {"x0": x0.to(self.device)} if method.oracle else None  # only oracles see the ground truth
+        extras = {"x0": x0.to(self.device)} if method.sees_truth else None  # only `copy` sees the ground truth
         x0_d, M_d = x0.to(self.device), M.to(self.device)
         with mem.measure() if mem else contextlib.nullcontext():
             synchronize(self.device)

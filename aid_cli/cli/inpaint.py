@@ -46,9 +46,11 @@ def inpaint(
                                 "hole, to soften hard seams (those pixels change; default 0: only hole pixels do)."),
     guidance: Optional[Path] = typer.Option(None, "--guidance", help="AID's guidance module (default: the one shipped "
                                             "for the backbone; implies --method aid)."),
-    fit: str = typer.Option("crop", "--fit", help="crop: a box around the mask (at native scale when it is small); "
-                            "resize: the whole image; native: windows at the model's own scale along the mask, "
-                            "filled one after another (long thin strokes on large photos)."),
+    fit: str = typer.Option("auto", "--fit", help="auto: chosen per hole by what the backbone was trained on (a "
+                            "photo backbone: native for thin strokes spread wide, crop for the rest; other backbones: "
+                            "crop); crop: a box around the mask (at native scale when it is small); resize: the whole "
+                            "image; native: windows at the model's own scale along the mask, filled one after another "
+                            "(long thin strokes on large photos)."),
     class_label: Optional[int] = typer.Option(None, "--class", min=0,
                                               help="Class N for a class-conditional backbone (e.g. ImageNet)."),
     vae: Optional[str] = typer.Option(None, "--vae", help="Latent backbones: a local diffusers VAE folder instead of "
@@ -82,8 +84,8 @@ def inpaint(
     from ..task import class_labels
     from ..threads import apply_threads
 
-    if fit not in ("crop", "resize", "native"):
-        raise UserError(f"--fit must be crop, resize or native, got {fit!r}")
+    if fit not in ("auto", "crop", "resize", "native"):
+        raise UserError(f"--fit must be auto, crop, resize or native, got {fit!r}")
     if fit == "native" and feather:
         raise UserError("--feather does not combine with --fit native (its windows are filled at native scale)")
     apply_threads(threads)

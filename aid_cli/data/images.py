@@ -18,6 +18,7 @@ Conventions (design.md):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -334,6 +335,26 @@ def plan_fit(hole: np.ndarray, resolution: int, mode: str = "crop", margin: floa
     y0, y1, pad_t, pad_b = _place(top, bottom, side, height)
     return Fit(mode=mode, image_size=(width, height), box=(x0, y0, x1, y1), pad=(pad_l, pad_t, pad_r, pad_b),
                resolution=resolution)
+
+
+def choose_fit(hole: np.ndarray, resolution: int, max_shrink: float = 2.0) -> str:
+    """`--fit auto` for a backbone trained on photo windows at every scale: "crop" when the box around the hole
+    reaches the model at most `max_shrink` times smaller (its detail survives), or when the hole is thick (an object:
+    it needs the context a shrunk box gives); "native" (windows at the model's own scale along the hole) for a thin
+    hole spread wide (a stroke, a scratch, text), whose every pixel lies within resolution/8 of its edge, so a
+    window's inner half holds it with context on both sides."""
+    if plan_fit(hole, resolution, mode="crop").scale * max_shrink >= 1:
+        return "crop"
+    core = ~grow(~hole, max(resolution // 8, 1))  # the hole eroded by resolution/8 (chessboard distance)
+    return "crop" if core.any() else "native"
+
+
+def plan_native_crop(hole: np.ndarray, context: int = 64, margin: float = 0.25) -> Fit:
+    """A box around the hole at the image's own scale, never resized: what methods that work at any size
+    (`full_resolution`, the classical ones) are given. The box is plan_fit's crop (the hole's square grown by
+    `margin`, at least `context` pixels, reflection-padded past the image's edges), its resolution its own side."""
+    fit = plan_fit(hole, min(context, max(hole.shape)), mode="crop", margin=margin)
+    return dataclasses.replace(fit, resolution=fit.side)
 
 
 def plan_windows(hole: np.ndarray, resolution: int) -> list[tuple[Fit, np.ndarray]]:

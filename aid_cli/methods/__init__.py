@@ -1,7 +1,7 @@
 """Inpainting methods, one small module each, all on the hooks of the one sampler loop (sampling/heun.py)."""
 
 from . import (  # noqa: F401  (registration)
-    aid, copaint, ddnm, dps, gradpaint, mcg, oracles, repaint, replace, unguided, vipaint,
+    aid, classical, copaint, ddnm, dps, gradpaint, mcg, oracles, repaint, replace, unguided, vipaint,
 )
 from .base import METHODS, Method, get_method, register
 

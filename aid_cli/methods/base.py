@@ -18,6 +18,7 @@ def check_method_name(name: str) -> None:
     """An unknown name is a user error listing the known ones."""
     if name not in METHODS:
         raise UserError(f"unknown method {name!r} (available: {', '.join(sorted(METHODS))})")
+    METHODS[name].check_available()  # a missing optional extra: one line, before anything is loaded
 
 
 def get_method(name: str, **params) -> Method:

@@ -20,6 +20,7 @@ class Copy(Method):
 
     name = "copy"
     oracle = True
+    sees_truth = True
 
     def fill(self, s: SamplerState) -> torch.Tensor:
         if "x0" not in s.extras:

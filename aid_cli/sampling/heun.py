@@ -107,6 +107,12 @@ class Method:
     name = "unguided"
     needs_grad = False  # True for methods that backpropagate through the network
     oracle = False  # True: no sampling at all, `fill` gives x̂ directly (0 NFE)
+    sees_truth = False  # True: `fill` reads the ground truth (the `copy` oracle; only the benchmark has it)
+    full_resolution = False  # True: fitted at the image's own scale, never resized (classical methods)
+
+    @classmethod
+    def check_available(cls) -> None:
+        """Raise a one-line UserError when something the method needs is not installed (an optional extra)."""
 
     def setup(self, s: SamplerState) -> None:
         """Called once before the loop."""
