@@ -46,6 +46,7 @@ from .measure import device_name
 from .report import MD_END, MD_START, markdown_parts, rich_table, rows_markdown, splice_markdown, write_reports
 from .runner import (MAX_SEED, SEED_STRIDE, BenchConfig, Runner, bench_generators, check_masks, count_evaluations,
                      parse_list, parse_seeds, plan_text, run_bench)
+from .photos import PhotoRunner  # noqa: F401  (registers the photo benchmark)
 from .samples import SAMPLES_N, SAMPLES_SEED, backbone_samples
 from .tune import TUNABLE, tune, tune_grid
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.masks import MASKS_VERSION, describe
 from ..errors import UserError
 from ..fileio import atomic_write_text, utc_now
 from ..plots import quality_speed_plot, save_labelled_grid, save_png, to_uint8
@@ -210,9 +209,9 @@ def write_reports(out: Path, cfg, runner, specs: list) -> dict:
     kinds = sorted({c["peak_memory_kind"] for c in used}) or [runner.mem_kind]
     config = {
         "dataset": cfg.dataset, "n": cfg.n, "images": runner.data.names[:cfg.n], "seeds": cfg.seeds,
-        "masks": {"families": cfg.masks, "version": MASKS_VERSION, "seed": cfg.mask_seed,
-                  "definitions": {f: describe(f) for f in cfg.masks},
-                  "hole_fraction": {f: round(float(1 - runner.masks[f].mean()), 4) for f in cfg.masks}},
+        "masks": {"families": cfg.masks, "version": runner.masks_version, "seed": cfg.mask_seed,
+                  "definitions": {f: runner.describe_mask(f) for f in cfg.masks},
+                  "hole_fraction": {f: runner.hole_fraction(f) for f in cfg.masks}},
         "model": {"path": str(Path(runner.checkpoint).resolve()), "sha256": runner.sha256,
                   "resolution": runner.resolution, "precond": runner.info.get("precond"),
                   "space": runner.space.describe(),
@@ -225,7 +224,7 @@ def write_reports(out: Path, cfg, runner, specs: list) -> dict:
         "precision": cfg.precision, "compile": cfg.compile,
         "noise": "one CPU torch.Generator per image, seeded seed * 2**20 + image index",
         "torch": torch.__version__, "aid": aid_version(), "python": platform.python_version(),
-        "metrics": dict(METRIC_DEFINITIONS, lpips_weights=runner.lpips_source),
+        "metrics": dict(runner.metric_definitions, lpips_weights=runner.lpips_source),
         "peak_memory": {"kind": kinds[0] if len(kinds) == 1 else kinds,
                         "definition": "; ".join(PEAK_MEMORY_DEFINITIONS[k] for k in kinds)},
         "timing_sessions": len({c.get("session") for c in used}),
@@ -237,7 +236,7 @@ def write_reports(out: Path, cfg, runner, specs: list) -> dict:
     atomic_write_text(out / "bench.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out / "bench.csv", rows_csv(rows))
     atomic_write_text(out / "bench.md", rows_markdown(result))
-    write_grids(out, runner, specs, cfg.masks, cfg.examples)
+    runner.write_grids(out, specs, cfg.masks, cfg.examples)
     family = "freeform" if "freeform" in cfg.masks else cfg.masks[0]
     quality_speed_plot(out / "quality-speed.png", rows, family,
                        f"quality vs speed, {family} masks, {cfg.n} images, {runner.resolution}px, "

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ..data.datasets import load_image_set
-from ..data.masks import FAMILIES, MASKS_VERSION, eval_masks
+from ..data.masks import FAMILIES, MASKS_VERSION, describe, eval_masks
 from ..errors import UserError
 from ..fileio import atomic_write_text, utc_now
 from ..inpainter import Inpainter
@@ -27,7 +27,7 @@ from ..task import one_hot
 from ..training import gather_to_rank0
 from .cells import CELLS_FILE, append_cell, cell_key, read_cells, same_run
 from .measure import PeakMemory, device_name, peak_memory_kind, synchronize
-from .report import save_examples, write_reports
+from .report import METRIC_DEFINITIONS, save_examples, write_grids, write_reports
 
 RUN_FILE = "run.json"
 
@@ -59,6 +59,7 @@ class BenchConfig:
     vae: str | None = None  # latent backbones: a local VAE folder instead of the pinned hub VAE
     precision: str = "auto"  # the backbone's (devices.prepare_backbone)
     compile: bool = False  # torch.compile the backbone
+    fit: str = "auto"  # photo families: how each hole reaches the backbone (inpaint.fit_hole)
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -85,10 +86,24 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def check_masks(families: list[str]) -> list[str]:
+    """The cat protocol's families (images at the model's resolution) or the photo families (whole photos), not both."""
+    from ..data.photo_masks import PHOTO_FAMILIES
+
     for f in families:
-        if f not in FAMILIES:
-            raise UserError(f"unknown mask family {f!r} (available: {', '.join(FAMILIES)})")
+        if f not in FAMILIES and f not in PHOTO_FAMILIES:
+            raise UserError(f"unknown mask family {f!r} (at the model's resolution: {', '.join(FAMILIES)}; on whole "
+                            f"photos: {', '.join(PHOTO_FAMILIES)})")
+    if any(f in PHOTO_FAMILIES for f in families) and any(f in FAMILIES for f in families):
+        raise UserError(f"--masks mixes families of whole photos ({', '.join(PHOTO_FAMILIES)}) with those at the "
+                        f"model's resolution ({', '.join(FAMILIES)}); benchmark them in separate runs")
     return families
+
+
+def on_photos(families: list[str]) -> bool:
+    """True for the photo families: the benchmark on whole photos (bench/photos.py)."""
+    from ..data.photo_masks import PHOTO_FAMILIES
+
+    return all(f in PHOTO_FAMILIES for f in families)
 
 
 def bench_generators(seed: int, indices) -> list[torch.Generator]:
@@ -130,28 +145,9 @@ class Runner:
         self.inpainter = Inpainter.load(self.checkpoint, self.device, vae=vae, precision=precision, compile=compile,
                                         notice=self.log, check=check)
         self.net, self.info, self.space = self.inpainter.net, self.inpainter.info, self.inpainter.space
-        label_dim = self.info.get("label_dim", 0)
         self.resolution = self.inpainter.resolution  # pixels (latent backbones: the VAE's 8x)
-        skipped = []
-        self.data = load_image_set(dataset, resolution=self.resolution,
-                                   channels=3 if self.space.latent else self.info["channels"], limit=n,
-                                   on_skip=lambda name, why: skipped.append(name))
-        if skipped:
-            self.log(f"note: skipped {len(skipped)} unreadable image(s) of {dataset}, e.g. {skipped[0]}")
-        if len(self.data) < n:
-            raise UserError(f"--n {n}, but {dataset} has only {len(self.data)} readable images")
         self.n = n
-        self.class_label, self.labels = class_label, None  # labels: int64 [n] per image, class-conditional only
-        if label_dim and class_label is not None:
-            self.labels = torch.full((n,), int(class_label), dtype=torch.int64)
-        elif label_dim:
-            if self.data.labels is None:
-                raise UserError(f"this backbone is class-conditional ({label_dim} classes) and {dataset} has no "
-                                f"dataset.json labels: pass --class N")
-            self.labels = self.data.labels[:n]
-            if int(self.labels.min()) < 0 or int(self.labels.max()) >= label_dim:
-                raise UserError(f"{dataset}: dataset.json labels lie outside the backbone's classes 0..{label_dim - 1}")
-        self.masks = {f: eval_masks(f, n, self.resolution, mask_seed) for f in families}
+        self._load_data(dataset, n, families, mask_seed, class_label)
         self.indices = list(range(n))[self.rank::self.world]  # this process's shard
         self.warmed: set[tuple] = set()  # (method, steps) already warmed up in this process
         self.session = uuid.uuid4().hex[:12]
@@ -165,6 +161,41 @@ class Runner:
             self.lpips_source = self.lpips_model.source
         except LPIPSUnavailable as e:
             self.note(f"{e}; lpips is null")
+
+    masks_version = MASKS_VERSION
+    metric_definitions = METRIC_DEFINITIONS
+
+    def describe_mask(self, family: str) -> str:
+        return describe(family)
+
+    def hole_fraction(self, family: str) -> float:
+        return round(float(1 - self.masks[family].mean()), 4)
+
+    def _load_data(self, dataset: str, n: int, families: list[str], mask_seed: int, class_label: int | None) -> None:
+        """The n images at the model's resolution, their class labels, and each family's fixed masks."""
+        label_dim = self.info.get("label_dim", 0)
+        skipped = []
+        self.data = load_image_set(dataset, resolution=self.resolution,
+                                   channels=3 if self.space.latent else self.info["channels"], limit=n,
+                                   on_skip=lambda name, why: skipped.append(name))
+        if skipped:
+            self.log(f"note: skipped {len(skipped)} unreadable image(s) of {dataset}, e.g. {skipped[0]}")
+        if len(self.data) < n:
+            raise UserError(f"--n {n}, but {dataset} has only {len(self.data)} readable images")
+        self.class_label, self.labels = class_label, None  # labels: int64 [n] per image, class-conditional only
+        if label_dim and class_label is not None:
+            self.labels = torch.full((n,), int(class_label), dtype=torch.int64)
+        elif label_dim:
+            if self.data.labels is None:
+                raise UserError(f"this backbone is class-conditional ({label_dim} classes) and {dataset} has no "
+                                f"dataset.json labels: pass --class N")
+            self.labels = self.data.labels[:n]
+            if int(self.labels.min()) < 0 or int(self.labels.max()) >= label_dim:
+                raise UserError(f"{dataset}: dataset.json labels lie outside the backbone's classes 0..{label_dim - 1}")
+        self.masks = {f: eval_masks(f, n, self.resolution, mask_seed) for f in families}
+
+    def write_grids(self, out: Path, specs: list, families: list[str], k: int) -> list[Path]:
+        return write_grids(out, self, specs, families, k)
 
     def note(self, message: str) -> None:
         """A notice, once per run."""
@@ -313,9 +344,11 @@ class Runner:
 def _identity(runner: Runner, cfg: BenchConfig, dataset: str) -> dict:
     """What every cell of one OUT folder must share (a resumed run must match it)."""
     identity = {"dataset": str(Path(dataset).resolve()), "n": cfg.n, "model_sha256": runner.sha256,
-                "resolution": runner.resolution, "masks_version": MASKS_VERSION, "mask_seed": cfg.mask_seed}
+                "resolution": runner.resolution, "masks_version": runner.masks_version, "mask_seed": cfg.mask_seed}
     if runner.space.latent:
         identity["space"] = runner.space.describe()
+    if on_photos(cfg.masks):
+        identity["fit"] = cfg.fit
     if runner.labels is not None:
         identity["class"] = runner.class_label if runner.class_label is not None else "dataset.json"
     if cfg.precision != "auto":  # (older runs have no key: auto)
@@ -360,10 +393,12 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
     check_method_names(cfg.methods, cfg.guidances)
     out = Path(out)
     state = {"total": 0}
-    runner = runner or Runner(model, cfg.dataset, cfg.n, cfg.masks, cfg.mask_seed, device, log=log,
-                              lpips_offline=cfg.lpips_offline,
-                              progress=(lambda done, desc: progress(done, state["total"], desc)) if progress else None,
-                              class_label=cfg.class_label, vae=cfg.vae, precision=cfg.precision, compile=cfg.compile)
+    if runner is None:
+        kind, extra = (Runner, {}) if not on_photos(cfg.masks) else (_photo_runner(), {"fit": cfg.fit})
+        runner = kind(model, cfg.dataset, cfg.n, cfg.masks, cfg.mask_seed, device, log=log,
+                      lpips_offline=cfg.lpips_offline,
+                      progress=(lambda done, desc: progress(done, state["total"], desc)) if progress else None,
+                      class_label=cfg.class_label, vae=cfg.vae, precision=cfg.precision, compile=cfg.compile, **extra)
     loaded: dict = {}  # each guidance module loaded once, whichever operating points use it (aid-12, aid-18)
     specs = [resolve_method(m, cfg.steps, runner.checkpoint, runner.sha256, runner.note, cfg.guidance, cfg.guidances,
                             loaded=loaded) for m in cfg.methods]
@@ -407,6 +442,15 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
     if runner.rank != 0:
         return None
     return write_reports(out, cfg, runner, specs)
+
+
+RUNNERS: dict[str, type] = {}  # other kinds of benchmark: "photos" (bench/photos.py registers its PhotoRunner)
+
+
+def _photo_runner():
+    if "photos" not in RUNNERS:  # bench/__init__ imports bench.photos, which registers it
+        raise RuntimeError("bench.photos is not loaded")
+    return RUNNERS["photos"]
 
 
 def count_evaluations(spec: MethodSpec, channels: int, resolution: int) -> tuple[int, int]:

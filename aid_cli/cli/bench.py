@@ -36,7 +36,12 @@ def bench(
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="Images: folder or EDM zip (the first --n, sorted "
                                            "by name). Without it: a small first look on 8 images the backbone draws "
                                            "itself (OUT/images), one seed."),
-    masks: str = typer.Option("freeform,center,strip", "--masks", help="Mask families, comma list (fixed, versioned)."),
+    masks: str = typer.Option("freeform,center,strip", "--masks", help="Mask families, comma list (fixed, versioned): "
+                              "freeform, center, strip on images at the model's resolution; stroke, blob, box, text "
+                              "drawn on whole photos at their own scale (the photo benchmark: every method through "
+                              "aid inpaint's path, metrics at full resolution)."),
+    fit: str = typer.Option("auto", "--fit", help="Photo families: how each hole reaches the backbone, as aid inpaint "
+                            "--fit (auto, crop, resize, native)."),
     n: Optional[int] = typer.Option(None, "--n", "-n", min=1,
                                     help="Images per cell (default 100; with --tune, 16). Under torchrun: -n."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Noise seeds: a count (3 = seeds 0,1,2) or a list "
@@ -108,6 +113,8 @@ def bench(
     from ..threads import apply_threads
 
     apply_threads(threads)
+    if fit not in ("auto", "crop", "resize", "native"):
+        raise UserError(f"--fit must be auto, crop, resize or native, got {fit!r}")
     seed_list = parse_seeds(seeds or ("3" if dataset is not None else "1"))
     if json_path is not None:
         check_writable_dir(json_path)
@@ -178,7 +185,7 @@ def bench(
     cfg = BenchConfig(dataset=str(dataset), methods=parse_list(methods_list, "--methods"),
                       masks=check_masks(parse_list(masks, "--masks")), n=n or 100, seeds=seed_list, steps=steps,
                       batch=batch, mask_seed=mask_seed, examples=examples, lpips_offline=offline or None,
-                      class_label=class_label, vae=vae, precision=precision, compile=compile_net,
+                      class_label=class_label, vae=vae, precision=precision, compile=compile_net, fit=fit,
                       **parse_guidance_options(guidance or []))
     if markdown is not None:
         markdown_parts(markdown)  # fail now, not after the benchmark

@@ -250,6 +250,15 @@ def grow(hole: np.ndarray, n: int) -> np.ndarray:
     return t[0, 0].numpy() > 0
 
 
+def erode(hole: np.ndarray, n: int) -> np.ndarray:
+    """The hole shrunk by `n` pixels (chessboard distance), the outside of the image counting as not hole: what is
+    left lies deeper than n pixels inside it (nothing, for a stroke at most 2n px wide, even along the border)."""
+    if n <= 0:
+        return hole.copy()
+    padded = np.pad(hole, n, constant_values=False)
+    return ~grow(~padded, n)[n:-n, n:-n]
+
+
 def feather_weights(hole: np.ndarray, n: int) -> np.ndarray:
     """How much of the fill each pixel takes: 1 in the hole, (n + 1 − d)/(n + 1) at chessboard distance d ≤ n outside
     it, 0 beyond: a linear ramp over the n pixels around the hole (`--feather n`)."""
@@ -345,8 +354,7 @@ def choose_fit(hole: np.ndarray, resolution: int, max_shrink: float = 2.0) -> st
     window's inner half holds it with context on both sides."""
     if plan_fit(hole, resolution, mode="crop").scale * max_shrink >= 1:
         return "crop"
-    core = ~grow(~hole, max(resolution // 8, 1))  # the hole eroded by resolution/8 (chessboard distance)
-    return "crop" if core.any() else "native"
+    return "crop" if erode(hole, max(resolution // 8, 1)).any() else "native"
 
 
 def plan_native_crop(hole: np.ndarray, context: int = 64, margin: float = 0.25) -> Fit:
