@@ -24,6 +24,15 @@ from .backbones.spaces import LatentSpace, PixelSpace, model_space
 from .sampling.heun import Method, SampleResult, sample
 
 
+def trained_multiscale(info: dict) -> bool:
+    """Whether a backbone was trained on photo windows at every scale (`aid pretrain --crop random`): holes may then be
+    filled at native scale as well as shrunk (inpaint.fit_hole's auto); False for aligned sets at one scale (cat
+    faces) and official nets."""
+    provenance = info.get("provenance") or {}
+    config = provenance.get("config") if isinstance(provenance, dict) else None
+    return isinstance(config, dict) and config.get("crop") == "random"
+
+
 @dataclass
 class Inpainter:
     """A frozen backbone ready to inpaint: the network as it runs, its checkpoint's info, and its space."""
@@ -51,11 +60,7 @@ class Inpainter:
 
     @property
     def multiscale(self) -> bool:
-        """Trained on photo windows at every scale (`aid pretrain --crop random`): holes may be filled at native scale
-        as well as shrunk (inpaint.fit_hole's auto); False for aligned sets at one scale (cat faces) and official nets."""
-        provenance = self.info.get("provenance") or {}
-        config = provenance.get("config") if isinstance(provenance, dict) else None
-        return isinstance(config, dict) and config.get("crop") == "random"
+        return trained_multiscale(self.info)
 
     @property
     def resolution(self) -> int:
@@ -76,4 +81,4 @@ class Inpainter:
         return space.to_pixels(x, M, result.completed), result
 
 
-__all__ = ["Inpainter"]
+__all__ = ["Inpainter", "trained_multiscale"]

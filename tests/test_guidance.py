@@ -960,3 +960,56 @@ def test_torchrun_two_processes_train_and_validate_as_one(estimator, tiny_data, 
                 outs.append(net(sigma, x, M, y))
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-3, atol=1e-4 * float(outs[0].abs().max()))
     assert not torch.equal(sa["actor.out.weight"], torch.zeros_like(sa["actor.out.weight"]))  # it trained
+
+
+# ------------------------------------------------------------------------------------------- tasks on whole photos
+
+@pytest.fixture
+def tiny_photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i, (h, w) in enumerate([(60, 90), (96, 50), (70, 70), (45, 120)]):
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx * 255 / w, yy * 255 / h, np.full_like(xx, 90.0)], -1) + rng.normal(0, 10, (h, w, 3))
+        Image.fromarray(np.rint(base).clip(0, 255).astype(np.uint8)).save(folder / f"p{i}.png")
+    return folder
+
+
+def test_photo_tasks_are_what_aid_inpaint_presents(tiny_photos):
+    """A task on a whole photo is the fitted view `aid inpaint` gives the backbone: its ground truth is the photo's
+    box or window resized as fit_hole plans it, its mask that of the hole there; the bank is the same every time."""
+    from aid_cli.data.datasets import load_photo_set
+    from aid_cli.data.images import LoadedImage, to_task_tensors
+    from aid_cli.data.photo_masks import photo_training_hole
+    from aid_cli.guidance.photo_tasks import TRAIN_TASKS, photo_tasks
+    from aid_cli.inpaint import InpaintOptions, Job, fit_hole
+
+    photos = load_photo_set(tiny_photos)
+    data, known = photo_tasks(photos, 24, 16, seed=5, multiscale=False)
+    again, known2 = photo_tasks(photos, 24, 16, seed=5, multiscale=False)
+    assert torch.equal(data.images, again.images) and torch.equal(known, known2)
+    assert data.images.shape == (24, 3, 16, 16) and known.shape == (24, 1, 16, 16) and known.dtype == torch.bool
+    assert (~known).flatten(1).any(1).all()  # every task has a hole
+    # task 0 rebuilt by hand through inpaint's own fitting (crop: the backbone is not multiscale)
+    j = int(np.random.default_rng([0x74726169, TRAIN_TASKS, 5]).integers(len(photos)))
+    pixels = photos.photos[j].permute(1, 2, 0).numpy()
+    _, hole = photo_training_hole(5, TRAIN_TASKS, 0, pixels.shape[:2])
+    img = LoadedImage(path=Path("p"), pixels=pixels, mode="RGB", source_mode="RGB")
+    item = fit_hole(Job(img.path, Path("m"), []), img, hole, 16, InpaintOptions(fit="auto"))
+    x, M = to_task_tensors(img, hole, item.fit)
+    assert torch.equal(known[0], M[0] > 0.5)
+    assert (data.as_float(0) - x[0]).abs().max() <= 1 / 127.5 + 1e-6  # stored as uint8
+
+
+def test_guidance_trains_on_whole_photos_and_resumes_exactly(tiny_photos, tiny_checkpoint, tmp_path):
+    kw = dict(estimator="backprop", mask_bank=12, val_n=3)
+    run = train(cfg_for(tiny_photos, tmp_path / "a", tiny_checkpoint, **kw), progress=False, log=lambda *a: None)
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert "val_psnr_hole_18" in stats[-1] and np.isfinite(stats[-1]["terminal"])
+    train(cfg_for(tiny_photos, tmp_path / "b", tiny_checkpoint, **kw), max_iters=3, progress=False,
+          log=lambda *a: None)
+    train(cfg_for(tiny_photos, tmp_path / "b", tiny_checkpoint, **kw), resume=True, progress=False,
+          log=lambda *a: None)
+    a, b = load_file(str(tmp_path / "a" / STATE_FILE)), load_file(str(tmp_path / "b" / STATE_FILE))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -250,6 +250,25 @@ def load_photo_set(path: str | Path, channels: int = 3, limit: int | None = None
     return PhotoSet(photos=photos, names=names, skipped=skipped, source=str(path))
 
 
+def whole_photos(path: str | Path, probe: int = 64) -> bool:
+    """True when a folder or zip holds photos of several sizes or shapes (train on random-scale windows of them), False
+    for an aligned set of one square size (cat faces: train on the images whole). Reads the headers of the first
+    `probe` readable images only."""
+    sizes = set()
+    for _, read in _entries(Path(path)):
+        try:
+            with Image.open(io.BytesIO(read())) as im:
+                sizes.add(im.size)  # (an EXIF rotation swaps the sides: it changes neither test below)
+        except Exception:  # unreadable: the loaders report it
+            continue
+        if len(sizes) > 1 or len(sizes) == 1 and len(set(next(iter(sizes)))) > 1:
+            return True
+        probe -= 1
+        if probe == 0:
+            break
+    return False
+
+
 def crop_sides(h: int, w: int, resolution: int, min_side: int | None, max_side: int | None) -> tuple[int, int]:
     """The range of window sides (source pixels) that random crops of an h x w photo take: from `min_side` (default:
     the resolution, native scale) to `max_side` (default: the photo's short side), both within the photo."""

@@ -56,12 +56,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from ..backbones.checkpoint import load_backbone
 from ..backbones.edm import count_parameters
 from ..backbones.spaces import model_space
-from ..data.datasets import load_image_set
+from ..data.datasets import load_image_set, load_photo_set, whole_photos
 from ..data.masks import FAMILIES, VALIDATION_MASK_SEED, eval_masks, training_mask_bank, training_masks
 from ..devices import prepare_backbone, training_precision
 from ..errors import UserError
 from ..fileio import atomic_write_text, sha256_file
-from ..inpainter import Inpainter
+from ..inpainter import Inpainter, trained_multiscale
 from ..plots import training_curves
 from ..methods.aid import AID
 from ..metrics.lpips import MIN_SIZE, LPIPSUnavailable, load_lpips
@@ -72,6 +72,7 @@ from ..training import (GracefulStop, gather_to_rank0, init_distributed, load_st
                         save_state, step_generator)
 from .checkpoint import load_guidance, save_guidance
 from .networks import Actor, Critic, PrivilegedCritic
+from .photo_tasks import VALIDATION_TASKS, photo_tasks
 
 STATE_FILE = "training-state.safetensors"
 DIAG_SEED_OFFSET = 0x646961  # "dia": the diagnostic's tasks come from a generator of their own
@@ -540,6 +541,7 @@ class Run:
     critic_t: torch.nn.Module
     sigmas: torch.Tensor
     bank: torch.Tensor | None  # the run's training masks, drawn once (bool, 1 = known)
+    paired: bool = False  # the bank's mask k belongs to image k (tasks on whole photos), not drawn apart
     it: int = 0
     elapsed: float = 0.0
 
@@ -587,16 +589,34 @@ def setup(cfg: TrainConfig, resume: bool, device, log) -> Run:
     # terminal loss on the VAE's latent grid (x0 ← E(x0), M ← the conservative latent mask, y = E(M ⊙ x0)).
     space = model_space(binfo, cfg.vae, device=device)
     C, res = binfo["channels"], binfo["resolution"] * space.factor  # res: pixels
-    data = load_image_set(cfg.dataset, resolution=res)
+    # Whole photos (any size): tasks made as `aid inpaint` presents a hole (photo_tasks), drawn once; else an aligned
+    # set at the model's resolution with masks of its own (the bank below).
+    photo_bank = None
+    on_skip = (lambda name, why: log(f"skipped {name}: {why}")) if rank == 0 else None
+    if whole_photos(cfg.dataset):
+        if space.latent or binfo.get("label_dim", 0):
+            raise UserError(f"--dataset {cfg.dataset}: tasks on whole photos are made for unconditional pixel "
+                            f"backbones")
+        data, photo_bank = photo_tasks(load_photo_set(cfg.dataset, on_skip=on_skip), cfg.mask_bank or 4096, res,
+                                       cfg.seed, multiscale=trained_multiscale(binfo))
+    else:
+        data = load_image_set(cfg.dataset, resolution=res, on_skip=on_skip)
     labels = one_hot_labels(data, binfo.get("label_dim", 0), cfg.class_label, cfg.dataset)
-    val = None
+    val, val_M = None, None
     if cfg.val_dataset:
         try:
-            val = load_image_set(cfg.val_dataset, resolution=res, limit=cfg.val_n, offset=cfg.val_offset)
+            if photo_bank is not None:
+                val, val_M = photo_tasks(load_photo_set(cfg.val_dataset, offset=cfg.val_offset), cfg.val_n, res,
+                                         cfg.val_mask_seed, VALIDATION_TASKS, multiscale=trained_multiscale(binfo))
+                val_M = val_M.to(torch.float32)
+            else:
+                val = load_image_set(cfg.val_dataset, resolution=res, limit=cfg.val_n, offset=cfg.val_offset)
         except UserError:
             raise UserError(f"--val {cfg.val_dataset}: no images after its first {cfg.val_offset} (validation skips "
                             f"the benchmark's images; pass --val-offset 0 for a set of its own)") from None
-    val_M = validation_masks(len(val), res, cfg.val_mask_seed).to(device) if val else None
+    if val is not None and val_M is None:
+        val_M = validation_masks(len(val), res, cfg.val_mask_seed)
+    val_M = val_M.to(device) if val is not None else None
     val_images = val.as_float(slice(None)).to(device) if val else None
     val_labels = one_hot_labels(val, binfo.get("label_dim", 0), cfg.class_label, cfg.val_dataset) if val else None
     val_labels = val_labels.to(device) if val_labels is not None else None
@@ -638,10 +658,14 @@ def setup(cfg: TrainConfig, resume: bool, device, log) -> Run:
     ddp = (lambda m: torch.nn.parallel.DistributedDataParallel(m, device_ids=[device] if device.type == "cuda" else None)) \
         if world > 1 else (lambda m: m)
     # the run's training masks, drawn once (bool, 1 = known); each iteration indexes it with its own generator
-    bank = training_mask_bank(cfg.mask_bank, res, cfg.seed, families, (cfg.hole_min, cfg.hole_max)) \
-        if cfg.mask_bank else None
+    if photo_bank is not None:  # task k's mask belongs to its image (draw_tasks indexes both alike)
+        bank = photo_bank
+    else:
+        bank = training_mask_bank(cfg.mask_bank, res, cfg.seed, families, (cfg.hole_min, cfg.hole_max)) \
+            if cfg.mask_bank else None
     r = Run(cfg=cfg, folder=run, rank=rank, world=world, device=device, log=log, backbone_net=backbone_net,
             backbone=backbone, backbone_sha=backbone_sha, space=space, res=res, data=data, labels=labels, val=val,
+            paired=photo_bank is not None,
             val_images=val_images, val_M=val_M, val_labels=val_labels,
             inpainter=Inpainter(backbone, binfo, space, device, Path(cfg.backbone)), lpips=lpips, val_lpips=val_lpips,
             actor=actor, critic=critic, opt_actor=opt_actor, opt_critic=opt_critic, actor_ema=actor_ema,
@@ -663,7 +687,9 @@ def draw_tasks(r: Run, g: torch.Generator, batch: int, step: int, sl=slice(None)
     """(task, x0, seed of the initial noise) of `batch` tasks drawn with `g`; this process's share `sl`."""
     cfg = r.cfg
     idx = torch.randint(len(r.data), (batch,), generator=g)
-    if r.bank is not None:
+    if r.paired:
+        M_all = r.bank[idx].to(torch.float32)
+    elif r.bank is not None:
         M_all = r.bank[torch.randint(len(r.bank), (batch,), generator=g)].to(torch.float32)
     else:
         M_all = training_masks(batch, r.res, cfg.seed, step, hole_range=(cfg.hole_min, cfg.hole_max))
