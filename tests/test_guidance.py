@@ -388,6 +388,24 @@ def test_variants_train_and_resume_exactly(estimator, denoised, extra, tiny_data
     train(cfg_for(tiny_data, tmp_path / "b", tiny_checkpoint, **kw), resume=True, progress=False, log=lambda *a: None)
     a, b = load_file(str(tmp_path / "a" / STATE_FILE)), load_file(str(tmp_path / "b" / STATE_FILE))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_holdout_keeps_photos_out_of_training_for_validation(tiny_photos, tiny_checkpoint, tmp_path):
+    from aid_cli.data.datasets import load_photo_set
+    from aid_cli.guidance.trainer import split_holdout
+
+    photos = load_photo_set(tiny_photos)
+    names = list(photos.names)
+    held = split_holdout(photos, 2)
+    assert held.names == [names[1], names[3]] and photos.names == [names[0], names[2]]
+    assert not set(held.names) & set(photos.names) and len(held.photos) == 2
+    with pytest.raises(UserError):
+        split_holdout(load_photo_set(tiny_photos), 9)
+    logs = []
+    run = train(cfg_for(tiny_photos, tmp_path / "h", tiny_checkpoint, estimator="backprop", mask_bank=8, val_n=2,
+                        holdout=2, val_dataset=None, iters=1, val_every=1), progress=False, log=logs.append)
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert "val_psnr_hole_18" in stats[-1]  # validated on the held-out photos (no --val given)
     assert a["actor.out.weight"].abs().sum() > 0
     actor, info = load_guidance(run / "guidance.safetensors")
     assert actor.denoised_input == denoised and info["actor"].get("denoised_input", False) == denoised
@@ -1013,3 +1031,21 @@ def test_guidance_trains_on_whole_photos_and_resumes_exactly(tiny_photos, tiny_c
           log=lambda *a: None)
     a, b = load_file(str(tmp_path / "a" / STATE_FILE)), load_file(str(tmp_path / "b" / STATE_FILE))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_holdout_keeps_photos_out_of_training_for_validation(tiny_photos, tiny_checkpoint, tmp_path):
+    from aid_cli.data.datasets import load_photo_set
+    from aid_cli.guidance.trainer import split_holdout
+
+    photos = load_photo_set(tiny_photos)
+    names = list(photos.names)
+    held = split_holdout(photos, 2)
+    assert held.names == [names[1], names[3]] and photos.names == [names[0], names[2]]
+    assert not set(held.names) & set(photos.names) and len(held.photos) == 2
+    with pytest.raises(UserError):
+        split_holdout(load_photo_set(tiny_photos), 9)
+    logs = []
+    run = train(cfg_for(tiny_photos, tmp_path / "h", tiny_checkpoint, estimator="backprop", mask_bank=8, val_n=2,
+                        holdout=2, val_dataset=None, iters=1, val_every=1), progress=False, log=logs.append)
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert "val_psnr_hole_18" in stats[-1]  # validated on the held-out photos (no --val given)

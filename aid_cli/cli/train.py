@@ -98,6 +98,8 @@ def train(
     width: int = typer.Option(16, "--width", help="Actor width C."),
     critic_width: Optional[int] = typer.Option(None, "--critic-width", min=1, help="Critic width (default: 2C)."),
     val: Optional[Path] = typer.Option(None, "--val", help="Validation images for the periodic PSNR (folder or zip)."),
+    holdout: int = typer.Option(0, "--holdout", min=0, help="Whole photos: keep every Nth photo of --dataset out of "
+                                "training and validate on it instead of --val (0: none)."),
     val_every: int = typer.Option(100, "--val-every", help="Iterations between validation PSNRs."),
     val_n: int = typer.Option(64, "--val-n", min=1, help="Validation images: N of --val after --val-offset, masks of "
                               "the three evaluation families in turn (fixed)."),
@@ -187,7 +189,7 @@ def train(
                       hole_max=hi, width=width, critic_width=critic_width or 2 * width, seed=seed,
                       val_every=val_every, val_n=val_n, val_offset=val_offset, checkpoint_every=checkpoint_every,
                       estimator=estimator,
-                      val_dataset=str(val) if val else None, vae=vae, class_label=class_label,
+                      val_dataset=str(val) if val else None, vae=vae, class_label=class_label, holdout=holdout,
                       precision=precision, compile=compile_net, denoised_input=denoised_input, lambda_lpips=lambda_lpips,
                       lambda_ssim=lambda_ssim,
                       init=str(init) if init else None, mask_bank=mask_bank, train_masks=train_masks,

@@ -139,6 +139,8 @@ class TrainConfig:
     diag_batch: int = 0  # tasks of a diagnostic (0: --batch)
     train_masks: str = "freeform"  # families of the training masks, comma-separated: freeform, box, strip
     mix_steps: int = 0  # backprop: every odd iteration's solve at this N instead of `steps` (0 = never; e.g. 12 beside 18)
+    holdout: int = 0  # whole photos: every holdout-th photo of --dataset (by name) is kept out of training and
+    #                   validates instead of --val (0: none), so modules are picked on photos no benchmark uses
     ema_halflife: float | None = None  # iterations: the saved, validated module is the actor's EMA (0: the actor
     #                                  itself); None = not given: a new run 0, a resumed run its own (prepare_run)
     reductions: str = "mean over C·H·W in both the terminal loss and the running cost"
@@ -591,19 +593,28 @@ def setup(cfg: TrainConfig, resume: bool, device, log) -> Run:
     C, res = binfo["channels"], binfo["resolution"] * space.factor  # res: pixels
     # Whole photos (any size): tasks made as `aid inpaint` presents a hole (photo_tasks), drawn once; else an aligned
     # set at the model's resolution with masks of its own (the bank below).
-    photo_bank = None
+    photo_bank, held = None, None
     on_skip = (lambda name, why: log(f"skipped {name}: {why}")) if rank == 0 else None
     if whole_photos(cfg.dataset):
         if space.latent or binfo.get("label_dim", 0):
             raise UserError(f"--dataset {cfg.dataset}: tasks on whole photos are made for unconditional pixel "
                             f"backbones")
-        data, photo_bank = photo_tasks(load_photo_set(cfg.dataset, on_skip=on_skip), cfg.mask_bank or 4096, res,
-                                       cfg.seed, multiscale=trained_multiscale(binfo))
+        photos = load_photo_set(cfg.dataset, on_skip=on_skip)
+        held = split_holdout(photos, cfg.holdout)
+        data, photo_bank = photo_tasks(photos, cfg.mask_bank or 4096, res, cfg.seed,
+                                       multiscale=trained_multiscale(binfo))
     else:
+        if cfg.holdout:
+            raise UserError("--holdout takes photos out of a dataset of whole photos; an aligned set (one square "
+                            "size) validates on --val")
         data = load_image_set(cfg.dataset, resolution=res, on_skip=on_skip)
     labels = one_hot_labels(data, binfo.get("label_dim", 0), cfg.class_label, cfg.dataset)
     val, val_M = None, None
-    if cfg.val_dataset:
+    if photo_bank is not None and held is not None:
+        val, val_M = photo_tasks(held, cfg.val_n, res, cfg.val_mask_seed, VALIDATION_TASKS,
+                                 multiscale=trained_multiscale(binfo))
+        val_M = val_M.to(torch.float32)
+    elif cfg.val_dataset:
         try:
             if photo_bank is not None:
                 val, val_M = photo_tasks(load_photo_set(cfg.val_dataset, offset=cfg.val_offset), cfg.val_n, res,
@@ -681,6 +692,21 @@ def setup(cfg: TrainConfig, resume: bool, device, log) -> Run:
             + (f"; the module saved is the actor's EMA (half-life {cfg.ema_halflife:g} iterations)"
                if actor_ema is not None else ""))
     return r
+
+
+def split_holdout(photos, every: int):
+    """Keep every `every`-th photo (by name: indices every−1, 2·every−1, …) out of `photos` (changed in place) and
+    return them as a PhotoSet of their own; None for every = 0."""
+    if not every:
+        return None
+    if every < 2 or every > len(photos):
+        raise UserError(f"--holdout {every}: keep every Nth photo out, 2 <= N <= {len(photos)}")
+    out = [i for i in range(len(photos)) if i % every == every - 1]
+    kept = [i for i in range(len(photos)) if i % every != every - 1]
+    held = dataclasses.replace(photos, photos=[photos.photos[i] for i in out], names=[photos.names[i] for i in out],
+                               skipped=[], source=f"{photos.source} (every {every}th photo, held out)")
+    photos.photos, photos.names = [photos.photos[i] for i in kept], [photos.names[i] for i in kept]
+    return held
 
 
 def draw_tasks(r: Run, g: torch.Generator, batch: int, step: int, sl=slice(None)):
