@@ -262,6 +262,38 @@ def _panel(d, box, title, series, big, small):
             d.text((x0 + 8, y1 + 6 + 14 * k), label, fill=colour, font=small)
 
 
+def cpu_hours(rec: dict) -> float:
+    """Compute a training record has cost: its loop seconds × processes (one process when not logged), in hours."""
+    return float(rec["elapsed_s"]) * int(rec.get("processes", 1)) / 3600
+
+
+def pretrain_curves(runs: dict[str, list[dict]], path: Path, title: str, x: str = "cpu_hours") -> Path:
+    """Backbone runs side by side (`aid pretrain`'s stats.jsonl each): the EMA's validation EDM loss and the training
+    loss against CPU-hours (`x="cpu_hours"`) or thousands of images (`x="kimg"`); one colour per run."""
+    from PIL import ImageDraw
+
+    W, H = 960, 400
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    big, small = font(14), font(11)
+    d.text((W // 2, 8), title, fill="black", font=big, anchor="mt")
+    pw = W // 2
+    where = (lambda s: cpu_hours(s)) if x == "cpu_hours" else (lambda s: float(s["kimg"]))
+    for i, (name, key, smooth) in enumerate((("validation EDM loss (EMA)", "val_edm_loss", False),
+                                             ("training loss", "loss", True))):
+        box = (i * pw + 70, 68, (i + 1) * pw - 20, H - 40)
+        series = []
+        for k, (label, stats) in enumerate(runs.items()):
+            recs = [s for s in stats if s.get(key) is not None and "elapsed_s" in s]
+            series.append((label, [where(s) for s in recs], [float(s[key]) for s in recs],
+                           COLOURS[k % len(COLOURS)], smooth))
+        _panel(d, box, name, series, big, small)
+        d.text(((box[0] + box[2]) // 2, box[3] + 22), "CPU-hours" if x == "cpu_hours" else "thousands of images",
+               fill="black", font=small, anchor="mt")
+    save_png(path, im)
+    return path
+
+
 def training_curves(stats: list[dict], path: Path, title: str) -> Path:
     """Write the four-panel PNG of a run's stats to `path` (atomically)."""
     from PIL import ImageDraw

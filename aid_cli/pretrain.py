@@ -221,7 +221,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
                 bar.update(ptask, completed=min(nimg, total), loss=tick_loss / tick_n, ips=ips)
                 if dt >= 60 or done:
                     rec = {"step": step, "kimg": nimg / 1000, "loss": tick_loss / tick_n, "img_per_s": ips,
-                           "lr": opt.param_groups[0]["lr"], "elapsed_s": elapsed, "time": time.time()}
+                           "lr": opt.param_groups[0]["lr"], "elapsed_s": elapsed, "processes": world,
+                           "time": time.time()}
                     with open(stats_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
                     tick_start, tick_nimg, tick_loss, tick_n = time.time(), nimg, 0.0, 0
@@ -235,7 +236,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
                     last_val = val_k
                     val = validation_loss(ema, val_set, seed=0, batch=64, device=device)
                     with open(stats_path, "a") as f:
-                        f.write(json.dumps({"step": step, "kimg": nimg / 1000, "elapsed_s": elapsed,
+                        f.write(json.dumps({"step": step, "kimg": nimg / 1000, "elapsed_s": elapsed, "processes": world,
                                             "val_edm_loss": val["edm_loss"],
                                             "val_mse_at_sigma": val["mse_at_sigma"], "val_images": val["images"],
                                             "time": time.time()}) + "\n")

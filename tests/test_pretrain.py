@@ -1,6 +1,7 @@
 """`aid pretrain`: a killed and resumed run reproduces the uninterrupted one; bad images are skipped."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,3 +221,29 @@ def test_auto_crop_keeps_an_aligned_set_whole(tiny_dataset, tmp_path):
     a = load_file(str(tmp_path / "auto" / STATE_FILE))
     b = load_file(str(tmp_path / "resize" / STATE_FILE))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrain_curves_plot_runs_against_cpu_hours(tmp_path):
+    import subprocess
+    import sys
+
+    from aid_cli.plots import cpu_hours
+
+    assert cpu_hours({"elapsed_s": 1800, "processes": 2}) == 1.0 and cpu_hours({"elapsed_s": 3600}) == 1.0
+    for name, scale in (("a", 1.0), ("b", 1.2)):
+        run = tmp_path / name
+        run.mkdir()
+        lines = []
+        for k in range(1, 6):
+            lines.append({"step": k, "kimg": k, "loss": scale * 100 / k, "elapsed_s": 600 * k, "processes": 2})
+            lines.append({"step": k, "kimg": k, "val_edm_loss": scale * 90 / k, "elapsed_s": 600 * k, "processes": 2})
+        (run / "stats.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "c.png"
+    res = subprocess.run([sys.executable, "scripts/pretrain_curves.py", str(tmp_path / "a"), str(tmp_path / "b"),
+                          "--out", str(out)], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert res.returncode == 0, res.stderr
+    assert "a: 5.0 kimg, validation EDM loss 18.0" in res.stdout
+    with Image.open(out) as im:
+        assert im.size == (960, 400)
+        px = np.asarray(im.convert("RGB"))
+    assert (px != 255).any(axis=2).mean() > 0.01  # axes and curves drawn, not a blank page
