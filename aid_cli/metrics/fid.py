@@ -117,18 +117,24 @@ def inception_features(images, batch: int = 50, model=None, device="cpu",
                        on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """float64 [N, 2048] pool_3 features of uint8 [N, 3, H, W] images (or float in [-1, 1]), `batch` at a time.
 
-    `model` is a `load_inception()` result to reuse (loaded on `device` when omitted); the images go to its device.
-    `on_batch(n)` is called after each batch (for progress)."""
+    Images of different sizes come as a list (or tuple) of [3, H, W] or [1, 3, H, W] tensors: each is resized to
+    299×299 on its own. `model` is a `load_inception()` result to reuse (loaded on `device` when omitted); the images
+    go to its device. `on_batch(n)` is called after each batch (for progress)."""
     if model is None:
         model = load_inception(device)
     device = next(iter(model.parameters())).device
     out = []
     for i in range(0, len(images), batch):
-        chunk = torch.as_tensor(images[i:i + batch]).to(device)
-        f = model(preprocess(chunk))
+        part = images[i:i + batch]
+        if isinstance(part, (list, tuple)):
+            x = torch.cat([preprocess(torch.as_tensor(im).to(device).reshape(-1, *torch.as_tensor(im).shape[-3:]))
+                           for im in part])
+        else:
+            x = preprocess(torch.as_tensor(part).to(device))
+        f = model(x)
         out.append(f.reshape(f.shape[0], -1).double().cpu().numpy())
         if on_batch:
-            on_batch(chunk.shape[0])
+            on_batch(x.shape[0])
     return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM))
 
 
@@ -167,5 +173,5 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
-    """FID between two [N, 2048] feature sets."""
+    """FID between two [N, 2048] feature sets (KID, and FID from images: realism.py)."""
     return frechet_distance(*feature_stats(a), *feature_stats(b))
