@@ -304,6 +304,11 @@ def test_bench_realism_over_seeds_no_realism_and_older_cells(tmp_path, data, tin
     row = json.loads((bare / "bench.json").read_text())["rows"][0]
     assert row["fid"]["mean"] is None and row["kid"]["mean"] is None and not (bare / "features").exists()
     assert read_cells(bare)[0]["features"] is None and row["lpips_vgg"]["mean"] == 0.0
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, tmp_path / "bare2", "copy", "center", "1", "4",
+                                       "--no-lpips-vgg"), capsys)
+    assert code == 0, err
+    row = json.loads((tmp_path / "bare2" / "bench.json").read_text())["rows"][0]
+    assert row["lpips_vgg"]["mean"] is None and row["kid"]["mean"] is not None
 
 
 def test_resume_skips_finished_cells_and_survives_an_interruption(tmp_path, data, tiny_checkpoint, capsys,

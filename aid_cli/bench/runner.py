@@ -61,6 +61,7 @@ class BenchConfig:
     precision: str = "auto"  # the backbone's (devices.prepare_backbone)
     compile: bool = False  # torch.compile the backbone
     realism: bool = True  # FID and KID of the completions against the originals (TF-Inception features)
+    lpips_vgg: bool = True  # LPIPS with the VGG16 trunk beside AlexNet's
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -409,7 +410,7 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
                               lpips_offline=cfg.lpips_offline,
                               progress=(lambda done, desc: progress(done, state["total"], desc)) if progress else None,
                               class_label=cfg.class_label, vae=cfg.vae, precision=cfg.precision, compile=cfg.compile,
-                              realism=cfg.realism, lpips_vgg=True)
+                              realism=cfg.realism, lpips_vgg=cfg.lpips_vgg)
     loaded: dict = {}  # each guidance module loaded once, whichever operating points use it (aid-12, aid-18)
     specs = [resolve_method(m, cfg.steps, runner.checkpoint, runner.sha256, runner.note, cfg.guidance, cfg.guidances,
                             loaded=loaded) for m in cfg.methods]

