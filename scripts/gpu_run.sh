@@ -220,9 +220,11 @@ if has bench; then
   if [ -z "$BEST" ] && [ "$BACKBONE" != "$SHIPPED" ]; then  # no module for this backbone: no AID rows
     methods=$(echo ",$methods," | sed 's/,aid-1[28][^,]*//g; s/^,//; s/,$//')
   fi
+  # --no-realism --no-lpips-vgg: FID/KID's Inception (92 MiB) and VGG16's weights (59 MiB) do not travel in the carry;
+  # the box is for sampling
   bargs=(--methods "$methods" --dataset "$VAL" --n "$BENCH_N" --seeds "$BENCH_SEEDS" --masks "$BENCH_MASKS"
          --model "$BACKBONE" --batch "$BENCH_BATCH" --precision "$BENCH_PRECISION" --device "$DEVICE" --offline
-         --out "$RUNS/bench" "${gopt[@]}")
+         --no-realism --no-lpips-vgg --out "$RUNS/bench" "${gopt[@]}")
   mkdir -p "$RUNS/bench" && echo "$methods" > "$RUNS/bench/asked.txt"
   box bench $(( T_BENCH - T_REPORT )) "${aid[@]}" bench "${bargs[@]}"
   # a bench stopped at its box wrote no table: rebuild it from the cells it finished

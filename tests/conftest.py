@@ -19,6 +19,11 @@ TEST_THREADS = max(1, min(2, int(os.environ.get("AID_TEST_THREADS") or os.enviro
 torch.set_num_threads(TEST_THREADS)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_inception: a bench test that runs FID's real Inception network (the "
+                                       "others get a cheap stand-in, tests/test_bench.py)")
+
+
 @pytest.fixture(autouse=True)
 def _pinned_threads():
     torch.set_num_threads(TEST_THREADS)

@@ -34,18 +34,20 @@ STEPS = "2"
 
 @pytest.fixture(scope="session")
 def lpips_cache(tmp_path_factory):
-    """A cache folder holding the converted LPIPS weights (built once per session; None if LPIPS is unavailable)."""
+    """A cache folder holding the converted LPIPS weights, AlexNet and VGG16 (built once per session; None if LPIPS
+    is unavailable)."""
     import os
 
-    from aid_cli.metrics.lpips import CACHE_FILE, LPIPSUnavailable, load_lpips
+    from aid_cli.metrics.lpips import TRUNKS, LPIPSUnavailable, load_lpips
 
     folder = tmp_path_factory.mktemp("lpips-cache")
     try:
-        load_lpips(offline=True, cache=folder)
+        for net in TRUNKS:
+            load_lpips(offline=True, cache=folder, net=net)
     except LPIPSUnavailable:
         return None
-    assert os.path.isfile(folder / CACHE_FILE)
-    return folder / CACHE_FILE
+    assert all(os.path.isfile(folder / t.cache_file) for t in TRUNKS.values())
+    return folder
 
 
 @pytest.fixture(autouse=True)
@@ -54,10 +56,34 @@ def isolated_cache(tmp_path, monkeypatch, lpips_cache):
     cache = tmp_path / "cache"
     cache.mkdir()
     if lpips_cache is not None:
-        shutil.copy(lpips_cache, cache / lpips_cache.name)
+        for f in lpips_cache.iterdir():
+            try:
+                os.link(f, cache / f.name)  # VGG16's is 59 MB: a link, not a copy, per test
+            except OSError:
+                shutil.copy(f, cache / f.name)
     monkeypatch.setenv("AID_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache
+
+
+class StandInFeatures(torch.nn.Module):
+    """A cheap stand-in for FID's Inception in the bench's tests: [N, 3, 299, 299] → [N, 48] non-negative features
+    (4×4 average pools of each channel shifted to ≥ 0). Tests marked `real_inception` get the real network."""
+
+    def __init__(self):
+        super().__init__()
+        self.one = torch.nn.Parameter(torch.ones(()))  # inception_features finds the device from a parameter
+
+    def forward(self, x):
+        return (torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1) + 1) * self.one
+
+
+@pytest.fixture(autouse=True)
+def stand_in_inception(request, monkeypatch):
+    if request.node.get_closest_marker("real_inception") is None:
+        from aid_cli.metrics import fid
+
+        monkeypatch.setattr(fid, "load_inception", lambda device="cpu": StandInFeatures().to(device))
 
 
 def _dataset(folder, n=4, res=16, seed=0):
@@ -105,7 +131,9 @@ def test_bench_writes_json_csv_grids_and_plot(tmp_path, data, tiny_checkpoint, c
     assert cfg["model"]["sha256"] == sha256_file(tiny_checkpoint)
     assert cfg["model"]["path"] == str(tiny_checkpoint.resolve())
     assert cfg["device"].startswith("cpu") and cfg["torch"] == torch.__version__
-    assert {"psnr_hole", "ssim", "lpips", "aggregation", "sec_per_image"} <= cfg["metrics"].keys()
+    assert {"psnr_hole", "ssim", "lpips", "lpips_vgg", "fid", "kid", "aggregation", "sec_per_image"} <= \
+        cfg["metrics"].keys()
+    assert "(a.b / 2048 + 1)^3" in cfg["metrics"]["kid"] and "299x299" in cfg["metrics"]["fid"]
     assert cfg["peak_memory"]["kind"] in ("process_rss_peak_sampled", "process_maxrss_lifetime")
     assert cfg["methods"]["dps"] == {"method": "dps", "params": {}, "params_source": "defaults", "steps": 2}
 
@@ -113,12 +141,14 @@ def test_bench_writes_json_csv_grids_and_plot(tmp_path, data, tiny_checkpoint, c
     assert [(r["method"], r["mask"]) for r in rows] == [("dps", "freeform"), ("dps", "center"), ("copy", "freeform"),
                                                          ("copy", "center")]
     for r in rows:
-        assert {"method", "mask", "nfe", "backward", "sec_per_image", "psnr_hole", "ssim", "lpips",
-                "peak_memory_mib"} <= r.keys()
-        for metric in ("psnr_hole", "ssim", "lpips"):
+        assert {"method", "mask", "nfe", "backward", "sec_per_image", "psnr_hole", "ssim", "lpips", "lpips_vgg",
+                "fid", "kid", "peak_memory_mib"} <= r.keys()
+        for metric in ("psnr_hole", "ssim", "lpips", "lpips_vgg", "fid", "kid"):
             assert {"mean", "std"} <= r[metric].keys()
         assert r["sec_per_image"] >= 0 and r["peak_memory_mib"] > 0 and r["seeds"] == [0, 1]
         assert r["lpips"]["mean"] is None  # 16×16 is below LPIPS's 31×31 minimum: null, with one notice
+        assert r["lpips_vgg"]["mean"] is not None and r["kid"]["mean"] is not None  # VGG16 takes 16×16
+        assert {"lpips_vgg", "fid", "kid"} <= r["per_seed"][0].keys()
     dps, copy = rows[0], rows[2]
     assert (dps["nfe"], dps["backward"]) == (3, 2)  # 2N − 1 forwards, N backwards
     assert isinstance(dps["psnr_hole"]["mean"], float) and dps["psnr_hole"]["std"] > 0  # seeds draw other noise
@@ -132,6 +162,11 @@ def test_bench_writes_json_csv_grids_and_plot(tmp_path, data, tiny_checkpoint, c
         table = list(csv.DictReader(f))
     assert [(r["method"], r["mask"]) for r in table] == [(r["method"], r["mask"]) for r in rows]
     assert table[2]["psnr_hole_mean"] == "inf" and float(table[0]["psnr_hole_mean"]) == dps["psnr_hole"]["mean"]
+    assert float(table[0]["kid_mean"]) == dps["kid"]["mean"] and float(table[0]["kid_std"]) == dps["kid"]["std"]
+    assert list(table[0])[-6:] == ["lpips_vgg_mean", "lpips_vgg_std", "fid_mean", "fid_std", "kid_mean", "kid_std"]
+    md = (out / "bench.md").read_text()
+    assert "| LPIPS ↓ | LPIPS-VGG ↓ | FID ↓ | KID×10³ ↓ |" in md
+    assert f"| {dps['kid']['mean'] * 1000:.2f} ± {dps['kid']['std'] * 1000:.2f} |" in md
     for family in ("freeform", "center"):
         with Image.open(out / f"grid-{family}.png") as im:
             assert im.height >= 4 * 64  # input, dps, copy, ground truth; tiles scaled up to ≥ 64 px
@@ -159,6 +194,121 @@ def test_copy_oracle_has_lpips_zero(tmp_path, lpips_cache):
     assert rows[0]["lpips"]["mean"] == 0.0 and rows[0]["ssim"]["mean"] == pytest.approx(1.0)
     assert rows[0]["lpips"]["std"] is None  # one seed
     assert rows[1]["lpips"]["mean"] > 0.01 and rows[1]["psnr_hole"]["mean"] is not None
+
+
+def _png_batch(folder, n) -> torch.Tensor:
+    """The dataset's first n PNGs as uint8 [n, 3, H, W] (as the bench reads them: sorted by name)."""
+    files = sorted(folder.glob("*.png"))[:n]
+    return torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])).permute(0, 3, 1, 2)
+
+
+@pytest.mark.real_inception
+def test_bench_realism_equals_a_direct_computation_and_copy_scores_zero(tmp_path, tiny_checkpoint):
+    """FID and KID of the completed images against the originals, on the real TF-Inception: the features the bench
+    keeps are those of the completions and of the originals computed directly; its KID, bootstrap std and FID are
+    metrics/realism.py's and fid.py's on them; copy (the ground truth) scores KID(X, X) ≈ 0 and FID ≈ 0 where greyfill
+    scores far more; LPIPS-VGG per image is lpips(net="vgg") of the completion."""
+    from aid_cli.data.masks import eval_masks
+    from aid_cli.metrics.fid import fid_from_features, inception_features, load_inception
+    from aid_cli.metrics.lpips import load_lpips
+    from aid_cli.metrics.realism import kid, kid_bootstrap, polynomial_kernel
+
+    n = 8
+    data = _dataset(tmp_path / "data8", n=n)
+    cfg = BenchConfig(dataset=str(data), methods=["copy", "greyfill"], masks=["center"], n=n, seeds=[0], steps=2,
+                      batch=4)
+    out = tmp_path / "out"
+    result = run_bench(cfg, out, model=tiny_checkpoint, device="cpu", log=lambda m: None)
+    rows = {r["method"]: r for r in result["rows"]}
+    cells = {c["method"]: c for c in read_cells(out)}
+    assert cells["greyfill"]["features"] == "features/greyfill__center__0.npy"
+    f_grey, f_copy = (np.load(out / cells[m]["features"]) for m in ("greyfill", "copy"))
+    ref = np.load(out / "features" / "originals.npy")
+    assert f_grey.shape == ref.shape == (n, 2048) and f_grey.dtype == np.float32
+
+    # the same features, computed directly from the images (three of them: a feature vector is one image's own)
+    x0 = _png_batch(data, n)
+    M = eval_masks("center", n, 16, 0)
+    grey = (x0.float() / 127.5 - 1) * M  # greyfill: the hole 0 (grey) in [−1, 1], the visible pixels kept
+    model = load_inception()
+    some = [0, 3, 7]
+    np.testing.assert_allclose(ref[some], inception_features(x0[some], model=model), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(f_grey[some], inception_features(grey[some], model=model), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(f_copy, ref)  # copy's completions are the originals
+
+    # the bench's numbers are the direct computation on those features
+    g = rows["greyfill"]
+    assert g["kid"]["mean"] == pytest.approx(kid(f_grey, ref), rel=1e-12)
+    assert g["kid"]["std"] == pytest.approx(kid_bootstrap(f_grey, ref).std(ddof=1), rel=1e-12) and g["kid"]["std"] > 0
+    assert g["fid"]["mean"] == pytest.approx(fid_from_features(f_grey, ref), rel=1e-12) and g["fid"]["std"] is None
+    assert g["per_seed"][0]["kid"] == g["kid"]["mean"]
+    # KID of a set against itself: the unbiased estimator's O(1/n) closed form, ≈ 0 beside greyfill's
+    c = rows["copy"]
+    k = polynomial_kernel(ref, ref)
+    assert c["kid"]["mean"] == pytest.approx(2 / (n - 1) * (k.mean() - np.diag(k).mean()), rel=1e-9)
+    assert abs(c["kid"]["mean"]) < 0.1 * g["kid"]["mean"]  # (−0.014 against 0.23 at n = 8)
+    assert 0 <= c["fid"]["mean"] < 1e-6 * g["fid"]["mean"]
+
+    # LPIPS-VGG per image, as metrics/lpips.py computes it
+    vgg = load_lpips(net="vgg", offline=True)
+    assert cells["greyfill"]["lpips_vgg"] == pytest.approx(vgg(grey, x0.float() / 127.5 - 1).tolist(), abs=1e-6)
+    assert cells["copy"]["lpips_vgg"] == [0.0] * n and c["lpips_vgg"]["mean"] == 0.0
+    assert "lpips-vgg-v0.1.safetensors" in result["config"]["metrics"]["lpips_vgg_weights"]
+
+    # the originals' features are made once and kept: --report-only rebuilds the same numbers from the files
+    (out / "bench.json").unlink()
+    code = run_bench(cfg, out, model=tiny_checkpoint, device="cpu", resume=True, log=lambda m: None,
+                     report_only=True)
+    again = {r["method"]: r for r in code["rows"]}
+    assert again["greyfill"]["kid"] == g["kid"] and again["copy"]["fid"] == c["fid"]
+
+
+def test_bench_realism_over_seeds_no_realism_and_older_cells(tmp_path, data, tiny_checkpoint, capsys):
+    """A row of several seeds: FID mean ± std over seeds, KID the mean over seeds ± the paired bootstrap of that mean
+    (one draw for every seed); --no-realism keeps no features and reports null; cells written before these metrics
+    (no features, no lpips_vgg) give null, not an error."""
+    from aid_cli.metrics.fid import fid_from_features
+    from aid_cli.metrics.realism import kid, kid_bootstrap
+
+    out = tmp_path / "out"
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, out, "replace", "freeform", "2"), capsys)
+    assert code == 0, err
+    row = json.loads((out / "bench.json").read_text())["rows"][0]
+    cells = read_cells(out)
+    feats = [np.load(out / c["features"]) for c in cells]
+    ref = np.load(out / "features" / "originals.npy")
+    kids, fids = [kid(f, ref) for f in feats], [fid_from_features(f, ref) for f in feats]
+    assert kids[0] != kids[1]  # the seeds drew other noise
+    assert row["kid"]["mean"] == pytest.approx(np.mean(kids), rel=1e-12)
+    assert row["kid"]["std"] == pytest.approx(kid_bootstrap(feats, ref).std(ddof=1), rel=1e-12)
+    assert row["fid"]["mean"] == pytest.approx(np.mean(fids), rel=1e-12)
+    assert row["fid"]["std"] == pytest.approx(np.std(fids, ddof=1), rel=1e-9)
+    assert [p["kid"] for p in row["per_seed"]] == pytest.approx(kids, rel=1e-12)
+    per_image = [np.mean(c["lpips_vgg"]) for c in cells]
+    assert row["lpips_vgg"]["mean"] == pytest.approx(np.mean(per_image), rel=1e-12)
+
+    # cells of an older aid: no features, no lpips_vgg
+    old = [{k: v for k, v in c.items() if k not in ("features", "lpips_vgg")} for c in cells]
+    (out / "cells.jsonl").write_text("".join(json.dumps(c) + "\n" for c in old))
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, out, "replace", "freeform", "2", "4", "--report-only"),
+                           capsys)
+    assert code == 0, err
+    row = json.loads((out / "bench.json").read_text())["rows"][0]
+    assert row["kid"] == {"mean": None, "std": None} and row["lpips_vgg"]["mean"] is None
+    assert row["psnr_hole"]["mean"] is not None and "| n/a | n/a | n/a |" in (out / "bench.md").read_text()
+
+    bare = tmp_path / "bare"
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, bare, "copy", "center", "1", "4", "--no-realism"),
+                           capsys)
+    assert code == 0, err
+    row = json.loads((bare / "bench.json").read_text())["rows"][0]
+    assert row["fid"]["mean"] is None and row["kid"]["mean"] is None and not (bare / "features").exists()
+    assert read_cells(bare)[0]["features"] is None and row["lpips_vgg"]["mean"] == 0.0
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, tmp_path / "bare2", "copy", "center", "1", "4",
+                                       "--no-lpips-vgg"), capsys)
+    assert code == 0, err
+    row = json.loads((tmp_path / "bare2" / "bench.json").read_text())["rows"][0]
+    assert row["lpips_vgg"]["mean"] is None and row["kid"]["mean"] is not None
 
 
 def test_resume_skips_finished_cells_and_survives_an_interruption(tmp_path, data, tiny_checkpoint, capsys,
@@ -355,6 +505,7 @@ def test_method_names_and_bad_options_fail_with_one_line(tmp_path, data, tiny_ch
         assert (spec.method, spec.steps, spec.params) == ("aid", steps, {"guidance": str(Path(guidance).resolve())})
 
 
+@pytest.mark.real_inception  # the workers run the real network: so does the one process they are compared with
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_torchrun_shards_images_and_matches_one_process(tmp_path, data, tiny_checkpoint):
     out = tmp_path / "ddp"
@@ -379,9 +530,16 @@ def test_torchrun_shards_images_and_matches_one_process(tmp_path, data, tiny_che
                       batch=3)
     run_bench(cfg, tmp_path / "one", model=tiny_checkpoint, device="cpu", log=lambda m: None)
     for a, b in zip(ddp, read_cells(tmp_path / "one")):  # images 0, 2 on rank 0 and 1 on rank 1: same numbers
-        for metric in ("psnr_hole", "ssim"):
-            np.testing.assert_allclose(a[metric], b[metric], rtol=1e-6)
-    assert json.loads((out / "bench.json").read_text())["config"]["world_size"] == 2
+        for metric in ("psnr_hole", "ssim", "lpips_vgg"):
+            np.testing.assert_allclose(a[metric], b[metric], rtol=1e-5)
+        # every image's features gathered to rank 0, in image order
+        np.testing.assert_allclose(np.load(out / a["features"]), np.load(tmp_path / "one" / b["features"]),
+                                   rtol=1e-4, atol=1e-5)
+    ddp_rows = json.loads((out / "bench.json").read_text())
+    assert ddp_rows["config"]["world_size"] == 2
+    one_rows = json.loads((tmp_path / "one" / "bench.json").read_text())
+    for a, b in zip(ddp_rows["rows"], one_rows["rows"]):
+        assert a["kid"]["mean"] == pytest.approx(b["kid"]["mean"], rel=1e-3, abs=1e-6)
 
 
 def test_guidance_variants_side_by_side(tmp_path, data, tiny_checkpoint, capsys):
@@ -534,3 +692,39 @@ def test_texture_breakdown_pairs_images_and_refuses_runs_of_other_masks(tmp_path
     assert tb.main([str(out), "--a", "greyfill", "--b", "copy", "--b-run", str(other)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "different images or masks (mask_seed 0 / 3)" in err
+
+
+def test_kid_difference_script_pairs_two_methods_of_a_run(tmp_path, data, tiny_checkpoint, capsys):
+    """scripts/kid_difference.py: per mask family, KID(a) − KID(b) over the seeds both ran (the rows' own KIDs), its
+    paired bootstrap from metrics/realism.py; greyfill is behind copy (the truth) in most resamples; a run without
+    features is refused in one line."""
+    from aid_cli.metrics.realism import kid
+
+    kd = _script("kid_difference")
+    out = tmp_path / "a"
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, out, "copy,greyfill", "freeform,center", "2"), capsys)
+    assert code == 0, err
+    rows = {(r["method"], r["mask"]): r for r in json.loads((out / "bench.json").read_text())["rows"]}
+    assert kd.main([str(out), "--a", "greyfill", "--b", "copy", "--draws", "50", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result) == ["freeform", "center"]
+    ref = np.load(out / "features" / "originals.npy")
+    for family, r in result.items():
+        assert r["seeds"] == [0, 1] and r["draws"] == 50
+        assert r["delta"] == pytest.approx(rows[("greyfill", family)]["kid"]["mean"]
+                                           - rows[("copy", family)]["kid"]["mean"], rel=1e-9)
+        assert r["delta"] == pytest.approx(np.mean([kid(np.load(out / c["features"]), ref) for c in read_cells(out)
+                                                    if c["method"] == "greyfill" and c["mask"] == family])
+                                           - kid(ref, ref), rel=1e-9)
+        assert r["delta"] > 0 and r["a_worse"] > 0.5 and r["std"] > 0  # (4 images: some resamples hold 1 or 2)
+    assert kd.main([str(out), "--a", "greyfill", "--b", "copy", "--draws", "50"]) == 0
+    text = capsys.readouterr().out
+    assert f"freeform: KID×10³ greyfill − copy = {1000 * result['freeform']['delta']:+.2f} ±" in text
+    assert f"greyfill behind in {100 * result['center']['a_worse']:.1f} %" in text
+    bare = tmp_path / "b"
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, bare, "copy", "center", "1", "4", "--no-realism"),
+                           capsys)
+    assert code == 0, err
+    assert kd.main([str(bare), "--a", "copy", "--b", "copy"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "without --realism" in err

@@ -87,6 +87,26 @@ def test_frechet_symmetric_nonnegative_and_zero_on_itself():
     assert fid_from_features(c, c + shift) == pytest.approx(float(shift @ shift), rel=0, abs=sqrt_trace_roundoff(sc, sc))
 
 
+def test_fid_of_fewer_images_than_dimensions_is_the_frechet_distance_of_their_stats():
+    """min(Na, Nb) ≤ D (a benchmark's 100 images, D = 2048): fid_from_features takes tr √(Σa Σb) from the singular
+    values of the Na × Nb cross matrix; the same number as frechet_distance's D × D eigenvalues, up to the latter's
+    round-off, and as scipy's sqrtm; unequal set sizes too."""
+    linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(4)
+    a = np.abs(rng.normal(size=(30, 200)))
+    b = np.abs(rng.normal(size=(45, 200))) * 1.2 + 0.1
+    (ma, sa), (mb, sb) = feature_stats(a), feature_stats(b)
+    fast = fid_from_features(a, b)
+    assert fast == pytest.approx(frechet_distance(ma, sa, mb, sb), rel=0, abs=sqrt_trace_roundoff(sa, sb))
+    covmean = linalg.sqrtm(sa @ sb)
+    expected = ((ma - mb) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * np.trace(covmean).real
+    assert fast == pytest.approx(expected, rel=1e-6)
+    assert fid_from_features(b, a) == pytest.approx(fast, rel=1e-12)  # symmetric without the eigenvalues' noise
+    assert 0 <= fid_from_features(a, a) < 1e-10 * np.trace(sa)
+    with pytest.raises(ValueError):
+        fid_from_features(a[:1], b)
+
+
 def test_frechet_rejects_bad_input():
     with pytest.raises(ValueError):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))

