@@ -1,0 +1,253 @@
+"""Issue 34, hardening round two: downloads that cannot be spliced or wedged, metadata that cannot eat memory, runs
+that cannot collide, no tracebacks and no forged output lines. One test (at least) per numbered failure."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aid_cli.errors import UserError
+
+from .conftest import TINY_KWARGS, run_cli
+from .test_convert import official_layout_bytes, persistence  # noqa: F401  (persistence: a fixture)
+from .test_hardening import _in_full_tmpfs, run_limited
+from .test_registry import CACHE_VARS, error_line
+
+CATALOGUE_NAME = "edm-ffhq-64-vp"  # a real catalogue entry (no published sha256), fetched through AID_MODEL_MIRROR
+CATALOGUE_FILE = "edm-ffhq-64x64-uncond-vp.pkl"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ downloads, 1–4
+class Script:
+    """What the server does: replies[path] is a list of functions, one per GET in turn (the last one repeats); each
+    gets the request handler and writes the whole reply itself (status line, headers, body), raw if it likes."""
+
+    def __init__(self):
+        self.replies: dict[str, list] = {}
+        self.requests: list[dict] = []
+        self.url = ""
+
+
+@pytest.fixture
+def mirror(tmp_path, monkeypatch):
+    script = Script()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen = sum(1 for r in script.requests if r["path"] == self.path)
+            script.requests.append({"path": self.path, "range": self.headers.get("Range"),
+                                    "if_range": self.headers.get("If-Range")})
+            replies = script.replies.get(self.path)
+            if not replies:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.close_connection = True
+            try:
+                replies[min(seen, len(replies) - 1)](self)
+                self.wfile.flush()
+            except OSError:
+                pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    script.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    for var in CACHE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AID_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("AID_MODEL_MIRROR", f"{script.url}/mirror/")  # the documented override
+    from aid_cli import download
+
+    monkeypatch.setattr(download, "BACKOFF_S", 0.01)
+    yield script
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def reply(body: bytes, status: int = 200, headers: dict | None = None, send: int | None = None, drip: float = 0):
+    """A reply: the status, headers (Content-Length: len(body) unless given), then `send` bytes of the body (all)."""
+    def write(h):
+        h.send_response(status)
+        hdrs = {"Content-Length": str(len(body)), **(headers or {})}
+        for k, v in hdrs.items():
+            h.send_header(k, v)
+        h.end_headers()
+        data = body[:send] if send is not None else body
+        if drip:
+            for i in range(0, len(data), 200):
+                h.wfile.write(data[i:i + 200])
+                h.wfile.flush()
+                time.sleep(drip)
+        else:
+            h.wfile.write(data)
+    return write
+
+
+def partial(body: bytes, start: int, headers: dict | None = None):
+    """A 206 reply from byte `start`, whatever validator was asked for (a server that ignores If-Range)."""
+    return reply(body[start:], 206, {"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}", **(headers or {})})
+
+
+def pickles(persistence) -> tuple[bytes, bytes]:  # noqa: F811
+    """Two genuine, different official-layout pickles of one size (A and B: two releases of one file)."""
+    from aid_cli.backbones.edm import build_precond
+
+    out = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        out.append(official_layout_bytes(build_precond("EDMPrecond", dict(TINY_KWARGS)), persistence, "",
+                                         dict(TINY_KWARGS)))
+    assert len(out[0]) == len(out[1]) and out[0] != out[1]
+    return out[0], out[1]
+
+
+def catalogue_entry():
+    from aid_cli.models.catalogue import MODELS
+
+    entry = next(m for m in MODELS if m.name == CATALOGUE_NAME)
+    assert entry.sha256 is None and entry.file == CATALOGUE_FILE  # its hash is recorded on the first download
+    return entry
+
+
+def known_hashes() -> dict:
+    from aid_cli import paths
+    from aid_cli.models import cache
+
+    path = paths.models_dir() / cache.KNOWN_HASHES
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def cache_files() -> list[str]:
+    from aid_cli import paths
+
+    root = paths.models_dir()
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".locks" not in p.parts
+                  and p.name != "known-sha256.json") if root.exists() else []
+
+
+PATH = f"/mirror/{CATALOGUE_FILE}"
+
+
+def test_mirror_override_fetches_catalogue_files_from_the_given_base(mirror, persistence):  # noqa: F811
+    from aid_cli.models.cache import download_urls, fetch_model
+
+    a, _ = pickles(persistence)
+    mirror.replies[PATH] = [reply(a, headers={"ETag": '"a"'})]
+    entry = catalogue_entry()
+    assert download_urls(entry) == [f"{mirror.url}/mirror/{CATALOGUE_FILE}"]
+    assert fetch_model(entry).name == f"{CATALOGUE_NAME}.safetensors"
+    assert known_hashes()[f"{CATALOGUE_NAME}/{CATALOGUE_FILE}"]["sha256"] == sha256(a)
+
+
+def test_item1_a_file_changed_between_attempts_is_never_spliced(mirror, persistence):  # noqa: F811
+    from aid_cli.models.cache import fetch_model
+
+    a, b = pickles(persistence)
+    half = len(a) // 2
+    # A, cut half-way; then B (a server that ignores If-Range answers 206 from the same offset); then B whole
+    mirror.replies[PATH] = [reply(a, headers={"ETag": '"a"'}, send=half), partial(b, half, {"ETag": '"b"'}),
+                            reply(b, headers={"ETag": '"b"'})]
+    fetch_model(catalogue_entry())
+    assert known_hashes()[f"{CATALOGUE_NAME}/{CATALOGUE_FILE}"]["sha256"] == sha256(b)  # B itself, not a splice
+    assert mirror.requests[1]["if_range"] == '"a"' and mirror.requests[1]["range"] == f"bytes={half}-"
+    assert mirror.requests[2]["range"] is None  # started over
+
+
+def test_item1_without_a_validator_a_transfer_starts_over(mirror, persistence):  # noqa: F811
+    from aid_cli.models.cache import fetch_model
+
+    a, b = pickles(persistence)
+    mirror.replies[PATH] = [reply(a, send=len(a) // 2), reply(b)]  # no ETag, no Last-Modified
+    fetch_model(catalogue_entry())
+    assert [r["range"] for r in mirror.requests] == [None, None]
+    assert known_hashes()[f"{CATALOGUE_NAME}/{CATALOGUE_FILE}"]["sha256"] == sha256(b)
+
+
+@pytest.mark.parametrize("case", ["html", "short-length", "long-length", "gzip"])
+def test_item2_a_bad_first_download_does_not_wedge_the_cache(mirror, persistence, capsys, case):  # noqa: F811
+    import gzip
+
+    a, _ = pickles(persistence)
+    bad = {"html": reply(b"<html><head><title>503</title></head><body>Service Unavailable, try later</body>"
+                         b"</html>\n" + b" " * 20),
+           "short-length": reply(a, headers={"Content-Length": str(len(a) - 1000)}),
+           "long-length": reply(a, headers={"Content-Length": str(len(a) + 1000)}),
+           "gzip": reply(gzip.compress(a), headers={"Content-Encoding": "gzip"})}[case]
+    mirror.replies[PATH] = [bad]
+    code, out, err = run_cli(["models", "download", CATALOGUE_NAME], capsys)
+    line = error_line(code, err)
+    assert "verified" not in line, line
+    assert f"{CATALOGUE_NAME}/{CATALOGUE_FILE}" not in known_hashes()
+    assert not any(f.endswith(".pkl") or f.endswith(".safetensors") for f in cache_files()), cache_files()
+    mirror.replies[PATH] = [reply(a, headers={"ETag": '"a"'})]  # the server works again: the next run downloads
+    before = len(mirror.requests)
+    code, out, err = run_cli(["models", "download", CATALOGUE_NAME], capsys)
+    assert code == 0, err
+    assert len(mirror.requests) > before
+    assert known_hashes()[f"{CATALOGUE_NAME}/{CATALOGUE_FILE}"]["sha256"] == sha256(a)
+
+
+def test_item3_a_header_trickle_is_cut_by_the_stall_limit(mirror, monkeypatch, capsys):
+    from aid_cli import download
+
+    monkeypatch.setattr(download, "STALL_S", 1.0)
+    monkeypatch.setattr(download, "ATTEMPTS", 1)
+
+    def trickle(h):  # 1 byte every 0.4 s: a 40-byte header takes 16 s
+        for c in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
+            h.wfile.write(bytes([c]))
+            h.wfile.flush()
+            time.sleep(0.4)
+
+    mirror.replies[PATH] = [trickle]
+    t0 = time.monotonic()
+    code, out, err = run_cli(["models", "download", CATALOGUE_NAME], capsys)
+    assert "stalled" in error_line(code, err)
+    assert time.monotonic() - t0 < 8
+    assert cache_files() == [] and f"{CATALOGUE_NAME}/{CATALOGUE_FILE}" not in known_hashes()
+
+
+def test_item3_an_attempt_has_an_overall_deadline(mirror, monkeypatch, tmp_path):
+    from aid_cli import download
+    from aid_cli.errors import DownloadError
+
+    monkeypatch.setattr(download, "STALL_S", 1.0)
+    monkeypatch.setattr(download, "STALL_BYTES", 100)
+    monkeypatch.setattr(download, "ATTEMPT_S", 1.5)
+    mirror.replies["/steady"] = [reply(b"x" * 200_000, drip=0.05)]  # 4 KB/s: no stall, but 50 s in all
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError, match="deadline"):
+        download.download_url(f"{mirror.url}/steady", tmp_path / "f", attempts=1)
+    assert time.monotonic() - t0 < 6
+
+
+def test_item4_a_read_only_model_cache_is_one_line(mirror, tmp_path):
+    script = (f'mount -o remount,ro $FULL && AID_CACHE=$FULL/cache $PY -m aid_cli.cli models download '
+              f'{CATALOGUE_NAME}; echo "rc=$?"')
+    proc = _in_full_tmpfs(script, tmp_path)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "rc=2" in proc.stdout, (proc.stdout, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "not writable" in lines[0], proc.stderr
