@@ -251,3 +251,176 @@ def test_item4_a_read_only_model_cache_is_one_line(mirror, tmp_path):
     assert "rc=2" in proc.stdout, (proc.stdout, proc.stderr)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "not writable" in lines[0], proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ memory, items 5–8
+def _with_metadata(src: Path, dst: Path, key: str, value: str) -> Path:
+    """`src` with metadata `key` set to `value`, the header rewritten by hand (cheap for a value of 100 MB)."""
+    import struct
+
+    data = src.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header.setdefault("__metadata__", {})[key] = value
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    dst.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+    return dst
+
+
+@pytest.fixture
+def tiny_guidance(tmp_path) -> Path:
+    from aid_cli.guidance.checkpoint import save_guidance
+    from aid_cli.guidance.networks import Actor
+
+    return save_guidance(tmp_path / "g.safetensors", Actor(width=8), {"channels": 3, "width": 8, "emb_dim": 16},
+                         "0" * 64, training={"iterations": 3})
+
+
+def test_item5_huge_metadata_is_refused_before_parsing(tiny_checkpoint, tiny_guidance, tmp_path):
+    cases = [("guidance", tiny_guidance, "aid.training", '{"x": "' + "a" * (66 << 20) + '"}'),
+             ("backbone", tiny_checkpoint, "aid.provenance", '{"x": "' + "a" * (72 << 20) + '"}'),
+             ("backbone", tiny_checkpoint, "aid.init_kwargs", "[" + "1," * (46 << 20) + "1]"),
+             ("backbone", tiny_checkpoint, "aid.provenance", '{"x": "' + "a" * (3 << 20) + '"}')]  # a small header
+    for k, (kind, src, key, value) in enumerate(cases):
+        bad = _with_metadata(src, tmp_path / f"bad{k}.safetensors", key, value)
+        call = "from aid_cli.guidance.checkpoint import load_guidance as load\n" if kind == "guidance" else \
+            "from aid_cli.backbones.checkpoint import load_backbone as load\n"
+        out, peak = run_limited(call + f"refused(load, {str(bad)!r})")
+        assert "REFUSED:" in out and ("header claims" in out or "more than the 1,048,576" in out), out
+        assert peak < 500, (key, peak)
+    from aid_cli.guidance.checkpoint import load_guidance
+
+    assert load_guidance(tiny_guidance)[1]["training"]["iterations"] == 3  # an ordinary module still loads
+
+
+def test_item6_a_deflated_storage_archive_is_refused_before_inflating(tmp_path):
+    import io
+    import pickle
+    import zipfile
+
+    from .test_convert import Reduce
+
+    buf = io.BytesIO()
+    torch.save(torch.zeros(4), buf)
+    inner, out = zipfile.ZipFile(io.BytesIO(buf.getvalue())), io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for info in inner.infolist():
+            if info.filename.endswith("/data/0"):  # the storage: 700 MB of zeros, deflated to < 1 MB
+                with z.open(info.filename, "w", force_zip64=True) as f:
+                    block = bytes(1 << 20)
+                    for _ in range(700):
+                        f.write(block)
+            else:
+                z.writestr(info.filename, inner.read(info))
+    src = tmp_path / "bomb.pkl"
+    src.write_bytes(pickle.dumps({"ema": Reduce(torch.storage._load_from_bytes, out.getvalue())}, protocol=4))
+    assert src.stat().st_size < 2_000_000
+    out_text, peak = run_limited(f"from aid_cli.backbones.convert import convert_pickle\n"
+                                 f"refused(convert_pickle, {str(src)!r}, {str(tmp_path / 'o.safetensors')!r})")
+    assert "REFUSED:" in out_text and "nothing was inflated" in out_text, out_text
+    assert peak < 500 and not (tmp_path / "o.safetensors").exists()
+
+
+def _many_entries_zip(path: Path, n: int) -> Path:
+    """A real zip of `n` empty stored entries `NNNNNNN.png` (ZIP64 end records), written without zipfile's own index
+    (which would cost the writer what it costs the reader)."""
+    import struct
+
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, 0, 0, 0, 11, 0) + b"0000000.png"
+    head = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, 0, 0, 0, 11, 0, 0, 0, 0, 0, 0)
+    central = b"".join(head + b"%07d.png" % i for i in range(n))
+    offset = len(local)
+    z64 = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, len(central), offset)
+    locator = struct.pack("<IIQI", 0x07064B50, 0, offset + len(central), 1)
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    path.write_bytes(local + central + z64 + locator + end)
+    return path
+
+
+def test_item7_a_zip_of_a_million_entries_is_one_line_in_little_memory(tmp_path):
+    import zipfile
+
+    path = _many_entries_zip(tmp_path / "many.zip", 1_000_000)
+    assert zipfile.is_zipfile(path)
+    out, peak = run_limited(f"from aid_cli.data.datasets import load_image_set\n"
+                            f"refused(load_image_set, {str(path)!r}, resolution=16)\n")
+    assert "REFUSED:" in out and "lists 1,000,000 entries" in out, out
+    assert peak < 500
+    small = _many_entries_zip(tmp_path / "few.zip", 3)  # under the cap: indexed, each empty entry skipped
+    with pytest.raises(UserError, match="no readable images"):
+        __import__("aid_cli.data.datasets", fromlist=["x"]).load_image_set(small, resolution=16)
+
+
+def test_item8_a_huge_png_is_refused_from_its_header_in_little_memory(tmp_path):
+    from .test_hardening import _huge_png_header
+
+    from aid_cli.data.images import MAX_IMAGE_PIXELS
+
+    big = tmp_path / "big.png"
+    big.write_bytes(_huge_png_header(13_000, 13_000))  # 169 M pixels: under Pillow's own error limit (179 M)
+    assert 13_000 ** 2 > MAX_IMAGE_PIXELS
+    out, peak = run_limited(f"from aid_cli.data.images import load_image\nrefused(load_image, {str(big)!r})")
+    assert "REFUSED:" in out and "memory budget" in out and "13000x13000" in out, out
+    assert peak < 500
+
+
+# ------------------------------------------------------------------------------------------- tracebacks, 12–18
+@pytest.fixture
+def pair(tmp_path):
+    img, mask = tmp_path / "photo.png", tmp_path / "m.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(img)
+    hole = np.zeros((16, 16), np.uint8)
+    hole[4:10, 4:10] = 255
+    Image.fromarray(hole).save(mask)
+    return img, mask
+
+
+def test_item12_special_files_as_images_are_one_line(pair, tmp_path, capsys):
+    import os
+
+    img, mask = pair
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    for special in (fifo, Path("/dev/null"), tmp_path / "zero.png"):
+        for args in (["inpaint", special, "--mask", mask], ["inpaint", img, "--mask", special]):
+            code, out, err = run_cli([*args, "-o", tmp_path / "o.png", "--method", "copy"], capsys)
+            assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+            assert "not a regular file" in err, err
+    assert not (tmp_path / "o.png").exists()
+
+
+FILL = ["--method", "replace", "--steps", "2", "--device", "cpu"]
+
+
+def test_item18_an_exif_directory_of_65535_broken_entries_is_one_warning(pair, tmp_path, capsys, tiny_checkpoint):
+    import io
+    import struct
+
+    img, mask = pair
+    n = 65_535  # every entry claims 1,000 bytes at offset 8: after the first few, "larger than the file"
+    ifd = (b"MM\x00\x2a\x00\x00\x00\x08" + struct.pack(">H", n)
+           + b"".join(struct.pack(">HHII", 1000 + i % 60_000, 2, 1000, 8) for i in range(n)) + b"\0\0\0\0")
+    buf = io.BytesIO()
+    Image.open(img).save(buf, "PNG", exif=ifd)
+    exif = tmp_path / "exif.png"
+    exif.write_bytes(buf.getvalue())
+    code, out, err = run_cli(["inpaint", exif, "--mask", mask, "-o", tmp_path / "o.png", "--model", tiny_checkpoint,
+                              *FILL], capsys)
+    assert code == 0, err[-2000:]
+    warned = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert len(warned) == 1 and "more like it" in warned[0], warned[:5]
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP", "TIFF"])
+def test_item18_a_multi_frame_file_says_it_uses_the_first_frame(pair, tmp_path, capsys, fmt, tiny_checkpoint):
+    img, mask = pair
+    frames = [Image.open(img).convert("RGB"), Image.new("RGB", (16, 16), "red"), Image.new("RGB", (16, 16), "blue")]
+    anim = tmp_path / f"anim.{fmt.lower()}"
+    frames[0].save(anim, fmt, save_all=True, append_images=frames[1:], **({"lossless": True} if fmt == "WEBP" else {}))
+    code, out, err = run_cli(["inpaint", anim, "--mask", mask, "-o", tmp_path / "o.png", "--model", tiny_checkpoint,
+                              *FILL], capsys)
+    assert code == 0, err
+    warned = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert len(warned) == 1 and "3 frames" in warned[0] and "only the first is used" in warned[0], err
