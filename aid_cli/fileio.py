@@ -44,6 +44,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def claim_new(path: str | os.PathLike) -> bool:
+    """Create `path` empty, only if nothing is there (O_CREAT | O_EXCL: one process wins a name however many race
+    for it); True when this process now holds the name. A folder that refuses the file is no claim (the caller's
+    checks say why)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return False
+    except OSError:
+        return True  # nothing to win here: writing will fail, with its own one-line reason
+    os.close(fd)
+    return True
+
+
+def release_claims(paths) -> None:
+    """Remove the names `claim_new` took that were never written (still empty)."""
+    for p in paths:
+        with contextlib.suppress(OSError):
+            if Path(p).is_file() and not Path(p).is_symlink() and Path(p).stat().st_size == 0:
+                Path(p).unlink()
+
+
 def disk_full(error: BaseException) -> bool:
     """Whether `error` says the disk (or quota) is full: an OSError with ENOSPC/EDQUOT, or a library's wrapped one
     (safetensors reports Rust's StorageFull, Pillow re-raises as OSError)."""

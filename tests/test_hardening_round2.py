@@ -424,3 +424,108 @@ def test_item18_a_multi_frame_file_says_it_uses_the_first_frame(pair, tmp_path, 
     assert code == 0, err
     warned = [ln for ln in err.splitlines() if ln.startswith("warning:")]
     assert len(warned) == 1 and "3 frames" in warned[0] and "only the first is used" in warned[0], err
+
+
+def test_item9_two_runs_without_o_never_pick_the_same_output(pair, tmp_path, capsys, tiny_checkpoint):
+    from aid_cli.inpaint import plan_jobs, release_jobs
+
+    img, mask = pair
+    first, _ = plan_jobs([img], mask, None, 1)  # two runs planned at once, neither has written yet
+    second, _ = plan_jobs([img], mask, None, 1)
+    assert first[0].outputs == [tmp_path / "photo-filled.png"]
+    assert second[0].outputs == [tmp_path / "photo-filled-2.png"]
+    release_jobs(first + second)
+    assert not list(tmp_path.glob("photo-filled*"))  # never written: the claims are given back
+    # a run that fails after planning (an unreadable model) leaves no empty claim behind
+    code, out, err = run_cli(["inpaint", img, "--mask", mask, "--model", tmp_path / "missing.safetensors"], capsys)
+    assert code == 2 and not list(tmp_path.glob("photo-filled*")), err
+    for seed in (1, 2):
+        code, out, err = run_cli(["inpaint", img, "--mask", mask, "--model", tiny_checkpoint, "--seed", str(seed),
+                                  *FILL], capsys)
+        assert code == 0, err
+    assert sorted(p.name for p in tmp_path.glob("photo-filled*")) == ["photo-filled-2.png", "photo-filled.png"]
+    assert all(p.stat().st_size > 0 for p in tmp_path.glob("photo-filled*"))
+
+
+# ----------------------------------------------------------------------------------------- runs, items 10, 11, 13, 16
+from .test_guidance import cfg_for, tiny_data  # noqa: E402,F401  (tiny_data: a fixture, six 16x16 images)
+
+
+def _train_args(data, run, backbone, *extra):
+    return ["train", "--dataset", data, "--out", run, "--backbone", backbone, "--iters", "3", "--batch", "2",
+            "--steps", "3", "--device", "cpu", *extra]
+
+
+def _iterations(run: Path) -> list[int]:
+    return [json.loads(ln)["iteration"] for ln in (run / "stats.jsonl").read_text().splitlines()
+            if "actor_loss" in json.loads(ln)]
+
+
+def test_item10_a_second_process_on_one_run_folder_is_refused(tiny_data, tiny_checkpoint, tmp_path, capsys):  # noqa: F811
+    from filelock import FileLock
+
+    from aid_cli.guidance.trainer import train
+
+    run = tmp_path / "r"
+    train(cfg_for(tiny_data, run, tiny_checkpoint, iters=3), max_iters=2, progress=False, log=lambda *a: None)
+    before = (run / "stats.jsonl").read_text()
+    with FileLock(str(run / ".lock")):  # another `aid train --resume` is training in this folder
+        code, out, err = run_cli(_train_args(tiny_data, run, tiny_checkpoint, "--resume"), capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "in use by another training process" in err, err
+        assert (run / "stats.jsonl").read_text() == before  # nothing logged twice
+    code, out, err = run_cli(_train_args(tiny_data, run, tiny_checkpoint, "--resume"), capsys)  # released: it goes on
+    assert code == 0, err
+    assert _iterations(run) == [1, 2, 3]
+
+
+def test_item10_pretrain_holds_its_run_folder_too(tiny_data, tmp_path, capsys):  # noqa: F811
+    from filelock import FileLock
+
+    run = tmp_path / "p"
+    run.mkdir()
+    with FileLock(str(run / ".lock")):
+        code, out, err = run_cli(["pretrain", "--dataset", tiny_data, "--resolution", "16", "--width", "16",
+                                  "--channel-mult", "1,2", "--attn", "8", "--batch", "4", "--duration", "0.004",
+                                  "--out", run, "--device", "cpu"], capsys)
+    assert code == 2 and "in use by another training process" in err, err
+    assert not (run / "stats.jsonl").exists()
+
+
+def test_item11_a_rerun_after_a_kill_before_the_first_checkpoint_logs_afresh(tiny_data, tiny_checkpoint,  # noqa: F811
+                                                                             tmp_path, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    # what `aid train` killed at iteration 2, before its first checkpoint (3), leaves: a config and a log, no state
+    (run / "config.json").write_text(json.dumps({"iters": 3}))
+    (run / "stats.jsonl").write_text("".join(json.dumps({"iteration": i, "actor_loss": 0.5}) + "\n" for i in (1, 2)))
+    code, out, err = run_cli(_train_args(tiny_data, run, tiny_checkpoint, "--resume"), capsys)
+    assert code == 2 and "without --resume" in err, err
+    code, out, err = run_cli(_train_args(tiny_data, run, tiny_checkpoint), capsys)
+    assert code == 0, err
+    assert _iterations(run) == [1, 2, 3] and "started afresh" in err
+
+
+def test_item13_a_deeply_nested_stats_line_is_dropped_on_resume(tiny_data, tiny_checkpoint, tmp_path, capsys):  # noqa: F811
+    from aid_cli.guidance.trainer import train
+    from aid_cli.training import read_jsonl, truncate_log
+
+    run = tmp_path / "r"
+    train(cfg_for(tiny_data, run, tiny_checkpoint, iters=3), max_iters=2, progress=False, log=lambda *a: None)
+    with open(run / "stats.jsonl", "a") as f:
+        f.write("[" * 100_000 + "]" * 100_000 + "\n")
+    assert [r["iteration"] for r in read_jsonl(run / "stats.jsonl") if "actor_loss" in r] == [1, 2]
+    code, out, err = run_cli(_train_args(tiny_data, run, tiny_checkpoint, "--resume"), capsys)
+    assert code == 0 and "Traceback" not in err, err[-2000:]
+    assert _iterations(run) == [1, 2, 3]
+    (run / "x.jsonl").write_text('{"step": 1}\n' + '{"a":' * 100_000 + "}" * 100_000 + "\n")
+    assert truncate_log(run / "x.jsonl", "step", 5) == 1
+
+
+def test_item16_train_reports_the_images_it_skips(tiny_data, tiny_checkpoint, tmp_path):  # noqa: F811
+    from aid_cli.guidance.trainer import train
+
+    (tiny_data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    logs = []
+    train(cfg_for(tiny_data, tmp_path / "r", tiny_checkpoint, iters=1, val_dataset=None), progress=False,
+          log=lambda *a: logs.append(" ".join(map(str, a))))
+    assert any(line.startswith("skipped broken.png") for line in logs), logs

@@ -148,6 +148,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     except OSError as e:
         raise CheckpointError(f"not a readable safetensors checkpoint: {path} ({e})") from None
     size = int.from_bytes(head, "little") if len(head) == 8 else None
+    if size is not None and size > path.stat().st_size - 8:
+        raise CheckpointError(f"not a readable safetensors checkpoint: {path} (its header claims {size:,} bytes; the "
+                              f"file has {path.stat().st_size:,})")
     if size is not None and size > MAX_HEADER_BYTES:
         raise CheckpointError(f"{path}: its safetensors header claims {size:,} bytes, more than the "
                               f"{MAX_HEADER_BYTES:,} a checkpoint may have; refused unread")
