@@ -529,3 +529,63 @@ def test_item16_train_reports_the_images_it_skips(tiny_data, tiny_checkpoint, tm
     train(cfg_for(tiny_data, tmp_path / "r", tiny_checkpoint, iters=1, val_dataset=None), progress=False,
           log=lambda *a: logs.append(" ".join(map(str, a))))
     assert any(line.startswith("skipped broken.png") for line in logs), logs
+
+
+# ---------------------------------------------------------------------------------- items 14, 15, 17
+def _bench_args(data, backbone, out, *extra):
+    return ["bench", "--methods", "replace", "--dataset", data, "--model", backbone, "--n", "2", "--steps", "2",
+            "--masks", "center", "--device", "cpu", "--out", out, *extra]
+
+
+def test_item14_bench_output_targets_are_checked_before_the_first_cell(tiny_data, tiny_checkpoint,  # noqa: F811
+                                                                        tmp_path, capsys):
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    code, out, err = run_cli(_bench_args(tiny_data, tiny_checkpoint, tmp_path / "b1", "--json", folder), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "is a folder" in err, err
+    assert not (tmp_path / "b1").exists()  # not a single cell was run
+    md = tmp_path / "ro" / "README.md"
+    script = (f'mkdir -p $FULL/ro && printf "x\\n<!-- aid bench: start -->\\n<!-- aid bench: end -->\\n" > '
+              f'$FULL/ro/README.md && mount -o remount,ro $FULL && $PY -m aid_cli.cli '
+              + " ".join(str(a) for a in _bench_args(tiny_data, tiny_checkpoint, tmp_path / "b2"))
+              + ' --markdown $FULL/ro/README.md; echo "rc=$?"')
+    proc = _in_full_tmpfs(script, tmp_path)
+    assert "rc=2" in proc.stdout and "Traceback" not in proc.stderr, (proc.stdout, proc.stderr[-2000:])
+    assert "--markdown" in proc.stderr and "not writable" in proc.stderr, proc.stderr
+    assert not (tmp_path / "b2").exists() and not md.exists()
+    code, out, err = run_cli(_bench_args(tiny_data, tiny_checkpoint, tmp_path / "b3", "--json", tmp_path / "r.json"),
+                             capsys)
+    assert code == 0 and json.loads((tmp_path / "r.json").read_text()), err  # a writable target: as before
+
+
+def test_item15_a_newline_in_a_file_name_cannot_forge_an_error_line(tiny_data, tmp_path, capsys):  # noqa: F811
+    (tiny_data / "x\nerror: forged.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (tiny_data / "y\rerror: forged.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    code, out, err = run_cli(["pretrain", "--dataset", tiny_data, "--resolution", "16", "--width", "16",
+                              "--channel-mult", "1,2", "--attn", "8", "--batch", "4", "--duration", "0.004",
+                              "--snapshot-kimg", "0", "--out", tmp_path / "run", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert not any(line.startswith("error:") for line in err.splitlines()), err
+    assert "\r" not in err and "x\\x0aerror: forged.png" in err and "y\\x0derror: forged.png" in err, err
+
+
+def test_item17_stale_temps_of_a_killed_save_are_removed_by_the_next_write(pair, tmp_path, capsys, tiny_checkpoint):
+    import fcntl
+    import os
+
+    img, mask = pair
+    stale = tmp_path / ".o.png.k1ll9x.tmp.png"  # what kill -9 during the save of o.png left
+    stale.write_bytes(b"\0" * (1 << 20))
+    live = tmp_path / ".o.png.l1ve00.tmp.png"  # another process is writing o.png right now: its temp is locked
+    live.write_bytes(b"\0" * 100)
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        code, out, err = run_cli(["inpaint", img, "--mask", mask, "-o", tmp_path / "o.png", "--model",
+                                  tiny_checkpoint, *FILL], capsys)
+        assert code == 0, err
+        assert (tmp_path / "o.png").stat().st_size > 0
+        assert not stale.exists() and live.exists()
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.glob(".o.png.*")) == [live.name]
