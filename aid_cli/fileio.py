@@ -23,13 +23,75 @@ def check_writable_dir(path: Path) -> None:
         raise UserError(f"output folder is not writable: {folder}")
 
 
+def check_output_file(path: str | os.PathLike, what: str) -> None:
+    """Fail with one line, before any work, when `path` cannot be written as a file: it is a folder, a file that is
+    not writable, or its folder is missing or not writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{what} {path} is not writable")
+    check_writable_dir(path)
+
+
+def check_output_folder(path: str | os.PathLike, what: str) -> None:
+    """Fail with one line, before any work, when `path` cannot be (made and) written as a folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: {existing} is not a writable folder")
+
+
+def _lock_temp(fd: int, wait: bool) -> bool:
+    """An exclusive OS lock on an open temp file: its writer holds one for as long as it lives (False: held by a
+    live writer, or no locks here)."""
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): no way to tell a live writer's temp from a dead one's
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except OSError:
+        return False
+
+
+def remove_stale_temps(path: str | os.PathLike) -> int:
+    """Remove the temps that atomic writes of `path` killed half-way (kill -9, a power cut) left beside it
+    (`.NAME.XXXX.tmp.SUFFIX`, 17–34 MB each for a large image): those no live writer holds locked. Returns how many."""
+    import glob
+
+    path = Path(path)
+    n = 0
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{glob.escape(path.suffix)}"):
+        try:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if _lock_temp(fd, wait=False):
+                p.unlink()
+                n += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return n
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename, on failure it is removed."""
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename, on failure it is removed.
+
+    The temp is locked (an OS lock, gone with the process) while it is written, so the temps of writers that were
+    killed are told from live ones and removed by the next write of the same file."""
     path = Path(path)
     check_writable_dir(path)
+    remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.resolve().parent)
-    os.close(fd)
+    _lock_temp(fd, wait=True)
     tmp = Path(tmp)
     try:
         yield tmp
@@ -42,6 +104,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        os.close(fd)
+
+
+def claim_new(path: str | os.PathLike) -> bool:
+    """Create `path` empty, only if nothing is there (O_CREAT | O_EXCL: one process wins a name however many race
+    for it); True when this process now holds the name. A folder that refuses the file is no claim (the caller's
+    checks say why)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return False
+    except OSError:
+        return True  # nothing to win here: writing will fail, with its own one-line reason
+    os.close(fd)
+    return True
+
+
+def release_claims(paths) -> None:
+    """Remove the names `claim_new` took that were never written (still empty)."""
+    for p in paths:
+        with contextlib.suppress(OSError):
+            if Path(p).is_file() and not Path(p).is_symlink() and Path(p).stat().st_size == 0:
+                Path(p).unlink()
 
 
 def disk_full(error: BaseException) -> bool:

@@ -51,6 +51,7 @@ class Job:
     image: Path
     mask: Path
     outputs: list[Path]
+    claimed: list[Path] = field(default_factory=list)  # default names this run took (empty until written)
 
 
 def plan_outputs(pairs: list[tuple[Path, Path]], out: Path, samples: int, folder_mode: bool) -> list[Job]:
@@ -76,15 +77,26 @@ def _taken(path: Path) -> bool:
     return path.exists() or path.is_symlink()
 
 
-def default_output(image: Path, samples: int) -> Path:
+def default_output(image: Path, samples: int) -> tuple[Path, list[Path]]:
     """Where an image's result goes without -o: beside it, as ``STEM-filled.png`` (PNG keeps the visible pixels
     exact), or ``STEM-filled-2.png``, ``-3``, … when that name (or one of its sample files) is taken: never over
-    anything that exists."""
+    anything that exists. The names are claimed (created empty, create-exclusive), so two runs at once never pick the
+    same one; returns (the base name, the files claimed), for `release_claims` should they never be written."""
+    from .fileio import claim_new, release_claims
+
     n = 1
     while True:
         base = image.with_name(f"{image.stem}{FILLED}{'' if n == 1 else f'-{n}'}.png")
-        if not any(_taken(p) for p in [base, *sample_paths(base, samples)]):
-            return base
+        outputs = sample_paths(base, samples)
+        if not any(_taken(p) for p in [base, *outputs]):
+            claimed = []
+            for p in outputs:
+                if not claim_new(p):
+                    break
+                claimed.append(p)
+            else:
+                return base, claimed
+            release_claims(claimed)  # another run took one of them meanwhile: the next number
         n += 1
 
 
@@ -120,35 +132,50 @@ def plan_jobs(inputs: list[Path], mask: Path, output: Path | None, samples: int)
         if not output.exists() and not output.parent.is_dir():
             raise UserError(f"output folder's parent does not exist: {output.parent}")
     jobs, create = [], None
-    for item in inputs:
-        pairs = pair_inputs(item, mask)
-        if output is None:
-            if item.is_dir():
-                create = create or {}
-                folder = create.setdefault(item, default_folder(item))
-                jobs += plan_outputs(pairs, folder, samples, folder_mode=True)
+    try:
+        for item in inputs:
+            pairs = pair_inputs(item, mask)
+            if output is None:
+                if item.is_dir():
+                    create = create or {}
+                    folder = create.setdefault(item, default_folder(item))
+                    jobs += plan_outputs(pairs, folder, samples, folder_mode=True)
+                else:
+                    for image, m in pairs:
+                        if any(j.image.resolve() == image.resolve() for j in jobs):
+                            raise UserError(f"{image} is given twice")
+                        base, claimed = default_output(image, samples)
+                        jobs.append(Job(image, m, sample_paths(base, samples), claimed))
+            elif single_file and not output.is_dir():
+                jobs += plan_outputs(pairs, output, samples, folder_mode=False)
             else:
-                jobs += [Job(image, m, sample_paths(default_output(image, samples), samples)) for image, m in pairs]
-        elif single_file and not output.is_dir():
-            jobs += plan_outputs(pairs, output, samples, folder_mode=False)
-        else:
-            jobs += plan_outputs(pairs, output, samples, folder_mode=True)
-    if not jobs:
-        raise UserError(f"no images to fill: {', '.join(map(str, inputs))} are all masks (--mask {mask})")
-    seen: dict[Path, Path] = {}
-    for job in jobs:
-        for path in job.outputs:
-            key = path.resolve()
-            if key in seen:
-                raise UserError(f"{job.image} is given twice" if seen[key].resolve() == job.image.resolve() else
-                                f"{seen[key]} and {job.image} would both be written to {path}; give them different "
-                                f"names or run them separately")
-            seen[key] = job.image
+                jobs += plan_outputs(pairs, output, samples, folder_mode=True)
+        if not jobs:
+            raise UserError(f"no images to fill: {', '.join(map(str, inputs))} are all masks (--mask {mask})")
+        seen: dict[Path, Path] = {}
+        for job in jobs:
+            for path in job.outputs:
+                key = path.resolve()
+                if key in seen:
+                    raise UserError(f"{job.image} is given twice" if seen[key].resolve() == job.image.resolve() else
+                                    f"{seen[key]} and {job.image} would both be written to {path}; give them "
+                                    f"different names or run them separately")
+                seen[key] = job.image
+    except BaseException:
+        release_jobs(jobs)
+        raise
     if output is None:
         folders = sorted((create or {}).values())
     else:
         folders = [] if single_file and not output.is_dir() else [output]
     return jobs, [f for f in folders if not f.exists()]
+
+
+def release_jobs(jobs: list[Job]) -> None:
+    """Give back the default names the jobs claimed and never wrote (a failed or interrupted run leaves none)."""
+    from .fileio import release_claims
+
+    release_claims(p for job in jobs for p in job.claimed)
 
 
 def check_outputs(jobs: list[Job], create: list[Path] = ()) -> None:
@@ -388,6 +415,6 @@ def _record(path: Path, job: Job, opts: InpaintOptions, k: int, nfe: int, backwa
             "seconds": round(seconds, 4), "fit": fit, "space": space, "class": opts.class_label}
 
 
-__all__ = ["InpaintOptions", "Job", "plan_outputs", "plan_jobs", "default_output", "check_outputs", "prepare", "fit_hole", "Filled",
-           "fill_items", "inpaint_batch",
+__all__ = ["InpaintOptions", "Job", "plan_outputs", "plan_jobs", "default_output", "release_jobs", "check_outputs",
+           "prepare", "fit_hole", "Filled", "fill_items", "inpaint_batch",
            "inpaint_jobs"]

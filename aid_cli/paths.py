@@ -4,7 +4,8 @@ it for a path.
 
 `AID_WEIGHTS_DIR` overrides the shipped weights' folder (for installs that keep weights elsewhere); `AID_CACHE` (else
 `$XDG_CACHE_HOME/aid`, else `~/.cache/aid`) is aid's own cache: models, reference statistics, LPIPS weights, tuned
-parameters.
+parameters. `AID_MODEL_MIRROR` (a base URL) fetches every catalogue file served by a plain URL from
+`$AID_MODEL_MIRROR/<file>` instead (a local mirror, a test server).
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def hub_cache_dir(cache: str | os.PathLike | None = None) -> Path:
 def data_dir() -> Path:
     """Where named datasets are looked for: $AID_DATA, else aid's cache folder's data/."""
     return Path(os.environ["AID_DATA"]) if os.environ.get("AID_DATA") else cache_dir() / "data"
+
+
+def model_mirror() -> str | None:
+    """$AID_MODEL_MIRROR without a trailing slash: the base URL that replaces every catalogue URL's folder; None unset."""
+    base = os.environ.get("AID_MODEL_MIRROR", "").strip()
+    return base.rstrip("/") or None
 
 
 OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}  # HF_HUB_OFFLINE as huggingface_hub reads it

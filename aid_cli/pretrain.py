@@ -33,7 +33,8 @@ from .errors import UserError
 from .fileio import atomic_write_text, portable_record
 from .sampling.heun import sample
 from .task import Task
-from .training import GracefulStop, init_distributed, load_state, prepare_run, save_state, step_generator
+from .training import (GracefulStop, init_distributed, load_state, prepare_run, run_lock, save_state, skip_reporter,
+                       step_generator)
 
 STATE_FILE = "training-state.safetensors"
 VAL_CROP_SEED = 12345  # the fixed validation crops of a photo backbone (--val), the same for every run
@@ -100,7 +101,13 @@ def sample_grid(net, resolution: int, n: int = 64, seed: int = 0, num_steps: int
 
 def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.device = "cpu", max_steps: int | None = None,
              progress: bool = True, log=print) -> Path:
-    """Train until `duration_kimg` (or `max_steps` optimizer steps, for tests); returns the run folder."""
+    """Train until `duration_kimg` (or `max_steps` optimizer steps, for tests); returns the run folder. The run folder
+    is held (training.run_lock) while it trains."""
+    with run_lock(Path(cfg.out)):
+        return _pretrain(cfg, resume, device, max_steps, progress, log)
+
+
+def _pretrain(cfg: PretrainConfig, resume: bool, device, max_steps: int | None, progress: bool, log) -> Path:
     rank, world, device = init_distributed(torch.device(device))
     if cfg.batch % world:
         raise UserError(f"--batch {cfg.batch} is not divisible by the {world} processes")
@@ -112,7 +119,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, device: str | torch.devi
     amp = torch.bfloat16 if training_precision(cfg.precision, device) == "bf16" else None  # autocast dtype
 
     # Data.
-    on_skip = (lambda name, why: log(f"skipped {name}: {why}")) if rank == 0 else None
+    on_skip = skip_reporter(log, rank)
     if cfg.crop not in ("auto", "resize", "random"):
         raise UserError(f"--crop must be auto, resize or random, not {cfg.crop!r}")
     photos = None

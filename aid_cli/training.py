@@ -8,6 +8,7 @@ by (seed, k) alone, so a resumed run continues exactly as an uninterrupted one w
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -133,7 +134,7 @@ def read_jsonl(path, notice=None) -> list[dict]:
             continue
         try:
             rec = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # torn, or nested beyond the parser's stack: not a record of ours
             rec = None
         if isinstance(rec, dict):
             records.append(rec)
@@ -158,7 +159,7 @@ def truncate_log(path, key: str, last: int | float, notice=None) -> int:
     for line in lines:
         try:
             rec = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(rec, dict) and not (isinstance(rec.get(key), (int, float)) and rec[key] > last):
             kept.append(line)
@@ -184,6 +185,47 @@ def state_metadata(path) -> dict:
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
 
 
+RUN_LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run: Path):
+    """Hold the run folder for this process (under torchrun: for the job, through rank 0) until the block ends; a
+    second `aid train`/`aid pretrain` on the same folder is refused in one line instead of training beside it (and
+    logging every iteration twice). The lock is an OS file lock: it dies with the process, however it ends."""
+    from filelock import FileLock, Timeout
+
+    from .errors import UserError
+
+    if dist_info()[0] != 0:
+        yield
+        return
+    run = Path(run)
+    made = not run.exists()
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(run / RUN_LOCK), timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"{run} is in use by another training process (it holds {run / RUN_LOCK}); wait for it to "
+                        f"finish, or choose another --out") from None
+    except OSError as e:
+        raise UserError(f"cannot use the run folder {run} ({e.strerror or e})") from None
+    try:
+        yield
+    finally:
+        lock.release()
+        if made and {p.name for p in run.iterdir()} <= {RUN_LOCK}:  # a run that failed before writing anything
+            with contextlib.suppress(OSError):
+                (run / RUN_LOCK).unlink()
+                run.rmdir()
+
+
+def skip_reporter(log, rank: int):
+    """`on_skip` for a data set's loader: rank 0 tells `log` of each unreadable image it skipped."""
+    return (lambda name, why: log(f"skipped {name}: {why}")) if rank == 0 else None
+
+
 def prepare_run(cfg, run: Path, state_file: str, resume: bool, free: tuple[str, ...], log,
                 free_if_given: tuple[str, ...] = ()):
     """The config a run continues with. On --resume the run's own saved settings win, except the keys in `free`
@@ -198,9 +240,15 @@ def prepare_run(cfg, run: Path, state_file: str, resume: bool, free: tuple[str, 
     if not resume:
         if state_path.exists():
             raise UserError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+        stats = run / "stats.jsonl"
+        if dist_info()[0] == 0 and stats.is_file():  # a run killed before its first checkpoint: nothing to continue
+            stats.unlink()
+            log(f"{run} holds no saved state (a run stopped before its first checkpoint): its stats.jsonl is "
+                f"started afresh")
         return cfg
     if not state_path.is_file():
-        raise UserError(f"--resume: no {state_file} in {run}")
+        raise UserError(f"--resume: no {state_file} in {run} (a run stopped before its first checkpoint has nothing "
+                        f"to continue: run the same command without --resume to start it afresh)")
     try:
         saved = json.loads((run / "config.json").read_text())
     except (OSError, ValueError) as e:

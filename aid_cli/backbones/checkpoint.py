@@ -127,18 +127,43 @@ def _json(text: str, what: str):
         raise ValueError(f"{what}: JSON nested too deeply") from None
 
 
+# What a checkpoint's header may cost before it is parsed: the whole JSON header (the tensor table and the metadata:
+# EDM2-XXL's is ~150 KB) and each metadata value (the largest real one, a training record, is a few KB). A file
+# claiming more (a 66 MB `aid.training` string made parsing peak at 2 GB) is refused before any of it is parsed.
+MAX_HEADER_BYTES = 16 << 20
+MAX_METADATA_VALUE = 1 << 20
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """The safetensors header metadata, without loading tensors."""
+    """The safetensors header metadata, without loading tensors; a header over MAX_HEADER_BYTES, or a metadata value
+    over MAX_METADATA_VALUE, is refused before it is parsed."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise CheckpointError(f"not a readable safetensors checkpoint: {path} ({e})") from None
+    size = int.from_bytes(head, "little") if len(head) == 8 else None
+    if size is not None and size > path.stat().st_size - 8:
+        raise CheckpointError(f"not a readable safetensors checkpoint: {path} (its header claims {size:,} bytes; the "
+                              f"file has {path.stat().st_size:,})")
+    if size is not None and size > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: its safetensors header claims {size:,} bytes, more than the "
+                              f"{MAX_HEADER_BYTES:,} a checkpoint may have; refused unread")
+    try:
         with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
+            meta = dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"not a readable safetensors checkpoint: {path} ({e})") from None
+    for key, value in meta.items():
+        if len(value) > MAX_METADATA_VALUE:
+            raise CheckpointError(f"{path}: metadata {key[:40]!r} holds {len(value):,} characters, more than the "
+                                  f"{MAX_METADATA_VALUE:,} a value may have; refused unparsed")
+    return meta
 
 
 def _header_shapes(path: Path) -> dict[str, tuple]:

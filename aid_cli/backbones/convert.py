@@ -92,10 +92,35 @@ def _reconstruct_ndarray(subtype, shape, dtype):
     return _numpy_reconstruct(np.ndarray, shape, dtype)
 
 
+def _check_nested_archive(data: bytes) -> None:
+    """Refuse a storage record whose torch zip would inflate beyond its own bytes before torch reads it: torch writes
+    its archives uncompressed (every entry stored, so the entries together fit in the record), while a deflated
+    entry of a 1 MB record can inflate to gigabytes inside the nested load. (A legacy, non-zip record holds raw
+    bytes and is left to torch's weights-only loader.)"""
+    import zipfile
+
+    if not data.startswith(b"PK"):
+        return
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as e:
+        raise CheckpointError(f"malformed tensor storage record (a damaged torch archive: {one_line(e)})") from None
+    compressed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise CheckpointError(f"refused: a tensor storage record holds compressed entries ({compressed[0][:60]}), "
+                              f"which torch never writes; nothing was inflated")
+    declared = sum(i.file_size for i in infos)
+    if declared > len(data):
+        raise CheckpointError(f"refused: a tensor storage record of {len(data):,} bytes declares {declared:,} bytes "
+                              f"of entries; nothing was inflated")
+
+
 def _load_storage_bytes(data):
     """Stand-in for `torch.storage._load_from_bytes`: the nested load runs with `weights_only=True`."""
     if not isinstance(data, bytes):
         raise CheckpointError("malformed tensor storage record")
+    _check_nested_archive(data)
     try:
         return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import UserError
-from ..fileio import check_writable_dir
+from ..fileio import check_output_file, check_output_folder
 from .console import CACHE_HELP, THREADS_HELP, err, model_file, wide
 
 
@@ -125,8 +125,14 @@ def bench(
     if fit not in ("auto", "crop", "resize", "native"):
         raise UserError(f"--fit must be auto, crop, resize or native, got {fit!r}")
     seed_list = parse_seeds(seeds or ("3" if dataset is not None else "1"))
+    # every output target is checked now, before the first cell (not found unwritable after an hour of benchmark)
     if json_path is not None:
-        check_writable_dir(json_path)
+        check_output_file(json_path, "--json")
+    if markdown is not None:
+        markdown_parts(markdown)  # the markers must be there
+        check_output_file(markdown, "--markdown")
+    if out is not None:
+        check_output_folder(out, "--out")
     dev = resolve_device(device)
     check_precision(precision, dev)
     model = model_file(model, cache_dir, offline)
@@ -196,8 +202,6 @@ def bench(
                       batch=batch, mask_seed=mask_seed, examples=examples, lpips_offline=offline or None,
                       class_label=class_label, vae=vae, precision=precision, compile=compile_net, fit=fit,
                       realism=realism, lpips_vgg=lpips_vgg, **parse_guidance_options(guidance or []))
-    if markdown is not None:
-        markdown_parts(markdown)  # fail now, not after the benchmark
     try:
         with bar:
             result = run_bench(cfg, out, model=model, device=dev, resume=resume or report_only, log=log,

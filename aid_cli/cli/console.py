@@ -14,9 +14,11 @@ from ..errors import UserError
 
 
 def visible(text: str) -> str:
-    """`text` with terminal control characters (escape sequences from a hostile file name, carriage returns, ...)
-    shown as \\xNN instead of acting on the terminal; newlines and tabs are kept."""
-    return "".join(c if c in "\n\t" or (ord(c) >= 32 and not 0x7F <= ord(c) < 0xA0) else f"\\x{ord(c):02x}"
+    """`text` with terminal control characters (escape sequences from a hostile file name, carriage returns, newlines,
+    ...) shown as \\xNN instead of acting on the terminal; only tabs are kept. A message is one line: a file name
+    holding a newline cannot start a forged `error: …` line of its own (a multi-line message is printed line by line,
+    or as a rich object)."""
+    return "".join(c if c == "\t" or (ord(c) >= 32 and not 0x7F <= ord(c) < 0xA0) else f"\\x{ord(c):02x}"
                    for c in text)
 
 class SafeConsole(Console):

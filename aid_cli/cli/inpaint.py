@@ -76,7 +76,7 @@ def inpaint(
       [bold]aid inpaint face.png --mask mask.png -o filled.png --model edm-ffhq-64 --device cuda --precision fp16[/]
     """
     from ..devices import check_precision, resolve_device
-    from ..inpaint import InpaintOptions, check_outputs, inpaint_jobs, plan_jobs
+    from ..inpaint import InpaintOptions, check_outputs, inpaint_jobs, plan_jobs, release_jobs
     from ..inpainter import Inpainter
     from ..methods.base import check_method_name
     from ..models.catalogue import resolve_backbone
@@ -92,48 +92,51 @@ def inpaint(
     if method is not None:
         check_method_name(method)  # unknown names fail before any loading
     jobs, create = plan_jobs(images, mask, output, samples)
-    dev = resolve_device(device)
-    check_precision(precision, dev)
-    checkpoint = resolve_backbone(model_file(model, cache_dir, offline))
-    # --class is checked against the backbone before a latent backbone's VAE is fetched
-    inpainter = Inpainter.load(checkpoint, dev, vae=vae, precision=precision, compile=compile_net, notice=log,
-                               check=lambda info: class_labels(class_label, info["label_dim"], 1))
-    labels = class_labels(class_label, inpainter.info["label_dim"], 1)
-    method, guidance, why = default_method(method, guidance, checkpoint, cache_dir)
-    spec = resolve_method(method, steps, checkpoint, notice=lambda m: err.print(escape(m), soft_wrap=True),
-                          guidance=guidance, cache=cache_dir, offline=True if offline else None)
-    params = {k: v for k, v in spec.params.items() if k not in RECORDED_ONLY}  # the backbone's tuned ones
-    if params and not quiet:
-        err.print(f"{method}: this backbone's tuned params {escape(json.dumps(params))} (aid bench --tune)")
-    if spec.method == "aid":  # recorded: the module (as given) and the backbone it was checked against
-        params.update(guidance=str(spec.guidance), backbone_sha256=spec.backbone_sha256)
-    check_outputs(jobs, create)
-    for folder in create:
-        folder.mkdir(exist_ok=True)  # only once everything that can fail has passed (a parallel job may beat us)
-    opts = InpaintOptions(method=method, steps=steps, seed=seed, samples=samples, invert_mask=invert_mask,
-                          resize_mask=resize_mask, fit=fit, params=params, class_label=class_label,
-                          method_default=bool(why), dilate=dilate, feather=feather)
-    def report(records: list[dict]) -> None:
-        for rec in records:
-            where = f"; {rec['space']}" if inpainter.space.latent and rec["space"] != "pixels" else ""
-            if not quiet:
-                err.print(f"wrote {escape(rec['path'])} ({rec['method']}{escape(why + ';' if why else ',')} "
-                          f"{rec['nfe']} NFE, seed {rec['seed']}, {rec['seconds']:.2f} s; {escape(rec['fit'] + where)})",
-                          soft_wrap=True)
+    try:
+        dev = resolve_device(device)
+        check_precision(precision, dev)
+        checkpoint = resolve_backbone(model_file(model, cache_dir, offline))
+        # --class is checked against the backbone before a latent backbone's VAE is fetched
+        inpainter = Inpainter.load(checkpoint, dev, vae=vae, precision=precision, compile=compile_net, notice=log,
+                                   check=lambda info: class_labels(class_label, info["label_dim"], 1))
+        labels = class_labels(class_label, inpainter.info["label_dim"], 1)
+        method, guidance, why = default_method(method, guidance, checkpoint, cache_dir)
+        spec = resolve_method(method, steps, checkpoint, notice=lambda m: err.print(escape(m), soft_wrap=True),
+                              guidance=guidance, cache=cache_dir, offline=True if offline else None)
+        params = {k: v for k, v in spec.params.items() if k not in RECORDED_ONLY}  # the backbone's tuned ones
+        if params and not quiet:
+            err.print(f"{method}: this backbone's tuned params {escape(json.dumps(params))} (aid bench --tune)")
+        if spec.method == "aid":  # recorded: the module (as given) and the backbone it was checked against
+            params.update(guidance=str(spec.guidance), backbone_sha256=spec.backbone_sha256)
+        check_outputs(jobs, create)
+        for folder in create:
+            folder.mkdir(exist_ok=True)  # only once everything that can fail has passed (a parallel job may beat us)
+        opts = InpaintOptions(method=method, steps=steps, seed=seed, samples=samples, invert_mask=invert_mask,
+                              resize_mask=resize_mask, fit=fit, params=params, class_label=class_label,
+                              method_default=bool(why), dilate=dilate, feather=feather)
+        def report(records: list[dict]) -> None:
+            for rec in records:
+                where = f"; {rec['space']}" if inpainter.space.latent and rec["space"] != "pixels" else ""
+                if not quiet:
+                    err.print(f"wrote {escape(rec['path'])} ({rec['method']}{escape(why + ';' if why else ',')} "
+                              f"{rec['nfe']} NFE, seed {rec['seed']}, {rec['seconds']:.2f} s; "
+                              f"{escape(rec['fit'] + where)})", soft_wrap=True)
+                if json_out:
+                    print(json.dumps(rec), flush=True)
+
+        def skipped(job, e: UserError) -> None:  # a batch job goes on: one line per bad file, a count, exit 2 at the end
+            err.print(f"[bold red]skipped[/] {escape(job.image.name)}: {escape(str(e))}", soft_wrap=True)
             if json_out:
-                print(json.dumps(rec), flush=True)
+                print(json.dumps({"image": str(job.image), "mask": str(job.mask), "error": str(e)}), flush=True)
 
-    def skipped(job, e: UserError) -> None:  # a batch job goes on: one line per bad file, a count and exit 2 at the end
-        err.print(f"[bold red]skipped[/] {escape(job.image.name)}: {escape(str(e))}", soft_wrap=True)
-        if json_out:
-            print(json.dumps({"image": str(job.image), "mask": str(job.mask), "error": str(e)}), flush=True)
-
-    with InpaintBar(err, images=len(jobs), show=err.is_terminal and not quiet) as bar:
-        failed = inpaint_jobs(inpainter, jobs, opts, spec, batch, lambda m: err.print(escape(m)), labels, report,
-                              skipped, bar)
-    if failed:
-        raise UserError(f"{len(failed)} of {len(jobs)} images could not be inpainted (each named above); the other "
-                        f"{len(jobs) - len(failed)} were written")
+        with InpaintBar(err, images=len(jobs), show=err.is_terminal and not quiet) as bar:
+            failed = inpaint_jobs(inpainter, jobs, opts, spec, batch, lambda m: err.print(escape(m)), labels, report,
+                                  skipped, bar)
+        if failed:
+            raise UserError(f"{len(failed)} of {len(jobs)} images could not be inpainted (each named above); the other "
+                            f"{len(jobs) - len(failed)} were written")
+    finally:
+        release_jobs(jobs)  # default names claimed and never written (a failure, Ctrl-C) are given back
 
 
 class InpaintBar:

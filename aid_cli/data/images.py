@@ -87,17 +87,21 @@ def _open(path: str | os.PathLike, what: str) -> tuple[Image.Image, bool]:
         raise UserError(f"{what} not found: {path}")
     if path.is_dir():
         raise UserError(f"{what} is a folder, not a file: {path}")
+    if not path.is_file():
+        raise UserError(f"{what} is not a regular file (a device, pipe or socket): {path}")
     if path.stat().st_size == 0:
         raise UserError(f"{what} is an empty file: {path}")
     import warnings
 
     try:
-        with warnings.catch_warnings():
-            # large but allowed (up to Pillow's own error limit, 179 M pixels): no raw warning on stderr
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            out, wide_colour = _decode_file(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # every decoder warning is seen here, then told once per kind
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_IMAGE_PIXELS decides (below)
+            out, wide_colour, frames = _decode_file(path, what)
     except UnidentifiedImageError:
         raise UserError(f"{what} is not an image Pillow can read: {path}") from None
+    except UserError:
+        raise
     except Image.DecompressionBombError as e:
         raise UserError(f"{what} is too large to decode safely: {path} ({e})") from None
     except PermissionError:
@@ -107,7 +111,37 @@ def _open(path: str | os.PathLike, what: str) -> tuple[Image.Image, bool]:
         raise UserError(f"{what} is truncated or damaged: {path} ({detail})") from None
     if out.width == 0 or out.height == 0:
         raise UserError(f"{what} has zero size: {path}")
+    _warn_once_per_kind(caught, path)
+    if frames > 1:
+        warnings.warn(f"{path.name}: {frames} frames (an animated or multi-page {out.format or 'image'}); only the "
+                      f"first is used", UserWarning, stacklevel=3)
     return out, wide_colour
+
+
+def _warn_once_per_kind(caught: list, path: Path) -> None:
+    """Repeat the decoder's warnings one per kind (the message with its numbers taken out), with how many more of that
+    kind there were: an EXIF directory of 65,535 broken entries is one line, not 65,535."""
+    import re
+    import warnings
+
+    kinds: dict[tuple, list] = {}
+    for w in caught:
+        text = str(w.message).splitlines()[0] if str(w.message).strip() else w.category.__name__
+        kinds.setdefault((w.category, re.sub(r"\d+", "N", text)), []).append(text)
+    for (category, _), texts in kinds.items():
+        more = f" ({len(texts) - 1:,} more like it)" if len(texts) > 1 else ""
+        warnings.warn(f"{path.name}: {texts[0][:200]}{more}", category if issubclass(category, Warning) else
+                      UserWarning, stacklevel=4)
+
+
+# What one image may cost: `aid inpaint` holds ~48 bytes per pixel of the photo at its peak (the decoded pixels, the
+# oriented copy, the working array, float crops and the composited output; a 4000x4000 RGB photo peaks 770 MB above
+# the interpreter's own), and an image gets a budget of 2 GiB: 44.7 M pixels (8192x5460). Larger ones are refused from
+# their header, before a single row is decoded (Pillow's own limit, 179 M pixels, lets a 13000x13000 PNG of 0.5 MB
+# through, to a 2.1 GB peak).
+IMAGE_MEMORY_BUDGET = 2 << 30
+BYTES_PER_PIXEL = 48
+MAX_IMAGE_PIXELS = IMAGE_MEMORY_BUDGET // BYTES_PER_PIXEL
 
 
 @contextlib.contextmanager
@@ -135,14 +169,22 @@ def native_stderr_silenced(active: bool = True):
             os.close(saved)
 
 
-def _decode_file(path: Path) -> tuple[Image.Image, bool]:
+def _decode_file(path: Path, what: str = "image") -> tuple[Image.Image, bool, int]:
+    """(the decoded, EXIF-oriented first frame, whether it is 16-bit colour read as 8-bit, how many frames the file
+    has); an image over MAX_IMAGE_PIXELS is refused from its header."""
     with Image.open(path) as im, native_stderr_silenced(im.format == "TIFF"):
+        w, h = im.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise UserError(f"{what} is {w}x{h} ({w * h:,} pixels), more than the {MAX_IMAGE_PIXELS:,} aid can "
+                            f"process in its {IMAGE_MEMORY_BUDGET >> 30} GiB memory budget per image (~{BYTES_PER_PIXEL} "
+                            f"bytes a pixel): {path}; downscale it first")
+        frames = getattr(im, "n_frames", 1) or 1
         rawmodes = [t.args for t in im.tile or [] if isinstance(t.args, str)]
         wide_colour = im.mode in ("RGB", "RGBA") and any(";16" in m for m in rawmodes)
         im.load()  # force a full decode now: truncated files fail here, not half-way through a run
         out = ImageOps.exif_transpose(im)  # a new, oriented image (a copy when there is no orientation tag)
         out.format = im.format
-    return out, wide_colour
+    return out, wide_colour, frames
 
 
 def _native(im: Image.Image, path: Path) -> tuple[np.ndarray, str, list[str], bool]:
@@ -566,6 +608,8 @@ def pair_inputs(image_path: str | os.PathLike, mask_path: str | os.PathLike) -> 
     for p, what in ((image_path, "image"), (mask_path, "mask")):
         if not p.exists():
             raise UserError(f"{what} path not found: {p}")
+        if not p.is_file() and not p.is_dir():  # /dev/null, a FIFO, <(cat x.png), a link to /dev/zero
+            raise UserError(f"{what} is not a regular file or a folder (a device, pipe or socket): {p}")
     if image_path.is_file() and mask_path.is_file():
         return [(image_path, mask_path)]
     image_folder = image_path if image_path.is_dir() else image_path.parent

@@ -69,7 +69,7 @@ from ..metrics.quality import SSIM_MIN_SIZE, hole_texture, psnr_hole, ssim_01, t
 from ..sampling.heun import SamplerState, edm_sigmas, heun_step, sample, sample_generators
 from ..task import Task, one_hot
 from ..training import (GracefulStop, gather_to_rank0, init_distributed, load_state, prepare_run, read_jsonl,
-                        save_state, step_generator)
+                        run_lock, save_state, skip_reporter, step_generator)
 from .checkpoint import load_guidance, save_guidance
 from .networks import Actor, Critic, PrivilegedCritic
 from .photo_tasks import VALIDATION_TASKS, photo_tasks
@@ -594,7 +594,7 @@ def setup(cfg: TrainConfig, resume: bool, device, log) -> Run:
     # Whole photos (any size): tasks made as `aid inpaint` presents a hole (photo_tasks), drawn once; else an aligned
     # set at the model's resolution with masks of its own (the bank below).
     photo_bank, held = None, None
-    on_skip = (lambda name, why: log(f"skipped {name}: {why}")) if rank == 0 else None
+    on_skip = skip_reporter(log, rank)
     if whole_photos(cfg.dataset):
         if space.latent or binfo.get("label_dim", 0):
             raise UserError(f"--dataset {cfg.dataset}: tasks on whole photos are made for unconditional pixel "
@@ -882,6 +882,11 @@ def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int |
           log=print) -> Path:
     """Train the guidance module: setup, then step after step, each logged (rank 0) and checkpointed now and then,
     until --iters (or `max_iters`) or a SIGINT/SIGTERM, which finishes the step, saves and leaves."""
+    with run_lock(Path(cfg.out)):  # one process (one torchrun job) at a time in a run folder
+        return _train(cfg, resume, device, max_iters, progress, log)
+
+
+def _train(cfg: TrainConfig, resume: bool, device, max_iters: int | None, progress: bool, log) -> Path:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     r = setup(cfg, resume, device, log)

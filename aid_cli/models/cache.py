@@ -27,9 +27,19 @@ from typing import Callable
 from ..errors import CheckpointError, DownloadError, OfflineError, UserError, one_line
 from ..fileio import utc_now
 from .entry import HubFile, ModelEntry
-from ..paths import hub_cache_dir, models_dir, offline_mode, offline_reason, weights_dir
+from ..paths import hub_cache_dir, model_mirror, models_dir, offline_mode, offline_reason, weights_dir
 
 KNOWN_HASHES = "known-sha256.json"
+
+
+def download_urls(entry: ModelEntry) -> list[str]:
+    """The plain URLs a model is fetched from: the catalogue's, or `$AID_MODEL_MIRROR/<file>` in their place."""
+    mirror = model_mirror()
+    return [f"{mirror}/{entry.file}"] if mirror and entry.urls else list(entry.urls)
+
+
+def _sources(entry: ModelEntry) -> list[str]:
+    return [str(h) for h in entry.hub] + download_urls(entry)
 
 
 def model_folder(entry: ModelEntry, cache=None) -> Path:
@@ -112,9 +122,17 @@ def _lock(name: str, cache):
     from filelock import FileLock
 
     folder = models_dir(cache) / ".locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder / f"{name}.lock")):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder / f"{name}.lock"))
+        lock.acquire()
+    except OSError as e:
+        raise UserError(f"the model cache {models_dir(cache)} is not writable ({e.strerror or one_line(e)}): set "
+                        f"AID_CACHE or pass --cache-dir to a writable folder") from None
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def _offline_error(entry: ModelEntry, cache, offline: bool | None) -> OfflineError:
@@ -122,7 +140,7 @@ def _offline_error(entry: ModelEntry, cache, offline: bool | None) -> OfflineErr
     again = f"`aid models download {entry.name}{f' --cache-dir {cache}' if cache else ''}`"
     head = f"{entry.name} is not in the cache and downloads are off ({offline_reason(offline)})"
     if entry.urls:
-        return OfflineError(f"{head}: fetch {entry.urls[0]} and put it at {model_folder(entry, cache) / entry.file}, then "
+        return OfflineError(f"{head}: fetch {download_urls(entry)[0]} and put it at {model_folder(entry, cache) / entry.file}, then "
                             f"run {again} (it checks and converts a file found there)")
     h = entry.hub[0]
     return OfflineError(f"{head}: fetch {h.filename} of the Hugging Face repo {h.repo_id} at revision {h.revision} "
@@ -175,7 +193,7 @@ def _download(entry: ModelEntry, cache, progress, log) -> tuple[Path, str, str]:
         except DownloadError as e:
             _drop_hub_file(path)
             reasons.append(str(e))
-    for url in entry.urls:
+    for url in download_urls(entry):
         dest = model_folder(entry, cache) / entry.file
         dest.parent.mkdir(parents=True, exist_ok=True)
         if log:
@@ -195,13 +213,28 @@ def _download(entry: ModelEntry, cache, progress, log) -> tuple[Path, str, str]:
 
 
 def _finish(entry: ModelEntry, src: Path, source: str, sha256: str, cache, keep_source: bool, log) -> Path:
-    """Convert an official pickle once (safe converter) and write the record; returns the file `--model` loads."""
+    """Convert an official pickle once (safe converter) and write the record; returns the file `--model` loads.
+
+    A file whose sha256 nothing vouched for (no published or recorded hash) and that does not convert or load (an
+    error page served as the file, a cut-off transfer) is removed from the cache, so the next run downloads it anew;
+    a verified one is kept for `aid models convert` to retry."""
     from ..fileio import atomic_write_text
 
     folder = model_folder(entry, cache)
     folder.mkdir(parents=True, exist_ok=True)
+    verified = expected_hash(entry, cache)[0] is not None
     record = {"name": entry.name, "kind": entry.kind, "file": entry.file, "source": source,
               "sha256": sha256, "size": src.stat().st_size, "license": entry.license, "date": utc_now()}
+
+    def unusable(what: str, e: UserError) -> CheckpointError:
+        if verified:
+            return CheckpointError(f"{entry.name}: {entry.file} is downloaded and verified ({src}), but {what} "
+                                   f"failed: {e}")
+        if src.parent == folder:
+            src.unlink(missing_ok=True)
+        return CheckpointError(f"{entry.name}: {entry.file} from {source} is not a usable checkpoint ({what} failed: "
+                               f"{e}); it was removed and nothing was recorded: the next run downloads it anew")
+
     if entry.converts:
         from ..backbones.convert import convert_pickle
 
@@ -211,8 +244,7 @@ def _finish(entry: ModelEntry, src: Path, source: str, sha256: str, cache, keep_
         try:
             summary = convert_pickle(src, dst)
         except UserError as e:
-            raise CheckpointError(f"{entry.name}: {entry.file} is downloaded and verified ({src}), but converting it "
-                                  f"failed: {e}") from None
+            raise unusable("converting it", e) from None
         record["converted"] = {k: summary[k] for k in ("precond", "parameters", "resolution", "sha256") if k in summary}
         record["converted"].update(file=dst.name, size=dst.stat().st_size)
         if not keep_source and src.parent == folder:
@@ -227,10 +259,9 @@ def _finish(entry: ModelEntry, src: Path, source: str, sha256: str, cache, keep_
                 read_metadata(src)
                 _header_shapes(src)
             except UserError as e:
-                raise CheckpointError(f"{entry.name}: {entry.file} from {source} is not a usable checkpoint ({e}); "
-                                      f"nothing was recorded") from None
+                raise unusable("reading it", e) from None
         result = src
-    if expected_hash(entry, cache)[0] is None and source in entry.sources:
+    if not verified and source in _sources(entry):
         _remember_hash(entry, cache, sha256, record["size"], source)  # only now: the file converted and loaded
     atomic_write_text(folder / "record.json", json.dumps(record, indent=2) + "\n")
     return result
