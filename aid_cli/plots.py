@@ -262,9 +262,17 @@ def _panel(d, box, title, series, big, small):
             d.text((x0 + 8, y1 + 6 + 14 * k), label, fill=colour, font=small)
 
 
-def cpu_hours(rec: dict) -> float:
-    """Compute a training record has cost: its loop seconds × processes (one process when not logged), in hours."""
-    return float(rec["elapsed_s"]) * int(rec.get("processes", 1)) / 3600
+def cpu_hours(stats: list[dict]) -> list[float]:
+    """The compute a run had spent at each of its log's records, in CPU-hours: the training loop's seconds since the
+    record before, times the processes that ran them (one where not logged), summed. A run resumed with another number
+    of processes is counted piece by piece."""
+    out, total, last = [], 0.0, 0.0
+    for rec in stats:
+        elapsed = float(rec.get("elapsed_s", last))
+        total += max(elapsed - last, 0.0) * int(rec.get("processes", 1))
+        last = elapsed
+        out.append(total / 3600)
+    return out
 
 
 def pretrain_curves(runs: dict[str, list[dict]], path: Path, title: str, x: str = "cpu_hours") -> Path:
@@ -278,15 +286,15 @@ def pretrain_curves(runs: dict[str, list[dict]], path: Path, title: str, x: str 
     big, small = font(14), font(11)
     d.text((W // 2, 8), title, fill="black", font=big, anchor="mt")
     pw = W // 2
-    where = (lambda s: cpu_hours(s)) if x == "cpu_hours" else (lambda s: float(s["kimg"]))
     for i, (name, key, smooth) in enumerate((("validation EDM loss (EMA)", "val_edm_loss", False),
                                              ("training loss", "loss", True))):
         box = (i * pw + 70, 68, (i + 1) * pw - 20, H - 40)
         series = []
         for k, (label, stats) in enumerate(runs.items()):
-            recs = [s for s in stats if s.get(key) is not None and "elapsed_s" in s]
-            series.append((label, [where(s) for s in recs], [float(s[key]) for s in recs],
-                           COLOURS[k % len(COLOURS)], smooth))
+            stats = [s for s in stats if "elapsed_s" in s]
+            xs = cpu_hours(stats) if x == "cpu_hours" else [float(s["kimg"]) for s in stats]
+            pts = [(xv, float(s[key])) for xv, s in zip(xs, stats) if s.get(key) is not None]
+            series.append((label, [p[0] for p in pts], [p[1] for p in pts], COLOURS[k % len(COLOURS)], smooth))
         _panel(d, box, name, series, big, small)
         d.text(((box[0] + box[2]) // 2, box[3] + 22), "CPU-hours" if x == "cpu_hours" else "thousands of images",
                fill="black", font=small, anchor="mt")

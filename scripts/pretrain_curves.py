@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aid_cli.plots import pretrain_curves  # noqa: E402
+from aid_cli.plots import cpu_hours, pretrain_curves  # noqa: E402
 from aid_cli.training import read_jsonl  # noqa: E402
 
 
@@ -31,10 +31,11 @@ def main(argv=None) -> int:
         ap.error("--labels needs one label per run")
     runs = {label: read_jsonl(run / "stats.jsonl") for label, run in zip(labels, args.runs)}
     for label, stats in runs.items():
-        val = [s for s in stats if "val_edm_loss" in s]
-        if val:
-            last = val[-1]
-            print(f"{label}: {last['kimg']:.1f} kimg, validation EDM loss {last['val_edm_loss']:.1f}")
+        timed = [s for s in stats if "elapsed_s" in s]
+        for s, hours in zip(timed, cpu_hours(timed)):
+            if "val_edm_loss" in s:
+                print(f"{label}: {s['kimg']:.1f} kimg, {hours:.2f} CPU-hours, validation EDM loss "
+                      f"{s['val_edm_loss']:.1f}")
     pretrain_curves(runs, args.out, args.title, x=args.x)
     print(f"wrote {args.out}")
     return 0

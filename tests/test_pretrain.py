@@ -229,7 +229,8 @@ def test_pretrain_curves_plot_runs_against_cpu_hours(tmp_path):
 
     from aid_cli.plots import cpu_hours
 
-    assert cpu_hours({"elapsed_s": 1800, "processes": 2}) == 1.0 and cpu_hours({"elapsed_s": 3600}) == 1.0
+    # one process for an hour, then two for half an hour more: two CPU-hours
+    assert cpu_hours([{"elapsed_s": 3600}, {"elapsed_s": 5400, "processes": 2}]) == [1.0, 2.0]
     for name, scale in (("a", 1.0), ("b", 1.2)):
         run = tmp_path / name
         run.mkdir()
@@ -242,7 +243,7 @@ def test_pretrain_curves_plot_runs_against_cpu_hours(tmp_path):
     res = subprocess.run([sys.executable, "scripts/pretrain_curves.py", str(tmp_path / "a"), str(tmp_path / "b"),
                           "--out", str(out)], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert res.returncode == 0, res.stderr
-    assert "a: 5.0 kimg, validation EDM loss 18.0" in res.stdout
+    assert "a: 5.0 kimg, 1.67 CPU-hours, validation EDM loss 18.0" in res.stdout
     with Image.open(out) as im:
         assert im.size == (960, 400)
         px = np.asarray(im.convert("RGB"))
