@@ -158,8 +158,8 @@ def native_stderr_silenced(active: bool = True):
 def _decode_file(source, what: str = "image", label=None, max_pixels: int | None = None) -> tuple[Image.Image, bool]:
     with Image.open(source) as im, native_stderr_silenced(im.format == "TIFF"):
         if max_pixels is not None and im.width * im.height > max_pixels:  # the header's claim, before any decoding
-            raise UserError(f"{what} is too large: {label} is {im.width}x{im.height} "
-                            f"({im.width * im.height / 1e6:.1f} M pixels; the limit is {max_pixels / 1e6:g} M)")
+            raise UserError(f"{what} is too large: {label} is {im.width}x{im.height} = {im.width * im.height:,} "
+                            f"pixels (the limit is {max_pixels:,})")
         rawmodes = [t.args for t in im.tile or [] if isinstance(t.args, str)]
         wide_colour = im.mode in ("RGB", "RGBA") and any(";16" in m for m in rawmodes)
         im.load()  # force a full decode now: truncated files fail here, not half-way through a run
