@@ -109,7 +109,7 @@ class Uploads:
 
         with self.decoding:
             img = load_image(Upload(data, "the uploaded image"), max_pixels=self.max_pixels)
-            preview = _png(_preview_pixels(img))
+            preview = _png(_preview_pixels(img), img.icc_profile)  # its colour profile too, as the results carry it
         image_id = new_id()
         self.images.put(image_id, (img, preview))
         return {"id": image_id, "width": img.size[0], "height": img.size[1], "mode": img.mode,
@@ -162,13 +162,14 @@ def _preview_pixels(img):
     return img.pixels
 
 
-def _png(array) -> bytes:
+def _png(array, icc_profile: bytes | None = None) -> bytes:
     import io
 
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+    extra = {"icc_profile": icc_profile} if icc_profile else {}
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1, **extra)
     return buffer.getvalue()
 
 
