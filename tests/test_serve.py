@@ -410,9 +410,11 @@ def test_a_busy_port_is_one_line(tiny_checkpoint, capsys):
     assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "--port 0" in err
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
-def test_aid_serve_prints_its_url_answers_and_stops_on_sigint(tiny_checkpoint):
-    """The real command in its own process: the URL on stdout, the page answers, Ctrl-C (SIGINT) stops it, exit 0."""
+@pytest.mark.skipif(sys.platform == "win32", reason="signals to a child process are POSIX")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_aid_serve_prints_its_url_answers_and_stops_on_a_signal(tiny_checkpoint, signum):
+    """The real command in its own process: the URL on stdout, the page answers, Ctrl-C (SIGINT) or `kill` (SIGTERM)
+    stops it cleanly, exit 0."""
     env = dict(os.environ, PYTHONPATH=str(REPO), AID_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "aid_cli.cli", "serve", "--port", "0", "--model",
                              str(tiny_checkpoint), "--device", "cpu"], stdout=subprocess.PIPE,
@@ -426,7 +428,7 @@ def test_aid_serve_prints_its_url_answers_and_stops_on_sigint(tiny_checkpoint):
         info = json.loads(conn.getresponse().read())
         conn.close()
         assert info["models"][0]["label"] == tiny_checkpoint.name
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:

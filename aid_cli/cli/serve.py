@@ -65,6 +65,12 @@ def serve(
         import webbrowser
 
         webbrowser.open(server.url)
+    import signal
+
+    def terminate(signum, frame):  # `kill` and service managers stop it as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         server.serve_forever(poll_interval=0.25)
     except KeyboardInterrupt:

@@ -104,7 +104,8 @@ function updateMethodLabels() {
     const name = label.querySelector("input").value;
     const m = state.info.methods.find((x) => x.name === name);
     const nfe = m.nfe[steps];
-    label.querySelector("span").textContent = `${name}${nfe ? ` · ${nfe} NFE` : ""}`;
+    label.querySelector("span").textContent = `${name}${nfe ? ` · ${nfe}` : ""}`;
+    label.title = `${m.doc ? `${m.doc} ` : ""}${nfe ? `(${nfe} NFE at ${steps} steps)` : ""}`;
   }
 }
 
@@ -394,7 +395,10 @@ async function run() {
       }
       if (done.notes.length) setStatus(done.notes.join("; "));
     }
-    if (!first) setStatus(`done: first image ${(state.lastTiming / 1000).toFixed(2)} s after the click`);
+    if (!first) {
+      setStatus(`done: ${jobs.length} fill${jobs.length > 1 ? "s" : ""}`);
+      $("status").title = `first image ${(state.lastTiming / 1000).toFixed(2)} s after the click`;
+    }
   } catch (e) {
     showError(e.message);
     setStatus("");
