@@ -196,9 +196,24 @@ def test_a_mask_file_can_be_inverted_or_scaled(serve, tiny_checkpoint, photo):
     assert np.array_equal(shown > 127, hole)
     small = png(np.kron((hole * 255).astype(np.uint8)[::8, ::8], np.ones((2, 2), np.uint8)))  # 24x20
     status, body = client.json("POST", f"/api/masks?image={image['id']}", small)
-    assert status == 400 and body["error"] == ("mask the mask is 24x20 but image is 96x80; tick 'scale to the image' "
-                                               "to scale it")
+    assert status == 400 and body["error"] == ("the mask is 24x20 but image is 96x80; tick 'scale to the image' to "
+                                               "scale it")
     assert client.upload_mask(small, image["id"], resize=True)["fraction"] == pytest.approx(0.5)
+
+
+def test_choosing_another_cached_model_loads_it(serve, tiny_checkpoint, photo):
+    """Started on a test checkpoint, the page also offers the embedded backbone (cached: shipped); a fill that asks for
+    it loads it in place of the first, with its own default method, AID."""
+    client = serve(model=str(tiny_checkpoint))
+    info = client.json("GET", "/api/info")[1]
+    offered = {m["id"]: m for m in info["models"]}
+    assert offered[tiny_checkpoint.name]["default"] and offered[tiny_checkpoint.name]["default_method"] == "repaint"
+    assert offered["aid-cats64"]["default_method"] == "aid" and "path" not in offered["aid-cats64"]
+    image = client.upload_image(png(photo[:64, :64]))
+    mask = client.upload_mask(png((box_hole(64, 64, (20, 20, 40, 40)) * 255).astype(np.uint8)), image["id"])
+    job = client.wait(client.fill(image=image["id"], mask=mask["id"], model="aid-cats64")["id"])
+    assert job["state"] == "done" and job["method"] == "aid" and job["results"][0]["model"] == "aid-cats64", job
+    assert client.server.engine.current.id == "aid-cats64"
 
 
 # --------------------------------------------------------------------------------------------------- bad uploads

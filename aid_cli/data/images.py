@@ -251,7 +251,8 @@ def load_mask(path: str | os.PathLike | Upload, size: tuple[int, int], invert: b
     if im.size != tuple(size):
         if not resize:
             hint = " (one of them may carry an EXIF rotation the other lacks)" if im.size == tuple(size)[::-1] else ""
-            raise UserError(f"mask {path} is {im.width}x{im.height} but image is {size[0]}x{size[1]}{hint}; "
+            shown = "the mask" if upload else f"mask {path}"
+            raise UserError(f"{shown} is {im.width}x{im.height} but image is {size[0]}x{size[1]}{hint}; "
                             f"{resize_hint}")
         white = np.asarray(Image.fromarray(white).resize(tuple(size), Image.NEAREST), dtype=bool)
     return ~white if invert else white

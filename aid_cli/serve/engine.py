@@ -382,6 +382,7 @@ class Engine:
             job.nfe_total = max(job.nfe_total, job.nfe_done)
 
         done = fill(inpainter, img, hole, opts, chosen.spec, labels, progress, notice=job.notes.append)
+        job.nfe_total = job.nfe_done  # what it took (an empty mask: nothing; an adaptive method: its retries)
         for k, pixels in enumerate(done.pixels):
             result_id = new_id()
             self.results.put(result_id, {"png": encode_png(pixels, img)})
