@@ -106,6 +106,12 @@ def test_paint_a_stroke_fill_it_and_see_the_result(browser, server, tmp_path):
 
     browser.get(server.url)
     WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.body.dataset.ready") == "1")
+    # a file that is no image: the server's one line, on the page
+    (tmp_path / "notes.png").write_bytes(b"not an image")
+    browser.find_element(By.ID, "image-file").send_keys(str(tmp_path / "notes.png"))
+    error = browser.find_element(By.ID, "error")
+    WebDriverWait(browser, 30).until(lambda d: error.is_displayed())
+    assert error.text == "image is not an image Pillow can read: the uploaded image"
     browser.find_element(By.ID, "image-file").send_keys(str(EXAMPLE))  # the file picker
     WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.body.dataset.image"))
     canvas = browser.find_element(By.ID, "mask-canvas")
@@ -121,8 +127,14 @@ def test_paint_a_stroke_fill_it_and_see_the_result(browser, server, tmp_path):
     for _ in range(6):
         actions.move_by_offset(int(12 * scale), int(3 * scale))
     actions.release().perform()
-    hole_count = browser.execute_script("return window.aidPage.holeBits().reduce((a, b) => a + b, 0)")
+    count = "return window.aidPage.holeBits().reduce((a, b) => a + b, 0)"
+    hole_count = browser.execute_script(count)
     assert 800 < hole_count < 0.1 * 451 * 300, hole_count
+    assert not error.is_displayed()
+    browser.find_element(By.ID, "undo").click()
+    assert browser.execute_script(count) == 0
+    browser.find_element(By.ID, "redo").click()
+    assert browser.execute_script(count) == hole_count
 
     # AID (the embedded backbone's default) at 23 NFE, and replacement beside it
     methods = {el.get_attribute("value"): el for el in browser.find_elements(By.CSS_SELECTOR, "#methods input")}
@@ -160,6 +172,15 @@ def test_paint_a_stroke_fill_it_and_see_the_result(browser, server, tmp_path):
     assert seen["timing"] > 0
     label = browser.find_element(By.ID, "compare-label").text
     assert label.startswith("aid, seed 0")
+
+    # a mask file loaded into the mask layer (decoded by the server) is what the page will send; undo brings the
+    # stroke back
+    mask_file = REPO / "examples" / "chelsea_mask.png"
+    browser.find_element(By.ID, "mask-file").send_keys(str(mask_file))
+    expected = int((np.asarray(Image.open(mask_file).convert("L")) >= 128).sum())
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script(count) == expected)
+    browser.find_element(By.ID, "undo").click()
+    assert browser.execute_script(count) == hole_count
 
     shot = tmp_path / "serve.png"
     browser.execute_script("window.scrollTo(0, 0)")
