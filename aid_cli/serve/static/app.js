@@ -5,7 +5,8 @@
 
 const $ = (id) => document.getElementById(id);
 const MASK_RGB = [255, 45, 111]; // the overlay's colour; the page's opacity makes it see-through
-const UNDO_DEPTH = 30;
+const UNDO_DEPTH = 30; // steps, fewer on large images: the snapshots together stay under UNDO_BYTES
+const UNDO_BYTES = 400e6;
 
 const state = {
   info: null,
@@ -258,8 +259,10 @@ function snapshot() {
 }
 
 function pushUndo() {
+  const mask = $("mask-canvas");
+  const depth = Math.max(3, Math.min(UNDO_DEPTH, Math.floor(UNDO_BYTES / (4 * mask.width * mask.height))));
   state.undo.push(snapshot());
-  if (state.undo.length > UNDO_DEPTH) state.undo.shift();
+  while (state.undo.length > depth) state.undo.shift();
   state.redo = [];
 }
 
