@@ -120,7 +120,7 @@ class FillRequest:
     steps: int = 12
     seed: int = 0
     samples: int = 1
-    fit: str = "crop"
+    fit: str = "auto"  # as aid inpaint's --fit
     dilate: int = 0
     feather: int = 0
     class_label: int | None = None
@@ -159,9 +159,9 @@ class FillRequest:
         if steps not in STEPS_CHOICES:
             raise UserError(f"steps must be one of {', '.join(map(str, STEPS_CHOICES))} (NFE "
                             f"{', '.join(map(str, STEPS_CHOICES.values()))}), got {steps}")
-        fit = text("fit") or "crop"
-        if fit not in ("crop", "resize", "native"):
-            raise UserError(f"fit must be crop, resize or native, got {fit!r}")
+        fit = text("fit") or "auto"
+        if fit not in ("auto", "crop", "resize", "native"):
+            raise UserError(f"fit must be auto, crop, resize or native, got {fit!r}")
         feather = integer("feather", 0, 0, MAX_DILATE)
         if fit == "native" and feather:
             raise UserError("feather does not combine with fit native (its windows are filled at native scale)")
@@ -354,7 +354,7 @@ class Engine:
 
     def _run(self, job: Job) -> None:
         from ..data.images import encode_png
-        from ..inpaint import InpaintOptions, fill
+        from ..inpaint import Filled, InpaintOptions, fill
         from ..task import class_labels
 
         r = job.request
@@ -368,12 +368,9 @@ class Engine:
         opts = InpaintOptions(method=chosen.name, steps=r.steps, seed=r.seed, samples=r.samples, fit=r.fit,
                               params=chosen.params, class_label=r.class_label, method_default=bool(chosen.why),
                               dilate=r.dilate, feather=r.feather)
-        expected = chosen.spec.build().expected_nfe(r.steps)
-        if r.fit == "native":
-            from ..data.images import grow, plan_windows
 
-            expected *= len(plan_windows(grow(hole, r.dilate) if r.dilate else hole, inpainter.resolution))
-        job.nfe_total = expected
+        def expected(total: int) -> None:
+            job.nfe_total = total
 
         def progress(k: int) -> None:
             if self.stopping.is_set():
@@ -381,14 +378,18 @@ class Engine:
             job.nfe_done += k
             job.nfe_total = max(job.nfe_total, job.nfe_done)
 
-        done = fill(inpainter, img, hole, opts, chosen.spec, labels, progress, notice=job.notes.append)
-        job.nfe_total = job.nfe_done  # what it took (an empty mask: nothing; an adaptive method: its retries)
+        done = fill(inpainter, img, hole, opts, chosen.spec, labels, progress, notice=job.notes.append,
+                    expected=expected)
+        if done is None:  # an empty hole: the image back, as aid inpaint copies it through
+            job.notes.append("the mask is empty (nothing to fill): the image is given back unchanged")
+            done = Filled(None, [img.pixels.copy() for _ in range(r.samples)], 0, 0, 0.0, "copied", "pixels")
+        job.nfe_total = job.nfe_done  # what it took (an adaptive method's retries included)
         for k, pixels in enumerate(done.pixels):
             result_id = new_id()
             self.results.put(result_id, {"png": encode_png(pixels, img)})
             job.results.append({"id": result_id, "url": f"/api/results/{result_id}.png", "seed": r.seed + k,
                                 "method": chosen.name, "nfe": done.nfe, "backward": done.backward,
-                                "seconds": round(done.seconds, 3), "fit": done.fit, "space": done.space,
+                                "seconds": round(done.seconds, 3), "fit": done.how, "space": done.space,
                                 "steps": r.steps, "model": choice.label})
 
 
