@@ -196,9 +196,10 @@ def check_outputs(jobs: list[Job], create: list[Path] = ()) -> None:
 
 @dataclass
 class Prepared:
-    """One input fitted for the sampler: the image, its hole, how it was fitted, and x, M at that resolution."""
+    """One input fitted for the sampler: the image, its hole, how it was fitted, and x, M at that resolution; `job`:
+    the files it came from (None for `aid serve`'s uploads)."""
 
-    job: Job
+    job: Job | None
     img: object
     hole: object
     fit: object
@@ -221,10 +222,8 @@ def prepare(job: Job, resolution: int, opts: InpaintOptions, notice: Callable[[s
         notice(f"{job.image.name}: {note}")
     for note in notes:
         notice(note)
-    if opts.dilate:
-        hole = grow(hole, opts.dilate)
-    fraction = mask_stats(hole)
-    if fraction == 0:
+    item = fit_input(img, hole, resolution, opts, notice, full_resolution, multiscale, job)
+    if item is None:
         notice(f"{job.mask.name}: the mask is empty (nothing to fill); {job.image.name} is copied through unchanged")
         records = []
         for path in job.outputs:
@@ -232,9 +231,21 @@ def prepare(job: Job, resolution: int, opts: InpaintOptions, notice: Callable[[s
                 notice(f"{path.name}: {w}")
             records.append(_record(path, job, opts, k=len(records), nfe=0, backward=0, seconds=0.0, fit="copied"))
         return records
+    return item
+
+
+def fit_input(img, hole, resolution: int, opts: InpaintOptions, notice: Callable[[str], None],
+              full_resolution: bool = False, multiscale: bool = False, job: Job | None = None) -> Prepared | None:
+    """An image and its hole, already loaded, made ready for fill_items as `opts` says (--dilate, then fit_hole);
+    None when there is nothing to fill. A hole over 90 % of the image gets a warning through `notice`."""
+    if opts.dilate:
+        hole = grow(hole, opts.dilate)
+    fraction = mask_stats(hole)
+    if fraction == 0:
+        return None
     if fraction > INVERTED_WARNING_FRACTION:
-        notice(f"{job.mask.name}: {fraction:.0%} of the image is to be filled; if white was meant to be kept, "
-               f"pass --invert-mask")
+        notice(f"{job.mask.name if job else 'mask'}: {fraction:.0%} of the image is to be filled; if white was meant "
+               f"to be kept, pass --invert-mask")
     return fit_hole(job, img, hole, resolution, opts, full_resolution, multiscale)
 
 
@@ -351,6 +362,29 @@ def inpaint_batch(inpainter: Inpainter, items: list[Prepared], opts: InpaintOpti
     return records
 
 
+def fill(inpainter: Inpainter, img, hole, opts: InpaintOptions, spec: MethodSpec,
+         class_labels: torch.Tensor | None = None, progress: Callable[[int], None] | None = None,
+         notice: Callable[[str], None] = lambda message: None,
+         expected: Callable[[int], None] | None = None) -> Filled | None:
+    """Fill one image already in memory (`aid serve`): the same fit (fit_input → fit_hole) and the same sampler call
+    and compositing (fill_items) as `aid inpaint` gives the same image and mask files, so the pixels are the same for
+    the same model, method, options and seed. None for an empty hole (nothing to fill). `expected(n)`: told the NFE
+    the fill will take (a progress bar's total) before it starts."""
+    method = spec.build()
+    item = fit_input(img, hole, inpainter.resolution, opts, notice, full_resolution=method.full_resolution,
+                     multiscale=inpainter.multiscale)
+    if item is None:
+        return None
+    if expected is not None:
+        expected(method.expected_nfe(opts.steps) * expected_calls(item))
+    return fill_items(inpainter, [item], opts, method, class_labels, progress)[0]
+
+
+def expected_calls(item: Prepared) -> int:
+    """Sampler calls a prepared input costs: one per window (native fit), else one."""
+    return len(item.fit) if isinstance(item.fit, list) else 1
+
+
 class _NoBar:
     """No progress display: what `inpaint_jobs` tells a bar goes nowhere."""
 
@@ -416,5 +450,4 @@ def _record(path: Path, job: Job, opts: InpaintOptions, k: int, nfe: int, backwa
 
 
 __all__ = ["InpaintOptions", "Job", "plan_outputs", "plan_jobs", "default_output", "release_jobs", "check_outputs",
-           "prepare", "fit_hole", "Filled", "fill_items", "inpaint_batch",
-           "inpaint_jobs"]
+           "prepare", "fit_input", "fit_hole", "Filled", "fill_items", "fill", "inpaint_batch", "inpaint_jobs"]

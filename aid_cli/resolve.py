@@ -129,5 +129,33 @@ def resolve_method(label: str, steps: int, checkpoint: Path | None = None, sha25
     return spec
 
 
-__all__ = ["OPERATING_POINTS", "MethodSpec", "check_method_names", "default_method", "resolve_method",
-           "split_variant"]
+@dataclass
+class InpaintMethod:
+    """What `aid inpaint` and `aid serve` run on one backbone: the method's name (given or default), its spec, the
+    params recorded with each output, and why it was chosen ("" when it was given)."""
+
+    name: str
+    spec: MethodSpec
+    params: dict  # recorded: the backbone's tuned params; AID: + the module's path and the backbone's sha256
+    tuned: dict  # the backbone's tuned params alone (the CLI says when it uses them)
+    why: str
+
+
+def inpaint_method(method: str | None, steps: int, checkpoint: Path, guidance=None, cache=None,
+                   offline: bool | None = None, notice: Callable[[str], None] | None = None,
+                   sha256: str | None = None, loaded: dict | None = None) -> InpaintMethod:
+    """`--method` (None: the default for this backbone, default_method) and `--guidance` → what fills the images, as
+    `aid inpaint` and `aid serve` both decide it (resolve_method); `sha256` and `loaded` save a server the backbone's
+    hash and the module's load on every fill."""
+    name, guidance, why = default_method(method, guidance, checkpoint, cache)
+    spec = resolve_method(name, steps, checkpoint, sha256=sha256, notice=notice, guidance=guidance, cache=cache,
+                          offline=offline, loaded=loaded)
+    tuned = {k: v for k, v in spec.params.items() if k not in RECORDED_ONLY}  # the backbone's tuned ones
+    params = dict(tuned)
+    if spec.method == "aid":  # recorded: the module (as given) and the backbone it was checked against
+        params.update(guidance=str(spec.guidance), backbone_sha256=spec.backbone_sha256)
+    return InpaintMethod(name, spec, params, tuned, why)
+
+
+__all__ = ["OPERATING_POINTS", "MethodSpec", "InpaintMethod", "check_method_names", "default_method",
+           "inpaint_method", "resolve_method", "split_variant"]

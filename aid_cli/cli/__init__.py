@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import UserError
-from . import about, bench, inpaint, metrics, models, train
+from . import about, bench, inpaint, metrics, models, serve, train
 from .console import Command, err
 
 app = typer.Typer(
@@ -64,6 +64,7 @@ models_app.command("download", cls=Command)(models.models_download)
 models_app.command("rm", cls=Command)(models.models_rm)
 app.command("env")(about.env_cmd)
 app.command(cls=Command)(inpaint.inpaint)
+app.command()(serve.serve)
 models_app.command("eval")(models.models_eval)
 app.command("metrics", cls=Command)(metrics.metrics_cmd)
 app.command()(bench.bench)

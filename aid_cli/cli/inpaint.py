@@ -80,7 +80,7 @@ def inpaint(
     from ..inpainter import Inpainter
     from ..methods.base import check_method_name
     from ..models.catalogue import resolve_backbone
-    from ..resolve import RECORDED_ONLY, default_method, resolve_method
+    from ..resolve import inpaint_method
     from ..task import class_labels
     from ..threads import apply_threads
 
@@ -100,14 +100,11 @@ def inpaint(
         inpainter = Inpainter.load(checkpoint, dev, vae=vae, precision=precision, compile=compile_net, notice=log,
                                    check=lambda info: class_labels(class_label, info["label_dim"], 1))
         labels = class_labels(class_label, inpainter.info["label_dim"], 1)
-        method, guidance, why = default_method(method, guidance, checkpoint, cache_dir)
-        spec = resolve_method(method, steps, checkpoint, notice=lambda m: err.print(escape(m), soft_wrap=True),
-                              guidance=guidance, cache=cache_dir, offline=True if offline else None)
-        params = {k: v for k, v in spec.params.items() if k not in RECORDED_ONLY}  # the backbone's tuned ones
-        if params and not quiet:
-            err.print(f"{method}: this backbone's tuned params {escape(json.dumps(params))} (aid bench --tune)")
-        if spec.method == "aid":  # recorded: the module (as given) and the backbone it was checked against
-            params.update(guidance=str(spec.guidance), backbone_sha256=spec.backbone_sha256)
+        chosen = inpaint_method(method, steps, checkpoint, guidance, cache=cache_dir,
+                                offline=True if offline else None, notice=lambda m: err.print(escape(m), soft_wrap=True))
+        method, spec, params, why = chosen.name, chosen.spec, chosen.params, chosen.why
+        if chosen.tuned and not quiet:
+            err.print(f"{method}: this backbone's tuned params {escape(json.dumps(chosen.tuned))} (aid bench --tune)")
         check_outputs(jobs, create)
         for folder in create:
             folder.mkdir(exist_ok=True)  # only once everything that can fail has passed (a parallel job may beat us)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import math
 import os
 from dataclasses import dataclass, field
@@ -40,13 +41,22 @@ MASK_SUFFIXES = ("_mask", "-mask")  # `photo_mask.png` / `photo-mask.png` is the
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as Pillow's RGB → L
 
 
+@dataclass(frozen=True)
+class Upload:
+    """The bytes of an image that never was a file here (`aid serve`'s uploads), read by the same loaders as files;
+    `label` names it in messages and is never used as a path."""
+
+    data: bytes
+    label: str = "upload"
+
+
 # ---------------------------------------------------------------------------------------------------------------- reading
 
 @dataclass
 class LoadedImage:
     """An image file after EXIF orientation, with its pixels kept at native dtype for exact compositing."""
 
-    path: Path
+    path: Path | None  # None: an Upload's bytes (`aid serve`), never a file here
     pixels: np.ndarray  # HxW ("L", "I;16") or HxWxC ("LA", "RGB", "RGBA"); uint8, or uint16 for "I;16"
     mode: str  # Pillow mode of `pixels`, and of the output: "L", "LA", "RGB", "RGBA" or "I;16"
     source_mode: str  # the file's own mode before conversion ("P", "CMYK", "I;16B", …)
@@ -77,44 +87,52 @@ class LoadedImage:
         return np.broadcast_to(a, a.shape[:2] + (3,)).astype(np.float32) / self.max_value
 
 
-def _open(path: str | os.PathLike, what: str) -> tuple[Image.Image, bool]:
-    """Open, fully decode and EXIF-orient an image file (and say if it is 16-bit colour that Pillow reads as 8-bit).
+def _open(path: str | os.PathLike | Upload, what: str, max_pixels: int | None = None) -> tuple[Image.Image, bool]:
+    """Open, fully decode and EXIF-orient an image file, or the bytes of an upload (and say if it is 16-bit colour
+    that Pillow reads as 8-bit).
 
-    Every failure is a one-line UserError naming the file.
+    Every failure is a one-line UserError naming the file (an upload: its label). `max_pixels`: a lower limit than
+    Pillow's decompression-bomb one, checked on the header's size before anything is decoded (`aid serve`).
     """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{what} not found: {path}")
-    if path.is_dir():
-        raise UserError(f"{what} is a folder, not a file: {path}")
-    if not path.is_file():
-        raise UserError(f"{what} is not a regular file (a device, pipe or socket): {path}")
-    if path.stat().st_size == 0:
-        raise UserError(f"{what} is an empty file: {path}")
+    if isinstance(path, Upload):
+        source, label = io.BytesIO(path.data), path.label
+        if not path.data:
+            raise UserError(f"{what} is empty: {label}")
+    else:
+        path = Path(path)
+        source, label = path, path
+        if not path.exists():
+            raise UserError(f"{what} not found: {path}")
+        if path.is_dir():
+            raise UserError(f"{what} is a folder, not a file: {path}")
+        if not path.is_file():
+            raise UserError(f"{what} is not a regular file (a device, pipe or socket): {path}")
+        if path.stat().st_size == 0:
+            raise UserError(f"{what} is an empty file: {path}")
     import warnings
 
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # every decoder warning is seen here, then told once per kind
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_IMAGE_PIXELS decides (below)
-            out, wide_colour, frames = _decode_file(path, what)
+            out, wide_colour, frames = _decode_file(source, what, label, max_pixels)
     except UnidentifiedImageError:
-        raise UserError(f"{what} is not an image Pillow can read: {path}") from None
+        raise UserError(f"{what} is not an image Pillow can read: {label}") from None
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{what} is too large to decode safely: {label} ({e})") from None
+    except PermissionError:
+        raise UserError(f"{what} cannot be read (permission denied): {label}") from None
     except UserError:
         raise
-    except Image.DecompressionBombError as e:
-        raise UserError(f"{what} is too large to decode safely: {path} ({e})") from None
-    except PermissionError:
-        raise UserError(f"{what} cannot be read (permission denied): {path}") from None
     except Exception as e:  # untrusted bytes: every way a decoder can fail on them is the file's fault
         detail = str(e).splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"{what} is truncated or damaged: {path} ({detail})") from None
+        raise UserError(f"{what} is truncated or damaged: {label} ({detail})") from None
     if out.width == 0 or out.height == 0:
-        raise UserError(f"{what} has zero size: {path}")
-    _warn_once_per_kind(caught, path)
+        raise UserError(f"{what} has zero size: {label}")
+    _warn_once_per_kind(caught, Path(str(label)))
     if frames > 1:
-        warnings.warn(f"{path.name}: {frames} frames (an animated or multi-page {out.format or 'image'}); only the "
-                      f"first is used", UserWarning, stacklevel=3)
+        warnings.warn(f"{Path(str(label)).name}: {frames} frames (an animated or multi-page {out.format or 'image'}); "
+                      f"only the first is used", UserWarning, stacklevel=3)
     return out, wide_colour
 
 
@@ -169,15 +187,19 @@ def native_stderr_silenced(active: bool = True):
             os.close(saved)
 
 
-def _decode_file(path: Path, what: str = "image") -> tuple[Image.Image, bool, int]:
+def _decode_file(source, what: str = "image", label=None, max_pixels: int | None = None) -> tuple[Image.Image, bool, int]:
     """(the decoded, EXIF-oriented first frame, whether it is 16-bit colour read as 8-bit, how many frames the file
-    has); an image over MAX_IMAGE_PIXELS is refused from its header."""
-    with Image.open(path) as im, native_stderr_silenced(im.format == "TIFF"):
+    has); an image over MAX_IMAGE_PIXELS, or over `max_pixels` when given (`aid serve`), is refused from its header."""
+    label = source if label is None else label
+    with Image.open(source) as im, native_stderr_silenced(im.format == "TIFF"):
         w, h = im.size
         if w * h > MAX_IMAGE_PIXELS:
             raise UserError(f"{what} is {w}x{h} ({w * h:,} pixels), more than the {MAX_IMAGE_PIXELS:,} aid can "
                             f"process in its {IMAGE_MEMORY_BUDGET >> 30} GiB memory budget per image (~{BYTES_PER_PIXEL} "
-                            f"bytes a pixel): {path}; downscale it first")
+                            f"bytes a pixel): {label}; downscale it first")
+        if max_pixels is not None and w * h > max_pixels:  # the header's claim, before any decoding
+            raise UserError(f"{what} is too large: {label} is {w}x{h} = {w * h:,} pixels (the limit is "
+                            f"{max_pixels:,})")
         frames = getattr(im, "n_frames", 1) or 1
         rawmodes = [t.args for t in im.tile or [] if isinstance(t.args, str)]
         wide_colour = im.mode in ("RGB", "RGBA") and any(";16" in m for m in rawmodes)
@@ -225,32 +247,39 @@ def _native(im: Image.Image, path: Path) -> tuple[np.ndarray, str, list[str], bo
     return np.asarray(im).copy(), target, notes, converted
 
 
-def load_image(path: str | os.PathLike) -> LoadedImage:
-    """Read any Pillow-readable image, EXIF-oriented, keeping its native pixels for exact compositing."""
-    path = Path(path)
-    im, wide_colour = _open(path, "image")
-    pixels, mode, notes, converted = _native(im, path)
+def load_image(path: str | os.PathLike | Upload, max_pixels: int | None = None) -> LoadedImage:
+    """Read any Pillow-readable image (a file, or an Upload's bytes), EXIF-oriented, keeping its native pixels for
+    exact compositing. `max_pixels`: refuse larger images before decoding them (below Pillow's own bomb limit)."""
+    upload = isinstance(path, Upload)
+    path = path if upload else Path(path)
+    im, wide_colour = _open(path, "image", max_pixels)
+    pixels, mode, notes, converted = _native(im, path.label if upload else path)
     if wide_colour:
         notes.append("16-bit colour PNG: Pillow decodes it at 8 bits per channel, so the output is 8-bit")
     icc = None if converted else im.info.get("icc_profile")
-    return LoadedImage(path=path, pixels=pixels, mode=mode, source_mode=im.mode, format=im.format, icc_profile=icc,
-                       notes=notes)
+    return LoadedImage(path=None if upload else path, pixels=pixels, mode=mode, source_mode=im.mode, format=im.format,
+                       icc_profile=icc, notes=notes)
 
 
-def load_mask(path: str | os.PathLike, size: tuple[int, int], invert: bool = False, resize: bool = False,
-              notes: list[str] | None = None) -> np.ndarray:
+def load_mask(path: str | os.PathLike | Upload, size: tuple[int, int], invert: bool = False, resize: bool = False,
+              notes: list[str] | None = None, max_pixels: int | None = None,
+              resize_hint: str = "pass --resize-mask to scale it") -> np.ndarray:
     """Read a mask file as a bool HxW array, True = hole (white = fill; `invert` for white = keep), at image `size` (W, H).
 
     A mask drawn on a transparent layer (an alpha channel with both opaque and transparent pixels: strokes painted over
     nothing, as image editors export them) is read as drawn: its opaque pixels are the hole, whatever their colour; a
-    note saying so goes to `notes`. A fully opaque (or alpha-less) mask is read by brightness, white = fill."""
-    path = Path(path)
-    im, _ = _open(path, "mask")
+    note saying so goes to `notes`. A fully opaque (or alpha-less) mask is read by brightness, white = fill.
+    `path`: a file, or an Upload's bytes (`aid serve`); `resize_hint`: what a size mismatch's message suggests."""
+    upload = isinstance(path, Upload)
+    path = path if upload else Path(path)
+    name = path.label if upload else path.name
+    im, _ = _open(path, "mask", max_pixels)
+    path = path.label if upload else path
     alpha = _alpha(im)
     if alpha is not None and (alpha >= 128).any() and (alpha < 128).any():
         white = alpha >= 128
         if notes is not None:
-            notes.append(f"{path.name}: read as strokes on a transparent layer: its opaque pixels "
+            notes.append(f"{name}: read as strokes on a transparent layer: its opaque pixels "
                          f"({100 * white.mean():.0f}%) are the hole")
     elif im.mode.startswith("I;16") or im.mode == "I":
         white = np.asarray(im).astype(np.int64) >= 32768  # 16-bit: ≥ 128 on the 8-bit scale
@@ -263,8 +292,9 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int], invert: bool = Fal
     if im.size != tuple(size):
         if not resize:
             hint = " (one of them may carry an EXIF rotation the other lacks)" if im.size == tuple(size)[::-1] else ""
-            raise UserError(f"mask {path} is {im.width}x{im.height} but image is {size[0]}x{size[1]}{hint}; "
-                            f"pass --resize-mask to scale it")
+            shown = "the mask" if upload else f"mask {path}"
+            raise UserError(f"{shown} is {im.width}x{im.height} but image is {size[0]}x{size[1]}{hint}; "
+                            f"{resize_hint}")
         white = np.asarray(Image.fromarray(white).resize(tuple(size), Image.NEAREST), dtype=bool)
     return ~white if invert else white
 
@@ -524,21 +554,8 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def save_image(path: str | os.PathLike, array: np.ndarray, like: LoadedImage,
-               protect: Iterable[str | os.PathLike] = ()) -> list[str]:
-    """Write `array` (pixels in `like`'s mode) atomically, format from the suffix; returns warnings for the user.
-
-    Refuses to write over the input image or any path in `protect` (e.g. the mask). PNG and TIFF keep 16 bits and alpha;
-    JPEG is lossy (visible pixels cannot stay bit-exact), WebP is written lossless.
-    """
-    path = Path(path)
-    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise UserError(f"cannot tell the output format from {path.name!r}; use .png, .jpg, .webp, .tif or .bmp")
-    for source in (like.path, *map(Path, protect)):
-        if _same_file(path, source):
-            raise UserError(f"refusing to write over an input file: {path}")
-    check_writable_dir(path)
+def _encoded(array: np.ndarray, like: LoadedImage, fmt: str) -> tuple[Image.Image, dict, list[str]]:
+    """`array` (pixels in `like`'s mode) as the Pillow image and save parameters of `fmt`, with warnings for the user."""
     warnings, mode = [], like.mode
     if mode == "I;16" and fmt not in ("PNG", "TIFF"):
         array, mode = np.rint(array / 257).astype(np.uint8), "L"
@@ -557,8 +574,35 @@ def save_image(path: str | os.PathLike, array: np.ndarray, like: LoadedImage,
         warnings.append("JPEG is lossy: the visible pixels will not stay bit-exact (use .png to keep them exactly)")
     elif fmt == "WEBP":
         params.update(lossless=True, exact=True)
+    return im, params, warnings
+
+
+def save_image(path: str | os.PathLike, array: np.ndarray, like: LoadedImage,
+               protect: Iterable[str | os.PathLike] = ()) -> list[str]:
+    """Write `array` (pixels in `like`'s mode) atomically, format from the suffix; returns warnings for the user.
+
+    Refuses to write over the input image or any path in `protect` (e.g. the mask). PNG and TIFF keep 16 bits and alpha;
+    JPEG is lossy (visible pixels cannot stay bit-exact), WebP is written lossless.
+    """
+    path = Path(path)
+    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"cannot tell the output format from {path.name!r}; use .png, .jpg, .webp, .tif or .bmp")
+    for source in (like.path, *map(Path, protect)):
+        if source is not None and _same_file(path, source):
+            raise UserError(f"refusing to write over an input file: {path}")
+    check_writable_dir(path)
+    im, params, warnings = _encoded(array, like, fmt)
     atomic_write(path, lambda tmp: im.save(tmp, format=fmt, **params))
     return warnings
+
+
+def encode_png(array: np.ndarray, like: LoadedImage) -> bytes:
+    """`array` (pixels in `like`'s mode) as the bytes `save_image` writes to a .png file (`aid serve`'s results)."""
+    im, params, _ = _encoded(array, like, "PNG")
+    buffer = io.BytesIO()
+    im.save(buffer, format="PNG", **params)
+    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------------------------- pairing
