@@ -237,9 +237,10 @@ def _pretrain(cfg: PretrainConfig, resume: bool, device, max_steps: int | None, 
                 snapshot_due = snap > last_snapshot_kimg or done
                 if snapshot_due:
                     last_snapshot_kimg = snap
-                    write_snapshot(run, cfg, ema, nimg, elapsed, data.source)
+                    # a stop writes the weights at once; the sample grid waits for a scheduled snapshot
+                    write_snapshot(run, cfg, ema, nimg, elapsed, data.source, grid=not stopping)
                 val_k = nimg // val_every if val_every > 0 else 0
-                if val_set is not None and (val_k > last_val or done):
+                if val_set is not None and (val_k > last_val or done and not stopping):
                     last_val = val_k
                     val = validation_loss(ema, val_set, seed=0, batch=64, device=device)
                     with open(stats_path, "a") as f:
@@ -260,8 +261,9 @@ def _pretrain(cfg: PretrainConfig, resume: bool, device, max_steps: int | None, 
     return run
 
 
-def write_snapshot(run: Path, cfg: PretrainConfig, ema, nimg: int, elapsed: float, source: str) -> Path:
-    """EMA weights as a backbone checkpoint (usable with `--model`) and a grid of samples from them."""
+def write_snapshot(run: Path, cfg: PretrainConfig, ema, nimg: int, elapsed: float, source: str,
+                   grid: bool = True) -> Path:
+    """EMA weights as a backbone checkpoint (usable with `--model`) and, with `grid`, a grid of samples from them."""
     kimg = nimg // 1000
     # whole kimg as in EDM; a fractional --snapshot-kimg (0.4) names by kimg to 3 decimals, so no snapshot
     # overwrites the one before it
@@ -270,6 +272,7 @@ def write_snapshot(run: Path, cfg: PretrainConfig, ema, nimg: int, elapsed: floa
     provenance = portable_record({"trained_by": "aid pretrain", "dataset": source, "images_seen": nimg,
                                   "train_seconds": round(elapsed, 1), "config": dataclasses.asdict(cfg)}, run)
     save_backbone(path, ema, "EDMPrecond", cfg.network_kwargs(), provenance=provenance)
-    with torch.random.fork_rng():
-        save_grid(run / f"samples-{tag}.png", sample_grid(ema, cfg.resolution, n=64, seed=0), cols=8)
+    if grid:
+        with torch.random.fork_rng():
+            save_grid(run / f"samples-{tag}.png", sample_grid(ema, cfg.resolution, n=64, seed=0), cols=8)
     return path

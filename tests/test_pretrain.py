@@ -118,6 +118,7 @@ def test_sigterm_saves_state_and_snapshot_then_resume_continues(tiny_dataset, tm
     state = load_file(str(tmp_path / "r" / STATE_FILE))
     assert state and any("stopped at" in str(line) for line in logs)
     assert sorted((tmp_path / "r").glob("network-snapshot-*.safetensors"))
+    assert not sorted((tmp_path / "r").glob("samples-*.png"))  # a stop writes the weights at once, no sample grid
     stats = [json.loads(line) for line in (tmp_path / "r" / "stats.jsonl").read_text().splitlines()]
     assert stats[-1]["step"] == 2
     pretrain(config(tiny_dataset, tmp_path / "r", duration_kimg=0.02), resume=True, progress=False,
