@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from aid_cli.serve.server import STATIC, make_server, start_in_thread
@@ -121,7 +122,8 @@ def serve():
     servers = []
 
     def make(**options):
-        options = {"device": "cpu", "threads": 1, **options}
+        # the suite's thread count (conftest pins it), so a fill equals an in-process `aid inpaint`'s to the last bit
+        options = {"device": "cpu", "threads": torch.get_num_threads(), **options}
         server = make_server(host="127.0.0.1", port=0, **options)
         start_in_thread(server)
         servers.append(server)

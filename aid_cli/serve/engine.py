@@ -248,7 +248,11 @@ class Engine:
         self.lock = threading.Lock()
         self.counter = itertools.count(1)
         self.started_count = itertools.count(1)
-        self.threads = threads
+        import torch
+
+        # OpenMP's thread count is per thread: the worker takes the process's (or --threads), else a fill on the page
+        # could run with another count than `aid inpaint` and differ from it in the last bit
+        self.threads = threads or torch.get_num_threads()
         self.inpainter = None
         self.current: ModelChoice | None = None
         self.sha256: str | None = None
@@ -327,8 +331,7 @@ class Engine:
     def _work(self) -> None:
         import torch
 
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads)
         while not self.stopping.is_set():
             job = self.queue.get()
             if job is None or self.stopping.is_set():
