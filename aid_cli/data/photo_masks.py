@@ -26,7 +26,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .masks import EVAL_STREAM, TRAIN_STREAM
+from .masks import EVAL_STREAM, TRAIN_STREAM, box_known
 
 PHOTO_MASKS_VERSION = "photo-v1"
 PHOTO_FAMILIES = ("stroke", "blob", "box", "text")
@@ -97,15 +97,9 @@ def blob_hole(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
 
 
 def box_hole(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """An axis-aligned rectangle of 2–10 % of the area, aspect (w/h) log-uniform in [1/2, 2], inside the photo."""
-    area = rng.uniform(0.02, 0.10) * height * width
-    aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
-    h = int(np.clip(round(math.sqrt(area / aspect)), 1, height))
-    w = int(np.clip(round(area / h), 1, width))
-    top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
-    hole = np.zeros((height, width), dtype=bool)
-    hole[top:top + h, left:left + w] = True
-    return hole
+    """An axis-aligned rectangle of 2–10 % of the area, aspect (w/h) log-uniform in [1/2, 2], inside the photo: the
+    cat protocol's training box (masks.box_known) at an object's size."""
+    return ~box_known(rng, height, width, (0.02, 0.10))
 
 
 _GRID = [(gx / 2, gy / 2) for gy in range(3) for gx in range(3)]  # a glyph's anchor points, in units of its cell

@@ -46,8 +46,9 @@ class Classical(Method):
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(y.device, torch.float32) * 2 - 1
 
     def fill_one(self, rgb: np.ndarray, hole: np.ndarray) -> np.ndarray:
-        """The filled image, HxWx3 float64 in [0, 1], of `rgb` (HxWx3 in [0, 1]) with `hole` (HxW bool) unknown."""
-        raise NotImplementedError
+        """The filled image, HxWx3 float64 in [0, 1], of `rgb` (HxWx3 in [0, 1]) with `hole` (HxW bool) unknown; each
+        registered classical method gives its own (this base class is never registered)."""
+        raise TypeError(f"{type(self).__name__} is not a registered classical method: it has no fill of its own")
 
 
 @register
