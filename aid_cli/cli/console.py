@@ -50,7 +50,7 @@ OFFLINE_HELP = "Never download: a model not in the cache fails at once (also: HF
 THREADS_HELP = ("CPU threads for torch (default: the CPUs this process may use less those other processes keep busy "
                 "when it starts, at least 1; AID_THREADS=N or OMP_NUM_THREADS=N set it for every command).")
 
-TRAIN_PRECISION_HELP = ("auto|fp32|bf16 autocast of the forward passes (auto: bf16 on a CUDA GPU that has it, else fp32; "
+TRAIN_PRECISION_HELP = ("Autocast of the forward passes (auto: bf16 on a CUDA GPU that has it, else fp32; "
                         "weights, optimizer and loss stay float32; fp16 is not offered for training).")
 
 class DownloadBar:

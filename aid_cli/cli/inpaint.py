@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import UserError
-from .console import CACHE_HELP, OFFLINE_HELP, THREADS_HELP, err, log, model_file
+from . import options
+from .console import err, log, model_file
 
 
 def inpaint(
@@ -33,11 +34,9 @@ def inpaint(
     seed: int = typer.Option(0, "--seed", help="Seed of sample 0; sample k uses seed + k."),
     samples: int = typer.Option(1, "--samples", min=1, help="Completions per image (outputs get -0, -1, ... suffixes)."),
     batch: int = typer.Option(1, "--batch", min=1, help="Images per sampler call (folders; results do not depend on it)."),
-    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps (auto: cuda, then mps, then cpu)."),
-    precision: str = typer.Option("auto", "--precision", help="auto|fp32|fp16|bf16 for the backbone (auto: as the "
-                                  "checkpoint says; fp16 needs a GPU)."),
-    compile_net: bool = typer.Option(False, "--compile", help="torch.compile the backbone (pays off on a GPU, for many "
-                                     "images; falls back with a notice where it cannot compile)."),
+    device: str = options.device(),
+    precision: options.Precision = options.precision(),
+    compile_net: bool = options.compile_net(),
     invert_mask: bool = typer.Option(False, "--invert-mask", help="Masks are white = keep (RePaint convention)."),
     resize_mask: bool = typer.Option(False, "--resize-mask", help="Scale a mask whose size differs from the image's."),
     dilate: int = typer.Option(0, "--dilate", min=0, metavar="N", help="Grow the hole by N pixels first (covers the "
@@ -46,21 +45,17 @@ def inpaint(
                                 "hole, to soften hard seams (those pixels change; default 0: only hole pixels do)."),
     guidance: Optional[Path] = typer.Option(None, "--guidance", help="AID's guidance module (default: the one shipped "
                                             "for the backbone; implies --method aid)."),
-    fit: str = typer.Option("auto", "--fit", help="auto: chosen per hole by what the backbone was trained on (a "
-                            "photo backbone: native for thin strokes spread wide, crop for the rest; other backbones: "
-                            "crop); crop: a box around the mask (at native scale when it is small); resize: the whole "
-                            "image; native: windows at the model's own scale along the mask, filled one after another "
-                            "(long thin strokes on large photos)."),
+    fit: options.Fit = options.fit(),
     class_label: Optional[int] = typer.Option(None, "--class", min=0,
                                               help="Class N for a class-conditional backbone (e.g. ImageNet)."),
     vae: Optional[str] = typer.Option(None, "--vae", help="Latent backbones: a local diffusers VAE folder instead of "
                                       "the pinned stabilityai/sd-vae-ft-mse from the Hugging Face cache/hub."),
-    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+    offline: bool = options.offline(),
+    cache_dir: Optional[Path] = options.cache_dir(),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON record per output on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no `wrote` lines (warnings and "
                                "errors still show; --json records still print)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    threads: Optional[int] = options.threads(),
 ):
     """Fill the white region of MASK in each IMAGE; every other pixel of the output equals the input's.
 
@@ -75,6 +70,7 @@ def inpaint(
       [bold]aid inpaint dog.png --mask hole.png -o out.png --model img512-xs.safetensors --class 207[/]
       [bold]aid inpaint face.png --mask mask.png -o filled.png --model edm-ffhq-64 --device cuda --precision fp16[/]
     """
+    precision, fit = options.value(precision), options.value(fit)
     from ..devices import check_precision, resolve_device
     from ..inpaint import InpaintOptions, check_outputs, inpaint_jobs, plan_jobs, release_jobs
     from ..inpainter import Inpainter
@@ -84,8 +80,6 @@ def inpaint(
     from ..task import class_labels
     from ..threads import apply_threads
 
-    if fit not in ("auto", "crop", "resize", "native"):
-        raise UserError(f"--fit must be auto, crop, resize or native, got {fit!r}")
     if fit == "native" and feather:
         raise UserError("--feather does not combine with --fit native (its windows are filled at native scale)")
     apply_threads(threads)

@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .console import THREADS_HELP, err
+from . import options
+from .console import err
 
 
 def metrics_cmd(
@@ -17,9 +18,9 @@ def metrics_cmd(
     img: Path = typer.Argument(..., metavar="IMG", help="Image to score (e.g. the inpainted result), same size as REF."),
     mask: Optional[Path] = typer.Option(None, "--mask", "-m", help="Mask of the hole (white = fill) for hole PSNR."),
     invert_mask: bool = typer.Option(False, "--invert-mask", help="The mask is white = keep (RePaint convention)."),
-    offline: bool = typer.Option(False, "--offline", help="Never download LPIPS weights (also: HF_HUB_OFFLINE=1)."),
+    offline: bool = options.offline("Never download LPIPS weights (also: HF_HUB_OFFLINE=1)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    threads: Optional[int] = options.threads(),
 ):
     """Score IMG against REF: PSNR, hole PSNR (with --mask), SSIM and LPIPS, on the whole (completed) image.
 

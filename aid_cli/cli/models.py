@@ -12,14 +12,15 @@ from rich.markup import escape
 
 from ..errors import UserError
 from ..fileio import check_writable_dir
-from .console import CACHE_HELP, DownloadBar, OFFLINE_HELP, THREADS_HELP, err, log, model_file
+from . import options
+from .console import DownloadBar, err, log, model_file
 
 
 def models_convert(
     src: str = typer.Argument(..., metavar="SRC", help="Official NVIDIA EDM or EDM2 pickle (e.g. edm-ffhq-64x64-uncond-vp.pkl), or "
                                          "a model name."),
     dst: Optional[Path] = typer.Argument(None, metavar="DST", help="Checkpoint to write (.safetensors, atomically); not with a name."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+    cache_dir: Optional[Path] = options.cache_dir(),
     json_out: bool = typer.Option(False, "--json", help="Also print the summary as one JSON object on stdout."),
 ):
     """Convert an official EDM or EDM2 pickle to a safetensors checkpoint, without running any code from the pickle.
@@ -76,7 +77,7 @@ def _size(n: int | None) -> str:
         n /= 1000
 
 def models_list(
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+    cache_dir: Optional[Path] = options.cache_dir(),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON list (name, kind, resolution, cached, license, …)."),
 ):
     """List the models aid knows by name: backbones and guidance modules, whether each is cached, licence and size.
@@ -102,7 +103,7 @@ def models_list(
 
 def models_info(
     name: str = typer.Argument(..., metavar="NAME", help="Model name (see `aid models list`)."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+    cache_dir: Optional[Path] = options.cache_dir(),
     json_out: bool = typer.Option(False, "--json", help="Print the record as one JSON object."),
 ):
     """Everything known about one model: sources, licence, sha256 and size, where it is cached."""
@@ -126,8 +127,8 @@ def models_info(
 
 def models_download(
     names: List[str] = typer.Argument(..., metavar="NAME", help="Model names (see `aid models list`)."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
-    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
+    cache_dir: Optional[Path] = options.cache_dir(),
+    offline: bool = options.offline(),
     keep_source: bool = typer.Option(False, "--keep-source", help="Keep an official pickle after converting it."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON record per model on stdout."),
 ):
@@ -155,7 +156,7 @@ def models_download(
 def models_rm(
     names: Optional[List[str]] = typer.Argument(None, metavar="NAME", help="Model names to remove from the cache."),
     all_models: bool = typer.Option(False, "--all", help="Remove every cached model."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+    cache_dir: Optional[Path] = options.cache_dir(),
     forget_hash: bool = typer.Option(False, "--forget-hash",
                                      help="Also forget the sha256 recorded on the first download (NVIDIA publishes "
                                           "none): the next download records a new one."),
@@ -192,10 +193,10 @@ def models_eval(
     steps: int = typer.Option(18, "--steps", min=2, help="Sampler steps for the FID samples (NFE = 2N-1)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the validation noise and of sample 0."),
     batch: int = typer.Option(250, "--batch", min=1, help="Batch size for sampling and feature extraction."),
-    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
+    device: str = options.device(),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Save the first 64 FID samples as a PNG grid."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    threads: Optional[int] = options.threads(),
 ):
     """Measure a backbone: EDM denoising loss on --val, and FID of --fid-samples samples against --fid-ref.
 

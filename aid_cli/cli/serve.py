@@ -8,7 +8,8 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from .console import CACHE_HELP, OFFLINE_HELP, THREADS_HELP, err, log
+from . import options
+from .console import err, log
 
 
 def serve(
@@ -20,9 +21,9 @@ def serve(
                                         "offers every backbone already in the cache."),
     guidance: Optional[Path] = typer.Option(None, "--guidance", help="AID's guidance module for --model (default: "
                                             "the one shipped or cached for the backbone)."),
-    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps (auto: cuda, then mps, then cpu)."),
-    precision: str = typer.Option("auto", "--precision", help="auto|fp32|fp16|bf16 for the backbone."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    device: str = options.device(),
+    precision: options.Precision = options.precision(),
+    threads: Optional[int] = options.threads(),
     queue: int = typer.Option(4, "--queue", min=1, max=64, help="Fills that may wait behind the one running; more "
                               "are refused until one finishes."),
     max_upload_mb: float = typer.Option(50, "--max-upload-mb", min=0.001, help="Largest upload, in MB."),
@@ -31,8 +32,8 @@ def serve(
     allow_host: Optional[List[str]] = typer.Option(None, "--allow-host", help="Another name this server answers to "
                                                    "in the Host header (e.g. behind a proxy); repeatable."),
     open_browser: bool = typer.Option(False, "--open", help="Open the page in the default browser."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
-    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
+    cache_dir: Optional[Path] = options.cache_dir(),
+    offline: bool = options.offline(),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request on stderr."),
 ):
     """Serve a local web page: open an image, paint the part to fill with a brush, fill it, compare methods and
@@ -47,6 +48,7 @@ def serve(
       [bold]aid serve --port 0 --open[/]                 (a free port, opened in the browser)
       [bold]aid serve --model edm-ffhq-64 --threads 2[/]
     """
+    precision = options.value(precision)
     from ..serve.server import is_loopback, make_server
     from ..threads import apply_threads
 

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
-from .console import THREADS_HELP, TRAIN_PRECISION_HELP, err, log, model_file, parse_ints, run_folder
+from . import options
+from .console import err, log, model_file, parse_ints, run_folder
 
 
 def pretrain(
@@ -44,15 +45,16 @@ def pretrain(
     checkpoint_minutes: float = typer.Option(10.0, help="Write the resumable state at least this often."),
     seed: int = typer.Option(0, help="Seed of initialisation and of every training step."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where its state left off."),
-    device: str = typer.Option("auto", help="auto|cpu|cuda|mps"),
-    precision: str = typer.Option("auto", "--precision", help=TRAIN_PRECISION_HELP),
+    device: str = options.device(),
+    precision: options.TrainPrecision = options.train_precision(),
     compile_net: bool = typer.Option(False, "--compile", help="torch.compile the training forward pass."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    threads: Optional[int] = options.threads(),
 ):
     """Train an EDM backbone (SongUNet DDPM++ + EDMPrecond) with the EDM loss.
 
     Example: [bold]aid pretrain --dataset ../shared/data/cats64/train.zip --out ~/aid-runs/cats64[/]
     """
+    precision = options.value(precision)
     from ..devices import resolve_device
     from ..pretrain import PretrainConfig
     from ..pretrain import pretrain as run_pretrain
@@ -150,11 +152,10 @@ def train(
                                       "the pinned stabilityai/sd-vae-ft-mse."),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation and of every iteration."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it left off."),
-    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
-    precision: str = typer.Option("auto", "--precision", help=TRAIN_PRECISION_HELP + " Applies to the frozen "
-                                  "backbone; the actor and critic train in float32."),
+    device: str = options.device(),
+    precision: options.TrainPrecision = options.train_precision(" Applies to the frozen backbone; the actor and critic train in float32."),
     compile_net: bool = typer.Option(False, "--compile", help="torch.compile the frozen backbone."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    threads: Optional[int] = options.threads(),
 ):
     """Learn the AID guidance module for a frozen backbone with the continuous-time actor-critic.
 
@@ -163,6 +164,7 @@ def train(
 
     Example: [bold]aid train --dataset ../shared/data/cats64/train.zip --val ../shared/data/cats64/val.zip --out ~/aid-runs/aid-cats[/]
     """
+    precision = options.value(precision)
     from ..devices import resolve_device
     from ..guidance.trainer import TrainConfig
     from ..guidance.trainer import train as run_train

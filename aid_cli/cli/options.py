@@ -1,0 +1,84 @@
+"""Options that several commands share, declared once: `device: str = options.device()` in a command's signature.
+
+Choices are enums so that `--help` lists them and click refuses anything else with its own one-line error; a command
+turns them back into plain strings (`.value`) at its boundary, so the library never sees an enum."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .console import CACHE_HELP, OFFLINE_HELP, THREADS_HELP, TRAIN_PRECISION_HELP
+
+
+class Precision(str, Enum):
+    """Inference precision of the backbone."""
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class TrainPrecision(str, Enum):
+    """Autocast of training's forward passes (fp16 is not offered for training)."""
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Fit(str, Enum):
+    """How a hole reaches the backbone (data/images.py)."""
+    auto = "auto"
+    crop = "crop"
+    resize = "resize"
+    native = "native"
+
+
+def value(choice) -> Optional[str]:
+    """An enum choice as the plain string the library takes (None stays None, a string stays itself)."""
+    return choice.value if isinstance(choice, Enum) else choice
+
+
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps (auto: cuda, then mps, then cpu)."
+
+FIT_HELP = ("auto: chosen per hole by what the backbone was trained on (a photo backbone: native for thin strokes "
+            "spread wide, crop for the rest; other backbones: crop); crop: a box around the mask (at native scale "
+            "when it is small); resize: the whole image; native: windows at the model's own scale along the mask, "
+            "filled one after another (long thin strokes on large photos).")
+
+
+def device():
+    return typer.Option("auto", "--device", help=DEVICE_HELP)
+
+
+def precision(extra: str = ""):
+    return typer.Option(Precision.auto, "--precision", case_sensitive=False,
+                        help="Backbone precision (auto: as the checkpoint says; fp16 needs a GPU)." + extra)
+
+
+def train_precision(extra: str = ""):
+    return typer.Option(TrainPrecision.auto, "--precision", case_sensitive=False, help=TRAIN_PRECISION_HELP + extra)
+
+
+def fit(help: str = FIT_HELP):
+    return typer.Option(Fit.auto, "--fit", case_sensitive=False, help=help)
+
+
+def threads():
+    return typer.Option(None, "--threads", min=1, help=THREADS_HELP)
+
+
+def offline(help: str = OFFLINE_HELP):
+    return typer.Option(False, "--offline", help=help)
+
+
+def cache_dir() -> Optional[Path]:
+    return typer.Option(None, "--cache-dir", help=CACHE_HELP)
+
+
+def compile_net(help: str = "torch.compile the backbone (pays off on a GPU, for many images; falls back with a "
+                            "notice where it cannot compile)."):
+    return typer.Option(False, "--compile", help=help)
