@@ -79,6 +79,21 @@ def aid_invocations(command: str) -> list[list[str]]:
     return found
 
 
+def expand(command: str, variables: dict[str, str]) -> str:
+    """`$NAME` and `${NAME}` replaced by the block's earlier `NAME="..."` assignments (recorded here), so that options
+    kept in a variable are checked too."""
+    command = re.sub(r"\$\{?([A-Za-z_]\w*)\}?", lambda m: variables.get(m.group(1), m.group(0)), command)
+    assignment = re.match(r"^\s*([A-Za-z_]\w*)=(.*)$", command)
+    if assignment:
+        try:
+            value = shlex.split(assignment.group(2))
+        except ValueError:
+            return command
+        if len(value) == 1:
+            variables[assignment.group(1)] = value[0]
+    return command
+
+
 def _option(tok: str) -> str | None:
     tok = tok.lstrip("[")
     if not re.match(r"^--?[A-Za-z]", tok):
@@ -134,7 +149,9 @@ def test_every_aid_command_in_the_docs_exists():
                             and "…" not in line and "[" not in line:
                         problems.append(f"{rel(doc)}:{n}: a block that runs aid is not tagged ```bash: {line.strip()}")
                 continue
+            variables = {}
             for n, command in shell_commands(body, start):
+                command = expand(command, variables)
                 try:
                     invocations = aid_invocations(command)
                 except ValueError as e:
@@ -176,6 +193,9 @@ def test_the_checker_catches_what_it_should():
     assert aid_invocations("python3 -m venv .venv && .venv/bin/aid inpaint a.png --method aid") == [
         ["inpaint", "a.png", "--method", "aid"]]
     assert check_invocation(root, ["inpaint", "IMAGE", "[--device", "auto|cpu]", "[-o", "OUT]"]) is None
+    variables = {}
+    expand('C="--dataset d.zip --nope 1"', variables)
+    assert "--nope" in check_invocation(root, aid_invocations(expand("aid train $C --iters 2", variables))[0])
 
 
 # ------------------------------------------------------------------------------------------------- the work log
