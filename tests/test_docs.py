@@ -232,8 +232,12 @@ def work_log_hits(text: str) -> list[tuple[int, str, str]]:
     return hits
 
 
+# docs/design.md is the developers' map of the code (cited by it as `design.md`), kept with the code it describes.
+WORK_LOG_EXEMPT = {REPO / "docs" / "design.md"}
+
+
 def test_no_user_document_carries_the_work_log():
-    problems = [f"{rel(doc)}:{n}: {what}: {found!r}" for doc in USER_DOCS
+    problems = [f"{rel(doc)}:{n}: {what}: {found!r}" for doc in USER_DOCS if doc not in WORK_LOG_EXEMPT
                 for n, what, found in work_log_hits(doc.read_text())]
     assert not problems, "\n".join(problems)
 
