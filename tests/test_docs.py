@@ -94,6 +94,23 @@ def expand(command: str, variables: dict[str, str]) -> str:
     return command
 
 
+def synopses(lines: list[str], first: int):
+    """(line number, text) of each `aid ...` synopsis of a text block, its indented continuation lines joined."""
+    at, buf = None, ""
+    for n, line in enumerate(lines, first):
+        if re.match(r"^aid \w", line):
+            if buf:
+                yield at, buf
+            at, buf = n, line.strip()
+        elif buf and re.match(r"^\s+\[", line):
+            buf += " " + line.strip()
+        elif buf:
+            yield at, buf
+            at, buf = None, ""
+    if buf:
+        yield at, buf
+
+
 def _option(tok: str) -> str | None:
     tok = tok.lstrip("[")
     if not re.match(r"^--?[A-Za-z]", tok):
@@ -148,6 +165,12 @@ def test_every_aid_command_in_the_docs_exists():
                     if lang in ("", "text") and re.match(r"^\s*(\$ )?aid \w", line) and "..." not in line \
                             and "…" not in line and "[" not in line:
                         problems.append(f"{rel(doc)}:{n}: a block that runs aid is not tagged ```bash: {line.strip()}")
+                if lang == "text":  # a synopsis: `aid CMD ARGS [--opt X] ...`, continued on indented lines
+                    for n, synopsis in synopses(body, start):
+                        checked += 1
+                        wrong = check_invocation(root, shlex.split(synopsis)[1:])
+                        if wrong:
+                            problems.append(f"{rel(doc)}:{n}: {wrong}: {synopsis}")
                 continue
             variables = {}
             for n, command in shell_commands(body, start):
@@ -193,6 +216,8 @@ def test_the_checker_catches_what_it_should():
     assert aid_invocations("python3 -m venv .venv && .venv/bin/aid inpaint a.png --method aid") == [
         ["inpaint", "a.png", "--method", "aid"]]
     assert check_invocation(root, ["inpaint", "IMAGE", "[--device", "auto|cpu]", "[-o", "OUT]"]) is None
+    (n, synopsis), = synopses(["aid serve [--host H] [--port P]", "          [--nope] [--open]", "other"], 3)
+    assert n == 3 and "--nope" in check_invocation(root, shlex.split(synopsis)[1:])
     variables = {}
     expand('C="--dataset d.zip --nope 1"', variables)
     assert "--nope" in check_invocation(root, aid_invocations(expand("aid train $C --iters 2", variables))[0])
