@@ -189,17 +189,15 @@ def test_every_aid_command_in_the_docs_exists():
     assert checked > 40  # the README and docs/ run aid in many places; none went unread
 
 
-def test_scripts_the_docs_run_exist():
-    """`python scripts/X.py` (or any repository path a shell block runs with python) names a file that is there."""
+def test_scripts_the_docs_name_exist():
+    """Every `scripts/X.py` (or .sh; or under aid_cli/, research/, tests/) a user document names, in a command or in
+    prose, is there."""
     missing = []
     for doc in USER_DOCS:
-        for lang, start, body in code_blocks(doc.read_text()):
-            if lang not in SHELL:
-                continue
-            for n, command in shell_commands(body, start):
-                for script in re.findall(r"\bpython3?\s+((?:scripts|research|examples)/[\w./-]+\.py)", command):
-                    if not (REPO / script).is_file():
-                        missing.append(f"{rel(doc)}:{n}: {script} does not exist")
+        for n, line in enumerate(doc.read_text().splitlines(), 1):
+            for path in re.findall(r"(?<![\w/.-])((?:aid_cli|scripts|research|tests)/[\w./*-]+\.(?:py|sh))", line):
+                if not any(p.is_file() for p in REPO.glob(path)):
+                    missing.append(f"{rel(doc)}:{n}: {path} does not exist")
     assert not missing, "\n".join(missing)
 
 
