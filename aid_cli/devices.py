@@ -91,8 +91,8 @@ def prepare_backbone(net: torch.nn.Module, device: torch.device, precision: str 
     """The denoiser the sampler calls: `net` at `precision`, optionally through torch.compile; float32 out.
 
     `channels_last` (on CPU and CUDA) stores the network's convolution weights NHWC, the layout oneDNN and cuDNN run
-    fastest: the embedded 64×64 backbone runs ~25 % faster per evaluation on this project's 2-core CPU, with outputs
-    equal to the NCHW ones up to float32 summation order (~2e-6). The sampler's tensors keep their own layout.
+    fastest, with outputs equal to the NCHW ones up to float32 summation order (~2e-6). The sampler's tensors keep
+    their own layout.
 
     auto: as the checkpoint says (an EDM network with `use_fp16` runs its UNet in float16 on CUDA, as NVIDIA's code
     does). fp32: float32 throughout. fp16: that official float16 path on CUDA when the network has one, else autocast.

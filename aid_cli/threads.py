@@ -1,16 +1,8 @@
-"""CPU threads for torch, chosen so that a shared machine slows a run down gracefully instead of 15-100x.
+"""torch's CPU thread count and OpenMP wait policy, set before torch is imported (`configure_environment`).
 
-torch's default is one OpenMP thread per core, busy-waiting at every parallel region. When another process keeps a core
-busy (a second `aid inpaint` from `xargs -P`, a training job), every region waits for the thread that lost its core,
-and the spinning threads steal the time the others need. So, before torch is imported (`configure_environment`, called
-once by the console entry point):
-
-  * OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning;
-  * OMP_NUM_THREADS = `auto_threads()`: the CPUs this process may use (affinity, cgroup quota), less the ones other
-    processes keep busy right now (runnable processes, from /proc/loadavg), and at least 1.
-
-Whatever the user set wins: `--threads N` on a command, else AID_THREADS, else their own OMP_NUM_THREADS /
-OMP_WAIT_POLICY. None of this imports torch.
+torch's default (one busy-waiting thread per core) stalls when other processes hold cores. Default here: idle
+threads sleep (OMP_WAIT_POLICY=PASSIVE) and `auto_threads()` = the CPUs this process may use (affinity, cgroup quota)
+less the busy ones (/proc/loadavg), at least 1. `--threads N`, AID_THREADS, or the user's own OMP_* variables win.
 """
 
 from __future__ import annotations

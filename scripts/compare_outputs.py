@@ -1,6 +1,7 @@
 """Record, or compare against a record, a few `aid inpaint` and `aid bench` outputs: the proof that a refactoring kept
 them bit-identical.
 
+    export AID_COMPARE_DATA=cats64/val.zip             # a 64x64 dataset zip: bench and train use its first images
     git archive OLD_COMMIT | tar -x -C /tmp/old        # the old code, beside this checkout
     PYTHONPATH=/tmp/old python scripts/compare_outputs.py record before.json
     python scripts/compare_outputs.py record after.json
@@ -26,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE, MASK = ROOT / "examples" / "chelsea.png", ROOT / "examples" / "chelsea_mask.png"
-DATASET = os.environ.get("AID_COMPARE_DATA") or str(ROOT.parent / "shared" / "data" / "cats64" / "val.zip")
+DATASET = os.environ.get("AID_COMPARE_DATA", "")  # a 64x64 dataset zip (the cat faces' val.zip) for bench and train
 INPAINT_METHODS = ("aid", "repaint", "dps", "replace")
 BENCH_METHODS = "replace,dps,aid-12"
 VOLATILE = ("sec", "second", "time", "memory", "mem_", "date", "started", "finished", "host", "platform", "python",
@@ -112,6 +113,10 @@ def compare(a: Path, b: Path) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["record"] and not os.path.isfile(DATASET):
+        print("error: set AID_COMPARE_DATA to a 64x64 dataset zip (bench and train run on its first images)",
+              file=sys.stderr)
+        sys.exit(2)
     if sys.argv[1:2] == ["record"] and len(sys.argv) == 3:
         record(Path(sys.argv[2]))
     elif sys.argv[1:2] == ["compare"] and len(sys.argv) == 4:

@@ -1,130 +1,144 @@
 #!/bin/bash
-# A GPU session in one command (docs/gpu-session.md): timings, a new embedded backbone, the baselines' step sizes on
-# it, its AID guidance module, the protocol benchmark, packed for the trip back. Run on the device machine as
+# The GPU stages, each in a hard time box, on any CUDA machine; one result folder (docs/gpu-runbook.md).
 #
-#   scripts/gpu_run.sh                  # `run` with carry [".carry"] and timeout_s 600; everything ends by DEADLINE
+#   scripts/gpu_run.sh --train TRAIN.zip --val VAL.zip [--out DIR]    # in a clone, after `pip install -e .`
+#   python scripts/adopt_gpu_run.py DIR                               # then, in a checkout: take DIR in, one commit
 #
-# Stages, each in a hard time box (SIGTERM at the box, SIGKILL GRACE seconds later), each packing its results into
-# $OUT the moment it ends; a failing stage is logged and the next still runs where it can:
-#   1 timings   (T_TIMINGS)  torch/CUDA, forward-only img/s of the embedded and the official-size EDM-64 architectures
-#                            at several batches in fp32 and bf16, the unguided 35-NFE sampler path against forward-only
-#   2 backbone  (T_BACKBONE) aid pretrain, the embedded architecture, bf16, stopped by SIGTERM: EMA snapshot
-#   3 tune      (T_TUNE)     aid bench --tune for the baselines on the new backbone (cheapest first)
-#   4 guidance  (T_GUIDANCE) aid train, backprop recipe, checkpoint picked on held-out validation images; beside it a
-#                            small faithful actor-critic run logging its gradient diagnostics (AC=0: not)
-#   5 bench     (T_BENCH)    aid bench, the protocol (100 val images x 3 seeds x 3 masks), cheapest methods first,
-#                            fp32, then the table rebuilt from the finished cells
-#   6 pack      check what is in $OUT against the tool's rules (<= 8 files of <= 16 MiB, no deeper than OUT/a/b/file)
-# $OUT ends up with at most 8 files: session.log, s1-timings.tgz, s2-backbone.tgz.part00/.part01 (cat them),
-# s3-tune.tgz, s4-guidance.tgz, s5-bench.tgz. `scripts/adopt_gpu_run.py FOLDER` takes them in here, in one commit.
-# Knobs are environment variables (defaults below); tests/test_gpu_rehearsal.py runs all of it on CPU in seconds.
+# Stages (STAGES, in this order; a box sends SIGTERM, then SIGKILL GRACE seconds later; a failing stage is logged and
+# the next runs where it can; no box runs past DEADLINE seconds after the start):
+#   timings   T_TIMINGS   forward-only img/s of the embedded and the official-size EDM-64 architectures, and the
+#                         unguided 35-NFE sampler path against forward-only                          -> timings.json
+#   backbone  T_BACKBONE  aid pretrain of the embedded architecture, stopped by SIGTERM: its EMA snapshot -> backbone/
+#   tune      T_TUNE      aid bench --tune for the baselines on the new backbone, cheapest first
+#                                                                              -> backbone/aid-cats64-edm.tuned.json
+#   guidance  T_GUIDANCE  aid train (backprop), the checkpoint best on held-out validation images; beside it a small
+#                         actor-critic run logging its gradient diagnostics (AC=0: not)                -> guidance/
+#   bench     T_BENCH     aid bench, the protocol, cheapest methods first; a run stopped at its box gets its table
+#                         rebuilt from the finished cells (T_REPORT of T_BENCH)                          -> bench/
+# The result folder:
+#   run.log, result.json (each stage: status, box, seconds, exit code), env.json, logs/STAGE.log, timings.json,
+#   backbone/{aid-cats64-edm.safetensors, .sha256, .tuned.json, samples.png, run/},
+#   guidance/{guidance-best.safetensors, select.json, aid/, ac/}, bench/{bench.md, bench.json, cells.jsonl, asked.txt, ...}
+# Without a new backbone the later stages use BACKBONE (default: the shipped one). Knobs are environment variables
+# (defaults below). Exit 2: bad inputs, nothing run; 1: a stage failed or was killed; 0: each stage ran, or was
+# stopped at its box or skipped. tests/test_gpu_rehearsal.py rehearses the stages on CPU with tiny budgets.
 set -uo pipefail
 T0=$(date +%s)
-OUT=${OUT:-/tmp/aid-gpu-out}
-RUNS=${RUNS:-.runs/gpu}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+abspath() { case $1 in /*|"") echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+
+if [ "${1:-}" != --guidance-pair ]; then
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --train|--val|--out) [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; } ;;&
+      --train) TRAIN=$2; shift 2 ;;
+      --val) VAL=$2; shift 2 ;;
+      --out) OUT=$2; shift 2 ;;
+      -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+      *) echo "error: unknown argument $1 (scripts/gpu_run.sh --help)" >&2; exit 2 ;;
+    esac
+  done
+fi
+OUT=$(abspath "${OUT:-}"); TRAIN=$(abspath "${TRAIN:-}"); VAL=$(abspath "${VAL:-}")
+BACKBONE=$(abspath "${BACKBONE:-}")
+cd "$REPO" || exit 1
+OUT=${OUT:-$REPO/.runs/gpu-$(date -u +%Y%m%d-%H%M%S)}  # .runs/ is git-ignored
 DEVICE=${DEVICE:-cuda}
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-python}
 STAGES=${STAGES:-timings backbone tune guidance bench}
-DEADLINE=${DEADLINE:-560}      # seconds after the start by which the last stage has ended (timeout_s 600: margin)
-PACK_RESERVE=${PACK_RESERVE:-10}  # seconds kept for packing after the last stage
+DEADLINE=${DEADLINE:-560}      # seconds after the start by which the last stage has ended
 GRACE=${GRACE:-20}             # seconds between a box's SIGTERM and its SIGKILL (saving state and a snapshot)
 MIN_BOX=${MIN_BOX:-5}          # a stage that would get fewer seconds than this is skipped
 T_TIMINGS=${T_TIMINGS:-25}; T_BACKBONE=${T_BACKBONE:-225}; T_TUNE=${T_TUNE:-30}; T_GUIDANCE=${T_GUIDANCE:-160}
 T_BENCH=${T_BENCH:-70}; T_REPORT=${T_REPORT:-15}  # T_BENCH includes T_REPORT
-TRAIN=${TRAIN:-.carry/cats64-train.zip}
-VAL=${VAL:-.carry/cats64-val.zip}
-SHIPPED=${SHIPPED:-weights/aid-cats64-edm.safetensors}
-# the embedded architecture (4.2 M parameters; CPU users pay for each at every one of 35 evaluations)
+SHIPPED=$REPO/weights/aid-cats64-edm.safetensors
+# the embedded architecture
 RES=${RES:-64}; WIDTH=${WIDTH:-32}; CMULT=${CMULT:-1,2,3,4}; DEPTH=${DEPTH:-1}; ATTN=${ATTN:-16,8}
-# stage 1
+# timings
 TIMING_BATCHES=${TIMING_BATCHES:-64,128,256,512}; TIMING_PRECISIONS=${TIMING_PRECISIONS:-fp32,bf16}
 TIMING_OFFICIAL=${TIMING_OFFICIAL:-1}; TIMING_SAMPLE_BATCH=${TIMING_SAMPLE_BATCH:-128}
-# stage 2
+# backbone
 BATCH=${BATCH:-256}; LR=${LR:-1e-3}; RAMPUP_KIMG=${RAMPUP_KIMG:-200}; EMA_KIMG=${EMA_KIMG:-100}
 DURATION_KIMG=${DURATION_KIMG:-1000000}; SNAPSHOT_KIMG=${SNAPSHOT_KIMG:-1000}; PRECISION=${PRECISION:-bf16}
 PRETRAIN_EXTRA=${PRETRAIN_EXTRA:-}
-# stage 3
-TUNE_METHODS=${TUNE_METHODS:-dps,mcg,gradpaint,copaint,vipaint}; TUNE_N=${TUNE_N:-16}
-# stage 4: the recipe of the "AID wins" issue (aid train --help on main)
+# tune
+TUNE_METHODS=${TUNE_METHODS:-dps,mcg,gradpaint,copaint,vipaint}; TUNE_N=${TUNE_N:-16}; TUNE_STEPS=${TUNE_STEPS:-18}
+# guidance
 GBATCH=${GBATCH:-128}; GSTEPS=${GSTEPS:-18}; BETA=${BETA:-0.003}; LR_ACTOR=${LR_ACTOR:-3e-4}; GITERS=${GITERS:-1000000}
 RECOMPUTE=${RECOMPUTE:-1}      # 0: --no-recompute (a quarter less compute; all N steps' activations in memory)
 MASK_BANK=${MASK_BANK:-4096}; TRAIN_MASKS=${TRAIN_MASKS:-freeform,box,strip}
 VAL_OFFSET=${VAL_OFFSET:-100}; VAL_N=${VAL_N:-64}; VAL_EVERY=${VAL_EVERY:-20}
 AC=${AC:-1}; AC_BATCH=${AC_BATCH:-64}; AC_DIAG_EVERY=${AC_DIAG_EVERY:-10}; AC_DIAG_BATCH=${AC_DIAG_BATCH:-128}
 GUIDANCE_EXTRA=${GUIDANCE_EXTRA:-}
-# stage 5
+# bench (BENCH_EXTRA: FID/KID and LPIPS-VGG are left out by default; the box is for sampling)
 BENCH_METHODS=${BENCH_METHODS:-copy,greyfill,unguided,aid-18,aid-12,dps,replace,ddnm,mcg,gradpaint,copaint,repaint,vipaint}
 BENCH_N=${BENCH_N:-100}; BENCH_SEEDS=${BENCH_SEEDS:-3}; BENCH_MASKS=${BENCH_MASKS:-freeform,center,strip}
 BENCH_BATCH=${BENCH_BATCH:-100}; BENCH_PRECISION=${BENCH_PRECISION:-fp32}
+[ -n "${BENCH_EXTRA+set}" ] || BENCH_EXTRA="--no-realism --no-lpips-vgg"
 
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-case $RUNS in /*) ;; *) RUNS=$PWD/$RUNS ;; esac
-export AID_CACHE=${AID_CACHE:-$RUNS/cache}
-mkdir -p "$OUT" "$RUNS" "$AID_CACHE"
-# LPIPS's weights travel only if carried: rounded to float16 (gpu_stage.py lpips-half; 4.7 MiB), or as aid's cache file
-LPIPS_HALF=${LPIPS_HALF:-.carry/lpips-alex-v0.1-fp16.safetensors}
-if [ -f .carry/lpips-alex-v0.1.safetensors ]; then cp .carry/lpips-alex-v0.1.safetensors "$AID_CACHE/"
-elif [ -f "$LPIPS_HALF" ] && [ "${1:-}" != --guidance-pair ]; then
-  "$PYTHON" scripts/gpu_stage.py lpips-widen "$LPIPS_HALF" "$AID_CACHE" > "$RUNS/lpips.log" 2>&1 || true
-fi
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 aid=("$PYTHON" -m aid_cli.cli)
-SLOG=$OUT/session.log
+LOGS=$OUT/logs
+SLOG=$OUT/run.log
+RESULT=""  # the stages' records of result.json, as JSON members
 now() { echo $(( $(date +%s) - T0 )); }
 log() { echo "[$(date -u +%H:%M:%S) +$(now)s] $*" | tee -a "$SLOG" >&2; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
-box() {  # box NAME SECONDS CMD...: CMD in a time box (SIGTERM, then SIGKILL GRACE s later); 0 when it ran or was
-  # stopped on time, else its exit code (97: skipped, no time left); the output goes to $RUNS/NAME.log
+record() {  # record NAME STATUS BOX SECONDS EXIT: one stage into result.json
+  RESULT+="${RESULT:+, }\"$1\": {\"status\": \"$2\", \"box_s\": $3, \"seconds\": $4, \"exit\": $5}"
+  write_result
+}
+write_result() {  # result.json, rewritten whole and atomically
+  printf '{"stages": {%s}, "device": "%s", "deadline_s": %s, "commit": "%s"}\n' "$RESULT" "$DEVICE" "$DEADLINE" \
+    "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" > "$OUT/.result.json" && mv "$OUT/.result.json" "$OUT/result.json"
+}
+
+box() {  # box NAME SECONDS CMD...: CMD in a time box; 0 when it ran or was stopped on time, 97 when skipped, else
+  # its exit code; its output goes to logs/NAME.log
   local name=$1 want=$2; shift 2
-  local left=$(( DEADLINE - PACK_RESERVE - GRACE - $(now) ))
+  local left=$(( DEADLINE - GRACE - $(now) ))
   local secs=$(( want < left ? want : left ))
-  if (( secs < MIN_BOX )); then log "$name: skipped (a box of ${secs} s; ${left} s left before the deadline)"; return 97; fi
+  if (( secs < MIN_BOX )); then
+    log "$name: skipped (a box of ${secs} s; ${left} s left before the deadline)"
+    record "$name" skipped "$secs" 0 97
+    return 97
+  fi
   log "$name: start, box ${secs} s"
   local t=$(date +%s)
-  timeout -s TERM -k "$GRACE" "$secs" "$@" >> "$RUNS/$name.log" 2>&1; local rc=$?
-  local what="done"; [ $rc = 124 ] && what="stopped at its box (SIGTERM)"; [ $rc = 137 ] && what="KILLED after the grace"
-  [ $rc != 0 ] && [ $rc != 124 ] && [ $rc != 137 ] && what="FAILED (exit $rc)"
+  timeout -s TERM -k "$GRACE" "$secs" "$@" >> "$LOGS/$name.log" 2>&1; local rc=$?
+  local what="done" status=done
+  [ $rc = 124 ] && what="stopped at its box (SIGTERM)" && status=stopped
+  [ $rc = 137 ] && what="KILLED after the grace" && status=killed
+  [ $rc != 0 ] && [ $rc != 124 ] && [ $rc != 137 ] && what="FAILED (exit $rc)" && status=failed
   log "$name: $what after $(( $(date +%s) - t )) s"
+  record "$name" "$status" "$secs" $(( $(date +%s) - t )) "$rc"
   if [ $rc != 0 ] && [ $rc != 124 ]; then
-    tail -n 15 "$RUNS/$name.log" | sed "s/^/    $name| /" >> "$SLOG"
+    tail -n 15 "$LOGS/$name.log" | sed "s/^/    $name| /" >> "$SLOG"
   fi
   [ $rc = 124 ] && return 0
   return $rc
-}
-
-pack() {  # pack NAME DIR FILE...: OUT/NAME.tgz of the FILEs (relative to DIR) that exist; in 15 MiB parts if larger
-  local name=$1 dir=$2; shift 2
-  local files=() f
-  for f in "$@"; do [ -e "$dir/$f" ] && files+=("$f"); done
-  if [ ${#files[@]} = 0 ]; then log "$name: nothing to pack"; return 1; fi
-  tar czf "$RUNS/$name.tgz" -C "$dir" "${files[@]}" || { log "$name: tar failed"; return 1; }
-  if [ "$(stat -c %s "$RUNS/$name.tgz")" -gt $((15 * 1024 * 1024)) ]; then
-    split -b 15M -d -a 2 "$RUNS/$name.tgz" "$OUT/$name.tgz.part"
-  else
-    cp "$RUNS/$name.tgz" "$OUT/$name.tgz"
-  fi
-  log "$name: packed ${#files[@]} file(s), $(stat -c %s "$RUNS/$name.tgz") bytes"
 }
 
 waitfor() {  # waitfor PID: its exit code, waiting again when a trapped signal interrupts `wait`
   local r; while :; do wait "$1"; r=$?; kill -0 "$1" 2>/dev/null || return $r; done
 }
 
-guidance_pair() {  # stage 4's two runs side by side on the GPU; the box's SIGTERM reaches both and both save
-  local g=$RUNS/aid a=$RUNS/aid-ac rec=() p2=""
+guidance_pair() {  # the guidance stage's two runs side by side; the box's SIGTERM reaches both and both save
+  local g=$OUT/guidance/aid a=$OUT/guidance/ac rec=() p2=""
   [ "$RECOMPUTE" = 0 ] && rec=(--no-recompute)
   local common=(--backbone "$BACKBONE" --dataset "$TRAIN" --val "$VAL" --val-offset "$VAL_OFFSET" --val-n "$VAL_N"
                 --steps "$GSTEPS" --iters "$GITERS" --mask-bank "$MASK_BANK" --train-masks "$TRAIN_MASKS"
                 --denoised-input --device "$DEVICE" --seed 0)
   "${aid[@]}" train "${common[@]}" --out "$g" --estimator backprop --batch "$GBATCH" --beta "$BETA" \
     --lr-actor "$LR_ACTOR" --val-every "$VAL_EVERY" --checkpoint-every "$VAL_EVERY" "${rec[@]}" $GUIDANCE_EXTRA \
-    > "$RUNS/aid.log" 2>&1 &
+    > "$LOGS/guidance-aid.log" 2>&1 &
   local p1=$!
-  if [ "$AC" = 1 ]; then  # the small faithful actor-critic run: eq. 11 with the fixes, and its gradient diagnostics
+  if [ "$AC" = 1 ]; then  # the small actor-critic run (eq. 11 with the fixes) and its gradient diagnostics
     "${aid[@]}" train "${common[@]}" --out "$a" --estimator score --explore scaled --critic privileged \
       --td-lambda 1 --normalize-advantage --batch "$AC_BATCH" --beta "$BETA" --diag-every "$AC_DIAG_EVERY" \
       --diag-batch "$AC_DIAG_BATCH" --val-every $(( VAL_EVERY * 4 )) --checkpoint-every $(( VAL_EVERY * 4 )) \
-      > "$RUNS/aid-ac.log" 2>&1 &
+      > "$LOGS/guidance-ac.log" 2>&1 &
     p2=$!
   fi
   trap 'kill -TERM $p1 $p2 2>/dev/null' TERM
@@ -135,106 +149,102 @@ guidance_pair() {  # stage 4's two runs side by side on the GPU; the box's SIGTE
 }
 if [ "${1:-}" = --guidance-pair ]; then guidance_pair; exit; fi
 
-log "gpu_run: stages [$STAGES], device $DEVICE, deadline ${DEADLINE} s; commit $(git rev-parse --short HEAD 2>/dev/null || echo ?)"
-has timings || "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
-  torch.cuda.is_available() and torch.cuda.get_device_name())' 2>&1 | tee -a "$SLOG"  # (stage 1 records it otherwise)
-for f in "$TRAIN" "$VAL"; do [ -f "$f" ] || log "missing $f (scripts/pack_for_device.py; docs/gpu-session.md)"; done
-
-# ---- 1 timings -------------------------------------------------------------------------------------------------
-if has timings; then
-  box timings "$T_TIMINGS" "$PYTHON" scripts/gpu_stage.py timings --out "$RUNS/timings.json" --device "$DEVICE" \
-    --batches "$TIMING_BATCHES" --precisions "$TIMING_PRECISIONS" --official "$TIMING_OFFICIAL" \
-    --sample-batch "$TIMING_SAMPLE_BATCH" --budget $(( T_TIMINGS - 6 )) --resolution "$RES" --width "$WIDTH" \
-    --channel-mult "$CMULT" --depth "$DEPTH" --attn "$ATTN"
-  (nvidia-smi > "$RUNS/nvidia-smi.txt" 2>&1 || true)
-  pack s1-timings "$RUNS" timings.json timings.log nvidia-smi.txt
+# ---- inputs: checked before anything runs -------------------------------------------------------------------
+need() {  # need VAR STAGE...: the file in VAR exists when one of the stages runs
+  local var=$1 s; shift
+  for s in "$@"; do
+    if has "$s"; then
+      [ -n "${!var}" ] || { echo "error: stage $s needs --${var,,} ZIP (an EDM-layout dataset zip)" >&2; exit 2; }
+      [ -f "${!var}" ] || { echo "error: --${var,,} ${!var}: no such file" >&2; exit 2; }
+      return
+    fi
+  done
+}
+need TRAIN backbone guidance
+need VAL tune guidance bench
+[ -z "$BACKBONE" ] || [ -f "$BACKBONE" ] || { echo "error: BACKBONE=$BACKBONE: no such file" >&2; exit 2; }
+if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
+  echo "error: $OUT is not empty: give a new --out folder" >&2; exit 2
+fi
+mkdir -p "$OUT" "$LOGS" || { echo "error: cannot create $OUT" >&2; exit 2; }
+log "gpu_run: stages [$STAGES], device $DEVICE, deadline ${DEADLINE} s, into $OUT"
+write_result
+if ! "$PYTHON" scripts/gpu_stage.py env --device "$DEVICE" --out "$OUT/env.json" >> "$SLOG" 2>&1; then
+  tail -n 1 "$SLOG" >&2
+  exit 2
 fi
 
-# ---- 2 backbone ------------------------------------------------------------------------------------------------
+# ---- timings ------------------------------------------------------------------------------------------------
+if has timings; then
+  box timings "$T_TIMINGS" "$PYTHON" scripts/gpu_stage.py timings --out "$OUT/timings.json" --device "$DEVICE" \
+    --batches "$TIMING_BATCHES" --precisions "$TIMING_PRECISIONS" --official "$TIMING_OFFICIAL" \
+    --sample-batch "$TIMING_SAMPLE_BATCH" --budget $(( T_TIMINGS > 10 ? T_TIMINGS - 6 : T_TIMINGS / 2 )) \
+    --resolution "$RES" --width "$WIDTH" --channel-mult "$CMULT" --depth "$DEPTH" --attn "$ATTN"
+  (nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1 || true)
+fi
+
+# ---- backbone -----------------------------------------------------------------------------------------------
 CAND=""  # the new backbone, named as it will be shipped so that --tune's record sits beside it
 if has backbone; then
-  run=$RUNS/backbone
-  box backbone "$T_BACKBONE" "${aid[@]}" pretrain --dataset "$TRAIN" --out "$run" --resolution "$RES" --width "$WIDTH" \
+  B=$OUT/backbone
+  box backbone "$T_BACKBONE" "${aid[@]}" pretrain --dataset "$TRAIN" --out "$B/run" --resolution "$RES" --width "$WIDTH" \
     --channel-mult "$CMULT" --depth "$DEPTH" --attn "$ATTN" --batch "$BATCH" --lr "$LR" --lr-rampup-kimg "$RAMPUP_KIMG" \
     --ema-halflife-kimg "$EMA_KIMG" --duration "$DURATION_KIMG" --snapshot-kimg "$SNAPSHOT_KIMG" \
     --checkpoint-minutes 60 --precision "$PRECISION" --device "$DEVICE" --seed 0 $PRETRAIN_EXTRA
-  snap=$(ls "$run"/network-snapshot-*.safetensors 2>/dev/null | tail -1)
+  snap=$(ls "$B"/run/network-snapshot-*.safetensors 2>/dev/null | tail -1)
   if [ -n "$snap" ]; then
-    mkdir -p "$RUNS/new"
-    cp "$snap" "$RUNS/new/aid-cats64-edm.safetensors"
-    CAND=$RUNS/new/aid-cats64-edm.safetensors
-    (cd "$RUNS/new" && sha256sum aid-cats64-edm.safetensors > aid-cats64-edm.sha256)
-    cp "$run/config.json" "$RUNS/new/pretrain-config.json" 2>/dev/null
-    cp "$run/stats.jsonl" "$RUNS/new/pretrain-stats.jsonl" 2>/dev/null
-    cp "$(ls "$run"/samples-*.png | tail -1)" "$RUNS/new/samples.png" 2>/dev/null
-    cp "$RUNS/backbone.log" "$RUNS/new/backbone.log"
-    pack s2-backbone "$RUNS/new" aid-cats64-edm.safetensors aid-cats64-edm.sha256 pretrain-config.json \
-      pretrain-stats.jsonl samples.png backbone.log
+    cp "$snap" "$B/aid-cats64-edm.safetensors"
+    CAND=$B/aid-cats64-edm.safetensors
+    (cd "$B" && sha256sum aid-cats64-edm.safetensors > aid-cats64-edm.sha256)
+    grid=$(ls "$B"/run/samples-*.png 2>/dev/null | tail -1)
+    [ -n "$grid" ] && cp "$grid" "$B/samples.png"
   else
-    log "backbone: no snapshot; the next stages use the shipped backbone $SHIPPED"
-    pack s2-backbone "$RUNS" backbone.log
+    log "backbone: no snapshot; the next stages use ${BACKBONE:-$SHIPPED}"
   fi
 fi
-BACKBONE=${CAND:-${BACKBONE:-$SHIPPED}}  # BACKBONE=FILE: the backbone when stage 2 does not run
+BACKBONE=${CAND:-${BACKBONE:-$SHIPPED}}  # BACKBONE=FILE: the backbone when the backbone stage does not run
 log "backbone for the next stages: $BACKBONE"
 
-# ---- 3 tune ----------------------------------------------------------------------------------------------------
+# ---- tune ---------------------------------------------------------------------------------------------------
 if has tune; then
   if [ -n "$CAND" ]; then
     box tune "$T_TUNE" "$PYTHON" scripts/gpu_stage.py tune --model "$CAND" --dataset "$VAL" --methods "$TUNE_METHODS" \
-      --n "$TUNE_N" --batch "$TUNE_N" --device "$DEVICE" --precision fp32
-    cp "$RUNS/tune.log" "$RUNS/new/tune.log"
-    pack s3-tune "$RUNS/new" aid-cats64-edm.tuned.json tune.log
+      --n "$TUNE_N" --steps "$TUNE_STEPS" --batch "$TUNE_N" --device "$DEVICE" --precision fp32
   else
     log "tune: skipped (no new backbone; the shipped one keeps its tuned step sizes)"
+    record tune skipped 0 0 97
   fi
 fi
 
-# ---- 4 guidance ------------------------------------------------------------------------------------------------
+# ---- guidance -----------------------------------------------------------------------------------------------
 BEST=""
 if has guidance; then
-  g=$RUNS/aid; a=$RUNS/aid-ac
-  export BACKBONE
+  mkdir -p "$OUT/guidance"
+  export BACKBONE OUT TRAIN VAL
   box guidance "$T_GUIDANCE" bash "$0" --guidance-pair
-  mkdir -p "$RUNS/g"
-  if "$PYTHON" scripts/gpu_stage.py select "$g" >> "$RUNS/guidance.log" 2>&1; then
-    BEST=$RUNS/g/guidance-best.safetensors
-    cp "$g/guidance-best.safetensors" "$BEST"
-    cp "$g/select.json" "$RUNS/g/select.json"
-    log "guidance: $(tail -1 "$RUNS/guidance.log")"
+  if "$PYTHON" scripts/gpu_stage.py select "$OUT/guidance/aid" --into "$OUT/guidance" >> "$LOGS/guidance.log" 2>&1; then
+    BEST=$OUT/guidance/guidance-best.safetensors
+    log "guidance: $(tail -1 "$LOGS/guidance.log")"
   else
     log "guidance: no module to select"
   fi
-  for f in config.json stats.jsonl curves.png guidance.safetensors; do
-    [ -f "$g/$f" ] && cp "$g/$f" "$RUNS/g/aid-$f"; [ -f "$a/$f" ] && cp "$a/$f" "$RUNS/g/ac-$f"
-  done
-  cp "$RUNS/aid.log" "$RUNS/aid-ac.log" "$RUNS/guidance.log" "$RUNS/g/" 2>/dev/null
-  pack s4-guidance "$RUNS/g" guidance-best.safetensors select.json aid-config.json aid-stats.jsonl aid-curves.png \
-    aid-guidance.safetensors ac-config.json ac-stats.jsonl ac-curves.png aid.log aid-ac.log guidance.log
 fi
 
-# ---- 5 bench ---------------------------------------------------------------------------------------------------
+# ---- bench --------------------------------------------------------------------------------------------------
 if has bench; then
   gopt=(); [ -n "$BEST" ] && gopt=(--guidance "$BEST")
   methods=$BENCH_METHODS
   if [ -z "$BEST" ] && [ "$BACKBONE" != "$SHIPPED" ]; then  # no module for this backbone: no AID rows
     methods=$(echo ",$methods," | sed 's/,aid-1[28][^,]*//g; s/^,//; s/,$//')
   fi
-  # --no-realism --no-lpips-vgg: FID/KID's Inception (92 MiB) and VGG16's weights (59 MiB) do not travel in the carry;
-  # the box is for sampling
   bargs=(--methods "$methods" --dataset "$VAL" --n "$BENCH_N" --seeds "$BENCH_SEEDS" --masks "$BENCH_MASKS"
-         --model "$BACKBONE" --batch "$BENCH_BATCH" --precision "$BENCH_PRECISION" --device "$DEVICE" --offline
-         --no-realism --no-lpips-vgg --out "$RUNS/bench" "${gopt[@]}")
-  mkdir -p "$RUNS/bench" && echo "$methods" > "$RUNS/bench/asked.txt"
+         --model "$BACKBONE" --batch "$BENCH_BATCH" --precision "$BENCH_PRECISION" --device "$DEVICE"
+         --out "$OUT/bench" "${gopt[@]}" $BENCH_EXTRA)
+  mkdir -p "$OUT/bench" && echo "$methods" > "$OUT/bench/asked.txt"
   box bench $(( T_BENCH - T_REPORT )) "${aid[@]}" bench "${bargs[@]}"
   # a bench stopped at its box wrote no table: rebuild it from the cells it finished
-  [ -f "$RUNS/bench/bench.md" ] || box bench-report "$T_REPORT" "${aid[@]}" bench "${bargs[@]}" --report-only
-  cp "$RUNS/bench.log" "$RUNS/bench/bench.log" 2>/dev/null
-  [ -f "$RUNS/bench-report.log" ] && cp "$RUNS/bench-report.log" "$RUNS/bench/"
-  pack s5-bench "$RUNS/bench" asked.txt bench.md bench.json bench.csv cells.jsonl run.json quality-speed.png \
-    $(cd "$RUNS/bench" 2>/dev/null && ls grid-*.png 2>/dev/null) bench.log bench-report.log
+  [ -f "$OUT/bench/bench.md" ] || box bench-report "$T_REPORT" "${aid[@]}" bench "${bargs[@]}" --report-only
 fi
 
-# ---- 6 pack ----------------------------------------------------------------------------------------------------
-log "gpu_run: finished after $(now) s"
-"$PYTHON" scripts/gpu_stage.py check-out "$OUT" 2>&1 | tee -a "$SLOG"
+log "gpu_run: finished after $(now) s; take it in with: python scripts/adopt_gpu_run.py $OUT"
+[[ $RESULT != *'"status": "failed"'* && $RESULT != *'"status": "killed"'* ]]  # exit 1 when a stage failed

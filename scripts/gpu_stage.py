@@ -1,15 +1,11 @@
-"""The Python parts of `scripts/gpu_run.sh` (one GPU session in one command; docs/gpu-session.md):
+"""The Python parts of `scripts/gpu_run.sh`:
 
-    python3 scripts/gpu_stage.py timings --out T.json [--device cuda] [--batches 64,128,256,512] ...
-    python3 scripts/gpu_stage.py tune --model CKPT --dataset VAL [--methods dps,mcg,...] [--n 16] ...
-    python3 scripts/gpu_stage.py select RUN          # the run's best module on validation -> RUN/guidance-best.safetensors
-    python3 scripts/gpu_stage.py check-out OUT       # what comes back obeys the device tool's rules
-    python3 scripts/gpu_stage.py carried [.carry]    # here, before the call: the size of what travels (<= 64 MiB)
-    python3 scripts/gpu_stage.py lpips-half DEST     # here: LPIPS's weights rounded to float16 (4.7 MiB) for the trip
-    python3 scripts/gpu_stage.py lpips-widen SRC DIR # there: back to float32, as aid's LPIPS cache file in DIR
+    python scripts/gpu_stage.py env --device cuda --out ENV.json   # versions and the device; exit 2 when it is missing
+    python scripts/gpu_stage.py timings --out T.json [--device cuda] [--batches 64,128,256,512] ...
+    python scripts/gpu_stage.py tune --model CKPT --dataset VAL [--methods dps,mcg,...] [--n 16] ...
+    python scripts/gpu_stage.py select RUN [--into DIR]   # the best module on validation -> DIR/guidance-best.safetensors
 
 Each writes its results as it goes (atomically), so a stage stopped at its time box keeps what it finished.
-Runs from the repo root with PYTHONPATH=. (aid need not be installed: the device machine has torch, not aid).
 """
 
 from __future__ import annotations
@@ -17,19 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-# the device tool's rules for what comes back from $OUT (/work/.library/device/README.md, "Limits")
-MAX_FILES, MAX_FILE_BYTES, MAX_TOTAL_BYTES, MAX_DEPTH = 8, 16 * 2 ** 20, 64 * 2 ** 20, 2
-NAME_OK = re.compile(r"[A-Za-z0-9._-]+")
-
-LPIPS_CACHE_FILE = "lpips-alex-v0.1.safetensors"  # aid_cli.metrics.lpips.CACHE_FILE (not imported: it imports torch)
 
 # EDM's official 64x64 DDPM++ (FFHQ/AFHQv2-64, `--arch=ddpmpp --cres=1,2,2,2`): 61,805,571 parameters
 OFFICIAL_EDM64 = dict(model_channels=128, channel_mult=[1, 2, 2, 2], num_blocks=4, attn_resolutions=[16],
@@ -46,6 +35,28 @@ def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------------------------------------- env
+
+def env(args) -> None:
+    """torch, CUDA and the device, as JSON; one line and exit 2 when the named device is missing."""
+    import platform
+
+    import torch
+
+    from aid_cli.devices import resolve_device
+    from aid_cli.errors import UserError
+
+    try:
+        device = resolve_device(args.device)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    rec = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+           "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
+    _write_json(Path(args.out), rec)
+    print(json.dumps(rec))
 
 
 # ---------------------------------------------------------------------------------------------------------- timings
@@ -181,8 +192,8 @@ def tune(args) -> None:
     done = []
     for method in [m for m in args.methods.split(",") if m]:
         t0 = time.time()
-        entry = tune_one(method, args.dataset, Path(args.model), n=args.n, batch=args.batch, device=device,
-                         log=lambda m: print(m, flush=True), lpips_offline=True, precision=args.precision)
+        entry = tune_one(method, args.dataset, Path(args.model), n=args.n, steps=args.steps, batch=args.batch,
+                         device=device, log=lambda m: print(m, flush=True), precision=args.precision)
         done.append(method)
         print(f"tuned {method}: {entry['param']} = {entry['params'][entry['param']]:g} in {time.time() - t0:.1f} s",
               flush=True)
@@ -194,8 +205,10 @@ def tune(args) -> None:
 def select(args) -> None:
     """Checkpoint selection on validation: of the modules kept at every checkpoint (RUN/modules/guidance-NNNNNN), the
     one whose validation PSNR-hole at N = 18 was best (images the benchmark does not use: aid train's --val-offset).
-    Writes RUN/guidance-best.safetensors and RUN/select.json; with no validated checkpoint, the latest module."""
+    Writes guidance-best.safetensors and select.json into --into (default RUN); with no validated checkpoint, the
+    latest module."""
     run = Path(args.run)
+    into = Path(args.into) if args.into else run
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines() if line.strip()] \
         if (run / "stats.jsonl").is_file() else []
     key = args.metric
@@ -213,106 +226,13 @@ def select(args) -> None:
         why = "no validated checkpoint: the latest module"
     else:
         raise SystemExit(f"{run}: no guidance module to select")
-    shutil.copyfile(path, run / "guidance-best.safetensors")
+    shutil.copyfile(path, into / "guidance-best.safetensors")
     rec = {"module": path.name, "iteration": it, "metric": key, "value": value, "unguided_start": start, "why": why,
            "last_iteration": max((s.get("iteration", 0) for s in stats), default=0),
            "validated": [{"iteration": i, key: v} for v, i, _ in sorted(scored, key=lambda t: t[1])]}
-    _write_json(run / "select.json", rec)
+    _write_json(into / "select.json", rec)
     print(f"selected {path.name} (iteration {it}): {why}" + (f", {key} {value:.2f} (start {start})"
                                                               if value is not None and start is not None else ""))
-
-
-# -------------------------------------------------------------------------------------------------------- check-out
-
-def check_out(args) -> None:
-    """Exit 1 when $OUT breaks the rules of what comes back (at most 8 files of 16 MiB, 64 MiB together, no deeper
-    than OUT/a/b/file, plain names); print every file with its size either way."""
-    out = Path(args.out)
-    problems, files, total = [], [], 0
-    for p in sorted(out.rglob("*")):
-        rel = p.relative_to(out)
-        if not NAME_OK.fullmatch(p.name):
-            problems.append(f"{rel}: name has characters other than letters, digits, '.', '_', '-'")
-        if p.is_symlink():
-            problems.append(f"{rel}: a link")
-        elif p.is_file():
-            files.append(p)
-            total += p.stat().st_size
-            if len(rel.parts) - 1 > MAX_DEPTH:
-                problems.append(f"{rel}: deeper than OUT/a/b/file")
-            if p.stat().st_size > MAX_FILE_BYTES:
-                problems.append(f"{rel}: {p.stat().st_size:,} bytes, over 16 MiB")
-        elif not p.is_dir():
-            problems.append(f"{rel}: not a plain file")
-    if len(files) > MAX_FILES:
-        problems.append(f"{len(files)} files, over {MAX_FILES}")
-    if total > MAX_TOTAL_BYTES:
-        problems.append(f"{total:,} bytes in all, over 64 MiB")
-    for p in files:
-        print(f"  {p.relative_to(out)}  {p.stat().st_size:,} bytes")
-    print(f"{len(files)} files, {total / 2 ** 20:.2f} MiB" + ("" if not problems else "; PROBLEMS:"))
-    for m in problems:
-        print(f"  {m}")
-    raise SystemExit(1 if problems else 0)
-
-
-# ---------------------------------------------------------------------------------------------------------- carried
-
-def carried(args) -> None:
-    """The size of what a `run` call sends: tracked files and untracked files git does not ignore, plus the carried
-    paths. Exit 1 over the tool's 64 MiB."""
-    import subprocess
-
-    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], capture_output=True,
-                           check=True).stdout.split(b"\0")
-    tree = sum(os.path.getsize(n) for n in names if n and os.path.isfile(n))
-    extra = {}
-    for c in args.carry:
-        p = Path(c)
-        extra[c] = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else \
-            p.stat().st_size if p.is_file() else 0
-    total = tree + sum(extra.values())
-    print(f"working tree (tracked + untracked, not ignored): {tree:,} bytes ({tree / 2 ** 20:.2f} MiB)")
-    for c, n in extra.items():
-        print(f"carry {c}: {n:,} bytes ({n / 2 ** 20:.2f} MiB)")
-    print(f"total: {total:,} bytes = {total / 2 ** 20:.2f} MiB of {MAX_TOTAL_BYTES // 2 ** 20} MiB"
-          + ("" if total <= MAX_TOTAL_BYTES else "  OVER THE LIMIT"))
-    raise SystemExit(0 if total <= MAX_TOTAL_BYTES else 1)
-
-
-# ------------------------------------------------------------------------------------------------------------ lpips
-
-def lpips_half(args) -> None:
-    """LPIPS's weights (AlexNet trunk + v0.1 heads, 9.4 MiB in float32) rounded to float16, so they fit beside the data
-    in the 64 MiB a call carries. Measured here on 256 val.zip pairs at 64x64: the distances move by at most 1.1e-4
-    per image and 4e-6 on a mean, below the table's third decimal; the source says so wherever it is reported."""
-    import torch
-    from safetensors.torch import save_file
-
-    from aid_cli.metrics.lpips import lpips_weights
-
-    sd, source = lpips_weights(offline=True)
-    dest = Path(args.dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.float16).contiguous() for k, v in sd.items()}, str(dest),
-              {"source": f"float16-rounded copy of {source} (scripts/gpu_stage.py lpips-half)"})
-    print(f"{dest}: {dest.stat().st_size:,} bytes")
-
-
-def lpips_widen(args) -> None:
-    """The float16 copy back to float32 in aid's LPIPS cache format (no torch import: seconds matter there)."""
-    import numpy as np
-    from safetensors import safe_open
-    from safetensors.numpy import save_file
-
-    with safe_open(args.src, framework="np") as f:
-        meta = f.metadata() or {}
-        sd = {k: f.get_tensor(k).astype(np.float32) for k in f.keys()}
-    dest = Path(args.cache) / LPIPS_CACHE_FILE
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(dest), {"format": "aid-lpips", "net": "alex", "lpips_version": "0.1", "layout": "OIHW",
-                              "source": meta.get("source", "float16-rounded copy"), "input_range": "[-1, 1]"})
-    print(f"{dest}: LPIPS weights widened from {args.src}")
 
 
 def main(argv=None) -> None:
@@ -339,24 +259,19 @@ def main(argv=None) -> None:
     u.add_argument("--dataset", required=True)
     u.add_argument("--methods", default="dps,mcg,gradpaint,copaint,vipaint")
     u.add_argument("--n", type=int, default=16)
+    u.add_argument("--steps", type=int, default=18)
     u.add_argument("--batch", type=int, default=16)
     u.add_argument("--device", default="auto")
     u.add_argument("--precision", default="fp32")
     s = sub.add_parser("select")
     s.add_argument("run")
     s.add_argument("--metric", default="val_psnr_hole_18")
-    c = sub.add_parser("check-out")
-    c.add_argument("out")
-    k = sub.add_parser("carried")
-    k.add_argument("carry", nargs="*", default=[".carry"])
-    h = sub.add_parser("lpips-half")
-    h.add_argument("dest")
-    w = sub.add_parser("lpips-widen")
-    w.add_argument("src")
-    w.add_argument("cache")
+    s.add_argument("--into", help="the folder to write into (default: RUN)")
+    e = sub.add_parser("env")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    {"timings": timings, "tune": tune, "select": select, "check-out": check_out, "carried": carried,
-     "lpips-half": lpips_half, "lpips-widen": lpips_widen}[args.cmd](args)
+    {"env": env, "timings": timings, "tune": tune, "select": select}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -655,33 +655,6 @@ def test_average_modules_script_writes_the_mean_with_its_sources(tmp_path, capsy
     assert not (tmp_path / "bad.safetensors").exists()
 
 
-def test_actor_cost_script_times_calls_and_whole_solves(tiny_checkpoint, tmp_path, capsys):
-    """scripts/actor_cost.py runs on any backbone and module: per-call milliseconds in both layouts, then whole solves
-    unguided and AID-18 in turn with the actor's share (a timing tool: only its shape is checked here)."""
-    import importlib.util
-
-    torch.manual_seed(0)
-    actor = Actor(width=8, denoised_input=True)
-    torch.nn.init.normal_(actor.out.weight, std=0.05)
-    path = save_guidance(tmp_path / "g.safetensors", actor, dict(channels=3, width=8, emb_dim=16, denoised_input=True),
-                         sha256_file(tiny_checkpoint))
-    spec = importlib.util.spec_from_file_location("actor_cost", Path(__file__).parents[1] / "scripts" / "actor_cost.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    from aid_cli.methods.aid import AID
-
-    deployed = AID._deployed
-    try:
-        assert script.main(["--backbone", str(tiny_checkpoint), "--guidance", str(path), "--batch", "2", "--threads",
-                            "1", "--repeats", "1", "--solves", "2"]) == 0
-    finally:
-        AID._deployed = deployed  # the script wraps it with a timer
-    out = capsys.readouterr().out
-    assert out.count("ms per call") == 4 and out.count("round ") == 4
-    share = float(out.split("the actor's share of an AID-18 solve: median ")[1].split(" %")[0])
-    assert 0 < share < 100
-
-
 def test_lambda_lpips_trains_at_32_pixels_and_is_refused_below_31(tiny_data, tiny_checkpoint, tmp_path, capsys):
     from aid_cli.backbones.checkpoint import save_backbone
     from aid_cli.backbones.edm import build_precond

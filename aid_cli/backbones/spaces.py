@@ -1,34 +1,8 @@
-"""Where a backbone works: on pixels (EDM) or in the latent space of the Stable Diffusion VAE (EDM2, method.md §11).
+"""Where a backbone works: on pixels (EDM) or on the latents of the Stable Diffusion VAE (EDM2, method.md §11).
 
-The Inpainter (inpainter.py) brings an image and its mask to the backbone through one of two "spaces" with the same
-interface, so every method runs unchanged on the same `Task` and the same sampler loop:
-
-    space = space.for_method(method)  oracles are defined on pixels (below)
-    task = space.task(x, M)           pixels x [B, 3, R, R] in [−1, 1], pixel mask M [B, 1, R, R] (1 = known) → Task
-    result = sample(net, task, …)     the one loop, on whatever grid the task lives on
-    space.to_pixels(x, M, result.completed)   the completion in pixel space, every visible pixel of x pasted back
-
-`PixelSpace` is the identity (R = the network's resolution). `LatentSpace` wraps EDM2's `StabilityVAEEncoder`:
-
-- **Pixels ↔ latents.** The VAE `stabilityai/sd-vae-ft-mse` (diffusers `AutoencoderKL`, the optional extra `latent`)
-  takes pixels in [0, 1], as in EDM2's own encoder. A raw latent is the mean of the VAE posterior (deterministic; EDM2's
-  training draws from the posterior, whose spread is tiny); the network's latent is
-  `z = raw · scale + bias`, per channel, with `scale = 0.5 / raw_std` and `bias = −raw_mean · scale`
-  (raw_mean = [5.81, 3.25, 0.12, −2.15], raw_std = [4.17, 4.62, 3.71, 3.28]: EDM2's constants, stored with each
-  converted checkpoint). Decoding inverts the scaling, runs the VAE decoder and clamps to [0, 1]. R = 8 × the network's
-  resolution (512² pixels ↔ 4×64×64 latents).
-- **The observation on the latent grid.** The encoder sees the pixel observation y = M ⊙ x (the hole filled with grey,
-  0 in [−1, 1]), never the pixels under the hole: the VAE's receptive field spans many latent cells, so encoding x itself
-  would leak hidden pixels into the latents of visible cells (in `aid bench`, the ground truth).
-- **The mask on the latent grid (conservative).** A latent cell is visible only if all of its 8×8 pixels are:
-  `M_latent = 1 − maxpool₈(1 − M)`. Every hole pixel thus lies in a hole cell, which the method fills.
-- **Back to pixels.** The method's completed latent (visible cells = the observation's latents, as `Task.complete` does
-  in every space) is decoded, and then **every visible pixel is pasted back from x**: the decoded image only ever fills
-  hole pixels, so visible pixels are exact whatever the VAE does.
-- Oracles (`copy`, `greyfill`) need no network and are defined in pixel space: they run on the pixel task, so `copy` is
-  still the ground truth (LPIPS 0), not its VAE reconstruction.
-
-The VAE itself, its scaling constants and where its weights come from: vae.py.
+Both spaces have one interface, so every method runs unchanged on the same `Task` and sampler loop:
+`space.for_method(method)`, `space.task(x, M)` → Task, `sample(...)`, `space.to_pixels(x, M, completed)`, which
+pastes every visible pixel of x back. The VAE, its scaling constants and its weights: vae.py.
 """
 
 from __future__ import annotations
@@ -81,6 +55,8 @@ class LatentSpace:
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels in [−1, 1] → the network's latents: posterior mean of the [0, 1] image, then raw · scale + bias."""
+        # The posterior mean, not a draw (its spread is tiny); scale = 0.5 / raw_std, bias = −raw_mean · scale per
+        # channel, EDM2's constants, stored with each converted checkpoint.
         x = (x.to(self.scale.device, torch.float32) + 1) / 2
         raw = torch.cat([self.vae.encode(b).latent_dist.mean for b in x.split(self.batch_size)])
         return raw.to(torch.float32) * self.scale + self.bias
@@ -100,6 +76,8 @@ class LatentSpace:
 
     def task(self, x: torch.Tensor, M: torch.Tensor, class_labels: torch.Tensor | None = None) -> Task:
         """The task on the latent grid: y = E(M ⊙ x) (never the hidden pixels), M_latent by the conservative rule."""
+        # The VAE's receptive field spans many latent cells: encoding x itself would leak hidden pixels (in `aid
+        # bench`, the ground truth) into the latents of visible cells.
         M = M.to(self.scale.device)
         z = self.encode(M * x.to(self.scale.device))
         return Task(y=z, M=self.latent_mask(M), class_labels=class_labels)

@@ -207,7 +207,7 @@ def load_image_set(path: str | Path, resolution: int | None = None, channels: in
 
 
 # ------------------------------------------------------------------------------------------------ whole photos
-# Photos of any size (`../shared/data/photos`: long side 400–512 px) are kept at their own resolution, and a backbone
+# Photos of any size (the photo set's: long side 400–512 px) are kept at their own resolution, and a backbone
 # trains on random square windows of them at random downscales: a 64-px training image then shows anything from 64 px
 # of the photo (native scale) to its whole short side, as `aid inpaint` presents a hole at whatever scale it fits.
 

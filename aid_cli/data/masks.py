@@ -1,29 +1,10 @@
-"""Mask generators (method.md §8): free-form brush strokes for training and evaluation, and the evaluation families.
+"""Mask generators (method.md §8): free-form brush strokes for training and evaluation, and the evaluation families
+(freeform, center, strip).
 
-Every mask here is float32 M of shape [N, 1, H, W] with 1 = known (visible) and 0 = hole, as `Task.M`. Masks are drawn
-with numpy and Pillow from a seeded `np.random.Generator`, never from global random state.
-
-Families
-  freeform  MAT / Co-Mod-GAN `RandomMask`: a few rectangles plus `RandomBrush` strokes, redrawn until the hole ratio
-            lies in `hole_range` (default [0.2, 0.6], inclusive). Brush: 4–17 vertices per stroke, turning angles
-            2π/5 ± U(0, 2π/15) (alternately mirrored, as the reference), segment lengths N(r, r//2) clipped to
-            [0, 2r] with r = √(H² + W²)/8, stroke width U(12, 48) px at 256² scaled by √(HW)/256 (at least 1 px),
-            round joints, random flips of the whole mask. Rectangles: up to int(5c) of at most half the side and
-            int(3c) of at most the full side, c = min(lo + hi, 1); strokes: up to int(9c). (The reference's per-stroke
-            flips are no-ops there, `mask.transpose` without assignment, and are left out here.)
-  center    a centred square of side ⌊min(H, W)/2⌋: a 25 % hole for even sides. The same for every image.
-  strip     a band of thickness ⌊side/4⌋ right across the image (side: the band's crossing dimension), horizontal or
-            vertical and at a position drawn per mask from its seed: a 25 % hole for sides divisible by 4.
-
-Evaluation sets (`eval_masks`) are deterministic and versioned: mask i of a family depends only on (version, family,
-seed, i) and the resolution, so the first n masks of a larger set are the set of n, and every method of a benchmark sees
-the same masks. The version string (`MASKS_VERSION`) goes into benchmark records; any change to what a generator draws
-must bump it.
-
-Seed streams: mask i of an evaluation set comes from `np.random.default_rng([EVAL_STREAM, family, seed, i])`, training
-masks from `np.random.default_rng([TRAIN_STREAM, seed, step])` (`training_rng`). numpy's SeedSequence hashes the whole
-entropy list, and the first word (the stream tag) differs, so no training draw ever reuses an evaluation mask's seed:
-the held-out free-form masks are independent of every training mask, whatever seeds either side uses.
+Every mask is float32 M [N, 1, H, W], 1 = known, 0 = hole (as `Task.M`), drawn with numpy and Pillow from a seeded
+`np.random.Generator`, never from global state. Evaluation sets are deterministic and versioned: mask i of a family
+depends only on (MASKS_VERSION, family, seed, i) and the resolution; any change to what a generator draws must bump
+MASKS_VERSION, which benchmark records carry.
 """
 
 from __future__ import annotations
@@ -39,6 +20,9 @@ SUPPORTED_VERSIONS = ("v1",)
 FAMILIES = ("freeform", "center", "strip")
 DEFAULT_HOLE_RANGE = (0.2, 0.6)
 
+# Seed streams: mask i of an evaluation set comes from default_rng([EVAL_STREAM, family, seed, i]), training masks
+# from default_rng([TRAIN_STREAM, seed, step]). SeedSequence hashes the whole list and the first word differs, so no
+# training draw reuses an evaluation mask's seed, whatever seeds either side uses.
 EVAL_STREAM = 0x6576616C  # "eval": first word of every evaluation mask's seed
 VALIDATION_MASK_SEED = 0x76616C  # "val": the evaluation families' mask seed that training validation draws (the
 #                                  protocol draws seed 0, so checkpoints are never picked on the benchmark's masks)
@@ -91,6 +75,12 @@ def random_brush(rng: np.random.Generator, max_tries: int, height: int, width: i
     return np.ascontiguousarray(stroke)
 
 
+# MAT / Co-Mod-GAN `RandomMask`: a few rectangles plus `RandomBrush` strokes, redrawn until the hole ratio lies in
+# `hole_range` (inclusive). Brush: 4–17 vertices per stroke, turning angles 2π/5 ± U(0, 2π/15) (alternately mirrored,
+# as the reference), segment lengths N(r, r//2) clipped to [0, 2r] with r = √(H² + W²)/8, stroke width U(12, 48) px at
+# 256² scaled by √(HW)/256 (at least 1 px), round joints, random flips of the whole mask. Rectangles: up to int(5c) of
+# at most half the side and int(3c) of at most the full side, c = min(lo + hi, 1); strokes: up to int(9c). (The
+# reference's per-stroke flips are no-ops there, `mask.transpose` without assignment, and are left out here.)
 def free_form_known(rng: np.random.Generator, height: int, width: int, hole_range=DEFAULT_HOLE_RANGE,
                     max_attempts: int = 10_000) -> np.ndarray:
     """Co-Mod-GAN's `RandomMask`: rectangles and brush strokes, redrawn until lo ≤ hole ratio ≤ hi; True = known."""
@@ -137,7 +127,7 @@ def training_masks(n: int, resolution, seed: int, step: int, hole_range=DEFAULT_
 # ------------------------------------------------------------------------------------------------ evaluation families
 
 def center_known(height: int, width: int) -> np.ndarray:
-    """A centred square hole of side ⌊min(H, W)/2⌋; bool, True = known."""
+    """A centred square hole of side ⌊min(H, W)/2⌋ (a 25 % hole for even sides); bool, True = known."""
     side = min(height, width) // 2
     top, left = (height - side) // 2, (width - side) // 2
     known = np.ones((height, width), dtype=bool)
@@ -160,7 +150,7 @@ def strip_known(rng: np.random.Generator, height: int, width: int) -> np.ndarray
 
 
 def eval_rng(family: str, seed: int, index: int) -> np.random.Generator:
-    """The generator of mask `index` of an evaluation set (its own stream, module doc)."""
+    """The generator of mask `index` of an evaluation set (its own stream: see EVAL_STREAM)."""
     return np.random.default_rng([EVAL_STREAM, _FAMILY_CODE[family], int(seed), int(index)])
 
 

@@ -1,22 +1,10 @@
-"""Masks as users draw them on whole photos, at the photo's own scale (not on a 64×64 crop): the photo benchmark's
-evaluation families and the photo backbone's training masks.
+"""Masks as users draw them on whole photos, at the photo's own scale: the photo benchmark's evaluation families
+(stroke, blob, box, text; version PHOTO_MASKS_VERSION) and the photo backbone's training masks.
 
-Every mask is a bool hole [H, W] (True = fill) of the photo's own size, drawn with numpy and Pillow from a seeded
-`np.random.Generator`. Sizes are in pixels of the photo, set for photos with a long side of 400–512 px (the photo
-data's); a photo of another size gets masks scaled by √(HW) / √(481·321), so a stroke stays a stroke.
-
-Families (version `photo-v1`)
-  stroke  1–3 thin strokes or scratches: smooth random paths (a turning angle that drifts) of 0.3–0.9 × the photo's
-          diagonal in all, width U(2, 15) px, round ends and joints.
-  blob    an object to remove: one smooth closed shape (a circle whose radius is perturbed by harmonics 2–5) of
-          2–10 % of the photo's area, anywhere inside it.
-  box     an axis-aligned rectangle of 2–10 % of the photo's area, aspect ratio log-uniform in [1/2, 2].
-  text    text or a watermark: 1–3 lines of glyph-like marks (2–4 strokes each on a 3×3 grid of its cell, as letters
-          are drawn), glyph height U(12, 40) px, stroke width ⌈height/8⌉, words of 2–8 glyphs.
-
-Mask i of an evaluation set depends only on (version, family, seed, i) and the photo's size: its generator is
-`np.random.default_rng([EVAL_STREAM, PHOTO_FAMILY_CODE[family], seed, i])`, a stream no cat-protocol mask and no
-training mask uses (masks.py). Any change to what a generator draws must bump PHOTO_MASKS_VERSION.
+Every mask is a bool hole [H, W] (True = fill) of the photo's size, drawn with numpy and Pillow from a seeded
+`np.random.Generator`. Sizes are in pixels of a 481×321 photo; other sizes scale by √(HW / (481·321)). Mask i of an
+evaluation set depends only on (version, family, seed, i) and the photo's size; any change to what a generator draws
+must bump PHOTO_MASKS_VERSION.
 """
 
 from __future__ import annotations
@@ -106,7 +94,8 @@ _GRID = [(gx / 2, gy / 2) for gy in range(3) for gx in range(3)]  # a glyph's an
 
 
 def text_hole(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """1–3 lines of glyph-like marks: each glyph 2–4 strokes between points of a 3×3 grid of its cell."""
+    """1–3 lines of glyph-like marks (text, a watermark): each glyph 2–4 strokes between points of a 3×3 grid of its
+    cell, glyph height U(12, 40) px, stroke width ⌈height/8⌉, words of 2–8 glyphs."""
     im, draw = _canvas(height, width)
     s = _scale(height, width)
     glyph_h = rng.uniform(12, 40) * s
@@ -138,6 +127,7 @@ DRAW = {"stroke": stroke_hole, "blob": blob_hole, "box": box_hole, "text": text_
 
 
 def photo_eval_rng(family: str, seed: int, index: int) -> np.random.Generator:
+    """A stream no cat-protocol mask and no training mask uses (masks.EVAL_STREAM, family codes apart)."""
     return np.random.default_rng([EVAL_STREAM, PHOTO_FAMILY_CODE[family], int(seed), int(index)])
 
 

@@ -16,9 +16,8 @@ once per solve, not once per step (same numbers, a third less actor compute). An
 also reads the step's own D(X_n; σ_n) (guidance/networks.py), which the Heun step has already computed.
 
 On CPU, without gradients, the actor runs in channels-last layout (a copy of it, made per solve; its inputs converted,
-its field returned as NCHW): oneDNN's NCHW kernels are slow for convolutions this narrow (16 channels), and
-channels-last halves the actor's time at batch 16 on this project's CPU (scripts/actor_cost.py). The backbone and the
-solve's own tensors stay as they are; the numbers agree to float rounding.
+its field returned as NCHW): oneDNN's NCHW kernels are slow for convolutions this narrow (16 channels). The backbone
+and the solve's own tensors stay as they are; the numbers agree to float rounding.
 """
 
 from __future__ import annotations

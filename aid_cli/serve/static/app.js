@@ -18,7 +18,7 @@ const state = {
   redo: [],
   busy: false,
   resultCount: 0,
-  lastTiming: null, // ms from the click on Fill to the first result image shown (scripts/serve_timing.py reads it)
+  lastTiming: null, // ms from the click on Fill to the first result image shown (research/serve_timing.py reads it)
 };
 window.aidPage = state; // for tests and the timing script
 

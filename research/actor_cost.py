@@ -1,6 +1,6 @@
 """Wall-clock cost of one guidance-actor call against one backbone evaluation (the embedded models by default).
 
-    python scripts/actor_cost.py [--batch 16] [--threads 2] [--repeats 10] [--solves 4]
+    python research/actor_cost.py [--batch 16] [--threads 2] [--repeats 10] [--solves 4]
 
 AID-N adds one actor call per Heun step (N calls) to the 2N − 1 network evaluations of the ODE solve; this prints the
 milliseconds of each at the same batch and noise level, in NCHW and channels-last layouts (the actor as a converted

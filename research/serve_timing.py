@@ -1,7 +1,7 @@
 """Click to image with `aid serve` against `aid inpaint` from the shell, for the same fill (docs/serve.md, "Timing").
 
 Two cases: a 64x64 image with a 24x24 hole (one fill at the embedded backbone's own size) and a 481x321 photo
-(BSDS500's size; the first such photo of ../shared/data/photos/val.zip, else the example photo resized) with one
+(BSDS500's size; the first such photo of `--photos ZIP`, else the example photo resized) with one
 60x50 hole. Each fill: the default method (AID on the embedded backbone), --steps 12 (23 NFE), seed 0.
 
   serve (HTTP)     the page's requests from the click on: the mask upload, the fill, polling every 150 ms as the
@@ -11,9 +11,9 @@ Two cases: a 64x64 image with a 24x24 hole (one fill at the embedded backbone's 
   aid inpaint      the whole command from a shell (start-up, model load, fill, write), as a user runs it once
 
 Runs alternate between the server and the shell so that the machine's drift hits both alike; medians of --repeats.
-Timings mean something only on a quiet machine (DEVELOPERS.md, "Timing on this CPU"):
+Timings mean something only on a quiet machine:
 
-    python scripts/serve_timing.py --threads 2 --repeats 5 [--browser] [--json timing.json]
+    python research/serve_timing.py --threads 2 --repeats 5 [--browser] [--json timing.json]
 """
 
 from __future__ import annotations
@@ -36,21 +36,20 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-PHOTOS = REPO.parent / "shared" / "data" / "photos" / "val.zip"
 
 
-def cases(folder: Path) -> list[tuple[str, Path, Path]]:
+def cases(folder: Path, photos: Path | None = None) -> list[tuple[str, Path, Path]]:
     """(name, image, mask) of the two cases, written into `folder`."""
     chelsea = Image.open(REPO / "examples" / "chelsea.png").convert("RGB")
     small = chelsea.crop((150, 60, 310, 220)).resize((64, 64), Image.LANCZOS)
     photo = None
-    if PHOTOS.is_file():
-        with zipfile.ZipFile(PHOTOS) as z:
+    if photos is not None and photos.is_file():
+        with zipfile.ZipFile(photos) as z:
             for name in sorted(z.namelist()):
                 if name.endswith(".jpg"):
                     im = Image.open(io.BytesIO(z.read(name))).convert("RGB")
                     if im.size == (481, 321):
-                        photo, source = im, f"{PHOTOS.name}:{name}"
+                        photo, source = im, f"{photos.name}:{name}"
                         break
     if photo is None:
         photo, source = chelsea.resize((481, 321), Image.LANCZOS), "examples/chelsea.png resized"
@@ -154,6 +153,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="12: 23 NFE, 18: 35 NFE")
     parser.add_argument("--browser", action="store_true", help="also time the real page in headless Chromium")
     parser.add_argument("--json", type=Path, help="write the timings here too")
+    parser.add_argument("--photos", type=Path, help="an EDM-layout zip holding a 481x321 JPEG photo")
     args = parser.parse_args()
     env = dict(os.environ, PYTHONPATH=str(REPO), AID_THREADS=str(args.threads))
     records = []
@@ -166,7 +166,7 @@ def main() -> None:
             url = server.stdout.readline().strip()
             client = Client(url)
             browser = browser_session(url) if args.browser else None
-            for name, image, mask in cases(folder):
+            for name, image, mask in cases(folder, args.photos):
                 image_id = client.call("POST", "/api/images", image.read_bytes())["id"]
                 mask_bytes = mask.read_bytes()
                 client.click_to_image(image_id, mask_bytes, args.steps)  # warm-up, not counted

@@ -1,7 +1,7 @@
 """Is one method's realism really ahead of another's? The paired bootstrap of the KID difference of two methods of one
 `aid bench` run, per mask family, from the Inception features the run kept (OUT/features/).
 
-    python scripts/kid_difference.py BENCH --a aid-18 --b repaint [--draws 200] [--seed 0] [--json]
+    python research/kid_difference.py BENCH --a aid-18 --b repaint [--draws 200] [--seed 0] [--json]
 
 Per mask family: Δ = KID(a) − KID(b) against the same originals (each the mean over the noise seeds both methods ran),
 its std over `--draws` paired bootstrap resamples of the images (metrics/realism.py `kid_difference`: the same draw for

@@ -1,8 +1,8 @@
 """Where one method beats another: the paired per-image difference of a metric between two methods of `aid bench`
 runs, binned by how much texture the ground truth holds inside each image's hole.
 
-    python scripts/texture_breakdown.py BENCH --a aid-18 --b repaint [--metric lpips] [--bins 4] [--json]
-    python scripts/texture_breakdown.py BENCH_A --a aid-18:e --b repaint --b-run BENCH_B   # two runs, same images
+    python research/texture_breakdown.py BENCH --a aid-18 --b repaint [--metric lpips] [--bins 4] [--json]
+    python research/texture_breakdown.py BENCH_A --a aid-18:e --b repaint --b-run BENCH_B   # two runs, same images
 
 Texture of image i under its mask: `metrics.quality.hole_texture` of the ground truth, the mean absolute difference
 between neighbouring hole pixels' luminance (on the [0, 1] scale; horizontal and vertical pairs whose two pixels are

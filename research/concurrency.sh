@@ -1,7 +1,7 @@
 #!/bin/bash
-# How two `aid inpaint` runs side by side slow each other down (issue 17, item 3), under each thread policy.
+# How two `aid inpaint` runs side by side slow each other down, under each thread policy.
 #
-#   scripts/concurrency.sh [REPEATS]      # from the repo root, with aid installed in .venv; on an otherwise quiet machine
+#   research/concurrency.sh [REPEATS]      # from the repo root, with `aid` on PATH (or AID=path); on an otherwise quiet machine
 #
 # For each policy: REPEATS (default 5) solo runs, then REPEATS pairs started together (as `xargs -P 2` does), each a
 # full process (start-up included) inpainting examples/chelsea.png with the default method at 35 NFE. Prints the median
@@ -13,7 +13,7 @@
 #   one-thread     AID_THREADS=1
 set -euo pipefail
 repeats=${1:-5}
-aid=${AID:-.venv/bin/aid}
+aid=${AID:-aid}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 cores=$(nproc)

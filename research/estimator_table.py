@@ -1,6 +1,6 @@
 """The estimator table of the guidance card: gradient cosines to J's exact gradient, per run and batch size.
 
-    python scripts/estimator_table.py RUN [RUN ...]        # run folders of `aid train ... --diag-every K`
+    python research/estimator_table.py RUN [RUN ...]        # run folders of `aid train ... --diag-every K`
 
 For each run: its estimator options (from config.json), then for each batch size k the mean and range over the run's
 diagnostics of cos(ĝ_k, g*_k), the cosine between the estimator's actor gradient on k tasks and the exact (backprop)
