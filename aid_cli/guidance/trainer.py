@@ -97,7 +97,6 @@ def warm_start(actor: Actor, path, actor_kwargs: dict, backbone_sha: str) -> Non
     actor.load_state_dict(init.state_dict())
 
 
-
 @dataclass
 class Run:
     """Everything one training process holds (built by `setup`): the config, the frozen backbone and its space, the
