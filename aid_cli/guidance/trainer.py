@@ -1,42 +1,20 @@
-"""`aid train`: learn the guidance module with the continuous-time actor–critic (method.md §4–§6, Algorithm 1).
+"""`aid train`: learn the guidance module (method.md §4–§6, Algorithm 1): set-up, the step, logging, checkpoints and
+the loop. The pieces: config.py (the settings), rollout.py (solves through the sampler's loop), losses.py (the costs
+and the estimators' losses), validate.py, diagnostic.py.
 
 One iteration, for a batch of tasks:
-  1. x0 from the training split, M from the free-form brush distribution, y = M ⊙ x0, X_0 ~ N(0, σmax² I).
-  2. Roll out the controlled ODE (the same sampler loop and `aid` method as deployment) with sampled actions
-     a_n = μ_φ(t_n, X_n; ξ) + √γ ε_n, no gradient through the backbone.
-  3. Running costs r_n = (β/2)(‖a_n‖²/d − γ)·Δt  (centred, eq. 5; means over the d pixels, as ℓ).
-     Terminal target ℓ(X_N) = (λ_vis/2)·mean(M ⊙ (X_N − x0))² + (λ_hole/2)·mean(M̄ ⊙ (X_N − x0))²   (eq. 2)
-     (+ λ_lpips·LPIPS and λ_ssim·(1 − SSIM) of the completed image with --lambda-lpips / --lambda-ssim, options
-     beyond the paper: terminal_cost).
-     TD residuals δ_n = V_θ(t_{n+1}, X_{n+1}) − V_θ(t_n, X_n) + r_n, with V_θ(T, X_N) replaced by ℓ(X_N).
-  4. Critic (eq. 10): descend Σ_n δ_n²/2 with the next-state value detached (semi-gradient TD).
-  5. Actor (eq. 11): φ ← φ − α_φ Σ_n δ_n ∇_φ log π_φ(a_n | t_n, X_n), ∇_φ log π = ((a_n − μ_n)/γ)·∇_φ μ_n,
-     i.e. descend Σ_n sg(δ_n)·log π_φ(a_n) with log π = −‖a_n − μ_n‖²/(2γ) + const.
-  6. Adam for both, constant learning rates, gradient-norm clipping.
-  7. With `--ema-halflife H` (an option beyond the paper): the module saved and validated is an exponential moving
-     average of the actor's weights, φ̄ ← κ·φ̄ + (1 − κ)·φ after every step, κ = 0.5^(1/H) (torch's AveragedModel);
-     the optimiser keeps training φ itself. A constant learning rate leaves φ wandering ±0.2–0.3 dB between
-     checkpoints; the average keeps what the wandering shares.
-Pixel sums vs means: ℓ and the running cost both use means over the d = C·H·W entries (recorded in the config);
-log π is the true Gaussian log-density (a sum over entries).
+  1. x0 from the training split, M from the run's mask bank, y = M ⊙ x0, X_0 ~ N(0, σmax² I).
+  2. Roll out the controlled ODE (the sampler loop and `aid` method of deployment): with backprop the deterministic
+     solve in autograd's graph, else sampled actions a_n = μ_φ(t_n, X_n; ξ) + √γ_n ε_n without gradients.
+  3. The losses of the estimator (losses.py); for score and pathwise also the critic's (eq. 10).
+  4. Adam for both networks, constant learning rates, gradient-norm clipping.
+  5. With --ema-halflife H (beyond the paper): the module saved and validated is the EMA φ̄ ← κ·φ̄ + (1 − κ)·φ of the
+     actor's weights, κ = 0.5^(1/H); the optimiser keeps training φ itself.
 
-`--estimator` chooses the actor's gradient; the critic's update (eq. 10) is the same for score and pathwise:
-  backprop  the exact gradient of J (the default): no critic, no sampled actions; backpropagate
-            ℓ(X_N) + Σ_n (β/2)·mean(μ_n²)·Δt through the whole deterministic frozen solve (every backbone evaluation
-            gets a backward pass). The dynamics are deterministic and known, so this is J's true gradient for the
-            sampled tasks; the paper calls it the "supervised proxy" ablation (`proxy` is kept as an alias). On this
-            problem it is the estimator that learns: the others estimate the same gradient with far more noise.
-  score     the paper's eq. 11 above (faithful).
-  pathwise  a one-step pathwise gradient through the critic (method.md §6's variant, DDPG/SVG(0)-style). The control
-            enters the step additively, X_{n+1} = Heun(X_n) + a_n·Δt, so with X̂_{n+1} = X_{n+1} − a_n·Δt the actor
-            descends Σ_n (β/2)·mean(μ_n²)·Δt + V_θ(t_{n+1}, X̂_{n+1} + μ_n·Δt), with V_θ(T, ·) = ℓ exactly, the critic's
-            weights held fixed: ∇_a of the one-step cost-to-go, no backbone gradient.
-
-Data (held out from the benchmark by default): validation reads `val_n` images of `--val` after its first `val_offset`
-(100: the benchmark protocol uses val.zip's first 100 images and `aid bench --tune` its first 16), each with a fixed
-mask of the three evaluation families in turn (freeform, center, strip). Training masks come from a bank of
-`mask_bank` masks drawn once per run from the training stream (never an evaluation mask's seed); each iteration picks
-its masks from the bank with the iteration's generator, so a resumed run sees the same masks.
+Data (held out from the benchmark by default): validation reads `val_n` images of --val after its first `val_offset`
+(the benchmark protocol uses val.zip's first 100, `aid bench --tune` its first 16), each with a fixed mask of the three
+evaluation families in turn. Training masks come from a bank of `mask_bank` masks drawn once per run (never an
+evaluation mask's seed); each iteration picks from it with its own generator, so a resumed run sees the same masks.
 """
 
 from __future__ import annotations
@@ -47,390 +25,47 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
-import torch.utils.checkpoint
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..backbones.checkpoint import load_backbone
 from ..backbones.edm import count_parameters
 from ..backbones.spaces import model_space
 from ..data.datasets import load_image_set, load_photo_set, whole_photos
-from ..data.masks import FAMILIES, VALIDATION_MASK_SEED, eval_masks, training_mask_bank, training_masks
+from ..data.masks import training_mask_bank, training_masks
 from ..devices import prepare_backbone, training_precision
 from ..errors import UserError
 from ..fileio import atomic_write_text, sha256_file
 from ..inpainter import Inpainter, trained_multiscale
-from ..plots import training_curves
-from ..methods.aid import AID
 from ..metrics.lpips import MIN_SIZE, LPIPSUnavailable, load_lpips
-from ..metrics.quality import SSIM_MIN_SIZE, hole_texture, psnr_hole, ssim_01, texture_ratio
-from ..sampling.heun import SamplerState, edm_sigmas, heun_step, sample, sample_generators
-from ..task import Task, one_hot
+from ..metrics.quality import SSIM_MIN_SIZE
+from ..plots import training_curves
+from ..sampling.heun import edm_sigmas, sample_generators
+from ..task import one_hot
 from ..training import (GracefulStop, gather_to_rank0, init_distributed, load_state, prepare_run, read_jsonl,
                         run_lock, save_state, skip_reporter, step_generator)
 from .checkpoint import load_guidance, save_guidance
-from .networks import Actor, Critic, PrivilegedCritic
+from .config import (ESTIMATOR_ALIASES, ESTIMATORS, TRAIN_MASK_FAMILIES, TrainConfig, backbone_lambda_vis,
+                     canonical_estimator, check_config, mask_families)
+from .diagnostic import gradient_diagnostic
+from .losses import actor_critic_losses, backprop_loss
+from .networks import Actor
 from .photo_tasks import VALIDATION_TASKS, photo_tasks
+from .rollout import rollout, rollout_steps
+from .validate import summarize_validation, validation_masks, validation_per_image, validation_scores
+
+# the settings' and validation's names stay importable from here (the command line and scripts import them)
+__all__ = ["ESTIMATOR_ALIASES", "ESTIMATORS", "TRAIN_MASK_FAMILIES", "TrainConfig", "backbone_lambda_vis",
+           "canonical_estimator", "check_config", "mask_families", "validation_masks", "validation_scores",
+           "STATE_FILE", "GUIDANCE_FILE", "SNAPSHOT_DIR", "CURVES_FILE", "Run", "setup", "step", "validate", "train",
+           "split_holdout"]
 
 STATE_FILE = "training-state.safetensors"
 DIAG_SEED_OFFSET = 0x646961  # "dia": the diagnostic's tasks come from a generator of their own
 GUIDANCE_FILE = "guidance.safetensors"
 SNAPSHOT_DIR = "modules"  # guidance-NNNNNN.safetensors: the module at each checkpoint
 CURVES_FILE = "curves.png"
-ESTIMATORS = ("backprop", "score", "pathwise")
-ESTIMATOR_ALIASES = {"proxy": "backprop"}  # the paper's name for the exact-gradient ablation
-TRAIN_MASK_FAMILIES = ("freeform", "box", "strip")
-
-
-def canonical_estimator(name: str) -> str:
-    """`proxy` → `backprop`; anything else unchanged (checked by `train`)."""
-    return ESTIMATOR_ALIASES.get(name, name)
-
-
-@dataclass
-class TrainConfig:
-    # settings whose default changed: a run saved without the key was made under this value and keeps it on --resume
-    LEGACY_DEFAULTS: ClassVar[dict] = {"val_mask_seed": 0}
-
-    dataset: str
-    out: str
-    backbone: str
-    steps: int = 18  # N of the training rollouts
-    batch: int = 16
-    iters: int = 2000
-    beta: float = 0.1  # running-cost weight β (value lost in the paper: tuned)
-    gamma: float = 0.01  # exploration temperature γ (value lost: tuned)
-    lambda_vis: float = 2.0  # pixel EDM values of the paper
-    lambda_hole: float = 1.0
-    lr_actor: float = 1e-4
-    lr_critic: float = 1e-3
-    clip: float = 1.0  # gradient-norm clipping of each network
-    hole_min: float = 0.2
-    hole_max: float = 0.6
-    width: int = 16  # actor/critic width C
-    critic_width: int = 32
-    seed: int = 0
-    val_every: int = 100  # iterations between validation PSNRs
-    val_n: int = 64  # fixed val images (masks: the evaluation families in turn, v1, val_mask_seed) for validation
-    val_offset: int = 100  # skip the benchmark's images: the protocol uses val.zip's first 100, --tune its first 16
-    val_mask_seed: int = VALIDATION_MASK_SEED  # validation's masks: not the protocol's seed 0 (runs made before
-    #                                         this setting validated on seed 0 and keep it on --resume: LEGACY_DEFAULTS)
-    checkpoint_every: int = 50  # iterations between resumable states
-    val_dataset: str | None = None
-    vae: str | None = None  # latent backbones: a local diffusers VAE folder instead of the pinned hub VAE
-    class_label: int | None = None  # class-conditional backbones: this class for every image (else dataset.json)
-    estimator: str = "backprop"  # actor gradient: backprop (exact) | score (eq. 11) | pathwise (module docstring)
-    precision: str = "auto"  # the frozen backbone's autocast in rollouts (devices.training_precision); nets stay fp32
-    compile: bool = False  # torch.compile the frozen backbone
-    recompute: bool = True  # backprop: recompute each step's activations in the backward pass (memory of one step)
-    denoised_input: bool = False  # the actor also reads D(X_n; σ_n) and M ⊙ (y − D) (networks.py; an option)
-    lambda_lpips: float = 0.0  # an option beyond the paper: ℓ + λ·LPIPS of the completed image (terminal_cost)
-    lambda_ssim: float = 0.0  # an option beyond the paper: ℓ + λ·(1 − SSIM) of the completed image (terminal_cost)
-    init: str | None = None  # warm start: the actor's weights from this guidance module (same backbone, same actor)
-    init_sha256: str | None = None  # its sha256, recorded for provenance
-    mask_bank: int = 4096  # training masks drawn once per run; 0 = draw each iteration's masks afresh
-    explore: str = "constant"  # exploration: constant γ (the paper) | scaled: γ_n = γ·c_u(σ_n)² (actor's output units)
-    critic: str = "plain"  # plain: V(t, x; M, y) (the paper) | privileged: also x0 and D(x; σ), ℓ(D) baseline
-    td_lambda: float = 0.0  # λ of the critic's λ-return and the actor's advantages: 0 = TD(0) (eq. 10/11), 1 = Monte Carlo
-    normalize_advantage: bool = False  # the actor's weights Â_n standardised over the batch
-    diag_every: int = 0  # iterations between gradient diagnostics (cosines to the exact gradient); 0 = never
-    diag_batch: int = 0  # tasks of a diagnostic (0: --batch)
-    train_masks: str = "freeform"  # families of the training masks, comma-separated: freeform, box, strip
-    mix_steps: int = 0  # backprop: every odd iteration's solve at this N instead of `steps` (0 = never; e.g. 12 beside 18)
-    holdout: int = 0  # whole photos: every holdout-th photo of --dataset (by name) is kept out of training and
-    #                   validates instead of --val (0: none), so modules are picked on photos no benchmark uses
-    ema_halflife: float | None = None  # iterations: the saved, validated module is the actor's EMA (0: the actor
-    #                                  itself); None = not given: a new run 0, a resumed run its own (prepare_run)
-    reductions: str = "mean over C·H·W in both the terminal loss and the running cost"
-
-    def actor_kwargs(self, channels: int) -> dict:
-        kw = dict(channels=channels, width=self.width, emb_dim=16)
-        if self.denoised_input:  # recorded only when on: modules without it keep their metadata (and sha256)
-            kw["denoised_input"] = True
-        return kw
-
-    def critic_kwargs(self, channels: int) -> dict:
-        return dict(channels=channels, width=self.critic_width, emb_dim=16)
-
-    def make_critic(self, channels: int):
-        """The training-only critic: the paper's V(t, x; M, y), or the privileged V(t, x; x0, M, y, D)."""
-        if self.critic == "privileged":
-            return PrivilegedCritic(**self.critic_kwargs(channels), lambda_vis=self.lambda_vis,
-                                    lambda_hole=self.lambda_hole)
-        return Critic(**self.critic_kwargs(channels))
-
-
-def terminal_loss(x: torch.Tensor, x0: torch.Tensor, M: torch.Tensor, lambda_vis: float, lambda_hole: float):
-    """ℓ(x; x0, M) per image, means over all entries (eq. 2)."""
-    err2 = (x - x0) ** 2
-    return (lambda_vis / 2) * (M * err2).mean(dim=(1, 2, 3)) + (lambda_hole / 2) * ((1 - M) * err2).mean(dim=(1, 2, 3))
-
-
-def terminal_cost(cfg: TrainConfig, x: torch.Tensor, x0: torch.Tensor, task: Task, lpips=None) -> torch.Tensor:
-    """The run's terminal cost per image: ℓ of eq. 2, plus, with --lambda-lpips / --lambda-ssim (options beyond the
-    paper, which the theory allows: any terminal cost g(X_N) of the final state), λ_lpips·LPIPS(M ⊙ y + M̄ ⊙ x, x0),
-    the perceptual distance of the completed image, and λ_ssim·(1 − SSIM(M ⊙ y + M̄ ⊙ x, x0)), its structural
-    dissimilarity (the SSIM aid reports, `metrics.quality.ssim_01`). The L2 terms alone reward the smooth mean of the
-    plausible fills."""
-    ell = terminal_loss(x, x0, task.M, cfg.lambda_vis, cfg.lambda_hole)
-    if cfg.lambda_lpips:
-        if lpips is None:
-            raise ValueError("lambda_lpips > 0 needs the LPIPS model")
-        ell = ell + cfg.lambda_lpips * lpips(task.complete(x), x0)
-    if cfg.lambda_ssim:
-        ell = ell + cfg.lambda_ssim * (1 - ssim_01(task.complete(x), x0))
-    return ell
-
-
-def rollout(backbone, actor: Actor, task: Task, steps: int, gamma: float, generators,
-            scaled_exploration: bool = False) -> tuple[torch.Tensor, ...]:
-    """Sampled-action rollout through the ordinary sampler loop: (X [N,B,...], A [N,B,...], X_N [B,...], D), where D
-    [N,B,...] stacks the steps' D(X_n; σ_n) (read by a `denoised_input` actor and by the privileged critic)."""
-    policy = AID(actor=actor, gamma=gamma, record=True, scaled_exploration=scaled_exploration)
-    result = sample(backbone, task, policy, num_steps=steps, generators=generators)
-    X = torch.stack([x for _, x, _, _ in policy.trajectory])
-    A = torch.stack([a for _, _, a, _ in policy.trajectory])
-    D = torch.stack([d for *_, d in policy.trajectory])
-    return X, A, result.x, D
-
-
-def exploration_gammas(cfg: TrainConfig, sigmas: torch.Tensor, N: int) -> torch.Tensor:
-    """γ_n [N] of the Gaussian policy N(μ_n, γ_n I): γ (constant, the paper) or γ·c_u(σ_n)² (`--explore scaled`)."""
-    s = sigmas[:N].to(torch.float32)
-    return cfg.gamma * (Actor.output_scale(s) ** 2 if cfg.explore == "scaled" else torch.ones_like(s))
-
-
-def log_policy(A: torch.Tensor, mu: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
-    """log π_φ(a_n | t_n, X_n) [N, B] up to a constant: −‖a_n − μ_n‖²/(2γ_n), summed over entries (the Gaussian's
-    true log-density less its normaliser, which does not depend on φ)."""
-    return -((A - mu) ** 2).sum(dim=(2, 3, 4)) / (2 * gammas.to(A.device)[:, None])
-
-
-def lambda_advantages(delta: torch.Tensor, lam: float) -> torch.Tensor:
-    """Â_n = Σ_{k≥n} λ^{k−n} δ_k over the steps (dim 0; no discount: the horizon is finite). λ = 0 gives the TD(0)
-    residual δ_n of eq. 11; λ = 1 the Monte-Carlo advantage G_n − V_n, G_n = Σ_{k≥n} r_k + ℓ(X_N) (telescoping sum)."""
-    adv = torch.zeros_like(delta)
-    running = torch.zeros_like(delta[0])
-    for n in reversed(range(delta.shape[0])):
-        running = delta[n] + lam * running
-        adv[n] = running
-    return adv
-
-
-def critic_values(critic, sig, X, M, y, x0, D) -> torch.Tensor:
-    """V_θ(t_n, X_n) for flattened [N·B] states; the privileged critic also reads x0 and D(X_n; σ_n)."""
-    if getattr(getattr(critic, "module", critic), "privileged", False):
-        return critic(sig, X, M, y, x0, D)
-    return critic(sig, X, M, y)
-
-
-def actor_critic_losses(cfg: TrainConfig, actor, critic, X, A, X_N, x0, task: Task, sigmas, D=None,
-                        lpips=None, estimators: tuple[str, ...] | None = None) -> dict:
-    """The TD residuals, the advantages and both losses of one batch of rollouts (steps 3–5 above).
-
-    Running costs r_n = (β/2)(mean(a_n²) − γ_n)·Δt: centred exactly, E[r_n] = (β/2)·mean(μ_n²)·Δt.
-    Critic: V_θ(t_n, X_n) regresses on the λ-return sg(V_n + Â_n) (λ = 0: the semi-gradient TD(0) of eq. 10).
-    Actor: eq. 11 with Â_n in place of δ_n (λ = 0: exactly eq. 11), optionally normalised over the batch.
-    `per_task` holds each of `estimators`' actor loss per task (default: the run's own; pathwise needs a plain critic)."""
-    estimators = estimators or ((cfg.estimator,) if cfg.estimator in ("score", "pathwise") else ("score",))
-    N, B = X.shape[:2]
-    dt = 1.0 / N
-    M, y = task.M, task.y
-    flat = lambda t: t.reshape(N * B, *t.shape[2:])  # noqa: E731
-    rep = lambda t: t.unsqueeze(0).expand(N, *t.shape).reshape(N * B, *t.shape[1:])  # noqa: E731
-    sig = sigmas[:N].to(X.device).repeat_interleave(B)
-    gammas = exploration_gammas(cfg, sigmas, N).to(X.device)
-    r = (cfg.beta / 2) * ((A ** 2).mean(dim=(2, 3, 4)) - gammas[:, None]) * dt  # [N, B]
-    ell = terminal_cost(cfg, X_N, x0, task, lpips)  # [B]
-    V = critic_values(critic, sig, flat(X), rep(M), rep(y), rep(x0), None if D is None else flat(D)).reshape(N, B)
-    V_next = torch.cat([V[1:].detach(), ell[None]], dim=0)
-    delta = V_next - V + r
-    adv = lambda_advantages(delta.detach(), cfg.td_lambda)
-    critic_loss = 0.5 * ((V.detach() + adv - V) ** 2).sum(0).mean()
-    mu = actor(sig, flat(X), rep(M), rep(y), denoised=flat(D) if actor_reads_denoised(actor) else None).reshape(A.shape)
-    weight = adv
-    if cfg.normalize_advantage:
-        weight = (adv - adv.mean()) / adv.std().clamp_min(1e-12)
-    per_task = {}
-    if "score" in estimators:  # eq. 11: Σ_n sg(Â_n)·log π_φ(a_n | t_n, X_n)
-        per_task["score"] = (weight * log_policy(A, mu, gammas)).sum(0)
-    if "pathwise" in estimators:
-        per_task["pathwise"] = pathwise_actor_loss(cfg, critic, X, A, X_N, mu, x0, task, sigmas, lpips)
-    target = V.detach() + adv  # what V_θ(t_n, X_n) regresses on; explained variance = 1 − var(Â)/var(target)
-    return {"critic_loss": critic_loss, "actor_loss": per_task[estimators[0]].mean(), "per_task": per_task,
-            "delta": delta.detach(), "terminal": ell.detach(),
-            "energy": (A ** 2).mean(dim=(2, 3, 4)).sum(0).mul(dt).detach(), "V0": V[0].detach(),
-            "critic_ev": (1 - adv.var() / target.var().clamp_min(1e-12)).item()}
-
-
-def actor_reads_denoised(actor) -> bool:
-    return getattr(getattr(actor, "module", actor), "denoised_input", False)
-
-
-def _frozen(net):
-    """`net` as a function of its input only: its weights enter as constants (no gradient to them, DDP or not)."""
-    module = getattr(net, "module", net)
-    params = {k: v.detach() for k, v in module.named_parameters()}
-    return lambda *args: torch.func.functional_call(module, params, args)
-
-
-def pathwise_actor_loss(cfg: TrainConfig, critic, X, A, X_N, mu, x0, task: Task, sigmas, lpips=None) -> torch.Tensor:
-    """Σ_n (β/2)·mean(μ_n²)·Δt + V_θ(t_{n+1}, X̂_{n+1} + μ_n·Δt), V_θ(T, ·) = ℓ; per task [B] (estimator pathwise)."""
-    N, B = X.shape[:2]
-    dt = 1.0 / N
-    X_next_hat = torch.cat([X[1:], X_N[None]]) - A * dt  # Heun(X_n): the step without its control
-    X_next = X_next_hat + mu * dt
-    V = _frozen(critic)
-    values = [V(sigmas[n + 1].to(X.device).expand(B), X_next[n], task.M, task.y) for n in range(N - 1)]
-    values.append(terminal_cost(cfg, X_next[-1], x0, task, lpips))
-    running = (cfg.beta / 2) * (mu ** 2).mean(dim=(2, 3, 4)) * dt
-    return (running + torch.stack(values)).sum(0)
-
-
-def rollout_steps(cfg: TrainConfig, it: int) -> int:
-    """N of the solve of the step taken from `it` completed iterations (so the logged iteration it + 1): `steps`, or
-    with --mix-steps M every other one M, so that one module learns both operating points (the actor reads σ, not n:
-    aid-18 and aid-12 share it; its field enters as u·Δt, Δt = 1/N)."""
-    return cfg.mix_steps if cfg.mix_steps and it % 2 else cfg.steps
-
-
-def backprop_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators, lpips=None,
-                  steps: int | None = None) -> dict:
-    """J of the sampled tasks, ℓ(X_N) + Σ_n (β/2)·mean(μ_n²)·Δt (eqs. 2, 5 with γ = 0), through the whole deterministic
-    solve, backbone included: its gradient is J's exact gradient (estimator backprop; the paper's supervised proxy).
-    `steps`: N of the solve (default cfg.steps)."""
-    N = steps or cfg.steps
-    energy = []
-
-    class Recorded(AID):
-        def drift(self, s, n, x, denoised):
-            u = super().drift(s, n, x, denoised)
-            energy.append((u ** 2).mean(dim=(1, 2, 3)))
-            return u
-
-    s = SamplerState(net=backbone, task=task, sigmas=edm_sigmas(N, device=x0.device), generators=generators)
-    policy = Recorded(actor=actor, gamma=0.0)
-    x = s.randn_like(task.y) * s.sigmas[0]
-    for n in range(N):
-        if cfg.recompute:  # each step's activations are recomputed in the backward pass: memory of one step
-            x = torch.utils.checkpoint.checkpoint(heun_step, s, policy, n, x, use_reentrant=False)
-        else:  # all N steps' activations kept: a quarter less compute, N times the memory
-            x = heun_step(s, policy, n, x)
-    ell = terminal_cost(cfg, x, x0, task, lpips)
-    E = torch.stack(energy).sum(0) * s.dt
-    J = ell + (cfg.beta / 2) * E
-    return {"actor_loss": J.mean(), "per_task": J, "terminal": ell.detach(), "energy": E.detach()}
-
-
-def _grad(loss: torch.Tensor, params: list) -> torch.Tensor:
-    """∇_φ loss, flattened (parameters the loss does not reach count as zeros); the graph is kept for more calls."""
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
-
-
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-30))
-
-
-def gradient_diagnostic(cfg: TrainConfig, backbone, actor, critic, task: Task, x0, seed: int, sigmas, lpips=None,
-                        sizes=None, actor_critic: bool = True) -> dict:
-    """How well each estimator's actor gradient points along J's exact gradient, on the same tasks and initial noise.
-
-    g*_k: the backprop gradient of J over the first k tasks (deterministic solve); ĝ_k: an estimator's gradient over
-    the first k tasks' sampled rollouts (score, eq. 11 with this run's exploration, critic and advantages; pathwise
-    with a plain critic). Returns diag_cos_{estimator}_b{k} = cos(ĝ_k, g*_k) and diag_cos_backprop_b{k} =
-    cos(g*_k, g*_B) (how far k tasks' exact gradient already is from the whole batch's) for k = 1, 2, 4, …, B.
-    Nothing accumulates into the optimisers' gradients. Cost: one backprop solve and one rollout of B tasks."""
-    B = x0.shape[0]
-    sizes = sizes or [k for k in (2 ** i for i in range(20)) if k < B] + [B]
-    params = [p for p in actor.parameters()]
-    exact = backprop_loss(cfg, backbone, actor, task, x0, sample_generators(seed, B), lpips)["per_task"]
-    g_star = {k: _grad(exact[:k].mean(), params) for k in sizes}
-    rec = {f"diag_cos_backprop_b{k}": _cos(g_star[k], g_star[B]) for k in sizes}
-    rec["diag_exact_grad_norm"] = float(g_star[B].norm())
-    if not actor_critic:  # a backprop run trains no critic: only the exact gradients' agreement across batch sizes
-        return rec
-    with torch.no_grad():
-        X, A, X_N, D = rollout(backbone, actor, task, cfg.steps, cfg.gamma, sample_generators(seed, B),
-                               cfg.explore == "scaled")
-    privileged = getattr(critic, "privileged", False)
-    out = actor_critic_losses(cfg, actor, critic, X, A, X_N, x0, task, sigmas, D, lpips,
-                              estimators=("score",) if privileged else ("score", "pathwise"))
-    for name, per_task in out["per_task"].items():
-        for k in sizes:
-            rec[f"diag_cos_{name}_b{k}"] = _cos(_grad(per_task[:k].mean(), params), g_star[k])
-    return rec
-
-
-@torch.no_grad()
-def validation_per_image(inpainter: Inpainter, actor, images: torch.Tensor, M: torch.Tensor, steps: int,
-                         batch: int = 64, labels: torch.Tensor | None = None, lpips=None,
-                         first: int = 0) -> dict[str, torch.Tensor]:
-    """Each image's hole PSNR (on pixels), SSIM, LPIPS (where the model is given) and hole texture of the fill and of
-    the truth, the deterministic actor (the policy's mean) completing them as `aid inpaint` does. `first`: the index
-    of `images[0]` in the whole validation set, whose noise seed it keeps (image i: seed i), so a share of the set
-    scored by one process reads as it does in the whole (SSIM only for images of at least 11 × 11 pixels, the size
-    its window needs)."""
-    policy = AID(actor=actor, gamma=0.0)
-    parts: dict[str, list[torch.Tensor]] = {"psnr_hole": [], "ssim": [], "lpips": [], "texture": [],
-                                            "texture_truth": []}
-    for i in range(0, len(images), batch):
-        x0, m = images[i:i + batch], M[i:i + batch]
-        completed, _ = inpainter.complete(x0, m, policy, steps, sample_generators(0, len(x0), offset=first + i),
-                                          None if labels is None else labels[i:i + batch])
-        parts["psnr_hole"].append(psnr_hole(completed, x0, m))
-        if min(x0.shape[-2:]) >= SSIM_MIN_SIZE:
-            parts["ssim"].append(ssim_01(completed, x0))
-        if lpips is not None:
-            parts["lpips"].append(lpips(completed, x0))
-        parts["texture"].append(hole_texture(completed, m))
-        parts["texture_truth"].append(hole_texture(x0, m))
-    return {k: torch.cat(v) for k, v in parts.items() if v}
-
-
-def summarize_validation(per_image: dict[str, torch.Tensor], by_family: bool = False) -> dict[str, float]:
-    """The means of `validation_per_image`'s values over the whole set (image i in order: mask family
-    FAMILIES[i % 3] of `validation_masks`); `by_family`: also each family's means, as `psnr_hole_freeform`,
-    `lpips_strip`, …; `texture_ratio`: the fills' hole texture over the truth's (`metrics.quality.hole_texture`,
-    summed over the images; below 1: fills smoother than the originals)."""
-    per_image = dict(per_image)
-    fill, truth = (per_image.pop(k) for k in ("texture", "texture_truth"))
-    family = torch.arange(len(fill)) % len(FAMILIES)
-    scores = {}
-    for k, values in per_image.items():
-        scores[k] = float(values.mean())
-        if by_family:
-            scores.update({f"{k}_{f}": float(values[family == j].mean())
-                           for j, f in enumerate(FAMILIES) if (family == j).any()})
-    for suffix, rows in [("", slice(None))] + ([(f"_{f}", family == j) for j, f in enumerate(FAMILIES)
-                                                 if (family == j).any()] if by_family else []):
-        if (ratio := texture_ratio(fill[rows], truth[rows])) is not None:  # None: flat originals
-            scores[f"texture_ratio{suffix}"] = ratio
-    return scores
-
-
-def validation_scores(inpainter: Inpainter, actor, images: torch.Tensor, M: torch.Tensor, steps: int, batch: int = 64,
-                      labels: torch.Tensor | None = None, lpips=None, by_family: bool = False) -> dict[str, float]:
-    """Mean hole PSNR, SSIM, LPIPS (where the model is given) and texture ratio of the deterministic actor on fixed
-    images and masks (`validation_per_image`, `summarize_validation`)."""
-    return summarize_validation(validation_per_image(inpainter, actor, images, M, steps, batch, labels, lpips),
-                                by_family)
-
-
-def validation_masks(n: int, resolution, seed: int = VALIDATION_MASK_SEED) -> torch.Tensor:
-    """The fixed masks of validation: image i gets mask i of the evaluation family FAMILIES[i % 3] (v1, `seed`), so
-    checkpoints are chosen on all three families the benchmark reports, by default on masks of a seed of their own
-    (the protocol's are seed 0: center is the same square in every seed)."""
-    per_family = {f: eval_masks(f, n, resolution, seed=seed) for f in FAMILIES}
-    return torch.stack([per_family[FAMILIES[i % len(FAMILIES)]][i] for i in range(n)]) if n else \
-        eval_masks("freeform", 0, resolution)
-
-
-def mask_families(spec: str) -> tuple[str, ...]:
-    """`--train-masks freeform,box,strip` → the families' names (checked by the mask bank)."""
-    return tuple(f.strip() for f in spec.split(",") if f.strip())
 
 
 def one_hot_labels(data, label_dim: int, class_label: int | None, what: str) -> torch.Tensor | None:
@@ -460,53 +95,6 @@ def warm_start(actor: Actor, path, actor_kwargs: dict, backbone_sha: str) -> Non
         raise UserError(f"--init {path}: its actor {info['actor']} differs from this run's {actor_kwargs}; "
                         f"pass the same --width and --denoised-input")
     actor.load_state_dict(init.state_dict())
-
-
-def backbone_lambda_vis(backbone, vae: str | None, lambda_vis: float | None) -> float:
-    """`--lambda-vis`, or the paper's value for this backbone when it is not given: 2 on pixels (EDM), 1 on latents
-    (EDM2). A `--vae` for a pixel backbone is refused here, before anything is loaded."""
-    from ..backbones.checkpoint import read_metadata
-    from ..errors import CheckpointError
-
-    try:
-        latent = "aid.encoder" in read_metadata(backbone)
-    except CheckpointError:
-        latent = False  # the trainer's load_backbone says what is wrong with the file
-    if vae is not None and not latent:
-        raise UserError("--vae: this backbone works on pixels and uses no VAE; drop --vae")
-    return (1.0 if latent else 2.0) if lambda_vis is None else lambda_vis
-
-
-def check_config(cfg: TrainConfig, world: int) -> TrainConfig:
-    """The options that must agree with each other, checked before anything is loaded (one-line errors)."""
-    cfg = dataclasses.replace(cfg, estimator=canonical_estimator(cfg.estimator))
-    if cfg.estimator not in ESTIMATORS:
-        raise UserError(f"unknown --estimator {cfg.estimator!r}: choose one of {', '.join(ESTIMATORS)} "
-                        f"(proxy = backprop)")
-    if cfg.explore not in ("constant", "scaled"):
-        raise UserError(f"unknown --explore {cfg.explore!r}: choose constant or scaled")
-    if cfg.critic not in ("plain", "privileged"):
-        raise UserError(f"unknown --critic {cfg.critic!r}: choose plain or privileged")
-    if not 0 <= cfg.td_lambda <= 1:
-        raise UserError(f"--td-lambda must lie in [0, 1], got {cfg.td_lambda}")
-    if cfg.critic == "privileged" and cfg.estimator == "pathwise":
-        raise UserError("--critic privileged reads D(x; σ), whose derivative in x needs the backbone's backward pass; "
-                        "the pathwise estimator differentiates V in x: use --critic plain with pathwise")
-    if cfg.critic == "privileged" and (cfg.lambda_lpips or cfg.lambda_ssim):
-        raise UserError("--critic privileged: its baseline ℓ(D) is the L2 loss of eq. 2; drop --lambda-lpips and "
-                        "--lambda-ssim")
-    families = mask_families(cfg.train_masks)
-    if not families or any(f not in TRAIN_MASK_FAMILIES for f in families):
-        raise UserError(f"--train-masks {cfg.train_masks!r}: give families from {', '.join(TRAIN_MASK_FAMILIES)}, "
-                        f"comma-separated")
-    if cfg.batch % world:
-        raise UserError(f"--batch {cfg.batch} is not divisible by the {world} processes")
-    if cfg.mix_steps and cfg.estimator != "backprop":
-        raise UserError("--mix-steps alternates the backprop solve's N; the actor-critic estimators roll out at --steps "
-                        "(drop --mix-steps or use --estimator backprop)")
-    if cfg.mix_steps == 1:
-        raise UserError("--mix-steps must be at least 2 grid steps (or 0: never)")
-    return cfg
 
 
 @dataclass
@@ -573,7 +161,7 @@ def setup(cfg: TrainConfig, resume: bool, device, log) -> Run:
     cfg = prepare_run(cfg, run, STATE_FILE, resume, log=log,
                       free=("dataset", "out", "iters", "val_dataset", "checkpoint_every", "val_every", "precision",
                             "compile", "diag_every", "diag_batch", "recompute"),
-                      free_if_given=("ema_halflife",))  # a run can start averaging part-way (step 7)
+                      free_if_given=("ema_halflife",))  # a run can start averaging part-way (step 5)
     cfg = dataclasses.replace(cfg, ema_halflife=cfg.ema_halflife or 0.0)  # not given and never set: none
     cfg = dataclasses.replace(cfg, estimator=canonical_estimator(cfg.estimator))  # a run saved as `proxy`
     families = mask_families(cfg.train_masks)  # the run's own on --resume
@@ -727,7 +315,7 @@ def draw_tasks(r: Run, g: torch.Generator, batch: int, step: int, sl=slice(None)
 
 
 def step(r: Run, prev_grad: torch.Tensor | None) -> dict:
-    """One iteration (the module docstring's steps 1–6) on this process's share of the batch: the losses, the
+    """One iteration (the module docstring's steps 1–5) on this process's share of the batch: the losses, the
     gradient norms, the actor's gradient and its cosine to the previous one (≈ 0 when the estimator's noise swamps its
     signal)."""
     cfg, world = r.cfg, r.world
@@ -767,7 +355,7 @@ def step(r: Run, prev_grad: torch.Tensor | None) -> dict:
     if world > 1:
         whole_batch_statistics(out, world)
     if r.actor_ema is not None:
-        r.actor_ema.update_parameters(r.actor)  # φ̄ ← κ·φ̄ + (1 − κ)·φ (step 7)
+        r.actor_ema.update_parameters(r.actor)  # φ̄ ← κ·φ̄ + (1 − κ)·φ (step 5)
     return out
 
 
@@ -878,6 +466,13 @@ def save_checkpoint(r: Run) -> None:
                   r.backbone_sha, training=training)
 
 
+def bar_figures(rec: dict) -> str:
+    """The progress bar's figures of an iteration's record: the critic's TD loss where the estimator trains a critic,
+    and the terminal cost ℓ."""
+    td = f"TD {rec['critic_loss']:.4f}  " if "critic_loss" in rec else ""
+    return f"{td}ℓ {rec['terminal']:.4f}"
+
+
 def train(cfg: TrainConfig, resume: bool = False, device="cpu", max_iters: int | None = None, progress: bool = True,
           log=print) -> Path:
     """Train the guidance module: setup, then step after step, each logged (rank 0) and checkpointed now and then,
@@ -892,10 +487,9 @@ def _train(cfg: TrainConfig, resume: bool, device, max_iters: int | None, progre
     r = setup(cfg, resume, device, log)
     cfg = r.cfg
     bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} it"),
-                   TextColumn("TD {task.fields[td]:.4f}  ℓ {task.fields[ell]:.4f}"), TimeRemainingColumn(),
-                   disable=not progress or r.rank != 0)
+                   TextColumn("{task.fields[figures]}"), TimeRemainingColumn(), disable=not progress or r.rank != 0)
     with bar, GracefulStop() as stop:
-        ptask = bar.add_task("train", total=cfg.iters, completed=r.it, td=float("nan"), ell=float("nan"))
+        ptask = bar.add_task("train", total=cfg.iters, completed=r.it, figures="")
         if r.it == 0 and r.val is not None:  # the starting point: u ≡ 0 is the unguided sampler
             val = validate(r)
             if r.rank == 0:
@@ -915,7 +509,7 @@ def _train(cfg: TrainConfig, resume: bool, device, max_iters: int | None, progre
                     break
                 continue
             rec = log_record(r, out, seconds, val)
-            bar.update(ptask, completed=r.it, td=rec.get("critic_loss", float("nan")), ell=rec["terminal"])
+            bar.update(ptask, completed=r.it, figures=bar_figures(rec))
             if stopping or r.it % cfg.checkpoint_every == 0 or r.it == cfg.iters or \
                     (max_iters is not None and r.it >= max_iters):
                 save_checkpoint(r)

@@ -37,16 +37,13 @@ class AID(Method):
 
     name = "aid"
 
-    def __init__(self, actor, gamma: float = 0.0, record: bool = False, scaled_exploration: bool = False):
+    def __init__(self, actor, gamma: float = 0.0, scaled_exploration: bool = False):
         self.actor = actor  # μ_φ: a loaded guidance module (resolve.py finds, checks and loads the file)
         self.gamma = gamma  # exploration temperature γ; 0 = deterministic (deployment)
         self.scaled_exploration = scaled_exploration  # γ_n = γ·c_u(σ_n)² instead of γ
-        self.record = record
-        self.trajectory: list[tuple] = []  # (n, X_n, a_n, D(X_n; σ_n)) when recording
         self._solve = None
 
     def setup(self, s: SamplerState) -> None:
-        self.trajectory = []
         self.actor.to(s.device)
         self._solve = None  # without gradients: what stays fixed along this solve (`_deployed`, at the first step)
 
@@ -59,8 +56,6 @@ class AID(Method):
             a = self._deployed(sigma, x, s.task.M, s.task.y, D)
         if self.gamma > 0:
             a = a + self.exploration_std(s.sigmas[n]) * s.randn_like(x)
-        if self.record:  # D is kept for actors that read it and for the privileged critic
-            self.trajectory.append((n, x.detach(), a.detach(), denoised.detach()))
         return a
 
     def _deployed(self, sigma, x, M, y, D) -> torch.Tensor:

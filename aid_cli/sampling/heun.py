@@ -13,6 +13,8 @@ Hooks, in the order the loop calls them for the step n: σ_n → σ_{n+1}:
     x' ← Heun(x, σ_n → σ_{n+1})
     x' ← x' + method.drift(s, n, x, D)·Δt         the control u of eq. 1 (AID), held constant over the step
     x' ← method.post_step(s, n, x, x')            state correction after the step (replacement, DPS, MCG, GradPaint)
+    on_step(n, x, D, u)                           what a caller records of the step (training: the trajectory of a
+                                                  rollout, the control energy of a differentiable solve)
 
 and `method.schedule(N)` lists the grid indices the loop visits: plain methods go 0, 1, …, N; RePaint's time travel goes back
 up the grid, where the loop re-noises x ← x + √(σ_a² − σ_b²)·z. Oracles (`oracle = True`: copy, greyfill) skip the loop:
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+import torch.utils.checkpoint
 
 from ..task import Task
 
@@ -57,6 +60,7 @@ def sample_generators(seed: int, batch_size: int, offset: int = 0) -> list[torch
 
 
 Denoiser = Callable[..., torch.Tensor]
+StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None], None]  # (n, X_n, D(X_n; σ_n), u_n)
 
 
 @dataclass
@@ -71,6 +75,7 @@ class SamplerState:
     backward: int = 0  # backward passes through the network per image
     extras: dict = field(default_factory=dict)  # per-method scratch space; the benchmark puts the oracles' "x0" here
     progress: Callable[[int], None] | None = None  # told the NFE per image of every network evaluation (a progress bar)
+    on_step: StepHook | None = None  # told (n, X_n, D(X_n; σ_n), u_n) after each step's control (None without one)
 
     @property
     def num_steps(self) -> int:
@@ -169,6 +174,8 @@ def heun_step(s: SamplerState, method: Method, n: int, x: torch.Tensor) -> torch
     u = method.drift(s, n, x, denoised)
     if u is not None:
         x_next = x_next + u * s.dt  # eq. 1: dX = [b + u] dt, u held constant over the step
+    if s.on_step is not None:
+        s.on_step(n, x, denoised, u)
     return method.post_step(s, n, x, x_next)
 
 
@@ -183,12 +190,17 @@ class SampleResult:
 def sample(net: Denoiser, task: Task, method: Method | None = None, num_steps: int = 18, seed: int = 0,
            generators: list[torch.Generator] | None = None, sigmas: torch.Tensor | None = None,
            latents: torch.Tensor | None = None, extras: dict | None = None,
-           progress: Callable[[int], None] | None = None) -> SampleResult:
+           progress: Callable[[int], None] | None = None, on_step: StepHook | None = None,
+           differentiable: bool = False, recompute: bool = False) -> SampleResult:
     """Inpaint `task` with `method` on the EDM grid of `num_steps` steps.
 
     X_0 = σ_0·z with z from each sample's generator (seed + index), unless unit-variance `latents` are given.
     `extras` seeds `SamplerState.extras`; only the benchmark passes the ground truth there (`{"x0": x0}`, for oracles).
-    `progress(k)` is called with the NFE per image of every network evaluation as it happens.
+    `progress(k)` is called with the NFE per image of every network evaluation as it happens; `on_step(n, x, D, u)`
+    after each step's control (`SamplerState.on_step`).
+    `differentiable`: the whole solve stays in autograd's graph (X_N can be backpropagated to X_0, the backbone and
+    the method's parameters); `recompute` then recomputes each step's activations in the backward pass (memory of one
+    step; its hooks run again there, so they must be deterministic: no noise drawn inside a step).
     """
     method = method or Method()
     device = task.y.device
@@ -197,7 +209,7 @@ def sample(net: Denoiser, task: Task, method: Method | None = None, num_steps: i
     if generators is None:
         generators = sample_generators(seed, task.batch_size)
     s = SamplerState(net=net, task=task, sigmas=sigmas.to(device), generators=generators, extras=dict(extras or {}),
-                     progress=progress)
+                     progress=progress, on_step=on_step)
     method.setup(s)
     if method.oracle:  # copy, greyfill: no network, no loop
         x = method.fill(s).to(device, torch.float32)
@@ -207,15 +219,18 @@ def sample(net: Denoiser, task: Task, method: Method | None = None, num_steps: i
     order = list(method.schedule(s.num_steps))
     if not order or order[0] != 0 or order[-1] != s.num_steps:
         raise ValueError(f"{method.name}: a schedule must start at 0 and end at {s.num_steps}")
-    grad_ctx = torch.enable_grad() if method.needs_grad else torch.no_grad()
+    grad_ctx = torch.enable_grad() if method.needs_grad or differentiable else torch.no_grad()
     with grad_ctx:
         for a, b in zip(order[:-1], order[1:]):
-            if b == a + 1:
+            if b == a + 1 and differentiable and recompute:
+                x = torch.utils.checkpoint.checkpoint(heun_step, s, method, a, x, use_reentrant=False)
+            elif b == a + 1:
                 x = heun_step(s, method, a, x)
             elif b < a:
                 x = method.renoise(s, x, s.sigmas[a], s.sigmas[b])
             else:
                 raise ValueError(f"{method.name}: schedule may only step forward by one or jump back ({a} → {b})")
-            x = x.detach()
+            if not differentiable:
+                x = x.detach()
         completed = method.finish(s, x)
     return SampleResult(x=x, completed=completed, nfe=s.nfe, backward=s.backward)
