@@ -118,22 +118,16 @@ class PhotoRunner(Runner):
         return filled, time.perf_counter() - t0
 
     def _photo_metrics(self, out: np.ndarray, truth: np.ndarray, hole: np.ndarray, label: str) -> dict:
-        from ..metrics.quality import psnr_hole, ssim_01
+        """Hole PSNR on the whole photo, SSIM and LPIPS on the hole's neighbourhood (metrics/bundle.py)."""
+        from ..metrics.bundle import inpainting_metrics, per_image
 
         if not np.array_equal(out[~hole], truth[~hole]):
             raise RuntimeError(f"{label} changed visible pixels of a photo (a bug in the path)")
         x, x0 = _float(out), _float(truth)
         M = torch.from_numpy(~hole)[None, None].to(torch.float32)
-        left, top, right, bottom = neighbourhood(hole)
-        xs, x0s = x[..., top:bottom, left:right], x0[..., top:bottom, left:right]
-        ph = float(psnr_hole(x, x0, M)[0])
-        try:
-            ss = float(ssim_01(xs, x0s)[0])
-        except ValueError as e:
-            self.note(f"note: ssim is null: {e}")
-            ss = None
-        lp = self._lpips(self.lpips_model, "lpips", xs, x0s)[0]
-        lv = self._lpips(self.lpips_vgg_model, "lpips_vgg", xs, x0s)[0]
+        scores = inpainting_metrics(x, x0, M, self.lpips_model, self.lpips_vgg_model, region=neighbourhood(hole),
+                                    note=self.note)
+        ph, ss, lp, lv = (per_image(scores, k, 1)[0] for k in ("psnr_hole", "ssim", "lpips", "lpips_vgg"))
         # FID/KID of whole photos would be those of their visible pixels, and a hole's neighbourhood differs by
         # family: the photo benchmark reports no realism column yet (null)
         return {"psnr_hole": ph, "ssim": ss, "lpips": lp, "lpips_vgg": lv, "features": None, "finite": True}

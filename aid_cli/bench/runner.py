@@ -157,22 +157,12 @@ class Runner:
         self.session = uuid.uuid4().hex[:12]
         self.mem_kind = peak_memory_kind(self.device)
         self._notes: set[str] = set()
-        self.lpips_model, self.lpips_source = None, None
-        from ..metrics.lpips import LPIPSUnavailable, load_lpips
+        from ..metrics.bundle import load_lpips_models
 
-        try:
-            self.lpips_model = load_lpips(device=self.device, offline=lpips_offline, notice=self.note)
-            self.lpips_source = self.lpips_model.source
-        except LPIPSUnavailable as e:
-            self.note(f"{e}; lpips is null")
-        self.lpips_vgg_model, self.lpips_vgg_source = None, None  # LPIPS-VGG: a perceptual metric outside AID's loss
-        if lpips_vgg:
-            try:
-                self.lpips_vgg_model = load_lpips(device=self.device, offline=lpips_offline, notice=self.note,
-                                                  net="vgg")
-                self.lpips_vgg_source = self.lpips_vgg_model.source
-            except LPIPSUnavailable as e:
-                self.note(f"{e}; lpips_vgg is null")
+        # LPIPS-VGG: a perceptual metric outside AID's loss
+        self.lpips_model, self.lpips_vgg_model = load_lpips_models(self.device, lpips_offline, lpips_vgg, self.note)
+        self.lpips_source = getattr(self.lpips_model, "source", None)
+        self.lpips_vgg_source = getattr(self.lpips_vgg_model, "source", None)
         self.inception = None  # the TF-Inception of FID and KID (metrics/fid.py), when `realism`
         if realism:
             from ..metrics.fid import load_inception
@@ -235,8 +225,9 @@ class Runner:
         return box[0]
 
     def _metrics(self, completed: torch.Tensor, x0: torch.Tensor, M: torch.Tensor, label: str) -> dict[str, list]:
-        """Per-image PSNR-hole, SSIM, LPIPS of completed images (on CPU) against x0; null for non-finite images."""
-        from ..metrics.quality import psnr_hole, ssim_01
+        """Per-image PSNR-hole, SSIM, LPIPS, LPIPS-VGG (metrics/bundle.py) of completed images (on CPU) against x0, and
+        their Inception features; null for non-finite images."""
+        from ..metrics.bundle import inpainting_metrics, per_image
 
         finite = torch.isfinite(completed).flatten(1).all(1)
         visible = M.expand_as(x0) > 0.5
@@ -244,14 +235,8 @@ class Runner:
             if not torch.equal(completed[b][visible[b]], x0[b][visible[b]]):
                 raise RuntimeError(f"{label} changed visible pixels of a completed image (a bug in the method)")
         safe = torch.where(finite[:, None, None, None], completed, x0)  # keep kernels away from nan; masked below
-        ph = psnr_hole(safe, x0, M).tolist()
-        try:
-            ss = ssim_01(safe, x0).tolist()
-        except ValueError as e:
-            self.note(f"note: ssim is null: {e}")
-            ss = [None] * len(ph)
-        ll = self._lpips(self.lpips_model, "lpips", safe, x0)
-        lv = self._lpips(self.lpips_vgg_model, "lpips_vgg", safe, x0)
+        scores = inpainting_metrics(safe, x0, M, self.lpips_model, self.lpips_vgg_model, note=self.note)
+        ph, ss, ll, lv = (per_image(scores, k, len(safe)) for k in ("psnr_hole", "ssim", "lpips", "lpips_vgg"))
         feats = [None] * len(ph)
         if self.inception is not None:  # the TF-Inception's pool_3 features, for the cell's FID and KID
             from ..metrics.fid import inception_features
@@ -264,17 +249,6 @@ class Runner:
                 "lpips_vgg": [v if k and v is not None else None for v, k in zip(lv, keep)],
                 "features": [f if k else None for f, k in zip(feats, keep)],
                 "finite": keep}
-
-    def _lpips(self, model, name: str, x: torch.Tensor, x0: torch.Tensor) -> list:
-        """Per-image distances of one LPIPS model (None: unavailable, or images below its trunk's size)."""
-        if model is None:
-            return [None] * len(x)
-        try:
-            with torch.no_grad():
-                return model(x.to(self.device), x0.to(self.device)).cpu().double().tolist()
-        except ValueError as e:
-            self.note(f"note: {name} is null: {e}")
-            return [None] * len(x)
 
     def original_features(self, batch: int = 50) -> np.ndarray | None:
         """float32 [n, 2048] TF-Inception features of the n original images (None without the network)."""
