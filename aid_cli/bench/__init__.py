@@ -22,9 +22,11 @@ Protocol (method.md §9)
     mean ± std over seeds, its KID their mean ± the std of that mean over a paired bootstrap of the images. PSNR-hole is +inf for an exact hole (the `copy` oracle): JSON null, "inf" in the
     table. A completion with non-finite values (a diverging step size) gets null metrics and is counted in
     `images_nonfinite`. Every finite completion is checked to keep the visible pixels exactly.
-  * NFE and backward passes per image are the loop's own counts. Seconds per image: wall time of the `sample` calls
-    (after a discarded warm-up batch of the same method, same device, same run; CUDA/MPS synchronised around each call),
-    summed over batches (and processes), divided by the images; with `--batch B` that is a batch's time / B.
+  * NFE and backward passes per image are the loop's own counts. Seconds per image: wall time of the cells' `sample`
+    calls (CUDA/MPS synchronised around each call), summed over batches (and processes), divided by the images; with
+    `--batch B` that is a batch's time / B. Before its first cell in a process, each method runs once untimed on one
+    image (under --compile: on the first batch) and the backbone once at the batch's shape (Runner.warm_up); a second
+    image, timed, gives the plan's estimate, unless finished cells of this folder already timed the method.
   * Peak memory per cell, over its sampler calls (metrics run outside the measured windows): CUDA:
     `torch.cuda.max_memory_allocated`, reset before each call (every tensor PyTorch holds on the device then, so the
     backbone's and LPIPS's weights too, ~10 MB for LPIPS; not the caching allocator's reserve). Elsewhere: the process's

@@ -143,13 +143,25 @@ class PhotoRunner(Runner):
         x = torch.nn.functional.interpolate(x, size=(TILE, TILE), mode="bicubic", antialias=True, align_corners=False)
         return to_uint8(x[0].clamp(-1, 1))
 
+    def _warm_indices(self, batch: int) -> list[int]:
+        return self.indices[:1]  # one photo per call, as the cells run them
+
+    def _batch_scale(self, images: int, batch: int) -> float:
+        return 1.0
+
+    def _trial(self, spec, method, family: str, seed: int, idx: list[int]) -> tuple[float, float]:
+        i = idx[0]
+        filled, dt = self.fill(spec, method, family, seed, i)
+        t0 = time.perf_counter()
+        self._photo_metrics(filled.pixels[0], self.data.photos[i].permute(1, 2, 0).numpy(), self.holes[family][i],
+                            spec.label)
+        return dt, time.perf_counter() - t0
+
     def cells(self, specs, family: str, seed: int, batch: int, examples: int = 0, done_before: int = 0):
+        self.warm_up(specs, family, seed, batch, done_before=done_before)  # (methods not yet warmed up)
         methods = [spec.build() for spec in specs]
-        for spec, method in zip(specs, methods):
-            warm_key = (spec.method, spec.steps)
-            if warm_key not in self.warmed and self.indices:  # warm-up: the first photo, discarded, not timed
-                self.fill(spec, method, family, seed, self.indices[0])
-                self.warmed.add(warm_key)
+        if self.progress:
+            self.progress(done_before, f"{' + '.join(s.label for s in specs)} / {family} / seed {seed}")
         acc = [{"images": {}, "seconds": 0.0, "nfe": 0.0, "backward": 0.0, "mem": PeakMemory(self.device),
                 "examples": {}} for _ in specs]
         for done, i in enumerate(self.indices, 1):

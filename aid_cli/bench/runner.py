@@ -154,6 +154,7 @@ class Runner:
         self._load_data(dataset, n, families, mask_seed, class_label)
         self.indices = list(range(n))[self.rank::self.world]  # this process's shard
         self.warmed: set[tuple] = set()  # (method, steps) already warmed up in this process
+        self.batch_scale: float | None = None  # Runner._batch_scale, measured once
         self.session = uuid.uuid4().hex[:12]
         self.mem_kind = peak_memory_kind(self.device)
         self._notes: set[str] = set()
@@ -281,6 +282,55 @@ class Runner:
             dt = time.perf_counter() - t0
         return result, completed, dt, x0, M
 
+    def _warm_indices(self, batch: int) -> list[int]:
+        """The images of a warm-up call: one, or under --compile the first batch (whose shape the compiled backbone
+        must have seen before a timed call)."""
+        return self.indices[:batch] if self.compile else self.indices[:1]
+
+    def _trial(self, spec: MethodSpec, method, family: str, seed: int, idx: list[int]) -> tuple[float, float]:
+        """(seconds of the method, seconds of its metrics) of one call on the images idx, discarded."""
+        _, completed, dt, x0, M = self._run_batch(method, spec, family, seed, idx)
+        t0 = time.perf_counter()
+        self._metrics(completed.detach().to("cpu", torch.float32), x0, M, spec.label)
+        return dt, time.perf_counter() - t0
+
+    def _batch_scale(self, images: int, batch: int) -> float:
+        """A batch of `batch` images' cost per image over that of `images` images, from the backbone's forward pass
+        (which this also warms up at the cells' batch shape)."""
+        batch = min(batch, len(self.indices))
+        if images >= batch:
+            return 1.0
+        return _seconds_per_evaluation(self, batch) / _seconds_per_evaluation(self, images)
+
+    def warm_up(self, specs: list[MethodSpec], family: str, seed: int, batch: int, timed=frozenset(),
+                done_before: int = 0) -> tuple[dict[str, float], float | None]:
+        """Each method's first call in this process, untimed and discarded (`_warm_indices`), so that the cells'
+        timed windows hold none of its one-time costs; for the labels in `timed`, one more call, timed, for the plan.
+        Returns ({label: its estimated seconds per image at --batch}, seconds per image of the metrics or None)."""
+        idx = self._warm_indices(batch)
+        seconds, metric_seconds = {}, None
+        if not idx:
+            return seconds, metric_seconds
+        for spec in specs:
+            key = (spec.method, spec.steps)
+            if key in self.warmed and spec.label not in timed:
+                continue
+            if self.batch_scale is None:
+                self.batch_scale = self._batch_scale(len(idx), batch)
+            method = spec.build()
+            if self.progress:
+                self.progress(done_before, f"warm-up: {spec.label} on {len(idx)} image(s), untimed / {family}")
+            if key not in self.warmed:
+                self._trial(spec, method, family, seed, idx)
+                self.warmed.add(key)
+            if spec.label in timed:
+                if self.progress:
+                    self.progress(done_before, f"warm-up: {spec.label}, timing {len(idx)} image(s) for the plan")
+                dt, dm = self._trial(spec, method, family, seed, idx)
+                seconds[spec.label] = dt / len(idx) * self.batch_scale
+                metric_seconds = dm / len(idx) if metric_seconds is None else metric_seconds
+        return seconds, metric_seconds
+
     def cell(self, spec: MethodSpec, family: str, seed: int, batch: int, examples: int = 0,
              done_before: int = 0) -> dict | None:
         """Run one (method, mask family, seed) cell on this process's shard; the merged record on rank 0, else None.
@@ -296,12 +346,10 @@ class Runner:
         every method in turn before the next batch, so a machine whose speed drifts (a shared CPU, a GPU warming up)
         slows every method's timed window alike and their seconds per image stay comparable. The numbers are those
         of `cell` run method by method (same images, masks and noise). Records on rank 0, else Nones."""
+        self.warm_up(specs, family, seed, batch, done_before=done_before)  # (methods not yet warmed up)
         methods = [spec.build() for spec in specs]
-        for spec, method in zip(specs, methods):
-            warm_key = (spec.method, spec.steps)
-            if warm_key not in self.warmed and self.indices:  # warm-up: first batch, discarded, not timed
-                self._run_batch(method, spec, family, seed, self.indices[:batch])
-                self.warmed.add(warm_key)
+        if self.progress:
+            self.progress(done_before, f"{' + '.join(s.label for s in specs)} / {family} / seed {seed}")
         acc = [{"images": {}, "seconds": 0.0, "nfe": 0.0, "backward": 0.0, "mem": PeakMemory(self.device),
                 "examples": {}} for _ in specs]
         done = 0
@@ -412,7 +460,9 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
     check_masks(cfg.masks)
     check_method_names(cfg.methods, cfg.guidances)
     out = Path(out)
-    state = {"total": 0}
+    state = {"total": 0 if report_only else _expected_total(cfg, out, resume)}
+    if progress:  # the total is known from the start (a --resume's finished cells are checked below)
+        progress(0, state["total"], "loading the backbone, the images and the metric networks")
     if runner is None:
         kind, extra = (Runner, {}) if not on_photos(cfg.masks) else (_photo_runner(), {"fit": cfg.fit})
         runner = kind(model, cfg.dataset, cfg.n, cfg.masks, cfg.mask_seed, device, log=log,
@@ -446,11 +496,17 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
     elif skipped:
         runner.log(f"resuming: {skipped} finished cell(s) skipped, {len(todo)} to run")
     state["total"] = len(todo) * cfg.n
-    if todo and runner.rank == 0:
-        runner.log(plan_text(runner, cfg, todo))
     groups: dict[tuple[str, int], list[MethodSpec]] = {}  # the methods still to run on each (family, seed)
     for spec, family, seed in sorted(todo, key=lambda t: (cfg.masks.index(t[1]), cfg.seeds.index(t[2]))):
         groups.setdefault((family, seed), []).append(spec)  # stable sort: methods keep --methods' order
+    if todo:  # warm-up: the methods with cells to run, on an image or two each; then the plan
+        labels = {spec.label for spec, _, _ in todo}
+        recorded = recorded_seconds(done, specs, runner, cfg.batch)
+        family, seed = next(iter(groups))
+        seconds, metric_seconds = runner.warm_up([s for s in specs if s.label in labels], family, seed, cfg.batch,
+                                                 timed=labels - set(recorded))
+        if runner.rank == 0:
+            runner.log(plan_text(runner, cfg, todo, seconds, metric_seconds, recorded))
     finished = 0
     for (family, seed), group in groups.items():  # interleaved within a group: comparable timings (Runner.cells)
         recs = runner.cells(group, family, seed, cfg.batch, examples=cfg.examples if seed == cfg.seeds[0] else 0,
@@ -492,9 +548,35 @@ def count_evaluations(spec: MethodSpec, channels: int, resolution: int) -> tuple
     return r.nfe, r.backward
 
 
-def plan_text(runner: Runner, cfg: BenchConfig, todo: list) -> str:
-    """What the run will do and roughly how long it will take, said before it starts: cells, images, network
-    evaluations, and an estimate from one timed network evaluation at --batch (a backward pass counted as two)."""
+def _expected_total(cfg: BenchConfig, out: Path, resume: bool) -> int:
+    """Images to complete, before the backbone is loaded: every cell's, less those of cells already in `out` (with
+    --resume; run_bench then checks them against the methods' settings)."""
+    cells = {(m, f, s) for m in cfg.methods for f in cfg.masks for s in cfg.seeds}
+    if resume and (out / CELLS_FILE).is_file():
+        cells -= {(r.get("method"), r.get("mask"), r.get("seed")) for r in read_cells(out)}
+    return len(cells) * cfg.n
+
+
+def recorded_seconds(done: dict, specs: list[MethodSpec], runner: Runner, batch: int) -> dict[str, float]:
+    """label → the mean seconds per image of its finished cells in OUT that were measured as these will be (same
+    settings, device, --batch, processes and --compile): the plan's estimate on --resume, without timing it again."""
+    device, seconds = device_name(runner.device), {}
+    for spec in specs:
+        found = [r["sec_per_image"] for r in done.values() if r.get("method") == spec.label and same_run(r, spec)
+                 and (r.get("device"), r.get("batch"), r.get("world_size"), bool(r.get("compile"))) ==
+                 (device, batch, runner.world, bool(runner.compile)) and r.get("sec_per_image") is not None]
+        if found:
+            seconds[spec.label] = float(np.mean(found))
+    return seconds
+
+
+def plan_text(runner: Runner, cfg: BenchConfig, todo: list, seconds: dict[str, float] | None = None,
+              metric_seconds: float | None = None, recorded: dict[str, float] | None = None) -> str:
+    """What the run will do and roughly how long it will take, said before the first cell: cells, images, network
+    evaluations, and an estimate from each method's seconds per image (`seconds`: timed in the warm-up; `recorded`:
+    its finished cells in OUT) plus the metrics' (`metric_seconds`); a method with neither is estimated from one
+    timed network evaluation at --batch (a backward pass counted as two)."""
+    seconds, recorded = dict(seconds or {}), dict(recorded or {})
     channels, res = runner.info["channels"], runner.info["resolution"]
     counts = {}
     for spec, _, _ in todo:
@@ -503,14 +585,20 @@ def plan_text(runner: Runner, cfg: BenchConfig, todo: list) -> str:
                 counts[spec.label] = count_evaluations(spec, channels, res)
             except Exception:  # a method the stand-in cannot run: no estimate for it, the run itself will say more
                 counts[spec.label] = (nfe_of_grid(spec.steps), 0)
-    images = len(todo) * cfg.n
-    evals = sum((counts[s.label][0] + 2 * counts[s.label][1]) * cfg.n for s, _, _ in todo)
-    per_eval = _seconds_per_evaluation(runner, min(cfg.batch, cfg.n))
-    eta = evals * per_eval / max(runner.world, 1)
+    per_image = {**seconds, **recorded}
+    if any(s.label not in per_image for s, _, _ in todo):
+        per_eval = _seconds_per_evaluation(runner, min(cfg.batch, cfg.n))
+        for label, (n, b) in counts.items():
+            per_image.setdefault(label, (n + 2 * b) * per_eval)
+    eta = sum(per_image[s.label] + (metric_seconds or 0.0) for s, _, _ in todo) * cfg.n / max(runner.world, 1)
     methods = ", ".join(f"{label} {n} NFE" + (f" + {b} backward" if b else "") for label, (n, b) in counts.items())
-    return (f"plan: {len(todo)} cell(s) × {cfg.n} images = {images:,} completions ({methods} per image); about "
-            f"{_duration(eta)} on {runner.device} at --batch {cfg.batch} (an estimate from one timed network "
-            f"evaluation; metrics and the VAE come on top)")
+    by = {"a timed warm-up image": [m for m in counts if m in seconds and m not in recorded],
+          "its finished cells": [m for m in counts if m in recorded],
+          "one timed network evaluation": [m for m in counts if m not in seconds and m not in recorded]}
+    sources = [f"{what} ({', '.join(labels)})" for what, labels in by.items() if labels]
+    return (f"plan: {len(todo)} cell(s) × {cfg.n} images = {len(todo) * cfg.n:,} completions ({methods} per image); "
+            f"about {_duration(eta)} on {runner.device} at --batch {cfg.batch} (estimated per method from "
+            f"{'; '.join(sources)}" + ("; metrics included)" if metric_seconds is not None else ")"))
 
 
 def _seconds_per_evaluation(runner: Runner, batch: int) -> float:
