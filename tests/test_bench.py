@@ -5,6 +5,7 @@ methods and tuning: test_bench_methods.py; the analysis scripts: test_bench_scri
 from __future__ import annotations
 
 import csv
+import io
 import json
 
 import numpy as np
@@ -254,3 +255,32 @@ def test_a_row_gives_mean_counts_to_one_decimal_and_whole_counts_whole():
     cfg = {"n": 2, "dataset": "val.zip", "seeds": [0, 1], "masks": {"version": "v1"}, "device": "cpu",
            "aid": "0", "date": "2026-11-25"}
     assert "| copaint | center | 257.0 | 36 | 1 |" in rows_markdown({"config": cfg, "rows": [row]})
+
+
+def test_one_seed_claims_no_spread_over_seeds():
+    """A run of one seed says "one seed" and prints no ± over seeds (the table's title and the Markdown caption); two
+    seeds give mean ± std over seeds."""
+    from rich.console import Console
+
+    from aid_cli.bench import aggregate, rich_table, rows_markdown
+
+    def cell(seed, psnr):
+        return {"method": "replace", "mask": "center", "seed": seed, "n": 2, "nfe": 35, "backward": 0,
+                "sec_per_image": 1.0, "psnr_hole": [psnr, psnr + 2], "ssim": [0.5, 0.7], "lpips": [0.1, 0.3],
+                "method_name": "replace", "params": {}, "steps": 18, "peak_memory_mib": 100.0}
+
+    def shown(seeds):
+        cfg = {"n": 2, "dataset": "val.zip", "seeds": seeds, "masks": {"version": "v1"}, "device": "cpu", "aid": "0",
+               "date": "2026-11-25", "peak_memory": {"kind": "process_rss_peak_sampled"}}
+        result = {"config": cfg, "rows": [aggregate([cell(s, 10.0 + s) for s in seeds])]}
+        console = Console(record=True, width=200, file=io.StringIO())
+        console.print(rich_table(result))
+        return console.export_text(), rows_markdown(result)
+
+    table, md = shown([0])
+    assert "2 images, one seed (0), cpu; one seed: means over the images, no spread over seeds" in table
+    assert "of `val.zip`, one seed (0), masks v1" in md and "±" not in table + md and "| 11.00 |" in md
+    table, md = shown([0, 1])
+    assert "2 images × 2 seeds, cpu; mean ± std over seeds" in table
+    assert "× 2 seeds, masks v1" in md and "mean ± std over seeds" in md and "| 11.50 ± 0.71 |" in md
+

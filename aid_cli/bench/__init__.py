@@ -41,16 +41,18 @@ Protocol (method.md §9)
 `aid bench --tune METHOD` runs `tune`: a grid of the method's step size on a few validation images (free-form masks, one
 seed), best PSNR-hole (ties within 0.01 dB: lowest LPIPS), recorded beside the checkpoint (models/tuned.py).
 
-Where each part lives: runner.py (the run: config, Runner, cells one by one, the plan), cells.py (cells.jsonl and the
-rows aggregated from it), measure.py (time, memory, device), report.py (bench.json, CSV, Markdown, grids, the plot),
-tune.py (`--tune`), samples.py (the backbone's own images, for a benchmark without --dataset).
+Where each part lives: runner.py (the run: config, Runner, its warm-up, cells one by one), plan.py (what a run says it
+will do, and its estimate), cells.py (cells.jsonl and the rows aggregated from it), measure.py (time, memory, device),
+report.py (bench.json, CSV, Markdown, grids, the plot), tune.py (`--tune`), samples.py (the backbone's own images, for
+a benchmark without --dataset).
 """
 
 from .cells import CELLS_FILE, aggregate, read_cells
 from .measure import device_name
 from .report import MD_END, MD_START, markdown_parts, rich_table, rows_markdown, splice_markdown, write_reports
-from .runner import (MAX_SEED, SEED_STRIDE, BenchConfig, Runner, bench_generators, check_masks, count_evaluations,
-                     parse_list, parse_seeds, plan_text, run_bench)
+from .plan import count_evaluations, plan_text
+from .runner import (MAX_SEED, SEED_STRIDE, BenchConfig, Runner, bench_generators, check_masks, parse_list, parse_seeds,
+                     run_bench)
 from .photos import PhotoRunner  # noqa: F401  (registers the photo benchmark)
 from .samples import SAMPLES_N, SAMPLES_SEED, backbone_samples
 from .tune import TUNABLE, tune, tune_grid

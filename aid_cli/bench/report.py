@@ -113,7 +113,7 @@ def seeds_caption(result: dict) -> tuple[str, str]:
     if len(seeds) > 1:
         return f" × {len(seeds)} seeds", "mean ± std over seeds"
     kid = any((r.get("kid") or {}).get("std") is not None for r in result["rows"])
-    return f", one seed ({seeds[0]})", "one seed: means over the images, no ± over seeds" + \
+    return f", one seed ({seeds[0]})", "one seed: means over the images, no spread over seeds" + \
         ("; KID ± its bootstrap std over the images" if kid else "")
 
 

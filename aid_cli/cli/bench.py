@@ -228,8 +228,9 @@ def bench(
             result = run_bench(cfg, out, model=model, device=dev, resume=resume or report_only, log=log,
                                progress=progress, report_only=report_only)
     except KeyboardInterrupt:
-        err.print(f"interrupted: finished cells are kept in {escape(str(out))}/cells.jsonl; to continue:\n  "
-                  f"{escape(resume_command(ctx, out))}", soft_wrap=True)
+        err.print(f"interrupted: finished cells are kept in {escape(str(out))}/cells.jsonl; to continue:",
+                  soft_wrap=True)
+        err.print(f"  {escape(resume_command(ctx, out))}", soft_wrap=True)
         sys.exit(130)  # (Typer would turn the KeyboardInterrupt into a returned exit code that main() drops)
     if result is None:  # not rank 0
         return
