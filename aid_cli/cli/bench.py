@@ -112,8 +112,9 @@ def bench(
     and VGG16: a net no guidance module is trained on), and the realism of the completed images against the originals:
     FID (± std over seeds) and KID × 1000 (± a bootstrap std over images).
 
-    Seconds per image are the cells' own, measured in this run, on this device, after an untimed warm-up image per
-    method; NFE as the sampler counts it.
+    Seconds per image: the cells' own, in this run, on this device, after an untimed warm-up image per method.
+
+    NFE as the sampler counts it.
 
     Writes OUT/bench.json, bench.csv, grid-MASK.png and quality-speed.png, rebuilt from OUT/cells.jsonl.
 
