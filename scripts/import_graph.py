@@ -20,7 +20,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("methods", "metrics", "guidance.networks", "guidance.checkpoint"),  # methods on the loop's hooks, metrics
     ("models",),  # the model catalogue and cache, tuned parameters
     ("resolve", "inpainter"),  # which method runs; backbone + space + method -> pixels
-    ("inpaint", "bench", "guidance", "pretrain", "environment", "serve"),  # the products: files, benchmarks, training, the page
+    ("inpaint", "bench", "evaluate", "guidance", "pretrain", "environment", "serve"),  # the products: files,
+    # benchmarks, scores of files and backbones, training, the page
     ("cli",),  # parse, call, print
 ]
 

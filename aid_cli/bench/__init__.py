@@ -22,9 +22,11 @@ Protocol (method.md §9)
     mean ± std over seeds, its KID their mean ± the std of that mean over a paired bootstrap of the images. PSNR-hole is +inf for an exact hole (the `copy` oracle): JSON null, "inf" in the
     table. A completion with non-finite values (a diverging step size) gets null metrics and is counted in
     `images_nonfinite`. Every finite completion is checked to keep the visible pixels exactly.
-  * NFE and backward passes per image are the loop's own counts. Seconds per image: wall time of the `sample` calls
-    (after a discarded warm-up batch of the same method, same device, same run; CUDA/MPS synchronised around each call),
-    summed over batches (and processes), divided by the images; with `--batch B` that is a batch's time / B.
+  * NFE and backward passes per image are the loop's own counts. Seconds per image: wall time of the cells' `sample`
+    calls (CUDA/MPS synchronised around each call), summed over batches (and processes), divided by the images; with
+    `--batch B` that is a batch's time / B. Before its first cell in a process, each method runs once untimed on one
+    image (under --compile: on the first batch) and the backbone once at the batch's shape (Runner.warm_up); a second
+    image, timed, gives the plan's estimate, unless finished cells of this folder already timed the method.
   * Peak memory per cell, over its sampler calls (metrics run outside the measured windows): CUDA:
     `torch.cuda.max_memory_allocated`, reset before each call (every tensor PyTorch holds on the device then, so the
     backbone's and LPIPS's weights too, ~10 MB for LPIPS; not the caching allocator's reserve). Elsewhere: the process's
@@ -39,16 +41,18 @@ Protocol (method.md §9)
 `aid bench --tune METHOD` runs `tune`: a grid of the method's step size on a few validation images (free-form masks, one
 seed), best PSNR-hole (ties within 0.01 dB: lowest LPIPS), recorded beside the checkpoint (models/tuned.py).
 
-Where each part lives: runner.py (the run: config, Runner, cells one by one, the plan), cells.py (cells.jsonl and the
-rows aggregated from it), measure.py (time, memory, device), report.py (bench.json, CSV, Markdown, grids, the plot),
-tune.py (`--tune`), samples.py (the backbone's own images, for a benchmark without --dataset).
+Where each part lives: runner.py (the run: config, Runner, its warm-up, cells one by one), plan.py (what a run says it
+will do, and its estimate), cells.py (cells.jsonl and the rows aggregated from it), measure.py (time, memory, device),
+report.py (bench.json, CSV, Markdown, grids, the plot), tune.py (`--tune`), samples.py (the backbone's own images, for
+a benchmark without --dataset).
 """
 
 from .cells import CELLS_FILE, aggregate, read_cells
 from .measure import device_name
 from .report import MD_END, MD_START, markdown_parts, rich_table, rows_markdown, splice_markdown, write_reports
-from .runner import (MAX_SEED, SEED_STRIDE, BenchConfig, Runner, bench_generators, check_masks, count_evaluations,
-                     parse_list, parse_seeds, plan_text, run_bench)
+from .plan import count_evaluations, plan_text
+from .runner import (MAX_SEED, SEED_STRIDE, BenchConfig, Runner, bench_generators, check_masks, parse_list, parse_seeds,
+                     run_bench)
 from .photos import PhotoRunner  # noqa: F401  (registers the photo benchmark)
 from .samples import SAMPLES_N, SAMPLES_SEED, backbone_samples
 from .tune import TUNABLE, tune, tune_grid

@@ -118,22 +118,16 @@ class PhotoRunner(Runner):
         return filled, time.perf_counter() - t0
 
     def _photo_metrics(self, out: np.ndarray, truth: np.ndarray, hole: np.ndarray, label: str) -> dict:
-        from ..metrics.quality import psnr_hole, ssim_01
+        """Hole PSNR on the whole photo, SSIM and LPIPS on the hole's neighbourhood (metrics/bundle.py)."""
+        from ..metrics.bundle import inpainting_metrics, per_image
 
         if not np.array_equal(out[~hole], truth[~hole]):
             raise RuntimeError(f"{label} changed visible pixels of a photo (a bug in the path)")
         x, x0 = _float(out), _float(truth)
         M = torch.from_numpy(~hole)[None, None].to(torch.float32)
-        left, top, right, bottom = neighbourhood(hole)
-        xs, x0s = x[..., top:bottom, left:right], x0[..., top:bottom, left:right]
-        ph = float(psnr_hole(x, x0, M)[0])
-        try:
-            ss = float(ssim_01(xs, x0s)[0])
-        except ValueError as e:
-            self.note(f"note: ssim is null: {e}")
-            ss = None
-        lp = self._lpips(self.lpips_model, "lpips", xs, x0s)[0]
-        lv = self._lpips(self.lpips_vgg_model, "lpips_vgg", xs, x0s)[0]
+        scores = inpainting_metrics(x, x0, M, self.lpips_model, self.lpips_vgg_model, region=neighbourhood(hole),
+                                    note=self.note)
+        ph, ss, lp, lv = (per_image(scores, k, 1)[0] for k in ("psnr_hole", "ssim", "lpips", "lpips_vgg"))
         # FID/KID of whole photos would be those of their visible pixels, and a hole's neighbourhood differs by
         # family: the photo benchmark reports no realism column yet (null)
         return {"psnr_hole": ph, "ssim": ss, "lpips": lp, "lpips_vgg": lv, "features": None, "finite": True}
@@ -149,13 +143,25 @@ class PhotoRunner(Runner):
         x = torch.nn.functional.interpolate(x, size=(TILE, TILE), mode="bicubic", antialias=True, align_corners=False)
         return to_uint8(x[0].clamp(-1, 1))
 
+    def _warm_indices(self, batch: int) -> list[int]:
+        return self.indices[:1]  # one photo per call, as the cells run them
+
+    def _batch_scale(self, images: int, batch: int) -> float:
+        return 1.0
+
+    def _trial(self, spec, method, family: str, seed: int, idx: list[int]) -> tuple[float, float]:
+        i = idx[0]
+        filled, dt = self.fill(spec, method, family, seed, i)
+        t0 = time.perf_counter()
+        self._photo_metrics(filled.pixels[0], self.data.photos[i].permute(1, 2, 0).numpy(), self.holes[family][i],
+                            spec.label)
+        return dt, time.perf_counter() - t0
+
     def cells(self, specs, family: str, seed: int, batch: int, examples: int = 0, done_before: int = 0):
+        self.warm_up(specs, family, seed, batch, done_before=done_before)  # (methods not yet warmed up)
         methods = [spec.build() for spec in specs]
-        for spec, method in zip(specs, methods):
-            warm_key = (spec.method, spec.steps)
-            if warm_key not in self.warmed and self.indices:  # warm-up: the first photo, discarded, not timed
-                self.fill(spec, method, family, seed, self.indices[0])
-                self.warmed.add(warm_key)
+        if self.progress:
+            self.progress(done_before, f"{' + '.join(s.label for s in specs)} / {family} / seed {seed}")
         acc = [{"images": {}, "seconds": 0.0, "nfe": 0.0, "backward": 0.0, "mem": PeakMemory(self.device),
                 "examples": {}} for _ in specs]
         for done, i in enumerate(self.indices, 1):

@@ -46,10 +46,11 @@ METRIC_DEFINITIONS = {
            "are as realistic as the originals",
     "aggregation": "per seed: mean over the n images; then mean and sample std (ddof 1) over seeds (std null for one "
                    "seed)",
-    "sec_per_image": "wall-clock seconds of the sampler calls per image, after a discarded warm-up batch, same "
-                     "device and run, synchronised, the methods of one mask family and seed run batch by batch in "
-                     "turn (so a drift in the machine's speed slows them alike); with --batch B a batch's time / B; "
-                     "mean over seeds",
+    "sec_per_image": "wall-clock seconds of the cells' own sampler calls per image (never the warm-up's: each "
+                     "method's first call in the process, on one image (--compile: the first batch), untimed and "
+                     "discarded, and the backbone run once at the batch's shape), same device and run, synchronised, "
+                     "the methods of one mask family and seed run batch by batch in turn (so a drift in the "
+                     "machine's speed slows them alike); with --batch B a batch's time / B; mean over seeds",
     "nfe": "network evaluations per image as counted by the sampler loop (backward: backward passes through it)",
 }
 
@@ -105,6 +106,17 @@ MEMORY_CAPTIONS = {
 }
 
 
+def seeds_caption(result: dict) -> tuple[str, str]:
+    """(" × k seeds" or ", one seed (s)", what the table's figures are): a run of one seed claims no spread over
+    seeds (a KID ± is then its bootstrap over the images alone)."""
+    seeds = result["config"]["seeds"]
+    if len(seeds) > 1:
+        return f" × {len(seeds)} seeds", "mean ± std over seeds"
+    kid = any((r.get("kid") or {}).get("std") is not None for r in result["rows"])
+    return f", one seed ({seeds[0]})", "one seed: means over the images, no spread over seeds" + \
+        ("; KID ± its bootstrap std over the images" if kid else "")
+
+
 def rich_table(result: dict):
     """The rows as a rich Table (method × mask; NFE, s/image, PSNR-hole, SSIM, LPIPS, LPIPS-VGG, FID, KID × 1000, peak
     memory)."""
@@ -113,8 +125,9 @@ def rich_table(result: dict):
     cfg = result["config"]
     kind = cfg["peak_memory"]["kind"]
     kinds = kind if isinstance(kind, list) else [kind]
-    t = Table(title=f"aid bench: {cfg['n']} images × {len(cfg['seeds'])} seeds, {cfg['device']}; mean ± std over "
-                    f"seeds", caption="; ".join(MEMORY_CAPTIONS.get(k, k) for k in kinds))
+    count, figures = seeds_caption(result)
+    t = Table(title=f"aid bench: {cfg['n']} images{count}, {cfg['device']}; {figures}",
+              caption="; ".join(MEMORY_CAPTIONS.get(k, k) for k in kinds))
     for col, justify in (("method", "left"), ("mask", "left"), ("NFE", "right"), ("s/image", "right"),
                          ("PSNR-hole", "right"), ("SSIM", "right"), ("LPIPS", "right"), ("LPIPS-VGG", "right"),
                          ("FID", "right"), ("KID×10³", "right"), (memory_header(kinds[0]), "right")):
@@ -140,10 +153,10 @@ def rows_markdown(result: dict) -> str:
             counts.setdefault(r["method"], set()).add(len(r["seeds"]))
     fewer = [f"{m} {min(c)}" + (f"–{max(c)}" if len(c) > 1 else "") for m, c in sorted(counts.items())]
     sessions = cfg.get("timing_sessions", 1)
-    lines = [f"{cfg['n']} images of `{Path(cfg['dataset']).name}` × {len(cfg['seeds'])} seeds"
+    count, figures = seeds_caption(result)
+    lines = [f"{cfg['n']} images of `{Path(cfg['dataset']).name}`{count}"
              + (f" (so far {', '.join(fewer)})" if fewer else "")
-             + f", masks {cfg['masks']['version']}, {cfg['device']}, aid {cfg['aid']}, {cfg['date'][:10]}; mean ± std "
-             f"over seeds; "
+             + f", masks {cfg['masks']['version']}, {cfg['device']}, aid {cfg['aid']}, {cfg['date'][:10]}; {figures}; "
              + ("seconds per image measured in the same run." if sessions <= 1 else
                 f"seconds per image measured in {sessions} runs (--resume), comparable only within one."),
              "",

@@ -23,11 +23,11 @@ from ..fileio import atomic_write_text, utc_now
 from ..inpainter import Inpainter
 from ..plots import to_uint8
 from ..resolve import MethodSpec, check_method_names, resolve_method
-from ..sampling.heun import nfe_of_grid
 from ..task import one_hot
 from ..training import gather_to_rank0
 from .cells import CELLS_FILE, append_cell, cell_key, read_cells, same_run, save_cell_features
 from .measure import PeakMemory, device_name, peak_memory_kind, synchronize
+from .plan import expected_total, plan_text, recorded_seconds, seconds_per_evaluation
 from .report import METRIC_DEFINITIONS, save_examples, write_grids, write_reports
 
 RUN_FILE = "run.json"
@@ -154,25 +154,16 @@ class Runner:
         self._load_data(dataset, n, families, mask_seed, class_label)
         self.indices = list(range(n))[self.rank::self.world]  # this process's shard
         self.warmed: set[tuple] = set()  # (method, steps) already warmed up in this process
+        self.batch_scale: float | None = None  # Runner._batch_scale, measured once
         self.session = uuid.uuid4().hex[:12]
         self.mem_kind = peak_memory_kind(self.device)
         self._notes: set[str] = set()
-        self.lpips_model, self.lpips_source = None, None
-        from ..metrics.lpips import LPIPSUnavailable, load_lpips
+        from ..metrics.bundle import load_lpips_models
 
-        try:
-            self.lpips_model = load_lpips(device=self.device, offline=lpips_offline, notice=self.note)
-            self.lpips_source = self.lpips_model.source
-        except LPIPSUnavailable as e:
-            self.note(f"{e}; lpips is null")
-        self.lpips_vgg_model, self.lpips_vgg_source = None, None  # LPIPS-VGG: a perceptual metric outside AID's loss
-        if lpips_vgg:
-            try:
-                self.lpips_vgg_model = load_lpips(device=self.device, offline=lpips_offline, notice=self.note,
-                                                  net="vgg")
-                self.lpips_vgg_source = self.lpips_vgg_model.source
-            except LPIPSUnavailable as e:
-                self.note(f"{e}; lpips_vgg is null")
+        # LPIPS-VGG: a perceptual metric outside AID's loss
+        self.lpips_model, self.lpips_vgg_model = load_lpips_models(self.device, lpips_offline, lpips_vgg, self.note)
+        self.lpips_source = getattr(self.lpips_model, "source", None)
+        self.lpips_vgg_source = getattr(self.lpips_vgg_model, "source", None)
         self.inception = None  # the TF-Inception of FID and KID (metrics/fid.py), when `realism`
         if realism:
             from ..metrics.fid import load_inception
@@ -235,8 +226,9 @@ class Runner:
         return box[0]
 
     def _metrics(self, completed: torch.Tensor, x0: torch.Tensor, M: torch.Tensor, label: str) -> dict[str, list]:
-        """Per-image PSNR-hole, SSIM, LPIPS of completed images (on CPU) against x0; null for non-finite images."""
-        from ..metrics.quality import psnr_hole, ssim_01
+        """Per-image PSNR-hole, SSIM, LPIPS, LPIPS-VGG (metrics/bundle.py) of completed images (on CPU) against x0, and
+        their Inception features; null for non-finite images."""
+        from ..metrics.bundle import inpainting_metrics, per_image
 
         finite = torch.isfinite(completed).flatten(1).all(1)
         visible = M.expand_as(x0) > 0.5
@@ -244,14 +236,8 @@ class Runner:
             if not torch.equal(completed[b][visible[b]], x0[b][visible[b]]):
                 raise RuntimeError(f"{label} changed visible pixels of a completed image (a bug in the method)")
         safe = torch.where(finite[:, None, None, None], completed, x0)  # keep kernels away from nan; masked below
-        ph = psnr_hole(safe, x0, M).tolist()
-        try:
-            ss = ssim_01(safe, x0).tolist()
-        except ValueError as e:
-            self.note(f"note: ssim is null: {e}")
-            ss = [None] * len(ph)
-        ll = self._lpips(self.lpips_model, "lpips", safe, x0)
-        lv = self._lpips(self.lpips_vgg_model, "lpips_vgg", safe, x0)
+        scores = inpainting_metrics(safe, x0, M, self.lpips_model, self.lpips_vgg_model, note=self.note)
+        ph, ss, ll, lv = (per_image(scores, k, len(safe)) for k in ("psnr_hole", "ssim", "lpips", "lpips_vgg"))
         feats = [None] * len(ph)
         if self.inception is not None:  # the TF-Inception's pool_3 features, for the cell's FID and KID
             from ..metrics.fid import inception_features
@@ -264,17 +250,6 @@ class Runner:
                 "lpips_vgg": [v if k and v is not None else None for v, k in zip(lv, keep)],
                 "features": [f if k else None for f, k in zip(feats, keep)],
                 "finite": keep}
-
-    def _lpips(self, model, name: str, x: torch.Tensor, x0: torch.Tensor) -> list:
-        """Per-image distances of one LPIPS model (None: unavailable, or images below its trunk's size)."""
-        if model is None:
-            return [None] * len(x)
-        try:
-            with torch.no_grad():
-                return model(x.to(self.device), x0.to(self.device)).cpu().double().tolist()
-        except ValueError as e:
-            self.note(f"note: {name} is null: {e}")
-            return [None] * len(x)
 
     def original_features(self, batch: int = 50) -> np.ndarray | None:
         """float32 [n, 2048] TF-Inception features of the n original images (None without the network)."""
@@ -307,6 +282,55 @@ class Runner:
             dt = time.perf_counter() - t0
         return result, completed, dt, x0, M
 
+    def _warm_indices(self, batch: int) -> list[int]:
+        """The images of a warm-up call: one, or under --compile the first batch (whose shape the compiled backbone
+        must have seen before a timed call)."""
+        return self.indices[:batch] if self.compile else self.indices[:1]
+
+    def _trial(self, spec: MethodSpec, method, family: str, seed: int, idx: list[int]) -> tuple[float, float]:
+        """(seconds of the method, seconds of its metrics) of one call on the images idx, discarded."""
+        _, completed, dt, x0, M = self._run_batch(method, spec, family, seed, idx)
+        t0 = time.perf_counter()
+        self._metrics(completed.detach().to("cpu", torch.float32), x0, M, spec.label)
+        return dt, time.perf_counter() - t0
+
+    def _batch_scale(self, images: int, batch: int) -> float:
+        """A batch of `batch` images' cost per image over that of `images` images, from the backbone's forward pass
+        (which this also warms up at the cells' batch shape)."""
+        batch = min(batch, len(self.indices))
+        if images >= batch:
+            return 1.0
+        return seconds_per_evaluation(self, batch) / seconds_per_evaluation(self, images)
+
+    def warm_up(self, specs: list[MethodSpec], family: str, seed: int, batch: int, timed=frozenset(),
+                done_before: int = 0) -> tuple[dict[str, float], float | None]:
+        """Each method's first call in this process, untimed and discarded (`_warm_indices`), so that the cells'
+        timed windows hold none of its one-time costs; for the labels in `timed`, one more call, timed, for the plan.
+        Returns ({label: its estimated seconds per image at --batch}, seconds per image of the metrics or None)."""
+        idx = self._warm_indices(batch)
+        seconds, metric_seconds = {}, None
+        if not idx:
+            return seconds, metric_seconds
+        for spec in specs:
+            key = (spec.method, spec.steps)
+            if key in self.warmed and spec.label not in timed:
+                continue
+            if self.batch_scale is None:
+                self.batch_scale = self._batch_scale(len(idx), batch)
+            method = spec.build()
+            if self.progress:
+                self.progress(done_before, f"warm-up: {spec.label} on {len(idx)} image(s), untimed / {family}")
+            if key not in self.warmed:
+                self._trial(spec, method, family, seed, idx)
+                self.warmed.add(key)
+            if spec.label in timed:
+                if self.progress:
+                    self.progress(done_before, f"warm-up: {spec.label}, timing {len(idx)} image(s) for the plan")
+                dt, dm = self._trial(spec, method, family, seed, idx)
+                seconds[spec.label] = dt / len(idx) * self.batch_scale
+                metric_seconds = dm / len(idx) if metric_seconds is None else metric_seconds
+        return seconds, metric_seconds
+
     def cell(self, spec: MethodSpec, family: str, seed: int, batch: int, examples: int = 0,
              done_before: int = 0) -> dict | None:
         """Run one (method, mask family, seed) cell on this process's shard; the merged record on rank 0, else None.
@@ -322,12 +346,10 @@ class Runner:
         every method in turn before the next batch, so a machine whose speed drifts (a shared CPU, a GPU warming up)
         slows every method's timed window alike and their seconds per image stay comparable. The numbers are those
         of `cell` run method by method (same images, masks and noise). Records on rank 0, else Nones."""
+        self.warm_up(specs, family, seed, batch, done_before=done_before)  # (methods not yet warmed up)
         methods = [spec.build() for spec in specs]
-        for spec, method in zip(specs, methods):
-            warm_key = (spec.method, spec.steps)
-            if warm_key not in self.warmed and self.indices:  # warm-up: first batch, discarded, not timed
-                self._run_batch(method, spec, family, seed, self.indices[:batch])
-                self.warmed.add(warm_key)
+        if self.progress:
+            self.progress(done_before, f"{' + '.join(s.label for s in specs)} / {family} / seed {seed}")
         acc = [{"images": {}, "seconds": 0.0, "nfe": 0.0, "backward": 0.0, "mem": PeakMemory(self.device),
                 "examples": {}} for _ in specs]
         done = 0
@@ -438,7 +460,9 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
     check_masks(cfg.masks)
     check_method_names(cfg.methods, cfg.guidances)
     out = Path(out)
-    state = {"total": 0}
+    state = {"total": 0 if report_only else expected_total(cfg, out, resume)}
+    if progress:  # the total is known from the start (a --resume's finished cells are checked below)
+        progress(0, state["total"], "loading the backbone, the images and the metric networks")
     if runner is None:
         kind, extra = (Runner, {}) if not on_photos(cfg.masks) else (_photo_runner(), {"fit": cfg.fit})
         runner = kind(model, cfg.dataset, cfg.n, cfg.masks, cfg.mask_seed, device, log=log,
@@ -472,11 +496,17 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
     elif skipped:
         runner.log(f"resuming: {skipped} finished cell(s) skipped, {len(todo)} to run")
     state["total"] = len(todo) * cfg.n
-    if todo and runner.rank == 0:
-        runner.log(plan_text(runner, cfg, todo))
     groups: dict[tuple[str, int], list[MethodSpec]] = {}  # the methods still to run on each (family, seed)
     for spec, family, seed in sorted(todo, key=lambda t: (cfg.masks.index(t[1]), cfg.seeds.index(t[2]))):
         groups.setdefault((family, seed), []).append(spec)  # stable sort: methods keep --methods' order
+    if todo:  # warm-up: the methods with cells to run, on an image or two each; then the plan
+        labels = {spec.label for spec, _, _ in todo}
+        recorded = recorded_seconds(done, specs, runner, cfg.batch)
+        family, seed = next(iter(groups))
+        seconds, metric_seconds = runner.warm_up([s for s in specs if s.label in labels], family, seed, cfg.batch,
+                                                 timed=labels - set(recorded))
+        if runner.rank == 0:
+            runner.log(plan_text(runner, cfg, todo, seconds, metric_seconds, recorded))
     finished = 0
     for (family, seed), group in groups.items():  # interleaved within a group: comparable timings (Runner.cells)
         recs = runner.cells(group, family, seed, cfg.batch, examples=cfg.examples if seed == cfg.seeds[0] else 0,
@@ -499,64 +529,3 @@ def _photo_runner():
     if "photos" not in RUNNERS:  # bench/__init__ imports bench.photos, which registers it
         raise RuntimeError("bench.photos is not loaded")
     return RUNNERS["photos"]
-
-
-def count_evaluations(spec: MethodSpec, channels: int, resolution: int) -> tuple[int, int]:
-    """(NFE, backward passes) per image of one method, counted by running its loop on a stand-in network that costs
-    nothing (exact but for CoPaint's adaptive retries, which depend on the real network)."""
-    from ..sampling import heun  # a stand-in network: not the Inpainter, which counts and times the real runs
-    from ..task import Task
-
-    method = spec.build()
-    if method.oracle:
-        return 0, 0
-    x0 = torch.zeros(1, channels, resolution, resolution)
-    M = torch.ones(1, 1, resolution, resolution)
-    M[..., resolution // 4: resolution // 2, resolution // 4: resolution // 2] = 0
-    r = heun.sample(lambda x, sigma, labels=None: 0.5 * x, Task.from_image(x0, M), method, num_steps=spec.steps,
-                    generators=bench_generators(0, [0]))
-    return r.nfe, r.backward
-
-
-def plan_text(runner: Runner, cfg: BenchConfig, todo: list) -> str:
-    """What the run will do and roughly how long it will take, said before it starts: cells, images, network
-    evaluations, and an estimate from one timed network evaluation at --batch (a backward pass counted as two)."""
-    channels, res = runner.info["channels"], runner.info["resolution"]
-    counts = {}
-    for spec, _, _ in todo:
-        if spec.label not in counts:
-            try:
-                counts[spec.label] = count_evaluations(spec, channels, res)
-            except Exception:  # a method the stand-in cannot run: no estimate for it, the run itself will say more
-                counts[spec.label] = (nfe_of_grid(spec.steps), 0)
-    images = len(todo) * cfg.n
-    evals = sum((counts[s.label][0] + 2 * counts[s.label][1]) * cfg.n for s, _, _ in todo)
-    per_eval = _seconds_per_evaluation(runner, min(cfg.batch, cfg.n))
-    eta = evals * per_eval / max(runner.world, 1)
-    methods = ", ".join(f"{label} {n} NFE" + (f" + {b} backward" if b else "") for label, (n, b) in counts.items())
-    return (f"plan: {len(todo)} cell(s) × {cfg.n} images = {images:,} completions ({methods} per image); about "
-            f"{_duration(eta)} on {runner.device} at --batch {cfg.batch} (an estimate from one timed network "
-            f"evaluation; metrics and the VAE come on top)")
-
-
-def _seconds_per_evaluation(runner: Runner, batch: int) -> float:
-    """Seconds per image of one forward pass of the backbone at `batch`, after an untimed first call."""
-    net, res, C = runner.net, runner.info["resolution"], runner.info["channels"]
-    x = torch.zeros(batch, C, res, res, device=runner.device)
-    sigma = torch.ones(batch, device=runner.device)
-    labels = torch.zeros(batch, runner.info["label_dim"], device=runner.device) if runner.info["label_dim"] else None
-    with torch.no_grad():
-        net(x, sigma, labels)
-        synchronize(runner.device)
-        t0 = time.perf_counter()
-        net(x, sigma, labels)
-        synchronize(runner.device)
-    return (time.perf_counter() - t0) / batch
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -31,7 +32,27 @@ def parse_guidance_options(values: list[str]) -> dict:
             named[name] = path
     return {"guidance": plain[0] if plain else None, "guidances": named}
 
+
+def resume_command(ctx: typer.Context, out: Path) -> str:
+    """This `aid bench` as it was called (the options given on the command line), with --out the folder in use and
+    --resume: the command that continues it."""
+    words = ["aid", ctx.info_name or "bench"]
+    for param in ctx.command.params:
+        if param.name in ("out", "resume") or ctx.get_parameter_source(param.name).name != "COMMANDLINE":
+            continue
+        value = ctx.params[param.name]
+        opt = max(param.opts, key=len)
+        if getattr(param, "is_flag", False):
+            if value or param.secondary_opts:
+                words.append(opt if value else max(param.secondary_opts, key=len))
+            continue
+        for v in value if getattr(param, "multiple", False) else [value]:
+            words += [opt, str(getattr(v, "value", v))]
+    return shlex.join(words + ["--out", str(out), "--resume"])
+
+
 def bench(
+    ctx: typer.Context,
     methods_list: Optional[str] = typer.Option(None, "--methods", help="Comma list of methods (see `aid methods`); "
                                                "aid-12 / aid-18 name AID's operating points."),
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="Images: folder or EDM zip (the first --n, sorted "
@@ -91,7 +112,9 @@ def bench(
     and VGG16: a net no guidance module is trained on), and the realism of the completed images against the originals:
     FID (± std over seeds) and KID × 1000 (± a bootstrap std over images).
 
-    Seconds per image are measured in this run, on this device, after a warm-up batch; NFE as the sampler counts it.
+    Seconds per image: the cells' own, in this run, on this device, after an untimed warm-up image per method.
+
+    NFE as the sampler counts it.
 
     Writes OUT/bench.json, bench.csv, grid-MASK.png and quality-speed.png, rebuilt from OUT/cells.jsonl.
 
@@ -206,8 +229,9 @@ def bench(
             result = run_bench(cfg, out, model=model, device=dev, resume=resume or report_only, log=log,
                                progress=progress, report_only=report_only)
     except KeyboardInterrupt:
-        err.print(f"interrupted: finished cells are kept in {escape(str(out))}/cells.jsonl; rerun with --resume to "
-                  f"continue", soft_wrap=True)
+        err.print(f"interrupted: finished cells are kept in {escape(str(out))}/cells.jsonl; to continue:",
+                  soft_wrap=True)
+        err.print(f"  {escape(resume_command(ctx, out))}", soft_wrap=True)
         sys.exit(130)  # (Typer would turn the KeyboardInterrupt into a returned exit code that main() drops)
     if result is None:  # not rank 0
         return

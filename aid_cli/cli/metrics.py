@@ -1,4 +1,4 @@
-"""`aid metrics`: one image scored against its reference (metrics/score.py)."""
+"""`aid metrics`: one image scored against its reference (evaluate/files.py)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def metrics_cmd(
 
     Example: [bold]aid metrics photo.png filled.png --mask mask.png --json[/]
     """
-    from ..metrics.score import score_files
+    from ..evaluate.files import score_files
     from ..threads import apply_threads
 
     apply_threads(threads)

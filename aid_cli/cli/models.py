@@ -1,4 +1,4 @@
-"""`aid models list|info|download|convert|rm|eval`: models by name (models/), and a backbone measured (metrics/backbone.py)."""
+"""`aid models list|info|download|convert|rm|eval`: models by name (models/), and a backbone measured (evaluate/backbone.py)."""
 
 from __future__ import annotations
 
@@ -212,7 +212,7 @@ def models_eval(
 
     from ..devices import resolve_device
     from ..fileio import atomic_write_text
-    from ..metrics.backbone import measure_backbone
+    from ..evaluate.backbone import measure_backbone
     from ..models.catalogue import resolve_backbone
 
     if val is None and fid_ref is None:

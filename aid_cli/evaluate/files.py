@@ -1,8 +1,8 @@
 """`aid metrics`: one image scored against its reference, as files (the benchmark scores tensors: bench/).
 
 Both images are read as RGB (EXIF orientation applied, alpha ignored, greyscale replicated) at their exact pixel values
-k / max, as float64 in [−1, 1]; PSNR and SSIM are computed on them, LPIPS (which casts to float32) too. Definitions:
-metrics/quality.py and metrics/lpips.py.
+k / max, as float64 in [−1, 1]; PSNR and the metrics of metrics/bundle.py are computed on them (LPIPS casts to
+float32).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ def score_files(ref: Path, img: Path, mask: Path | None = None, invert_mask: boo
     import torch
 
     from ..data.images import INVERTED_WARNING_FRACTION, load_image, load_mask, mask_stats
-    from .lpips import LPIPSUnavailable, load_lpips
-    from .quality import finite_or_none, psnr, psnr_hole, ssim_01
+    from ..metrics.bundle import inpainting_metrics, load_lpips_models
+    from ..metrics.quality import finite_or_none, psnr
 
     a, b = load_image(ref), load_image(img)
     if a.size != b.size:
@@ -31,7 +31,7 @@ def score_files(ref: Path, img: Path, mask: Path | None = None, invert_mask: boo
     x_ref, x = (torch.from_numpy(np.rint(i.rgb01() * np.float64(i.max_value)) / i.max_value).permute(2, 0, 1)[None]
                 * 2 - 1 for i in (a, b))
     result: dict = {"psnr": finite_or_none(float(psnr(x, x_ref)[0]))}
-    has_hole = None
+    has_hole, M = None, None
     if mask is not None:
         hole = load_mask(mask, b.size, invert=invert_mask)
         if mask_stats(hole) > INVERTED_WARNING_FRACTION:
@@ -41,21 +41,12 @@ def score_files(ref: Path, img: Path, mask: Path | None = None, invert_mask: boo
         if not has_hole:
             notice("note: the mask has no hole pixels; psnr_hole is null")
         M = torch.from_numpy((~hole).astype(np.float32))[None, None]
-        result["psnr_hole"] = finite_or_none(float(psnr_hole(x, x_ref, M)[0]))
-    try:
-        result["ssim"] = float(ssim_01(x, x_ref)[0])
-    except ValueError as e:
-        result["ssim"] = None
-        notice(f"note: ssim is null: {e}")
-    try:
-        model = load_lpips(offline=offline, notice=notice)
-        result["lpips"] = float(model(x, x_ref)[0])
-    except LPIPSUnavailable as e:
-        result["lpips"] = None
-        notice(str(e))
-    except ValueError as e:
-        result["lpips"] = None
-        notice(f"note: lpips is null: {e}")
+    lpips_model, _ = load_lpips_models(offline=offline, note=notice)
+    scores = inpainting_metrics(x, x_ref, M, lpips_model, note=notice)
+    if M is not None:
+        result["psnr_hole"] = finite_or_none(float(scores["psnr_hole"][0]))
+    for name in ("ssim", "lpips"):
+        result[name] = None if scores[name] is None else float(scores[name][0])
     return result, has_hole
 
 

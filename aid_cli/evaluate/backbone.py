@@ -48,7 +48,7 @@ def measure_backbone(path: Path, device, val: Path | None = None, fid_ref: Path 
                          "seconds": round(time.perf_counter() - t0, 1)}
         log(f"val: EDM loss {result['val']['edm_loss']:.2f} per image on {len(data)} images")
     if fid_ref is not None:
-        from .fid import feature_stats, frechet_distance, inception_features, load_inception
+        from ..metrics.fid import feature_stats, frechet_distance, inception_features, load_inception
 
         inception = load_inception(device)
         ref = load_image_set(fid_ref, resolution=res)
