@@ -110,7 +110,7 @@ def test_aid_inpaint_runs_an_operating_point(pair, tmp_path, capsys, tiny_checkp
     (["--method", "dps", "--guidance", "g.safetensors"], "--method dps takes none"),
     (["--method", "aid-18:aid-cats64-guidance", "--guidance", "g.safetensors"], "names its guidance module already"),
     (["--method", "aid-18:nope"], "no guidance module named 'nope'"),
-    (["--method", "dps:x"], "only AID takes a guidance module's name"),
+    (["--method", "dps:x"], "only AID takes a guidance variant"),
 ])
 def test_aid_inpaint_refuses_a_bad_method_in_one_line_before_loading(pair, tmp_path, capsys, args, phrase):
     img, mask = pair

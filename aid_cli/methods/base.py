@@ -62,7 +62,7 @@ def parse_method(label: str) -> MethodName:
         hint = f"did you mean {close[0]}? " if close else ""
         raise UserError(f"unknown method {base!r}: {hint}available: {', '.join(known_names())} (`aid methods`)")
     if sep and method != "aid":
-        raise UserError(f"only AID takes a guidance module's name (aid-18:NAME), got {label}")
+        raise UserError(f"only AID takes a guidance variant (aid-18:NAME), got {label}")
     if sep and not variant:
         raise UserError(f"{label}: name the guidance module after ':' (aid-18:NAME)")
     METHODS[method].check_available()  # a missing optional extra: one line, before anything is loaded
