@@ -6,7 +6,7 @@ of one image").
     result = sample(net, task, method) the one sampler loop (sampling/heun.py), driven by one method
     space.to_pixels(x, M, completed)   back to pixels, every visible pixel of x pasted back exactly
 
-`aid inpaint` (inpaint.py: files in, files out), `aid bench` (bench/: datasets, metrics, timing) and `aid train`'s
+`aid inpaint` (jobs.py, fill.py: files in, files out), `aid bench` (bench/: datasets, metrics, timing) and `aid train`'s
 validation (guidance/trainer.py) all complete images through `Inpainter.complete`; nothing else runs that path. Which
 method runs, with which parameters and which guidance module, is decided once by resolve.py.
 """
@@ -26,7 +26,7 @@ from .sampling.heun import Method, SampleResult, sample
 
 def trained_multiscale(info: dict) -> bool:
     """Whether a backbone was trained on photo windows at every scale (`aid pretrain --crop random`): holes may then be
-    filled at native scale as well as shrunk (inpaint.fit_hole's auto); False for aligned sets at one scale (cat
+    filled at native scale as well as shrunk (fill.fit_hole's auto); False for aligned sets at one scale (cat
     faces) and official nets."""
     provenance = info.get("provenance") or {}
     config = provenance.get("config") if isinstance(provenance, dict) else None

@@ -16,15 +16,10 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
-from .methods import METHODS, Method, get_method
+from .methods import Method, get_method
+from .methods.base import MethodName, parse_method
 
-# Operating points: a name on the command line → (registered method, params, steps or None for --steps).
-OPERATING_POINTS: dict[str, tuple[str, dict, int | None]] = {
-    "aid-12": ("aid", {}, 12),
-    "aid-18": ("aid", {}, 18),
-}
-
-RECORDED_ONLY = ("guidance", "backbone_sha256")  # recorded with a method's params, never passed to its constructor
+RECORDED_ONLY = ("guidance",)  # recorded with a method's params, never passed to its constructor
 
 
 @dataclass
@@ -47,26 +42,28 @@ class MethodSpec:
         return get_method(self.method, **params, **self.runtime)
 
 
-def split_variant(label: str) -> tuple[str, str | None]:
-    """`aid-18:pathwise` → ("aid-18", "pathwise"): an AID operating point with the guidance module named `pathwise`."""
-    base, sep, variant = label.partition(":")
-    return base, (variant if sep else None)
+def named_guidance(variant: str, guidances: dict | None = None) -> str:
+    """The guidance module `aid-18:NAME` names: one given as --guidance NAME=PATH (`guidances`), else a guidance module
+    of the model catalogue (`aid models list`)."""
+    from .models.catalogue import lookup_model
+
+    if guidances and variant in guidances:
+        return guidances[variant]
+    entry = lookup_model(variant)
+    if entry is not None and entry.kind == "guidance":
+        return entry.name
+    hint = f" (aid bench: add --guidance {variant}=PATH)" if guidances is not None else ""
+    raise UserError(f"no guidance module named {variant!r}: aid-18:NAME takes a guidance module's name from `aid "
+                    f"models list`{hint}")
 
 
-def check_method_names(labels: list[str], guidances: dict | None = None) -> None:
-    """Fail fast, before anything is loaded, on a name that is neither a method nor an operating point."""
-    for label in labels:
-        label, variant = split_variant(label)
-        if variant is not None:
-            if label not in OPERATING_POINTS and label != "aid":
-                raise UserError(f"only AID takes a guidance variant (aid-18:NAME), got {label}:{variant}")
-            if guidances is not None and variant not in guidances:
-                raise UserError(f"no guidance module named {variant!r}: add --guidance {variant}=PATH")
-        if label not in OPERATING_POINTS and label not in METHODS:
-            known = sorted(METHODS) + sorted(OPERATING_POINTS)
-            raise UserError(f"unknown method {label!r} (available: {', '.join(known)})")
-        if label in METHODS:
-            METHODS[label].check_available()  # a missing optional extra: one line, before anything is loaded
+def check_method_names(labels: list[str], guidances: dict | None = None) -> list[MethodName]:
+    """Fail fast, before anything is loaded, on a name parse_method refuses or a guidance module no one named."""
+    names = [parse_method(label) for label in labels]
+    for name in names:
+        if name.variant is not None:
+            named_guidance(name.variant, guidances)
+    return names
 
 
 def default_method(method: str | None, guidance, checkpoint, cache=None) -> tuple[str, object, str]:
@@ -92,32 +89,31 @@ def resolve_method(label: str, steps: int, checkpoint: Path | None = None, sha25
     """A command-line method name → what runs: an operating point (aid-18: method `aid` at 18 steps), or a registered
     method with the backbone's tuned params (models/tuned.py) when it has them, else the method's defaults.
 
-    AID gets its guidance module (`guidance`, default: the embedded one; `aid-18:NAME` takes `guidances[NAME]`; a
+    AID gets its guidance module (`guidance`, default: the embedded one; `aid-18:NAME` the one named_guidance finds; a
     model name is fetched with `cache` and `offline`), checked against the backbone (`sha256`, else the checkpoint's
-    own) and loaded; `loaded` (path → actor) shares one load among the specs of a command."""
+    own, hashed once) and loaded; `loaded` (path → actor) shares one load among the specs of a command."""
+    from .fileio import sha256_file
     from .models.tuned import tuned_entries
 
-    check_method_names([label], guidances)
-    base, variant = split_variant(label)
-    if variant is not None:
-        guidance = guidances[variant]
-    if base in OPERATING_POINTS:
-        name, params, point_steps = OPERATING_POINTS[base]
-        spec = MethodSpec(label, name, dict(params), point_steps or steps, "operating point")
+    name = check_method_names([label], guidances)[0]
+    if name.variant is not None:
+        guidance = named_guidance(name.variant, guidances)
+    if name.method == "aid" and sha256 is None and checkpoint is not None:
+        sha256 = sha256_file(checkpoint)
+    if name.steps is not None:
+        spec = MethodSpec(label, name.method, {}, name.steps, "operating point")
     else:
-        entry = tuned_entries(checkpoint, sha256, notice).get(label) if checkpoint is not None else None
+        entry = tuned_entries(checkpoint, sha256, notice).get(name.method) if checkpoint is not None else None
         if entry and isinstance(entry.get("params"), dict):
-            spec = MethodSpec(label, label, dict(entry["params"]), steps,
+            spec = MethodSpec(label, name.method, dict(entry["params"]), steps,
                               f"tuned: {entry.get('record', '?')} ({entry.get('date', 'undated')})")
         else:
-            spec = MethodSpec(label, base, {}, steps, "defaults")
+            spec = MethodSpec(label, name.method, {}, steps, "defaults")
     if spec.method == "aid":
-        from .fileio import sha256_file
         from .guidance.checkpoint import load_guidance
         from .models.catalogue import resolve_guidance
 
         path = resolve_guidance(guidance, cache=cache, offline=offline)
-        sha256 = sha256 or (sha256_file(checkpoint) if checkpoint is not None else None)
         loaded = {} if loaded is None else loaded
         key = (Path(path).resolve(), sha256)
         if key not in loaded:  # a module for another backbone fails here, in one line
@@ -136,26 +132,46 @@ class InpaintMethod:
 
     name: str
     spec: MethodSpec
-    params: dict  # recorded: the backbone's tuned params; AID: + the module's path and the backbone's sha256
-    tuned: dict  # the backbone's tuned params alone (the CLI says when it uses them)
+    params: dict  # recorded: the spec's params; AID: + the backbone's sha256 the module was checked against
+    tuned: dict  # the backbone's tuned params when they are used (the CLI says so), else {}
     why: str
 
+    @property
+    def steps(self) -> int:
+        return self.spec.steps
 
-def inpaint_method(method: str | None, steps: int, checkpoint: Path, guidance=None, cache=None,
+
+def check_inpaint_method(method: str | None, steps: int | None, guidance=None) -> MethodName | None:
+    """`aid inpaint`'s --method, --steps and --guidance together, before anything loads: an operating point fixes N
+    (a different --steps is refused), --guidance is AID's alone, and `aid-18:NAME` names its module already."""
+    if method is None:
+        return None
+    parsed = check_method_names([method])[0]
+    parsed.steps_for(steps)
+    if guidance is not None and parsed.method != "aid":
+        raise UserError(f"--guidance is AID's guidance module; --method {method} takes none (drop one of them)")
+    if guidance is not None and parsed.variant is not None:
+        raise UserError(f"--method {method} names its guidance module already; drop --guidance, or use --method "
+                        f"{method.partition(':')[0]}")
+    return parsed
+
+
+def inpaint_method(method: str | None, steps: int | None, checkpoint: Path, guidance=None, cache=None,
                    offline: bool | None = None, notice: Callable[[str], None] | None = None,
                    sha256: str | None = None, loaded: dict | None = None) -> InpaintMethod:
-    """`--method` (None: the default for this backbone, default_method) and `--guidance` → what fills the images, as
-    `aid inpaint` and `aid serve` both decide it (resolve_method); `sha256` and `loaded` save a server the backbone's
-    hash and the module's load on every fill."""
+    """`--method` (None: the default for this backbone, default_method), `--steps` (None: the operating point's, else
+    18) and `--guidance` → what fills the images, as `aid inpaint` and `aid serve` both decide it (check_inpaint_method,
+    resolve_method); `sha256` and `loaded` save a server the backbone's hash and the module's load on every fill."""
+    check_inpaint_method(method, steps, guidance)
     name, guidance, why = default_method(method, guidance, checkpoint, cache)
-    spec = resolve_method(name, steps, checkpoint, sha256=sha256, notice=notice, guidance=guidance, cache=cache,
-                          offline=offline, loaded=loaded)
-    tuned = {k: v for k, v in spec.params.items() if k not in RECORDED_ONLY}  # the backbone's tuned ones
-    params = dict(tuned)
-    if spec.method == "aid":  # recorded: the module (as given) and the backbone it was checked against
-        params.update(guidance=str(spec.guidance), backbone_sha256=spec.backbone_sha256)
+    spec = resolve_method(name, parse_method(name).steps_for(steps), checkpoint, sha256=sha256, notice=notice,
+                          guidance=guidance, cache=cache, offline=offline, loaded=loaded)
+    params = dict(spec.params)
+    if spec.method == "aid":  # recorded: the backbone the module was checked against
+        params["backbone_sha256"] = spec.backbone_sha256
+    tuned = dict(spec.params) if spec.params_source.startswith("tuned") else {}
     return InpaintMethod(name, spec, params, tuned, why)
 
 
-__all__ = ["OPERATING_POINTS", "MethodSpec", "InpaintMethod", "check_method_names", "default_method",
-           "inpaint_method", "resolve_method", "split_variant"]
+__all__ = ["MethodSpec", "InpaintMethod", "check_inpaint_method", "check_method_names", "default_method",
+           "inpaint_method", "named_guidance", "resolve_method"]

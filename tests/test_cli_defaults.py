@@ -154,13 +154,15 @@ def test_several_images_in_one_call(tmp_path, tiny_checkpoint, capsys):
 
 
 def test_one_image_into_a_folder(tmp_path, tiny_checkpoint, capsys):
-    """`-o out/` for one image, as `xargs -I{} aid inpaint {} -o out/` runs it: the folder is made on the first call."""
+    """`-o out/` for one image, as `xargs -I{} aid inpaint {} -o out/` runs it: the folder is made on the first call,
+    and the next image goes into it (the same one again only with --overwrite)."""
     image, mask = write_pair(tmp_path, "photo")
-    for _ in range(2):
-        code, _, err = run_cli(inpaint_args(image, mask=mask, model=tiny_checkpoint, extra=["-o", tmp_path / "out"]),
-                               capsys)
+    other, _ = write_pair(tmp_path, "other")
+    for item, extra in ((image, []), (other, []), (image, ["--overwrite"])):
+        code, _, err = run_cli(inpaint_args(item, mask=mask, model=tiny_checkpoint,
+                                            extra=["-o", tmp_path / "out", *extra]), capsys)
         assert code == 0, err
-    assert sorted(tree(tmp_path / "out")) == ["photo.png"]
+    assert sorted(tree(tmp_path / "out")) == ["other.png", "photo.png"]
     code, _, err = run_cli(inpaint_args(image, mask=mask, model=tiny_checkpoint, extra=["-o", tmp_path / "o.xyz"]),
                            capsys)
     assert code == 2 and "cannot tell the output format" in err

@@ -121,7 +121,8 @@ def test_photo_tasks_are_what_aid_inpaint_presents(tiny_photos):
     from aid_cli.data.images import LoadedImage, to_task_tensors
     from aid_cli.data.photo_masks import photo_training_hole
     from aid_cli.guidance.photo_tasks import TRAIN_TASKS, photo_tasks
-    from aid_cli.inpaint import InpaintOptions, Job, fit_hole
+    from aid_cli.fill import InpaintOptions, fit_hole
+    from aid_cli.jobs import Job
 
     photos = load_photo_set(tiny_photos)
     data, known = photo_tasks(photos, 24, 16, seed=5, multiscale=False)

@@ -424,7 +424,7 @@ def test_item18_a_multi_frame_file_says_it_uses_the_first_frame(pair, tmp_path, 
 
 
 def test_item9_two_runs_without_o_never_pick_the_same_output(pair, tmp_path, capsys, tiny_checkpoint):
-    from aid_cli.inpaint import plan_jobs, release_jobs
+    from aid_cli.jobs import plan_jobs, release_jobs
 
     img, mask = pair
     first, _ = plan_jobs([img], mask, None, 1)  # two runs planned at once, neither has written yet

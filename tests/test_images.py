@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from aid_cli.data import folders
 from aid_cli.data import images as I
 from aid_cli.errors import UserError
 from aid_cli.task import Task
@@ -256,27 +257,27 @@ def test_pairing_by_stem(tmp_path):
     (images / "notes.txt").write_text("x")
     for name in ("a.png", "b_mask.png", "c-mask.png", "zzz.png"):
         Image.new("L", (4, 4)).save(masks / name)
-    pairs = I.pair_inputs(images, masks)
+    pairs = folders.pair_inputs(images, masks)
     assert [(i.name, m.name) for i, m in pairs] == [("a.png", "a.png"), ("b.jpg", "b_mask.png"),
                                                     ("c.webp", "c-mask.png")]
-    assert I.pair_inputs(images, masks / "zzz.png") == [(images / n, masks / "zzz.png") for n in ("a.png", "b.jpg",
+    assert folders.pair_inputs(images, masks / "zzz.png") == [(images / n, masks / "zzz.png") for n in ("a.png", "b.jpg",
                                                                                                  "c.webp")]
-    assert I.pair_inputs(images / "b.jpg", masks) == [(images / "b.jpg", masks / "b_mask.png")]
-    assert I.pair_inputs(images / "a.png", masks / "zzz.png") == [(images / "a.png", masks / "zzz.png")]
+    assert folders.pair_inputs(images / "b.jpg", masks) == [(images / "b.jpg", masks / "b_mask.png")]
+    assert folders.pair_inputs(images / "a.png", masks / "zzz.png") == [(images / "a.png", masks / "zzz.png")]
     (masks / "c-mask.png").unlink()
     with pytest.raises(UserError, match=r"no mask for 1 of 3 images in .*: c\.webp"):
-        I.pair_inputs(images, masks)
+        folders.pair_inputs(images, masks)
     with pytest.raises(UserError, match="mask path not found"):
-        I.pair_inputs(images, tmp_path / "nope")
+        folders.pair_inputs(images, tmp_path / "nope")
 
 
 def test_pairing_with_masks_beside_their_images(tmp_path):
     for name in ("a.png", "a_mask.png", "b.png", "b-mask.png"):
         Image.new("RGB", (4, 4)).save(tmp_path / name)
-    pairs = I.pair_inputs(tmp_path, tmp_path)
+    pairs = folders.pair_inputs(tmp_path, tmp_path)
     assert [(i.name, m.name) for i, m in pairs] == [("a.png", "a_mask.png"), ("b.png", "b-mask.png")]
     Image.new("RGB", (4, 4)).save(tmp_path / "a.jpg")  # now a.png and a.jpg share a stem: fine, both use a_mask
-    assert len(I.pair_inputs(tmp_path, tmp_path)) == 3
+    assert len(folders.pair_inputs(tmp_path, tmp_path)) == 3
 
 
 def test_atomic_writes_get_ordinary_permissions(tmp_path):

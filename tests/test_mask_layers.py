@@ -89,9 +89,9 @@ def photo(tmp_path):
 
 
 def fill(photo, mask, tiny_checkpoint, capsys, *extra):
-    out = photo.with_name("out.png")
-    code, _, err = run_cli(["inpaint", photo, "--mask", mask, "-o", out, "--model", tiny_checkpoint, "--method",
-                            "replace", "--steps", 3, "--device", "cpu", *extra], capsys)
+    out = photo.with_name("out.png")  # one file, replaced by each fill of a test
+    code, _, err = run_cli(["inpaint", photo, "--mask", mask, "-o", out, "--overwrite", "--model", tiny_checkpoint,
+                            "--method", "replace", "--steps", 3, "--device", "cpu", *extra], capsys)
     assert code == 0, err
     return np.asarray(Image.open(out)).astype(int), err
 

@@ -1,5 +1,5 @@
 """The benchmark on whole photos: photos of any size, masks drawn at each photo's own scale (data/photo_masks.py), every
-method through the path of `aid inpaint` (inpaint.fit_hole → fill_items: fit → complete → composite), metrics at full
+method through the path of `aid inpaint` (fill.fit_hole → fill_items: fit → complete → composite), metrics at full
 resolution.
 
 Photo i under noise seed s is filled as `aid inpaint --seed s·2²⁰ + i` fills it (one photo per call, as a user runs
@@ -20,7 +20,8 @@ from ..data.datasets import load_photo_set
 from ..data.images import LoadedImage, plan_native_crop, to_task_tensors
 from ..data.photo_masks import PHOTO_MASKS_VERSION, describe_photo, photo_eval_hole
 from ..errors import UserError
-from ..inpaint import InpaintOptions, Job, fill_items, fit_hole
+from ..fill import InpaintOptions, fill_items, fit_hole
+from ..jobs import Job
 from ..plots import save_labelled_grid, to_uint8
 from .measure import PeakMemory
 from .report import METRIC_DEFINITIONS, load_examples
@@ -74,7 +75,7 @@ def _float(pixels: np.ndarray) -> torch.Tensor:
 
 
 class PhotoRunner(Runner):
-    """A Runner whose images are whole photos, masks at their scale, and cells run through inpaint.fill_items."""
+    """A Runner whose images are whole photos, masks at their scale, and cells run through fill.fill_items."""
 
     masks_version = PHOTO_MASKS_VERSION
     metric_definitions = PHOTO_METRIC_DEFINITIONS

@@ -60,7 +60,7 @@ class BenchConfig:
     vae: str | None = None  # latent backbones: a local VAE folder instead of the pinned hub VAE
     precision: str = "auto"  # the backbone's (devices.prepare_backbone)
     compile: bool = False  # torch.compile the backbone
-    fit: str = "auto"  # photo families: how each hole reaches the backbone (inpaint.fit_hole)
+    fit: str = "auto"  # photo families: how each hole reaches the backbone (fill.fit_hole)
     realism: bool = True  # FID and KID of the completions against the originals (TF-Inception features)
     lpips_vgg: bool = True  # LPIPS with the VGG16 trunk beside AlexNet's
 

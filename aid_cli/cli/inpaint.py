@@ -1,4 +1,4 @@
-"""`aid inpaint`: files and options → jobs → the Inpainter (inpainter.py, inpaint.py) → `wrote` lines and JSON records."""
+"""`aid inpaint`: options → the library's inpaint_files (jobs.py) → `wrote` lines and JSON records."""
 
 from __future__ import annotations
 
@@ -10,9 +10,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import UserError
+from ..models.catalogue import default_backbone
 from . import options
-from .console import err, log, model_file
+from .console import DownloadBar, err
+
+
+def _knows(entry) -> str:
+    """What a catalogue backbone was trained on, as `-h` and the `wrote` line say it."""
+    return f"{entry.name} knows {entry.knows}" if entry is not None and entry.knows else ""
 
 
 def inpaint(
@@ -22,15 +27,22 @@ def inpaint(
                               "paired by stem."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (PNG keeps visible pixels exact), "
                                           "or a folder (for several images or folders: created). Default: beside each "
-                                          "image as STEM-filled.png (a folder's in FOLDER-filled/), never over an "
-                                          "existing file."),
+                                          "image as STEM-filled.png (a folder's in FOLDER-filled/). Nothing is ever "
+                                          "replaced: an output of -o that exists is refused before any work, unless "
+                                          "--overwrite."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace -o's outputs that exist."),
     model: Optional[str] = typer.Option(None, "--model", help="Backbone: a .safetensors file or a model name (`aid "
-                                        "models list`; downloaded on first use); default: the embedded one."),
-    method: Optional[str] = typer.Option(None, "--method", help="Inpainting method (see `aid methods`). Default: aid "
-                                         "where a guidance module for the backbone is at hand (the embedded backbone "
-                                         "ships one, or --guidance), else repaint, the best training-free method in "
-                                         "the benchmark; the `wrote` line says which."),
-    steps: int = typer.Option(18, "--steps", min=2, help="EDM grid steps N; NFE = 2N-1 (18: 35 NFE, 12: 23 NFE)."),
+                                        f"models list`; downloaded on first use); default: {default_backbone().name}, "
+                                        f"which knows {default_backbone().knows or default_backbone().description} "
+                                        "only."),
+    method: Optional[str] = typer.Option(None, "--method", help="Inpainting method or operating point (aid-18, "
+                                         "aid-12; aid-18:NAME with the guidance module NAME; see `aid methods`). "
+                                         "Default: aid where a guidance module for the backbone is at hand (the "
+                                         "embedded backbone ships one, or --guidance), else repaint, the best "
+                                         "training-free method in the benchmark; the `wrote` line says which."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=2, show_default=False,
+                                        help="EDM grid steps N; NFE = 2N-1 (default 18: 35 NFE; 12: 23 NFE). "
+                                             "aid-18 and aid-12 fix their own; a different --steps is refused."),
     seed: int = typer.Option(0, "--seed", help="Seed of sample 0; sample k uses seed + k."),
     samples: int = typer.Option(1, "--samples", min=1, help="Completions per image (outputs get -0, -1, ... suffixes)."),
     batch: int = typer.Option(1, "--batch", min=1, help="Images per sampler call (folders; results do not depend on it)."),
@@ -43,8 +55,8 @@ def inpaint(
                                "halo a loose selection leaves; those pixels are filled too)."),
     feather: int = typer.Option(0, "--feather", min=0, metavar="N", help="Blend the fill into the N pixels around the "
                                 "hole, to soften hard seams (those pixels change; default 0: only hole pixels do)."),
-    guidance: Optional[Path] = typer.Option(None, "--guidance", help="AID's guidance module (default: the one shipped "
-                                            "for the backbone; implies --method aid)."),
+    guidance: Optional[Path] = typer.Option(None, "--guidance", help="AID's guidance module, a file or a name (default: "
+                                            "the one shipped for the backbone; implies --method aid)."),
     fit: options.Fit = options.fit(),
     class_label: Optional[int] = typer.Option(None, "--class", min=0,
                                               help="Class N for a class-conditional backbone (e.g. ImageNet)."),
@@ -65,76 +77,75 @@ def inpaint(
     Examples:
       [bold]aid inpaint photo.png --mask mask.png[/]                  (writes photo-filled.png)
       [bold]aid inpaint photo.png --mask mask.png -o filled.png --method dps[/]
+      [bold]aid inpaint photo.png --mask mask.png --method aid-12[/]   (23 NFE)
       [bold]aid inpaint *.png --mask masks/ -o filled/[/]            (one start-up for many images)
       [bold]aid inpaint photos/ --mask masks/ -o filled/ --samples 4 --json[/]
       [bold]aid inpaint dog.png --mask hole.png -o out.png --model img512-xs.safetensors --class 207[/]
       [bold]aid inpaint face.png --mask mask.png -o filled.png --model edm-ffhq-64 --device cuda --precision fp16[/]
     """
-    precision, fit = options.value(precision), options.value(fit)
-    from ..devices import check_precision, resolve_device
-    from ..inpaint import InpaintOptions, check_outputs, inpaint_jobs, plan_jobs, release_jobs
-    from ..inpainter import Inpainter
-    from ..methods.base import check_method_name
-    from ..models.catalogue import resolve_backbone
-    from ..resolve import inpaint_method
-    from ..task import class_labels
-    from ..threads import apply_threads
+    from ..jobs import InpaintHooks, InpaintSettings, inpaint_files
 
-    if fit == "native" and feather:
-        raise UserError("--feather does not combine with --fit native (its windows are filled at native scale)")
-    apply_threads(threads)
-    if method is not None:
-        check_method_name(method)  # unknown names fail before any loading
-    jobs, create = plan_jobs(images, mask, output, samples)
-    try:
-        dev = resolve_device(device)
-        check_precision(precision, dev)
-        checkpoint = resolve_backbone(model_file(model, cache_dir, offline))
-        # --class is checked against the backbone before a latent backbone's VAE is fetched
-        inpainter = Inpainter.load(checkpoint, dev, vae=vae, precision=precision, compile=compile_net, notice=log,
-                                   check=lambda info: class_labels(class_label, info["label_dim"], 1))
-        labels = class_labels(class_label, inpainter.info["label_dim"], 1)
-        chosen = inpaint_method(method, steps, checkpoint, guidance, cache=cache_dir,
-                                offline=True if offline else None, notice=lambda m: err.print(escape(m), soft_wrap=True))
-        method, spec, params, why = chosen.name, chosen.spec, chosen.params, chosen.why
-        if chosen.tuned and not quiet:
-            err.print(f"{method}: this backbone's tuned params {escape(json.dumps(chosen.tuned))} (aid bench --tune)")
-        check_outputs(jobs, create)
-        for folder in create:
-            folder.mkdir(exist_ok=True)  # only once everything that can fail has passed (a parallel job may beat us)
-        opts = InpaintOptions(method=method, steps=steps, seed=seed, samples=samples, invert_mask=invert_mask,
-                              resize_mask=resize_mask, fit=fit, params=params, class_label=class_label,
-                              method_default=bool(why), dilate=dilate, feather=feather)
-        def report(records: list[dict]) -> None:
-            for rec in records:
-                where = f"; {rec['space']}" if inpainter.space.latent and rec["space"] != "pixels" else ""
-                if not quiet:
-                    err.print(f"wrote {escape(rec['path'])} ({rec['method']}{escape(why + ';' if why else ',')} "
-                              f"{rec['nfe']} NFE, seed {rec['seed']}, {rec['seconds']:.2f} s; "
-                              f"{escape(rec['fit'] + where)})", soft_wrap=True)
-                if json_out:
-                    print(json.dumps(rec), flush=True)
+    settings = InpaintSettings(
+        model=model, method=method, steps=steps, guidance=guidance, seed=seed, samples=samples, batch=batch,
+        device=device, precision=options.value(precision), compile=compile_net, fit=options.value(fit),
+        invert_mask=invert_mask, resize_mask=resize_mask, dilate=dilate, feather=feather, class_label=class_label,
+        vae=vae, offline=offline, cache=cache_dir, overwrite=overwrite, threads=threads)
+    bar = InpaintBar(err, show=err.is_terminal and not quiet)
+    state = {"run": None, "written": []}
 
-        def skipped(job, e: UserError) -> None:  # a batch job goes on: one line per bad file, a count, exit 2 at the end
-            err.print(f"[bold red]skipped[/] {escape(job.image.name)}: {escape(str(e))}", soft_wrap=True)
+    def ready(run) -> None:
+        state["run"] = run
+        if run.method.tuned and not quiet:
+            err.print(f"{run.method.name}: this backbone's tuned params {escape(json.dumps(run.method.tuned))} "
+                      f"(aid bench --tune)")
+        bar.start(len(run.jobs))
+
+    def written(records: list[dict]) -> None:
+        run = state["run"]
+        why, knows = run.method.why, _knows(run.model)
+        for rec in records:
+            state["written"].append(rec["path"])
+            where = f"; {rec['space']}" if run.inpainter.space.latent and rec["space"] != "pixels" else ""
+            if not quiet:
+                err.print(f"wrote {escape(rec['path'])} ({rec['method']}{escape(why + ';' if why else ',')} "
+                          f"{rec['nfe']} NFE, seed {rec['seed']}, {rec['seconds']:.2f} s; "
+                          f"{escape(rec['fit'] + where)}{escape('; ' + knows if knows else '')})", soft_wrap=True)
             if json_out:
-                print(json.dumps({"image": str(job.image), "mask": str(job.mask), "error": str(e)}), flush=True)
+                print(json.dumps(rec), flush=True)
 
-        with InpaintBar(err, images=len(jobs), show=err.is_terminal and not quiet) as bar:
-            failed = inpaint_jobs(inpainter, jobs, opts, spec, batch, lambda m: err.print(escape(m)), labels, report,
-                                  skipped, bar)
-        if failed:
-            raise UserError(f"{len(failed)} of {len(jobs)} images could not be inpainted (each named above); the other "
-                            f"{len(jobs) - len(failed)} were written")
+    def skipped(job, e) -> None:  # a batch job goes on: one line per bad file, a count, exit 2 at the end
+        err.print(f"[bold red]skipped[/] {escape(job.image.name)}: {escape(str(e))}", soft_wrap=True)
+        if json_out:
+            print(json.dumps({"image": str(job.image), "mask": str(job.mask), "error": str(e)}), flush=True)
+
+    hooks = InpaintHooks(notice=lambda m: err.print(escape(m), soft_wrap=True), ready=ready, written=written, skipped=skipped, bar=bar)
+    try:
+        with DownloadBar() as download:
+            hooks.download = download
+            inpaint_files(images, mask, output, settings, hooks)
+    except KeyboardInterrupt:
+        bar.close()
+        run, done = state["run"], state["written"]
+        total = sum(len(job.outputs) for job in run.jobs) if run is not None else None
+        if not done:
+            err.print("interrupted: nothing was written")
+        else:
+            err.print(f"interrupted: {len(done)} of {total} outputs written (the last: {escape(done[-1])}); the other "
+                      f"{total - len(done)} were not, and no partial file is left", soft_wrap=True)
+        raise typer.Exit(130) from None
     finally:
-        release_jobs(jobs)  # default names claimed and never written (a failure, Ctrl-C) are given back
+        bar.close()
 
 
 class InpaintBar:
     """`aid inpaint`'s progress on a terminal: the network evaluations of the sampler call under way (NFE done / total,
-    per image) and, for several images, the images done. Nothing at all on a pipe or a log file, or with --quiet."""
+    per image) and, for several images, the images done. Nothing at all on a pipe or a log file, or with --quiet.
+    It starts once the model is loaded (`start`), so that it never overlaps a download's bar."""
 
-    def __init__(self, console: Console, images: int, show: bool):
+    def __init__(self, console: Console, show: bool):
+        self.console, self.show, self.bar = console, show, None
+
+    def start(self, images: int) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
             TimeRemainingColumn
 
@@ -142,16 +153,15 @@ class InpaintBar:
         # --json records to stderr instead of stdout
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                            console=console, transient=True, disable=not show, redirect_stdout=False)
+                            console=self.console, transient=True, disable=not self.show, redirect_stdout=False)
         self.images = self.bar.add_task("images", total=images, unit="images", visible=images > 1)
         self.nfe = self.bar.add_task("", total=1, unit="NFE", visible=False)
+        self.bar.start()
 
-    def __enter__(self):
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
     def images_done(self, n: int) -> None:
         self.bar.advance(self.images, n)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import UserError
-from .images import IMAGE_SUFFIXES
+from .folders import IMAGE_SUFFIXES
 from ..paths import data_dir
 
 @dataclass

@@ -22,7 +22,8 @@ from ..data.datasets import ImageSet, PhotoSet
 from ..data.images import LoadedImage, to_task_tensors
 from ..data.masks import TRAIN_STREAM
 from ..data.photo_masks import PHOTO_FAMILIES, photo_training_hole
-from ..inpaint import InpaintOptions, Job, fit_hole
+from ..fill import InpaintOptions, fit_hole
+from ..jobs import Job
 
 TRAIN_TASKS, VALIDATION_TASKS = 0x7461736B, 0x76616C74  # "task", "valt": a training bank and a validation set
 

@@ -29,7 +29,7 @@ EXTRA = "pip install \"aid-inpaint[classical]\""
 
 class Classical(Method):
     oracle = True  # no network and no loop: `fill` gives x̂ directly (sampling/heun.py)
-    full_resolution = True  # fitted at the image's own scale, never resized (inpaint.prepare)
+    full_resolution = True  # fitted at the image's own scale, never resized (fill.fit_hole)
     module, package = "", ""  # the library it calls: import name, PyPI name
 
     @classmethod

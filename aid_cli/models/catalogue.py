@@ -41,7 +41,7 @@ def _edm2(name: str, file: str, resolution: int, what: str) -> ModelEntry:
 MODELS: tuple[ModelEntry, ...] = (
     ModelEntry(name="aid-cats64", kind="backbone", resolution=64, license=EMBEDDED_LICENSE,
                description="embedded default: EDM SongUNet DDPM++ (4.2 M parameters) trained by aid pretrain on 64x64 "
-                           "cat faces", file=EMBEDDED_BACKBONE, embedded=True,
+                           "cat faces", file=EMBEDDED_BACKBONE, embedded=True, knows="aligned 64x64 cat faces",
                sha256="b7fefd36232891fb810f66472ec4b519fe141b741838298ad242338cda18f44d", size=16813228),
     ModelEntry(name="aid-cats64-guidance", kind="guidance", resolution=64, license=EMBEDDED_LICENSE,
                description="AID guidance module for aid-cats64 (CPU-trained, backprop estimator at N = 18 and 12, an LPIPS term, the "
@@ -62,6 +62,11 @@ MODELS: tuple[ModelEntry, ...] = (
 def lookup_model(name: str) -> ModelEntry | None:
     """The entry named `name` (or one of its aliases), None when there is none."""
     return next((m for m in MODELS if name == m.name or name in m.aliases), None)
+
+
+def default_backbone() -> ModelEntry:
+    """The entry of the backbone `--model` defaults to."""
+    return next(m for m in MODELS if m.kind == "backbone" and m.file == EMBEDDED_BACKBONE)
 
 
 def find_model(name: str) -> ModelEntry:

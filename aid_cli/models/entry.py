@@ -34,6 +34,7 @@ class ModelEntry:
     embedded: bool = False  # ships in weights/ (file is its name there)
     backbone: str | None = None  # guidance: the backbone it was trained on
     note: str = ""  # why there is no source, for entries without one
+    knows: str = ""  # backbones: what its training images show, in a few words (`aid inpaint` says it)
 
     @property
     def converts(self) -> bool:

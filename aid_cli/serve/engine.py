@@ -1,5 +1,5 @@
 """`aid serve`'s work: the models a page may choose, the one backbone kept loaded, and the queue that runs one fill at
-a time on it, through the same library function as `aid inpaint` (inpaint.fill).
+a time on it, through the same library function as `aid inpaint` (fill.fill).
 
 Nothing here knows about HTTP (server.py) and nothing from a client is ever a path: a page names a model by an id from
 `Models.list()`, and an image or mask by the id its upload was given.
@@ -233,7 +233,7 @@ class Bounded:
 class Engine:
     """One backbone loaded at a time and one worker thread that runs fills on it, first come first served, from a
     bounded queue: parallel requests wait their turn instead of sharing the cores. `fill` is the library's
-    (inpaint.fill): the page's result is the one `aid inpaint` writes for the same inputs."""
+    (fill.fill): the page's result is the one `aid inpaint` writes for the same inputs."""
 
     def __init__(self, models: Models, device, precision: str = "auto", queue_length: int = 4,
                  uploads=None, results: Bounded | None = None, threads: int | None = None,
@@ -357,7 +357,7 @@ class Engine:
 
     def _run(self, job: Job) -> None:
         from ..data.images import encode_png
-        from ..inpaint import Filled, InpaintOptions, fill
+        from ..fill import Filled, InpaintOptions, fill
         from ..task import class_labels
 
         r = job.request
