@@ -7,7 +7,7 @@ of one image").
     space.to_pixels(x, M, completed)   back to pixels, every visible pixel of x pasted back exactly
 
 `aid inpaint` (jobs.py, fill.py: files in, files out), `aid bench` (bench/: datasets, metrics, timing) and `aid train`'s
-validation (guidance/trainer.py) all complete images through `Inpainter.complete`; nothing else runs that path. Which
+validation (guidance/validate.py) all complete images through `Inpainter.complete`; nothing else runs that path. Which
 method runs, with which parameters and which guidance module, is decided once by resolve.py.
 """
 

@@ -8,7 +8,8 @@ import torch
 from ..data.masks import FAMILIES, VALIDATION_MASK_SEED, eval_masks
 from ..inpainter import Inpainter
 from ..methods.aid import AID
-from ..metrics.quality import SSIM_MIN_SIZE, hole_texture, psnr_hole, ssim_01, texture_ratio
+from ..metrics.bundle import inpainting_metrics
+from ..metrics.quality import hole_texture, texture_ratio
 from ..sampling.heun import sample_generators
 
 
@@ -28,11 +29,10 @@ def validation_per_image(inpainter: Inpainter, actor, images: torch.Tensor, M: t
         x0, m = images[i:i + batch], M[i:i + batch]
         completed, _ = inpainter.complete(x0, m, policy, steps, sample_generators(0, len(x0), offset=first + i),
                                           None if labels is None else labels[i:i + batch])
-        parts["psnr_hole"].append(psnr_hole(completed, x0, m))
-        if min(x0.shape[-2:]) >= SSIM_MIN_SIZE:
-            parts["ssim"].append(ssim_01(completed, x0))
-        if lpips is not None:
-            parts["lpips"].append(lpips(completed, x0))
+        scores = inpainting_metrics(completed, x0, m, lpips=lpips)  # the bundle aid bench and aid metrics report
+        for k in ("psnr_hole", "ssim", "lpips"):
+            if scores[k] is not None:  # SSIM: None below its window's 11 × 11 pixels
+                parts[k].append(scores[k])
         parts["texture"].append(hole_texture(completed, m))
         parts["texture_truth"].append(hole_texture(x0, m))
     return {k: torch.cat(v) for k, v in parts.items() if v}
