@@ -892,7 +892,8 @@ def _train(cfg: TrainConfig, resume: bool, device, max_iters: int | None, progre
     r = setup(cfg, resume, device, log)
     cfg = r.cfg
     bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} it"),
-                   TextColumn("TD {task.fields[td]:.4f}  ℓ {task.fields[ell]:.4f}"), TimeRemainingColumn(),
+                   TextColumn(("TD {task.fields[td]:.4f}  " if cfg.estimator != "backprop" else "")  # no critic
+                              + "ℓ {task.fields[ell]:.4f}"), TimeRemainingColumn(),
                    disable=not progress or r.rank != 0)
     with bar, GracefulStop() as stop:
         ptask = bar.add_task("train", total=cfg.iters, completed=r.it, td=float("nan"), ell=float("nan"))
