@@ -88,6 +88,9 @@ def test_shipped_recipe_chains_resumes_and_selects(images16, tiny_checkpoint, tm
     assert selected[5]["iteration"] == lowest_lpips_level_with_best([s for s in stats6 if s["iteration"]])["iteration"]
     assert sha256_file(out / "guidance.safetensors") == selected[5]["sha256"]
     assert err.strip().endswith(f"done: {out / 'guidance.safetensors'}")
+    code, _, err = run_cli(["train", "--dataset", images16, "--backbone", tiny_checkpoint, "--out", out, "--resume"],
+                           capsys)
+    assert code == 2 and "holds a recipe's stages: resume it with the command that started it" in err
 
 
 def test_the_card_rule_picks_the_lowest_lpips_level_with_the_best():
@@ -112,6 +115,7 @@ def test_the_card_rule_picks_the_lowest_lpips_level_with_the_best():
     (["--recipe", "cats64", "--estimator", "score"], "recipe cats64, stage 4: --mix-steps acts only under"),
     (["--recipe", "cats64", "--init", "m.safetensors"], "--init: a recipe's stages start from"),
     (["--recipe", "nosuch"], "unknown recipe 'nosuch': shipped ones are cats64"),
+    (["--recipe", "cats64"], "stage 6: it selects its module on validation: give --val"),
 ])
 def test_options_of_another_estimator_and_bad_recipe_use_are_refused(args, phrase, images16, tiny_checkpoint,
                                                                      tmp_path, capsys):
@@ -155,7 +159,7 @@ def test_a_dataset_that_does_not_fit_the_backbone_is_named(images16, tmp_path, c
                             "--batch", "2", "--width", "8", "--steps", "3", "--mask-bank", "4"], capsys)
     assert code == 0, err
     warning = [line for line in err.splitlines() if line.startswith("warning:")]
-    assert len(warning) == 1 and "holds ffhq, but the backbone cats16.safetensors was trained on cats" in warning[0]
+    assert len(warning) == 1 and "holds FFHQ faces, but the backbone cats16.safetensors was trained on cat faces" in warning[0]
     assert "TD " not in err  # the backprop bar shows no critic's TD loss
 
 

@@ -32,8 +32,7 @@ def validate(
 ):
     """Score guidance modules on [bold]aid train[/]'s validation: hole-PSNR, SSIM, LPIPS and hole texture at each N.
 
-    The images, masks and noise are those of a run's validation, completed by the same code, so a module reads the same
-    as the val_* line its run logged. Use it to pick among checkpoints (RUN/modules/) before a benchmark.
+    A run's own validation images, masks and noise: a module reads the same as the val_* line its run logged.
 
     Example: [bold]aid guidance validate runs/a/modules/guidance-001300.safetensors --val val.zip --val-n 96[/]
     """
@@ -45,14 +44,14 @@ def validate(
 
     apply_threads(threads)
     Ns = parse_ints(steps, "--steps")
-    records = validate_modules(modules, val, resolve_backbone(model_file(backbone, None, False)), steps=Ns,
+    count, records = validate_modules(modules, val, resolve_backbone(model_file(backbone, None, False)), steps=Ns,
                                offset=val_offset, n=val_n, mask_seed=val_mask_seed, by_family=by_family,
                                device=resolve_device(device), log=log)
     nan = float("nan")
     cells = lambda rec, part: " | ".join(  # noqa: E731
         f"{rec[f'val_psnr_hole_{part}{N}']:.2f} {rec.get(f'val_ssim_{part}{N}', nan):.4f} "
         f"{rec.get(f'val_lpips_{part}{N}', nan):.4f} {rec.get(f'val_texture_ratio_{part}{N}', nan):.3f}" for N in Ns)
-    err.print(f"{val_n} images of {escape(str(val))} from {val_offset}; "
+    err.print(f"{count} images of {escape(str(val))} from {val_offset}; "
               + " | ".join(f"N = {N}: PSNR-hole SSIM LPIPS texture" for N in Ns) + " (texture: the fills' over the "
               "truth's)")
     for rec in records:
@@ -70,8 +69,7 @@ def average(
 ):
     """Average the weights of guidance modules: the mean of neighbouring checkpoints keeps what they share.
 
-    A run at a constant learning rate wanders between checkpoints; [bold]aid train --ema-halflife[/] averages during
-    training. The output records its sources; score it with [bold]aid guidance validate[/] like any checkpoint.
+    The output records its sources; score it with [bold]aid guidance validate[/] like any checkpoint.
 
     Example: [bold]aid guidance average mean.safetensors runs/a/modules/guidance-0012*.safetensors[/]
     """

@@ -208,8 +208,8 @@ def train(
     recipe: Optional[str] = typer.Option(None, "--recipe", rich_help_panel=RECIPE,
                                          help="Run a shipped recipe's stages (cats64: the shipped module) into "
                                               "OUT/stage-K, each from the module the one before selected. Options "
-                                              "given beside it apply to every stage (--iters: per stage); --init "
-                                              "is refused."),
+                                              "given beside it apply to every stage (--iters: per stage, and as "
+                                              "many more for a stage's continuation); --init is refused."),
     config: Optional[Path] = typer.Option(None, "--config", rich_help_panel=RECIPE,
                                           help="Run your own recipe file (TOML, as guidance/recipes/*.toml)."),
     out: Optional[Path] = typer.Option(None, "--out", rich_help_panel=RUN,
@@ -225,23 +225,27 @@ def train(
     compile_net: bool = options.compile_net("torch.compile the frozen backbone.", panel=RUN),
     threads: Optional[int] = options.threads(panel=RUN),
 ):
-    """Learn the AID guidance module for a frozen backbone: by default J's exact gradient through the frozen solve
-    (--estimator backprop), or the paper's actor-critic (score, pathwise).
+    """Learn the AID guidance module for a frozen backbone.
 
-    The module (the actor's weights) is written to OUT/guidance.safetensors at every checkpoint; use it with
-    [bold]aid inpaint --method aid --guidance OUT/guidance.safetensors[/].
+    Default: J's exact gradient through the frozen solve (backprop); score, pathwise: the paper's actor-critic.
 
-    Example: [bold]aid train --dataset cats --val val.zip --out runs/aid-cats[/]
+    The module, OUT/guidance.safetensors: [bold]aid inpaint --method aid --guidance OUT/guidance.safetensors[/]
 
-    Remake the shipped module: [bold]aid train --recipe cats64 --dataset cats --val val.zip --out runs/cats64[/]
+    Example: [bold]aid train --dataset DATA/cats64/train.zip --val DATA/cats64/val.zip --out runs/aid-cats[/]
+
+    The shipped module's stages: [bold]aid train --recipe cats64 --dataset DATA/cats64/train.zip --val DATA/cats64/val.zip --out runs/cats64[/]
     """
     from ..threads import apply_threads
 
     apply_threads(threads)
     if recipe is not None or config is not None:
         return _train_recipe(ctx)
-    given = _given(ctx)
-    check_estimator_options(ctx.params, given)
+    check_estimator_options(ctx.params, _given(ctx))
+    from ..guidance.recipe import PLAN_FILE
+
+    if resume and out is not None and (out / PLAN_FILE).is_file():
+        raise UserError(f"{out} holds a recipe's stages: resume it with the command that started it (--recipe or "
+                        f"--config) and --resume")
     params = dict(ctx.params, out=run_folder(out, resume, "train", dataset))
     cfg = train_config(params, check_data=True)
     _run_train(cfg, resume, device)
@@ -359,8 +363,11 @@ def _train_recipe(ctx) -> None:
         return q
 
     for k, stage in enumerate(stages, 1):  # every stage's values checked before the first one trains
+        where = f"recipe {Path(path).stem}, stage {k}: "
         for opts in stage.legs():
-            stage_params(opts, Path(p["out"]), None, f"recipe {Path(path).stem}, stage {k}: ")
+            q = stage_params(opts, Path(p["out"]), None, where)
+        if stage.select != "last" and q["val"] is None and not q["holdout"]:
+            raise UserError(f"{where}it selects its module on validation: give --val (or --holdout)")
     first = stage_params(stages[0].options, Path(p["out"]), None, "")
     train_config(dict(first, out=Path(p["out"]) / "stage-1"), check_data=True)  # the data against the backbone
 

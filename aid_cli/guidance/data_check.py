@@ -10,6 +10,7 @@ from ..errors import UserError
 
 # a subject, and the words that name it in a dataset's name or path, or in a backbone's provenance
 SUBJECTS = {"cats": ("cat",), "ffhq": ("ffhq",), "afhqv2": ("afhq",), "imagenet": ("imagenet", "img512", "img64")}
+NAMES = {"cats": "cat faces", "ffhq": "FFHQ faces", "afhqv2": "AFHQv2 animal faces", "imagenet": "ImageNet"}
 LATENT_FACTOR = 8  # the SD VAE's downsampling (backbones/spaces.py: 2^(levels - 1)), the one latent space aid loads
 
 
@@ -54,5 +55,5 @@ def check_dataset(given: str, path: Path, backbone: Path, log) -> None:
                             f"makes {res}x{res}; give a dataset at {res}x{res} (or a backbone of its size)")
     named = subject("/".join(Path(given).parts[-2:]))
     if named and trained_on and named != trained_on:
-        log(f"warning: --dataset {given} holds {named}, but the backbone {Path(backbone).name} was trained on "
-            f"{trained_on}: the module learns to complete {named} with a model of {trained_on}")
+        log(f"warning: --dataset {given} holds {NAMES[named]}, but the backbone {Path(backbone).name} was trained "
+            f"on {NAMES[trained_on]}: the module would learn to complete one with a model of the other")

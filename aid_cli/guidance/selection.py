@@ -76,11 +76,11 @@ def select_checkpoint(run: Path, rule: str, log=None) -> tuple[int, Path]:
 
 def validate_modules(modules: list[Path], val: Path, backbone: Path, steps=VALIDATION_STEPS, offset: int = 100,
                      n: int = 64, mask_seed: int | None = None, by_family: bool = False, device="cpu",
-                     log=None) -> Iterator[dict]:
+                     log=None) -> tuple[int, Iterator[dict]]:
     """Score each module on `aid train`'s validation: images `offset`…`offset + n` of `val`, image i with mask i of
     the evaluation family FAMILIES[i % 3], noise seeds 0, 1, …, completed by the trainer's own code, so a module
-    reads the same as the val_* line its run logged. One record per module: val_{metric}_{N} (and per family with
-    `by_family`), its sha256 and the set scored."""
+    reads the same as the val_* line its run logged. Returns (images scored, one record per module as it is scored:
+    val_{metric}_{N}, and per family with `by_family`, its sha256 and the set scored); files are checked first."""
     from ..data.datasets import load_image_set
     from ..data.masks import VALIDATION_MASK_SEED
     from ..inpainter import Inpainter
@@ -102,14 +102,19 @@ def validate_modules(modules: list[Path], val: Path, backbone: Path, steps=VALID
         if log:
             log(f"LPIPS not reported: {e}")
         lpips = None
-    for path in modules:
-        actor, _ = load_guidance(path, sha, device)
-        rec = {"module": str(path), "sha256": sha256_file(path), "val_offset": offset, "val_n": len(data),
-               "val_mask_seed": mask_seed}
-        for N in steps:
-            for k, v in validation_scores(inpainter, actor, images, M, N, lpips=lpips, by_family=by_family).items():
-                rec[f"val_{k}_{N}"] = v
-        yield rec
+
+    def scored():
+        for path in modules:
+            actor, _ = load_guidance(path, sha, device)
+            rec = {"module": str(path), "sha256": sha256_file(path), "val_offset": offset, "val_n": len(data),
+                   "val_mask_seed": mask_seed}
+            for N in steps:
+                for k, v in validation_scores(inpainter, actor, images, M, N, lpips=lpips,
+                                              by_family=by_family).items():
+                    rec[f"val_{k}_{N}"] = v
+            yield rec
+
+    return len(data), scored()
 
 
 def average_modules(out: Path, modules: list[Path]) -> Path:
