@@ -89,8 +89,8 @@ def _flags_take_no_value() -> None:
     """Typer's rich help writes a flag's type (`<bool>`) beside it, as if it took a value (its plain help does not):
     a flag shows no type."""
     option = typer.core.TyperOption
-    shown = option.display_type_rich
-    if getattr(shown, "aid_flags", False):
+    shown = getattr(option, "display_type_rich", None)  # (a Typer before 0.29 has none, and shows no type)
+    if shown is None or getattr(shown, "aid_flags", False):
         return
 
     def display_type_rich(self, ctx):
