@@ -1,9 +1,8 @@
-"""The terminal cost's options beyond the paper (--lambda-lpips, --lambda-ssim) in training and validation, and the
-scripts that work on saved modules (validate_modules, average_modules, actor_cost). The other guidance tests:
-test_guidance_module.py, test_guidance_losses.py, test_guidance_train.py, test_guidance_validation.py."""
+"""The terminal cost's options beyond the paper (--lambda-lpips, --lambda-ssim) in training and validation. The other
+guidance tests: test_guidance_module.py, test_guidance_losses.py, test_guidance_train.py, test_guidance_validation.py,
+test_guidance_cli.py (aid guidance validate|average), test_recipes.py."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +10,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from aid_cli.fileio import sha256_file
-from aid_cli.data.masks import VALIDATION_MASK_SEED
-from aid_cli.guidance.checkpoint import load_guidance, save_guidance
-from aid_cli.guidance.networks import Actor
 from aid_cli.guidance.trainer import STATE_FILE, TrainConfig, train
 
 from .conftest import TINY_KWARGS
@@ -85,72 +80,8 @@ def test_lambda_ssim_trains_validates_ssim_and_is_refused_where_it_cannot_apply(
     assert stats[1.0][1]["terminal"] > stats[0.0][1]["terminal"]
     assert json.loads((runs[1.0] / "config.json").read_text())["lambda_ssim"] == 1.0
     code, _, err = run_cli(["train", "--dataset", tiny_data, "--out", tmp_path / "p", "--backbone", tiny_checkpoint,
-                            "--lambda-ssim", "0.5", "--critic", "privileged"], capsys)
+                            "--lambda-ssim", "0.5", "--estimator", "score", "--critic", "privileged"], capsys)
     assert code == 2 and "drop --lambda-lpips and --lambda-ssim" in err and len(err.strip().splitlines()) == 1
-
-
-def test_validate_modules_script_reads_the_same_as_the_runs_validation(tiny_data, tiny_checkpoint, tmp_path, capsys):
-    """scripts/validate_modules.py scores a saved module on the run's own validation images, masks and noise: its
-    numbers equal the val_* line the run logged for that iteration; `--by-family` adds each mask family's own means
-    (one image each here: they average to the whole set's)."""
-    import importlib.util
-
-    kw = dict(estimator="backprop", iters=2, batch=2, val_every=2, checkpoint_every=2, val_n=3)
-    run = train(cfg_for(tiny_data, tmp_path / "r", tiny_checkpoint, **kw), progress=False, log=lambda *a: None)
-    logged = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()][-1]
-    spec = importlib.util.spec_from_file_location("validate_modules",
-                                                  Path(__file__).parents[1] / "scripts" / "validate_modules.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    out = tmp_path / "scores.jsonl"
-    assert script.main([str(run / "modules" / "guidance-000002.safetensors"), "--val", str(tiny_data),
-                        "--val-offset", "0", "--val-n", "3", "--backbone", str(tiny_checkpoint),
-                        "--json", str(out), "--by-family"]) == 0
-    scored = json.loads(out.read_text())
-    for key in ("val_psnr_hole_18", "val_psnr_hole_12", "val_ssim_18", "val_ssim_12"):
-        assert scored[key] == pytest.approx(logged[key], rel=1e-5), key
-        metric, N = key[4:].rsplit("_", 1)
-        by_family = [scored[f"val_{metric}_{f}_{N}"] for f in ("freeform", "center", "strip")]
-        assert sum(by_family) / 3 == pytest.approx(scored[key], rel=1e-5) and len(set(by_family)) > 1, key
-    assert scored["val_texture_ratio_18"] == pytest.approx(logged["val_texture_ratio_18"], rel=1e-5)
-    assert all(scored[f"val_texture_ratio_{f}_18"] > 0 for f in ("freeform", "center", "strip"))
-    assert (scored["val_offset"], scored["val_n"], scored["val_mask_seed"]) == (0, 3, VALIDATION_MASK_SEED)
-    out_text = capsys.readouterr().out
-    assert "guidance-000002" in out_text and "freeform:" in out_text and "strip:" in out_text
-
-
-def test_average_modules_script_writes_the_mean_with_its_sources(tmp_path, capsys):
-    """scripts/average_modules.py: the mean of the modules' weights, loadable as a module, its sources recorded; a
-    module of another backbone is refused in one line."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("average_modules",
-                                                  Path(__file__).parents[1] / "scripts" / "average_modules.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    kw = dict(channels=3, width=8, emb_dim=16)
-    paths = []
-    for i in range(3):
-        torch.manual_seed(i)
-        actor = Actor(width=8)
-        torch.nn.init.normal_(actor.out.weight, std=0.05)
-        paths.append(save_guidance(tmp_path / f"g{i}.safetensors", actor, kw, "a" * 64,
-                                   training={"iterations": 25 * (i + 1)}))
-    out = tmp_path / "mean.safetensors"
-    assert script.main([str(out), *map(str, paths)]) == 0
-    mean, info = load_guidance(out, backbone_sha256="a" * 64)
-    sources = [load_guidance(q)[0].state_dict() for q in paths]
-    for k, v in mean.state_dict().items():
-        assert torch.allclose(v, sum(sd[k] for sd in sources) / 3, atol=1e-7), k
-    assert [s["iterations"] for s in info["training"]["averaged_from"]] == [25, 50, 75]
-    assert info["training"]["averaged_from"][0]["sha256"] == sha256_file(paths[0])
-    assert info["training"]["iterations"] == 75
-    other = save_guidance(tmp_path / "other.safetensors", Actor(width=8), kw, "b" * 64)
-    capsys.readouterr()
-    assert script.main([str(tmp_path / "bad.safetensors"), str(paths[0]), str(other)]) == 2
-    err = capsys.readouterr().err
-    assert "another backbone" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_lambda_lpips_trains_at_32_pixels_and_is_refused_below_31(tiny_data, tiny_checkpoint, tmp_path, capsys):

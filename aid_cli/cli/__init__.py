@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import UserError
-from . import about, bench, inpaint, metrics, models, serve, train
+from . import about, bench, guidance, inpaint, metrics, models, serve, train
 from .console import Command, err
 
 app = typer.Typer(
@@ -69,6 +69,7 @@ models_app.command("eval")(models.models_eval)
 app.command("metrics", cls=Command)(metrics.metrics_cmd)
 app.command()(bench.bench)
 app.command()(train.train)
+guidance.register(app)
 app.command()(about.methods)
 
 

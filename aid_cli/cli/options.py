@@ -50,8 +50,8 @@ FIT_HELP = ("auto: chosen per hole by what the backbone was trained on (a photo 
             "filled one after another (long thin strokes on large photos).")
 
 
-def device():
-    return typer.Option("auto", "--device", help=DEVICE_HELP)
+def device(panel: Optional[str] = None):
+    return typer.Option("auto", "--device", help=DEVICE_HELP, rich_help_panel=panel)
 
 
 def precision(extra: str = ""):
@@ -59,16 +59,17 @@ def precision(extra: str = ""):
                         help="Backbone precision (auto: as the checkpoint says; fp16 needs a GPU)." + extra)
 
 
-def train_precision(extra: str = ""):
-    return typer.Option(TrainPrecision.auto, "--precision", case_sensitive=False, help=TRAIN_PRECISION_HELP + extra)
+def train_precision(extra: str = "", panel: Optional[str] = None):
+    return typer.Option(TrainPrecision.auto, "--precision", case_sensitive=False, help=TRAIN_PRECISION_HELP + extra,
+                        rich_help_panel=panel)
 
 
 def fit(help: str = FIT_HELP):
     return typer.Option(Fit.auto, "--fit", case_sensitive=False, help=help)
 
 
-def threads():
-    return typer.Option(None, "--threads", min=1, help=THREADS_HELP)
+def threads(panel: Optional[str] = None):
+    return typer.Option(None, "--threads", min=1, help=THREADS_HELP, rich_help_panel=panel)
 
 
 def offline(help: str = OFFLINE_HELP):
@@ -80,5 +81,23 @@ def cache_dir() -> Optional[Path]:
 
 
 def compile_net(help: str = "torch.compile the backbone (pays off on a GPU, for many images; falls back with a "
-                            "notice where it cannot compile)."):
-    return typer.Option(False, "--compile", help=help)
+                            "notice where it cannot compile).", panel: Optional[str] = None):
+    return typer.Option(False, "--compile", help=help, rich_help_panel=panel)
+
+
+def _flags_take_no_value() -> None:
+    """Typer's rich help writes a flag's type (`<bool>`) beside it, as if it took a value (its plain help does not):
+    a flag shows no type."""
+    option = typer.core.TyperOption
+    shown = getattr(option, "display_type_rich", None)  # (a Typer before 0.29 has none, and shows no type)
+    if shown is None or getattr(shown, "aid_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag or self.count else shown(self, ctx)
+
+    display_type_rich.aid_flags = True
+    option.display_type_rich = display_type_rich
+
+
+_flags_take_no_value()
