@@ -19,7 +19,8 @@ from aid_cli.errors import UserError
 
 from .conftest import TINY_KWARGS, run_cli
 from .test_convert import official_layout_bytes, persistence  # noqa: F401  (persistence: a fixture)
-from .test_hardening import _in_full_tmpfs, run_limited
+from .test_hardening_checkpoints import run_limited
+from .test_hardening_files import _in_full_tmpfs
 from .test_registry import CACHE_VARS, error_line
 
 CATALOGUE_NAME = "edm-ffhq-64-vp"  # a real catalogue entry (no published sha256), fetched through AID_MODEL_MIRROR
@@ -353,7 +354,7 @@ def test_item7_a_zip_of_a_million_entries_is_one_line_in_little_memory(tmp_path)
 
 
 def test_item8_a_huge_png_is_refused_from_its_header_in_little_memory(tmp_path):
-    from .test_hardening import _huge_png_header
+    from .test_hardening_files import _huge_png_header
 
     big = tmp_path / "big.png"
     big.write_bytes(_huge_png_header(13_000, 13_000))  # 169 M pixels: under Pillow's own error limit (179 M)
