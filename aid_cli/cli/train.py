@@ -60,7 +60,7 @@ def pretrain(
 ):
     """Train an EDM backbone (SongUNet DDPM++ + EDMPrecond) with the EDM loss.
 
-    Example: [bold]aid pretrain --dataset ../shared/data/cats64/train.zip --out ~/aid-runs/cats64[/]
+    Example: [bold]aid pretrain --dataset cats64/train.zip --out runs/cats64[/]
     """
     precision, crop = options.value(precision), options.value(crop)
     from ..devices import resolve_device
