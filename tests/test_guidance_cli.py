@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from aid_cli.data.masks import VALIDATION_MASK_SEED
 from aid_cli.fileio import sha256_file
@@ -16,16 +14,9 @@ from aid_cli.guidance.networks import Actor
 from aid_cli.guidance.trainer import TrainConfig, train
 
 from .conftest import run_cli
+from .guidance_helpers import tiny_data  # noqa: F401  (a fixture: six 16x16 images)
 
 
-@pytest.fixture
-def tiny_data(tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
 
 
 def test_validate_reads_the_same_as_the_runs_validation(tiny_data, tiny_checkpoint, tmp_path, capsys):
