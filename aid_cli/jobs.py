@@ -182,6 +182,7 @@ class InpaintSettings:
     method: str | None = None  # a name parse_method takes; None: the backbone's default (resolve.default_method)
     steps: int | None = None  # N; None: the operating point's (aid-12: 12), else 18
     guidance: str | Path | None = None  # AID's module, a file or a name; None: the one at hand for the backbone
+    churn: float | None = None  # AID's EDM churn S_churn; None: its module's own (0 unless trained with churn)
     seed: int = 0
     samples: int = 1
     batch: int = 1  # images per sampler call (results do not depend on it)
@@ -259,7 +260,7 @@ def inpaint_files(images: list[Path], mask: Path, output: Path | None = None,
         check_outputs(jobs, create, overwrite=s.overwrite)
         from .resolve import check_inpaint_method
 
-        check_inpaint_method(s.method, s.steps, s.guidance)  # a bad name or --steps fails before anything loads
+        check_inpaint_method(s.method, s.steps, s.guidance, s.churn)  # a bad name or --steps fails before anything loads
         from .threads import apply_threads
 
         apply_threads(s.threads)
@@ -304,7 +305,7 @@ def _load(jobs: list[Job], s: InpaintSettings, hooks: InpaintHooks) -> InpaintRu
     inpainter = Inpainter.load(checkpoint, device, vae=s.vae, precision=s.precision, compile=s.compile,
                                notice=hooks.notice, check=check)
     chosen = inpaint_method(s.method, s.steps, checkpoint, s.guidance, cache=s.cache, offline=offline,
-                            notice=hooks.notice)
+                            notice=hooks.notice, churn=s.churn)
     entry = default_backbone() if s.model is None else lookup_model(str(s.model))
     return InpaintRun(jobs, inpainter, chosen, entry, labels[0])
 

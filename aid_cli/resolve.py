@@ -85,13 +85,16 @@ def default_method(method: str | None, guidance, checkpoint, cache=None) -> tupl
 def resolve_method(label: str, steps: int, checkpoint: Path | None = None, sha256: str | None = None,
                    notice: Callable[[str], None] | None = None,
                    guidance: str | os.PathLike | None = None, guidances: dict | None = None,
-                   cache=None, offline: bool | None = None, loaded: dict | None = None) -> MethodSpec:
+                   cache=None, offline: bool | None = None, loaded: dict | None = None,
+                   churn: float | None = None) -> MethodSpec:
     """A command-line method name → what runs: an operating point (aid-18: method `aid` at 18 steps), or a registered
     method with the backbone's tuned params (models/tuned.py) when it has them, else the method's defaults.
 
     AID gets its guidance module (`guidance`, default: the embedded one; `aid-18:NAME` the one named_guidance finds; a
     model name is fetched with `cache` and `offline`), checked against the backbone (`sha256`, else the checkpoint's
-    own, hashed once) and loaded; `loaded` (path → actor) shares one load among the specs of a command."""
+    own, hashed once) and loaded; `loaded` (path → actor) shares one load among the specs of a command. AID's solve
+    takes EDM's churn S_churn (`churn`, else the value its module was trained with, else 0: the deterministic ODE);
+    other methods ignore it."""
     from .fileio import sha256_file
     from .models.tuned import tuned_entries
 
@@ -117,10 +120,15 @@ def resolve_method(label: str, steps: int, checkpoint: Path | None = None, sha25
         loaded = {} if loaded is None else loaded
         key = (Path(path).resolve(), sha256)
         if key not in loaded:  # a module for another backbone fails here, in one line
-            loaded[key] = load_guidance(path, backbone_sha256=sha256)[0]
+            loaded[key] = load_guidance(path, backbone_sha256=sha256)
+        actor, info = loaded[key]
+        if churn is None:  # the module's own: a module trained with churn is deployed with it
+            churn = float((info.get("training") or {}).get("churn") or 0.0)
+        if churn:
+            spec.params["churn"] = float(churn)
         spec.params["guidance"] = str(Path(path).resolve())
         spec.resources["guidance_sha256"] = sha256_file(path)
-        spec.runtime["actor"] = loaded[key]
+        spec.runtime["actor"] = actor
         spec.guidance, spec.backbone_sha256 = Path(path), sha256
     return spec
 
@@ -141,13 +149,16 @@ class InpaintMethod:
         return self.spec.steps
 
 
-def check_inpaint_method(method: str | None, steps: int | None, guidance=None) -> MethodName | None:
+def check_inpaint_method(method: str | None, steps: int | None, guidance=None,
+                         churn: float | None = None) -> MethodName | None:
     """`aid inpaint`'s --method, --steps and --guidance together, before anything loads: an operating point fixes N
     (a different --steps is refused), --guidance is AID's alone, and `aid-18:NAME` names its module already."""
     if method is None:
         return None
     parsed = check_method_names([method])[0]
     parsed.steps_for(steps)
+    if churn is not None and parsed.method != "aid":
+        raise UserError(f"--churn is EDM's churn on AID's solve; --method {method} takes none (drop --churn)")
     if guidance is not None and parsed.method != "aid":
         raise UserError(f"--guidance is AID's guidance module; --method {method} takes none (drop one of them)")
     if guidance is not None and parsed.variant is not None:
@@ -158,14 +169,18 @@ def check_inpaint_method(method: str | None, steps: int | None, guidance=None) -
 
 def inpaint_method(method: str | None, steps: int | None, checkpoint: Path, guidance=None, cache=None,
                    offline: bool | None = None, notice: Callable[[str], None] | None = None,
-                   sha256: str | None = None, loaded: dict | None = None) -> InpaintMethod:
+                   sha256: str | None = None, loaded: dict | None = None,
+                   churn: float | None = None) -> InpaintMethod:
     """`--method` (None: the default for this backbone, default_method), `--steps` (None: the operating point's, else
     18) and `--guidance` → what fills the images, as `aid inpaint` and `aid serve` both decide it (check_inpaint_method,
-    resolve_method); `sha256` and `loaded` save a server the backbone's hash and the module's load on every fill."""
-    check_inpaint_method(method, steps, guidance)
+    resolve_method); `sha256` and `loaded` save a server the backbone's hash and the module's load on every fill.
+    `churn`: AID's S_churn (None: its module's own); refused for another method."""
+    check_inpaint_method(method, steps, guidance, churn)
     name, guidance, why = default_method(method, guidance, checkpoint, cache)
+    if churn is not None and parse_method(name).method != "aid":
+        raise UserError(f"--churn is EDM's churn on AID's solve; --method {name} takes none (drop --churn)")
     spec = resolve_method(name, parse_method(name).steps_for(steps), checkpoint, sha256=sha256, notice=notice,
-                          guidance=guidance, cache=cache, offline=offline, loaded=loaded)
+                          guidance=guidance, cache=cache, offline=offline, loaded=loaded, churn=churn)
     params = dict(spec.params)
     if spec.method == "aid":  # recorded: the backbone the module was checked against
         params["backbone_sha256"] = spec.backbone_sha256

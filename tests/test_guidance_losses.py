@@ -187,8 +187,8 @@ def backprop_loss_by_hand(cfg, backbone, actor, task, x0, generators, steps):
     energy = []
 
     class Recorded(AID):
-        def drift(self, s, n, x, denoised):
-            u = super().drift(s, n, x, denoised)
+        def drift(self, s, n, x, denoised, sigma):
+            u = super().drift(s, n, x, denoised, sigma)
             energy.append((u ** 2).mean(dim=(1, 2, 3)))
             return u
 

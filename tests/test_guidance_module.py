@@ -68,7 +68,7 @@ def test_deployment_runs_the_task_stem_once_per_solve_with_the_same_result(tiny_
     calls.clear()
     with torch.enable_grad():  # with gradients (backprop training) each step runs the stem in its own graph
         for n in range(4):
-            assert policy.drift(s, n, x, None).requires_grad
+            assert policy.drift(s, n, x, None, s.sigmas[n]).requires_grad
     assert len(calls) == 4
     assert cached.nfe == 7
 
@@ -85,7 +85,7 @@ def test_cpu_deployment_runs_a_channels_last_copy_with_the_same_field(tiny_net):
     policy.setup(s)
     x, D = torch.randn(2, *task.y.shape)
     with torch.no_grad():
-        a = policy.drift(s, 1, x, D)
+        a = policy.drift(s, 1, x, D, s.sigmas[1])
         want = actor(s.sigmas[1].expand(2), x, task.M, task.y, None, D)
     fast = policy._solve[0]  # the per-solve copy
     assert fast is not actor and fast.out.weight.is_contiguous(memory_format=torch.channels_last)
@@ -138,10 +138,10 @@ def test_denoised_input_actor_reads_the_steps_own_estimate(tiny_net, tmp_path):
     seen = []
 
     class Watched(type(get_method("aid", actor=actor))):
-        def drift(self, s, n, x, denoised):
+        def drift(self, s, n, x, denoised, sigma):
             with torch.no_grad():
                 seen.append(torch.equal(denoised, s.net(x, s.sigmas[n].expand(x.shape[0]), None)))
-            return super().drift(s, n, x, denoised)
+            return super().drift(s, n, x, denoised, sigma)
 
     out = sample(tiny_net, task, Watched(actor=actor), num_steps=4, seed=0)
     assert seen == [True] * 4

@@ -68,7 +68,7 @@ def test_drift_hook_adds_u_dt(tiny_net):
     class ConstantDrift(Method):
         name = "const"
 
-        def drift(self, s, n, x, denoised):
+        def drift(self, s, n, x, denoised, sigma):
             return torch.ones_like(x)
 
     base = sample(tiny_net, task, Method(), num_steps=2, seed=0).x

@@ -56,6 +56,7 @@ class BenchConfig:
     lpips_offline: bool | None = None
     guidance: str | None = None  # AID's guidance module (default: the embedded one)
     guidances: dict = field(default_factory=dict)  # NAME → module, for the labels aid-18:NAME (variants side by side)
+    churn: float | None = None  # AID's EDM churn S_churn (None: each module's own; recorded in its cells' params)
     class_label: int | None = None  # --class N (class-conditional backbones; default: the dataset's labels)
     vae: str | None = None  # latent backbones: a local VAE folder instead of the pinned hub VAE
     precision: str = "auto"  # the backbone's (devices.prepare_backbone)
@@ -472,7 +473,7 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
                       realism=cfg.realism, lpips_vgg=cfg.lpips_vgg, **extra)
     loaded: dict = {}  # each guidance module loaded once, whichever operating points use it (aid-12, aid-18)
     specs = [resolve_method(m, cfg.steps, runner.checkpoint, runner.sha256, runner.note, cfg.guidance, cfg.guidances,
-                            loaded=loaded) for m in cfg.methods]
+                            loaded=loaded, churn=cfg.churn) for m in cfg.methods]
     identity = _identity(runner, cfg, cfg.dataset)
     done, error = _prepare_out(out, identity, resume) if runner.rank == 0 else ({}, None)
     done, error = runner.broadcast((done, error))

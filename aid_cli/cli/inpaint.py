@@ -57,6 +57,7 @@ def inpaint(
                                 "hole, to soften hard seams (those pixels change; default 0: only hole pixels do)."),
     guidance: Optional[Path] = typer.Option(None, "--guidance", help="AID's guidance module, a file or a name (default: "
                                             "the one shipped for the backbone; implies --method aid)."),
+    churn: Optional[float] = options.churn(),
     fit: options.Fit = options.fit(),
     class_label: Optional[int] = typer.Option(None, "--class", min=0,
                                               help="Class N for a class-conditional backbone (e.g. ImageNet)."),
@@ -86,7 +87,7 @@ def inpaint(
     from ..jobs import InpaintHooks, InpaintSettings, inpaint_files
 
     settings = InpaintSettings(
-        model=model, method=method, steps=steps, guidance=guidance, seed=seed, samples=samples, batch=batch,
+        model=model, method=method, steps=steps, guidance=guidance, churn=churn, seed=seed, samples=samples, batch=batch,
         device=device, precision=options.value(precision), compile=compile_net, fit=options.value(fit),
         invert_mask=invert_mask, resize_mask=resize_mask, dilate=dilate, feather=feather, class_label=class_label,
         vae=vae, offline=offline, cache=cache_dir, overwrite=overwrite, threads=threads)

@@ -72,6 +72,12 @@ def threads(panel: Optional[str] = None):
     return typer.Option(None, "--threads", min=1, help=THREADS_HELP, rich_help_panel=panel)
 
 
+def churn(help: str = "EDM's churn S_churn on AID's solve (0: the deterministic ODE; > 0: fresh noise before each "
+                       "step, reproducible per --seed). Default: what the guidance module was trained with (0 unless "
+                       "`aid train --churn`).", panel: Optional[str] = None):
+    return typer.Option(None, "--churn", min=0.0, metavar="S", show_default=False, help=help, rich_help_panel=panel)
+
+
 def offline(help: str = OFFLINE_HELP):
     return typer.Option(False, "--offline", help=help)
 

@@ -144,6 +144,10 @@ def train(
     lambda_ssim: float = typer.Option(0.0, "--lambda-ssim", min=0.0, rich_help_panel=MODEL,
                                       help="Add this weight times 1 − SSIM of the completed image to the terminal "
                                            "loss (beyond the paper; pixel backbones of at least 11 px)."),
+    churn: float = typer.Option(0.0, "--churn", min=0.0, metavar="S", rich_help_panel=BACKPROP,
+                                help="EDM's churn S_churn on the training solves (backprop): fresh noise before each "
+                                     "step, trained through; the module is then deployed with it (stochastic fills, "
+                                     "reproducible per seed). 0: the paper's deterministic ODE."),
     estimator: Estimator = typer.Option(Estimator.backprop, "--estimator", case_sensitive=False,
                                         rich_help_panel=OPTIM,
                                         help="Actor gradient: backprop (J's exact gradient through the frozen "
@@ -268,7 +272,8 @@ def _given(ctx) -> set[str]:
 AC_ESTIMATORS = ("score", "pathwise")
 ESTIMATOR_OPTIONS = {"gamma": AC_ESTIMATORS, "explore": AC_ESTIMATORS, "critic": AC_ESTIMATORS,
                      "critic_width": AC_ESTIMATORS, "lr_critic": AC_ESTIMATORS, "td_lambda": AC_ESTIMATORS,
-                     "normalize_advantage": ("score",), "recompute": ("backprop",), "mix_steps": ("backprop",)}
+                     "normalize_advantage": ("score",), "recompute": ("backprop",), "mix_steps": ("backprop",),
+                     "churn": ("backprop",)}
 DIAGNOSTIC_OPTIONS = ("recompute", "normalize_advantage")  # the gradient diagnostic also runs backprop and score
 
 
@@ -316,7 +321,7 @@ def train_config(p: dict, check_data: bool = False):
         estimator=options.value(p["estimator"]), val_dataset=str(val) if val else None, vae=p["vae"],
         class_label=p["class_label"], holdout=p["holdout"], precision=options.value(p["precision"]),
         compile=p["compile_net"], denoised_input=p["denoised_input"], lambda_lpips=p["lambda_lpips"],
-        lambda_ssim=p["lambda_ssim"], init=str(init) if init else None, mask_bank=p["mask_bank"],
+        lambda_ssim=p["lambda_ssim"], churn=p["churn"], init=str(init) if init else None, mask_bank=p["mask_bank"],
         train_masks=p["train_masks"], explore=options.value(p["explore"]), critic=options.value(p["critic"]),
         td_lambda=p["td_lambda"], normalize_advantage=p["normalize_advantage"], diag_every=p["diag_every"],
         diag_batch=p["diag_batch"], recompute=p["recompute"], mix_steps=p["mix_steps"],

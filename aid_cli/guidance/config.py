@@ -59,6 +59,7 @@ class TrainConfig:
     denoised_input: bool = False  # the actor also reads D(X_n; σ_n) and M ⊙ (y − D) (networks.py; an option)
     lambda_lpips: float = 0.0  # an option beyond the paper: ℓ + λ·LPIPS of the completed image (terminal_cost)
     lambda_ssim: float = 0.0  # an option beyond the paper: ℓ + λ·(1 − SSIM) of the completed image (terminal_cost)
+    churn: float = 0.0  # EDM's S_churn on the training solves (sampling/heun.py Churn); the module deploys with it
     init: str | None = None  # warm start: the actor's weights from this guidance module (same backbone, same actor)
     init_sha256: str | None = None  # its sha256, recorded for provenance
     mask_bank: int = 4096  # training masks drawn once per run; 0 = draw each iteration's masks afresh
@@ -140,6 +141,11 @@ def check_config(cfg: TrainConfig, world: int) -> TrainConfig:
     if cfg.mix_steps and cfg.estimator != "backprop":
         raise UserError("--mix-steps alternates the backprop solve's N; the actor-critic estimators roll out at --steps "
                         "(drop --mix-steps or use --estimator backprop)")
+    if cfg.churn < 0:
+        raise UserError(f"--churn must be at least 0, got {cfg.churn}")
+    if cfg.churn and cfg.estimator != "backprop":
+        raise UserError("--churn adds noise inside the backprop solve; the actor-critic estimators' rollouts have "
+                        "their own exploration (drop --churn or use --estimator backprop)")
     if cfg.mix_steps == 1:
         raise UserError("--mix-steps must be at least 2 grid steps (or 0: never)")
     return cfg

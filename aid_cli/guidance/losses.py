@@ -149,7 +149,8 @@ def backprop_loss(cfg: TrainConfig, backbone, actor, task: Task, x0, generators,
     """J of the sampled tasks, ℓ(X_N) + Σ_n (β/2)·mean(μ_n²)·Δt (eqs. 2, 5 with γ = 0), through the whole deterministic
     solve, backbone included: its gradient is J's exact gradient (estimator backprop). `steps`: N of the solve
     (default cfg.steps)."""
-    X_N, E = differentiable_solve(backbone, actor, task, steps or cfg.steps, generators, recompute=cfg.recompute)
+    X_N, E = differentiable_solve(backbone, actor, task, steps or cfg.steps, generators, recompute=cfg.recompute,
+                                  churn=cfg.churn)
     ell = terminal_cost(cfg, X_N, x0, task, lpips)
     J = ell + (cfg.beta / 2) * E
     return {"actor_loss": J.mean(), "per_task": J, "terminal": ell.detach(), "energy": E.detach()}

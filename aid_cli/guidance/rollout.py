@@ -60,12 +60,13 @@ def rollout(backbone, actor: Actor, task: Task, steps: int, gamma: float, genera
 
 
 def differentiable_solve(backbone, actor: Actor, task: Task, steps: int, generators,
-                         recompute: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                         recompute: bool = True, churn: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(X_N, Σ_n mean(μ_n²)·Δt) of the deterministic AID solve, both differentiable in the actor's parameters through
     every step (the frozen backbone's weights take no gradient). `recompute`: each step's activations are recomputed
-    in the backward pass (memory of one step), else all N steps' are kept (a quarter less compute)."""
+    in the backward pass (memory of one step), else all N steps' are kept (a quarter less compute). `churn`: EDM's
+    S_churn, its noise drawn from `generators` (reparameterised: the gradient flows through x̂_n = x_n + c_n·ε_n)."""
     energy = ControlEnergy(steps)
-    result = sample(backbone, task, AID(actor=actor), num_steps=steps, generators=generators, on_step=energy,
+    result = sample(backbone, task, AID(actor=actor, churn=churn), num_steps=steps, generators=generators, on_step=energy,
                     differentiable=True, recompute=recompute)
     return result.x, energy.total()
 

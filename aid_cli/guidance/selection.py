@@ -105,12 +105,13 @@ def validate_modules(modules: list[Path], val: Path, backbone: Path, steps=VALID
 
     def scored():
         for path in modules:
-            actor, _ = load_guidance(path, sha, device)
+            actor, info = load_guidance(path, sha, device)
+            churn = float((info.get("training") or {}).get("churn") or 0.0)  # deployed as trained
             rec = {"module": str(path), "sha256": sha256_file(path), "val_offset": offset, "val_n": len(data),
                    "val_mask_seed": mask_seed}
             for N in steps:
                 for k, v in validation_scores(inpainter, actor, images, M, N, lpips=lpips,
-                                              by_family=by_family).items():
+                                              by_family=by_family, churn=churn).items():
                     rec[f"val_{k}_{N}"] = v
             yield rec
 

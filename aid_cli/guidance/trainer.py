@@ -388,7 +388,7 @@ def validate(r: Run) -> dict:
     labels = None if r.val_labels is None else r.val_labels[lo:hi]
     share = {N: {k: v.cpu() for k, v in validation_per_image(r.inpainter, r.module, r.val_images[lo:hi],
                                                              r.val_M[lo:hi], N, labels=labels, lpips=r.val_lpips,
-                                                             first=lo).items()}
+                                                             first=lo, churn=r.cfg.churn).items()}
              for N in (18, 12)}
     shares = gather_to_rank0(share, r.rank, r.world)
     if r.rank != 0:

@@ -16,13 +16,13 @@ from ..sampling.heun import sample_generators
 @torch.no_grad()
 def validation_per_image(inpainter: Inpainter, actor, images: torch.Tensor, M: torch.Tensor, steps: int,
                          batch: int = 64, labels: torch.Tensor | None = None, lpips=None,
-                         first: int = 0) -> dict[str, torch.Tensor]:
+                         first: int = 0, churn: float = 0.0) -> dict[str, torch.Tensor]:
     """Each image's hole PSNR (on pixels), SSIM, LPIPS (where the model is given) and hole texture of the fill and of
     the truth, the deterministic actor (the policy's mean) completing them as `aid inpaint` does. `first`: the index
     of `images[0]` in the whole validation set, whose noise seed it keeps (image i: seed i), so a share of the set
     scored by one process reads as it does in the whole (SSIM only for images of at least 11 × 11 pixels, the size
-    its window needs)."""
-    policy = AID(actor=actor, gamma=0.0)
+    its window needs). `churn`: the module's EDM S_churn (its solve then draws noise from those seeds)."""
+    policy = AID(actor=actor, gamma=0.0, churn=churn)
     parts: dict[str, list[torch.Tensor]] = {"psnr_hole": [], "ssim": [], "lpips": [], "texture": [],
                                             "texture_truth": []}
     for i in range(0, len(images), batch):
@@ -60,10 +60,12 @@ def summarize_validation(per_image: dict[str, torch.Tensor], by_family: bool = F
 
 
 def validation_scores(inpainter: Inpainter, actor, images: torch.Tensor, M: torch.Tensor, steps: int, batch: int = 64,
-                      labels: torch.Tensor | None = None, lpips=None, by_family: bool = False) -> dict[str, float]:
+                      labels: torch.Tensor | None = None, lpips=None, by_family: bool = False,
+                      churn: float = 0.0) -> dict[str, float]:
     """Mean hole PSNR, SSIM, LPIPS (where the model is given) and texture ratio of the deterministic actor on fixed
     images and masks (`validation_per_image`, `summarize_validation`)."""
-    return summarize_validation(validation_per_image(inpainter, actor, images, M, steps, batch, labels, lpips),
+    return summarize_validation(validation_per_image(inpainter, actor, images, M, steps, batch, labels, lpips,
+                                                     churn=churn),
                                 by_family)
 
 

@@ -8,6 +8,10 @@ with γ_n = γ (the paper's constant temperature) or, with `scaled` exploration,
 the actor's output units, before its scale c_u(σ) = √(σ² + σ_data²) (guidance/networks.py), so the score-function
 weight (a_n − μ_n)/γ_n·∇μ_n = ε_n/√γ·∇F_n is the same at every noise level.
 
+With `churn` (EDM's S_churn, sampling/heun.py `Churn`) the solve is stochastic: before each step fresh noise lifts
+X_n to σ̂_n = (1 + γ_n)σ_n and the actor reads σ̂_n; a module trained with churn (`aid train --churn`) records it and
+is deployed with it unless `--churn` says otherwise. Each sample's noise comes from its own seed.
+
 Nothing else changes: no replacement, no gradients through the backbone; visible pixels are pasted back at the end like
 every method. The actor sees σ, not n, so one module serves N = 18 (35 NFE) and N = 12 (23 NFE).
 
@@ -27,7 +31,7 @@ import math
 
 import torch
 
-from ..sampling.heun import Method, SamplerState
+from ..sampling.heun import Churn, Method, SamplerState
 from .base import register
 
 
@@ -37,25 +41,27 @@ class AID(Method):
 
     name = "aid"
 
-    def __init__(self, actor, gamma: float = 0.0, scaled_exploration: bool = False):
+    def __init__(self, actor, gamma: float = 0.0, scaled_exploration: bool = False, churn=None):
         self.actor = actor  # μ_φ: a loaded guidance module (resolve.py finds, checks and loads the file)
         self.gamma = gamma  # exploration temperature γ; 0 = deterministic (deployment)
         self.scaled_exploration = scaled_exploration  # γ_n = γ·c_u(σ_n)² instead of γ
+        self.churn = Churn.of(churn)  # S_churn (a number or Churn.record()); None / 0: the deterministic ODE
         self._solve = None
 
     def setup(self, s: SamplerState) -> None:
         self.actor.to(s.device)
         self._solve = None  # without gradients: what stays fixed along this solve (`_deployed`, at the first step)
 
-    def drift(self, s: SamplerState, n: int, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-        sigma = s.sigmas[n].reshape(1)  # the step's σ, shared by the batch
+    def drift(self, s: SamplerState, n: int, x: torch.Tensor, denoised: torch.Tensor,
+              sigma: torch.Tensor) -> torch.Tensor:
+        sigma = sigma.reshape(1)  # the noise level the step starts from (σ_n, σ̂_n under churn), shared by the batch
         D = denoised if self.actor.denoised_input else None  # D(x_n; σ_n) of this step, for actors that read it
         if torch.is_grad_enabled():  # backprop training: the stem stays in each step's graph
             a = self.actor(sigma, x, s.task.M, s.task.y, None, D)
         else:
             a = self._deployed(sigma, x, s.task.M, s.task.y, D)
         if self.gamma > 0:
-            a = a + self.exploration_std(s.sigmas[n]) * s.randn_like(x)
+            a = a + self.exploration_std(sigma[0]) * s.randn_like(x)
         return a
 
     def _deployed(self, sigma, x, M, y, D) -> torch.Tensor:

@@ -2,16 +2,19 @@
 
 One loop serves every method: a method is a small object whose hooks the loop calls at fixed points of each step, so
 inpainting methods differ only in what they do at those points. The loop itself is the official EDM sampler
-(Heun on every step, Euler on the last, no churn), in float32 so it also runs on MPS.
+(Heun on every step, Euler on the last), in float32 so it also runs on MPS; a method may carry EDM's churn (`Churn`,
+Algorithm 2 of Karras et al. 2022), which makes its solve stochastic.
 
 Hooks, in the order the loop calls them for the step n: σ_n → σ_{n+1}:
 
+    x, σ ← Churn(x, σ_n)                          only for a method with `churn`: x̂ = x + √(σ̂² − σ_n²)·S_noise·ε,
+                                                  σ̂ = (1 + γ_n)σ_n; the step then runs from σ̂ (σ = σ_n otherwise)
     x ← method.pre_step(s, n, x)                  state correction before the step (RePaint, CoPaint; DPS, MCG and
                                                   GradPaint make x_n an autograd leaf here)
     D ← method.denoise(s, x, σ)                   every network evaluation goes through here (combine-image; the gradient
                                                   methods keep the graph of D(x_n; σ_n) and reuse it, no extra NFE)
-    x' ← Heun(x, σ_n → σ_{n+1})
-    x' ← x' + method.drift(s, n, x, D)·Δt         the control u of eq. 1 (AID), held constant over the step
+    x' ← Heun(x, σ → σ_{n+1})
+    x' ← x' + method.drift(s, n, x, D, σ)·Δt      the control u of eq. 1 (AID), held constant over the step
     x' ← method.post_step(s, n, x, x')            state correction after the step (replacement, DPS, MCG, GradPaint)
     on_step(n, x, D, u)                           what a caller records of the step (training: the trajectory of a
                                                   rollout, the control energy of a differentiable solve)
@@ -23,6 +26,7 @@ up the grid, where the loop re-noises x ← x + √(σ_a² − σ_b²)·z. Oracl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -57,6 +61,48 @@ def nfe_of_grid(num_steps: int) -> int:
 def sample_generators(seed: int, batch_size: int, offset: int = 0) -> list[torch.Generator]:
     """One CPU generator per sample (seed + index), so results do not depend on batch size or device."""
     return [torch.Generator().manual_seed(int(seed) + offset + i) for i in range(batch_size)]
+
+
+@dataclass(frozen=True)
+class Churn:
+    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2; method.md §2's grid): before the step from σ_n, when
+    S_tmin ≤ σ_n ≤ S_tmax, raise the noise level to σ̂_n = (1 + γ_n)·σ_n, γ_n = min(S_churn/N, √2 − 1), by adding fresh
+    noise x̂_n = x_n + √(σ̂_n² − σ_n²)·S_noise·ε_n, then take the Heun step from σ̂_n to σ_{n+1}. S_churn = 0 is the
+    deterministic ODE. The noise ε_n comes from each sample's own generator, so a solve is reproducible per seed."""
+
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = float("inf")
+    s_noise: float = 1.0
+
+    def __post_init__(self):
+        if not (self.s_churn >= 0 and self.s_noise >= 0 and 0 <= self.s_tmin <= self.s_tmax):
+            raise ValueError(f"churn needs S_churn ≥ 0, S_noise ≥ 0 and 0 ≤ S_tmin ≤ S_tmax, got {self}")
+
+    def gamma(self, sigma: float, num_steps: int) -> float:
+        """γ_n of the step from σ_n (0 outside [S_tmin, S_tmax] and on the final σ = 0)."""
+        if self.s_churn <= 0 or not self.s_tmin <= sigma <= self.s_tmax or sigma <= 0:
+            return 0.0
+        return min(self.s_churn / num_steps, math.sqrt(2) - 1)
+
+    def record(self) -> dict:
+        """JSON-safe parameters (S_tmax = ∞ is written as null)."""
+        return {"s_churn": self.s_churn, "s_tmin": self.s_tmin,
+                "s_tmax": None if math.isinf(self.s_tmax) else self.s_tmax, "s_noise": self.s_noise}
+
+    @classmethod
+    def of(cls, value) -> "Churn | None":
+        """A Churn from a number (S_churn, the other settings EDM's defaults), a `record()` dict or a Churn; None or
+        0 gives None (the deterministic solve)."""
+        if value is None or isinstance(value, Churn):
+            return value if value is None or value.s_churn > 0 else None
+        if isinstance(value, dict):
+            kw = dict(value)
+            if kw.get("s_tmax") is None:
+                kw.pop("s_tmax", None)
+            value = cls(**kw)
+            return value if value.s_churn > 0 else None
+        return cls(s_churn=float(value)) if float(value) > 0 else None
 
 
 Denoiser = Callable[..., torch.Tensor]
@@ -114,6 +160,7 @@ class Method:
     oracle = False  # True: no sampling at all, `fill` gives x̂ directly (0 NFE)
     sees_truth = False  # True: `fill` reads the ground truth (the `copy` oracle; only the benchmark has it)
     full_resolution = False  # True: fitted at the image's own scale, never resized (classical methods)
+    churn: Churn | None = None  # EDM's churn on this method's solve (None: the deterministic ODE)
 
     @classmethod
     def check_available(cls) -> None:
@@ -140,9 +187,11 @@ class Method:
     def pre_step(self, s: SamplerState, n: int, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def drift(self, s: SamplerState, n: int, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor | None:
-        """Control u(t_n, X_n; ξ) added to the step as u·Δt (eq. 1); None for no control. `denoised` is the step's
-        own evaluation `denoise(x_n; σ_n)` (no extra NFE)."""
+    def drift(self, s: SamplerState, n: int, x: torch.Tensor, denoised: torch.Tensor,
+              sigma: torch.Tensor) -> torch.Tensor | None:
+        """Control u(t_n, X_n; ξ) added to the step as u·Δt (eq. 1); None for no control. `sigma` is the noise level
+        the step starts from (σ_n, or σ̂_n under churn), `denoised` the step's own evaluation `denoise(x_n; σ)` (no
+        extra NFE)."""
         return None
 
     def post_step(self, s: SamplerState, n: int, x: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
@@ -161,9 +210,12 @@ class Method:
         return s.task.complete(x)
 
 
-def heun_step(s: SamplerState, method: Method, n: int, x: torch.Tensor) -> torch.Tensor:
-    """One step σ_n → σ_{n+1} of the probability-flow ODE dx/dσ = (x − D(x;σ))/σ: Heun, Euler when σ_{n+1} = 0."""
-    sigma, sigma_next = s.sigmas[n], s.sigmas[n + 1]
+def heun_step(s: SamplerState, method: Method, n: int, x: torch.Tensor,
+              sigma: torch.Tensor | None = None) -> torch.Tensor:
+    """One step σ → σ_{n+1} of the probability-flow ODE dx/dσ = (x − D(x;σ))/σ: Heun, Euler when σ_{n+1} = 0.
+    σ = σ_n, or the churned σ̂_n (`churn_step`)."""
+    sigma = s.sigmas[n] if sigma is None else sigma
+    sigma_next = s.sigmas[n + 1]
     x = method.pre_step(s, n, x)
     denoised = method.denoise(s, x, sigma)
     d = (x - denoised) / sigma
@@ -171,12 +223,23 @@ def heun_step(s: SamplerState, method: Method, n: int, x: torch.Tensor) -> torch
     if sigma_next > 0:
         d_prime = (x_next - method.denoise(s, x_next, sigma_next)) / sigma_next
         x_next = x + (sigma_next - sigma) * (0.5 * d + 0.5 * d_prime)
-    u = method.drift(s, n, x, denoised)
+    u = method.drift(s, n, x, denoised, sigma)
     if u is not None:
         x_next = x_next + u * s.dt  # eq. 1: dX = [b + u] dt, u held constant over the step
     if s.on_step is not None:
         s.on_step(n, x, denoised, u)
     return method.post_step(s, n, x, x_next)
+
+
+def churn_step(s: SamplerState, churn: Churn | None, n: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂_n, σ̂_n) of `Churn` before the step from σ_n; (x_n, σ_n) when γ_n = 0. Drawn outside the step, so a step
+    recomputed in the backward pass sees the same x̂_n (its noise is a constant of the graph)."""
+    sigma = s.sigmas[n]
+    gamma = churn.gamma(float(sigma), s.num_steps) if churn is not None else 0.0
+    if gamma == 0.0:
+        return x, sigma
+    sigma_hat = sigma * (1 + gamma)
+    return x + (sigma_hat ** 2 - sigma ** 2).sqrt() * churn.s_noise * s.randn_like(x), sigma_hat
 
 
 @dataclass
@@ -222,10 +285,12 @@ def sample(net: Denoiser, task: Task, method: Method | None = None, num_steps: i
     grad_ctx = torch.enable_grad() if method.needs_grad or differentiable else torch.no_grad()
     with grad_ctx:
         for a, b in zip(order[:-1], order[1:]):
+            if b == a + 1:
+                x, sigma = churn_step(s, method.churn, a, x)
             if b == a + 1 and differentiable and recompute:
-                x = torch.utils.checkpoint.checkpoint(heun_step, s, method, a, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(heun_step, s, method, a, x, sigma, use_reentrant=False)
             elif b == a + 1:
-                x = heun_step(s, method, a, x)
+                x = heun_step(s, method, a, x, sigma)
             elif b < a:
                 x = method.renoise(s, x, s.sigmas[a], s.sigmas[b])
             else:
