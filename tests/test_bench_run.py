@@ -3,6 +3,7 @@ torchrun, --report-only, and what a run says while it works (progress, warm-up, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -18,6 +19,7 @@ import torch
 
 from aid_cli import inpainter as inpainter_mod
 from aid_cli.bench import BenchConfig, plan_text, read_cells, run_bench
+from aid_cli.errors import UserError
 from aid_cli.resolve import resolve_method
 
 from .bench_helpers import STEPS, _bench_args
@@ -245,3 +247,29 @@ def test_the_plan_estimates_from_each_methods_seconds_and_the_metrics(tiny_check
     assert "a timed warm-up image (replace); metrics included" in text
     runner.world = 3  # images shared by three processes
     assert "about 60 s" in plan_text(runner, cfg, todo, None, 1.0, recorded={"replace": 2.0})
+
+
+def test_offset_benchmarks_the_images_after_the_first_k(tmp_path, data, tiny_checkpoint):
+    """--offset K: the n images after the dataset's first K, with the masks and noise a dataset of just those images
+    gets (selection on images the protocol never uses); a resume under another offset is refused."""
+    rest = tmp_path / "rest"
+    rest.mkdir()
+    for name in sorted(p.name for p in data.iterdir())[2:]:
+        shutil.copy(data / name, rest / name)
+    cells = {}
+    for key, dataset, offset in (("offset", data, 2), ("folder", rest, 0)):
+        cfg = BenchConfig(dataset=str(dataset), methods=["replace"], masks=["freeform"], n=2, seeds=[0], steps=2,
+                          offset=offset)
+        run_bench(cfg, tmp_path / key, model=tiny_checkpoint, device="cpu", log=lambda m: None)
+        cells[key] = read_cells(tmp_path / key)[0]
+    for metric in ("psnr_hole", "ssim"):
+        np.testing.assert_allclose(cells["offset"][metric], cells["folder"][metric], rtol=1e-6)
+    whole = BenchConfig(dataset=str(data), methods=["replace"], masks=["freeform"], n=2, seeds=[0], steps=2)
+    run_bench(whole, tmp_path / "whole", model=tiny_checkpoint, device="cpu", log=lambda m: None)
+    assert read_cells(tmp_path / "whole")[0]["psnr_hole"] != cells["offset"]["psnr_hole"]
+    with pytest.raises(UserError, match="offset"):
+        run_bench(dataclasses.replace(whole, offset=1), tmp_path / "whole", model=tiny_checkpoint, device="cpu",
+                  resume=True, log=lambda m: None)
+    with pytest.raises(UserError, match="after the first 3"):
+        run_bench(dataclasses.replace(whole, offset=3), tmp_path / "short", model=tiny_checkpoint, device="cpu",
+                  log=lambda m: None)

@@ -95,11 +95,12 @@ class PhotoRunner(Runner):
         if self.info.get("label_dim", 0):
             raise UserError("the photo benchmark runs unconditional backbones; this one is class-conditional")
         skipped = []
-        self.data = load_photo_set(dataset, limit=n, on_skip=lambda name, why: skipped.append(name))
+        self.data = load_photo_set(dataset, limit=n, offset=self.offset, on_skip=lambda name, why: skipped.append(name))
         if skipped:
             self.log(f"note: skipped {len(skipped)} unreadable image(s) of {dataset}, e.g. {skipped[0]}")
         if len(self.data) < n:
-            raise UserError(f"--n {n}, but {dataset} has only {len(self.data)} readable photos")
+            after = f" after the first {self.offset}" if self.offset else ""
+            raise UserError(f"--n {n}, but {dataset} has only {len(self.data)} readable photos{after}")
         self.class_label, self.labels = None, None
         self.holes = {f: [photo_eval_hole(f, mask_seed, i, tuple(p.shape[1:])) for i, p in enumerate(self.data.photos)]
                       for f in families}

@@ -62,6 +62,7 @@ class BenchConfig:
     precision: str = "auto"  # the backbone's (devices.prepare_backbone)
     compile: bool = False  # torch.compile the backbone
     fit: str = "auto"  # photo families: how each hole reaches the backbone (fill.fit_hole)
+    offset: int = 0  # skip the dataset's first images (the protocol's 100: select on images it never uses)
     realism: bool = True  # FID and KID of the completions against the originals (TF-Inception features)
     lpips_vgg: bool = True  # LPIPS with the VGG16 trunk beside AlexNet's
 
@@ -130,7 +131,7 @@ class Runner:
                  device, log: Callable[[str], None] = print, lpips_offline: bool | None = None,
                  progress: Callable[[int, str], None] | None = None, class_label: int | None = None,
                  vae: str | None = None, precision: str = "auto", compile: bool = False, realism: bool = False,
-                 lpips_vgg: bool = False):
+                 lpips_vgg: bool = False, offset: int = 0):
         from ..fileio import sha256_file
         from ..models.catalogue import resolve_backbone
         from ..task import class_labels
@@ -151,7 +152,7 @@ class Runner:
                                         notice=self.log, check=check)
         self.net, self.info, self.space = self.inpainter.net, self.inpainter.info, self.inpainter.space
         self.resolution = self.inpainter.resolution  # pixels (latent backbones: the VAE's 8x)
-        self.n = n
+        self.n, self.offset = n, offset  # the n images after the dataset's first `offset`
         self._load_data(dataset, n, families, mask_seed, class_label)
         self.indices = list(range(n))[self.rank::self.world]  # this process's shard
         self.warmed: set[tuple] = set()  # (method, steps) already warmed up in this process
@@ -189,11 +190,12 @@ class Runner:
         skipped = []
         self.data = load_image_set(dataset, resolution=self.resolution,
                                    channels=3 if self.space.latent else self.info["channels"], limit=n,
-                                   on_skip=lambda name, why: skipped.append(name))
+                                   offset=self.offset, on_skip=lambda name, why: skipped.append(name))
         if skipped:
             self.log(f"note: skipped {len(skipped)} unreadable image(s) of {dataset}, e.g. {skipped[0]}")
         if len(self.data) < n:
-            raise UserError(f"--n {n}, but {dataset} has only {len(self.data)} readable images")
+            after = f" after the first {self.offset}" if self.offset else ""
+            raise UserError(f"--n {n}, but {dataset} has only {len(self.data)} readable images{after}")
         self.class_label, self.labels = class_label, None  # labels: int64 [n] per image, class-conditional only
         if label_dim and class_label is not None:
             self.labels = torch.full((n,), int(class_label), dtype=torch.int64)
@@ -420,6 +422,8 @@ def _identity(runner: Runner, cfg: BenchConfig, dataset: str) -> dict:
         identity["fit"] = cfg.fit
     if runner.labels is not None:
         identity["class"] = runner.class_label if runner.class_label is not None else "dataset.json"
+    if cfg.offset:  # (older runs have no key: 0)
+        identity["offset"] = cfg.offset
     if cfg.precision != "auto":  # (older runs have no key: auto)
         identity["precision"] = cfg.precision
     return identity
@@ -470,7 +474,7 @@ def run_bench(cfg: BenchConfig, out: Path, model: Path | None = None, device="cp
                       lpips_offline=cfg.lpips_offline,
                       progress=(lambda done, desc: progress(done, state["total"], desc)) if progress else None,
                       class_label=cfg.class_label, vae=cfg.vae, precision=cfg.precision, compile=cfg.compile,
-                      realism=cfg.realism, lpips_vgg=cfg.lpips_vgg, **extra)
+                      realism=cfg.realism, lpips_vgg=cfg.lpips_vgg, offset=cfg.offset, **extra)
     loaded: dict = {}  # each guidance module loaded once, whichever operating points use it (aid-12, aid-18)
     specs = [resolve_method(m, cfg.steps, runner.checkpoint, runner.sha256, runner.note, cfg.guidance, cfg.guidances,
                             loaded=loaded, churn=cfg.churn) for m in cfg.methods]

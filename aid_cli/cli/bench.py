@@ -89,6 +89,9 @@ def bench(
     churn: Optional[float] = options.churn("EDM's churn S_churn on the solves of aid-18 and aid-12 (0: the "
                                            "deterministic ODE; > 0: reproducible per seed). Default: what each "
                                            "guidance module was trained with."),
+    offset: int = typer.Option(0, "--offset", min=0, metavar="K",
+                               help="Skip the dataset's first K images (e.g. --offset 100: select a setting on images "
+                                    "the protocol's first 100 never include)."),
     mask_seed: int = typer.Option(0, "--mask-seed", min=0, help="Seed of the evaluation mask set."),
     examples: int = typer.Option(6, "--examples", min=1, help="Images per grid."),
     offline: bool = options.offline("Never download LPIPS weights or models (also: "
@@ -226,7 +229,7 @@ def bench(
                       masks=check_masks(parse_list(masks, "--masks")), n=n or 100, seeds=seed_list, steps=steps,
                       batch=batch, mask_seed=mask_seed, examples=examples, lpips_offline=offline or None,
                       class_label=class_label, vae=vae, precision=precision, compile=compile_net, fit=fit,
-                      realism=realism, lpips_vgg=lpips_vgg, churn=churn, **parse_guidance_options(guidance or []))
+                      realism=realism, lpips_vgg=lpips_vgg, churn=churn, offset=offset, **parse_guidance_options(guidance or []))
     try:
         with bar:
             result = run_bench(cfg, out, model=model, device=dev, resume=resume or report_only, log=log,
