@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from aid_cli.errors import UserError
 from aid_cli.fileio import sha256_file
-from aid_cli.guidance.checkpoint import load_guidance
+from aid_cli.guidance.checkpoint import load_guidance, save_guidance
 from aid_cli.guidance.networks import Actor
 from aid_cli.guidance.trainer import STATE_FILE, TrainConfig, bar_figures
 from aid_cli.methods import get_method
@@ -122,6 +122,15 @@ def test_init_warm_starts_the_actor_and_refuses_another_architecture(tiny_data, 
     assert cfg["init"] == str(module) and cfg["init_sha256"] == sha256_file(module)
     with pytest.raises(UserError, match="--init .* differs"):
         quiet_train(cfg_for(tiny_data, tmp_path / "c", tiny_checkpoint, width=4, init=str(module)), max_iters=0)
+    # a module of another backbone (an earlier snapshot of one still in training): a warm start, and the run says so
+    other = save_guidance(tmp_path / "other.safetensors", load_guidance(module)[0], load_guidance(module)[1]["actor"],
+                          "e" * 64)
+    lines = []
+    warm = quiet_train(cfg_for(tiny_data, tmp_path / "d", tiny_checkpoint, estimator="backprop", iters=1,
+                               lr_actor=0.0, init=str(other)), log=lines.append)
+    assert any("trained on another backbone" in line and "warm start" in line for line in lines)
+    c = load_file(str(warm / "guidance.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 @pytest.mark.parametrize("estimator", ["score", "backprop"])

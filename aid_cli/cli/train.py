@@ -165,8 +165,9 @@ def train(
                                                       "actor's weights with this half-life in iterations (0: the "
                                                       "actor itself; default: 0, or a resumed run's own)."),
     init: Optional[Path] = typer.Option(None, "--init", rich_help_panel=OPTIM,
-                                        help="Warm start: begin from this guidance module's actor (same backbone and "
-                                             "actor options), e.g. to fine-tune it at another --steps."),
+                                        help="Warm start: begin from this guidance module's actor (same actor "
+                                             "options; a module of another backbone, e.g. an earlier snapshot, is "
+                                             "a warm start only), e.g. to fine-tune it at another --steps."),
     seed: int = typer.Option(0, "--seed", rich_help_panel=OPTIM, help="Seed of initialisation and of every iteration."),
     diag_every: int = typer.Option(0, "--diag-every", min=0, rich_help_panel=OPTIM,
                                    help="Every K iterations, log the cosine between each estimator's actor gradient "

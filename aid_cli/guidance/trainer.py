@@ -87,10 +87,14 @@ def one_hot_labels(data, label_dim: int, class_label: int | None, what: str) -> 
     return one_hot(labels, label_dim)
 
 
-def warm_start(actor: Actor, path, actor_kwargs: dict, backbone_sha: str) -> None:
-    """Load a saved module's weights into the fresh actor (e.g. to fine-tune it at another N or β). The module must
-    come from the same backbone and have the same architecture; the critic and the optimisers start fresh."""
-    init, info = load_guidance(path, backbone_sha)
+def warm_start(actor: Actor, path, actor_kwargs: dict, backbone_sha: str, log=lambda line: None) -> None:
+    """Load a saved module's weights into the fresh actor (e.g. to fine-tune it at another N or β, or for a newer
+    snapshot of a backbone still in training). The module must have the same architecture; one trained on another
+    backbone is a warm start only, and the run says so. The critic and the optimisers start fresh."""
+    init, info = load_guidance(path)
+    if info["backbone_sha256"] != backbone_sha:
+        log(f"--init {Path(path).name} was trained on another backbone ({info['backbone_sha256'][:12]}…): a warm "
+            f"start; this run's module is for {backbone_sha[:12]}…")
     if info["actor"] != actor_kwargs:
         raise UserError(f"--init {path}: its actor {info['actor']} differs from this run's {actor_kwargs}; "
                         f"pass the same --width and --denoised-input")
@@ -246,7 +250,7 @@ def setup(cfg: TrainConfig, resume: bool, device, log) -> Run:
     opt_critic = torch.optim.Adam(critic.parameters(), lr=cfg.lr_critic)
     it, elapsed = 0, 0.0
     if cfg.init and not resume:  # a resumed run's own state already holds the warm-started actor
-        warm_start(actor, cfg.init, cfg.actor_kwargs(C), backbone_sha)
+        warm_start(actor, cfg.init, cfg.actor_kwargs(C), backbone_sha, log if rank == 0 else (lambda line: None))
     actor_ema = make_ema(actor, cfg.ema_halflife)
     if resume:
         # a state saved without φ̄ (a run that starts averaging now) leaves it fresh: its first update copies φ
