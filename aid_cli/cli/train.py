@@ -144,6 +144,15 @@ def train(
     lambda_ssim: float = typer.Option(0.0, "--lambda-ssim", min=0.0, rich_help_panel=MODEL,
                                       help="Add this weight times 1 − SSIM of the completed image to the terminal "
                                            "loss (beyond the paper; pixel backbones of at least 11 px)."),
+    lambda_texture: float = typer.Option(0.0, "--lambda-texture", min=0.0, rich_help_panel=MODEL,
+                                         help="Add this weight times log² of the fill's hole texture over the "
+                                              "truth's (the texture ratio validation reports) to the terminal loss "
+                                              "(beyond the paper, against fills smoother or rougher than the truth; "
+                                              "pixel backbones)."),
+    lambda_gram: float = typer.Option(0.0, "--lambda-gram", min=0.0, rich_help_panel=MODEL,
+                                      help="Add this weight times the relative Gram-matrix (style) distance of "
+                                           "AlexNet's features around the hole, completed image against truth, to "
+                                           "the terminal loss (beyond the paper; pixel backbones of at least 31 px)."),
     estimator: Estimator = typer.Option(Estimator.backprop, "--estimator", case_sensitive=False,
                                         rich_help_panel=OPTIM,
                                         help="Actor gradient: backprop (J's exact gradient through the frozen "
@@ -321,6 +330,7 @@ def train_config(p: dict, check_data: bool = False):
         td_lambda=p["td_lambda"], normalize_advantage=p["normalize_advantage"], diag_every=p["diag_every"],
         diag_batch=p["diag_batch"], recompute=p["recompute"], mix_steps=p["mix_steps"],
         ema_halflife=p["ema_halflife"],
+        lambda_texture=p["lambda_texture"], lambda_gram=p["lambda_gram"],
         **({} if p["val_mask_seed"] is None else {"val_mask_seed": p["val_mask_seed"]}))
 
 
