@@ -145,14 +145,11 @@ def train(
                                       help="Add this weight times 1 − SSIM of the completed image to the terminal "
                                            "loss (beyond the paper; pixel backbones of at least 11 px)."),
     lambda_texture: float = typer.Option(0.0, "--lambda-texture", min=0.0, rich_help_panel=MODEL,
-                                         help="Add this weight times log² of the fill's hole texture over the "
-                                              "truth's (the texture ratio validation reports) to the terminal loss "
-                                              "(beyond the paper, against fills smoother or rougher than the truth; "
-                                              "pixel backbones)."),
+                                         help="Add this weight times log² of the hole texture ratio to the terminal "
+                                              "loss (beyond the paper; pixel backbones)."),
     lambda_gram: float = typer.Option(0.0, "--lambda-gram", min=0.0, rich_help_panel=MODEL,
-                                      help="Add this weight times the relative Gram-matrix (style) distance of "
-                                           "AlexNet's features around the hole, completed image against truth, to "
-                                           "the terminal loss (beyond the paper; pixel backbones of at least 31 px)."),
+                                      help="Add this weight times a Gram (style) distance of AlexNet features around "
+                                           "the hole to the terminal loss (beyond the paper; ≥ 31 px)."),
     estimator: Estimator = typer.Option(Estimator.backprop, "--estimator", case_sensitive=False,
                                         rich_help_panel=OPTIM,
                                         help="Actor gradient: backprop (J's exact gradient through the frozen "
