@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 TEXTURE_EPS = 1 / 255  # one 8-bit grey level on the [0, 1] scale: texture below it does not show in a saved image
-GRAM_LAYERS = 3  # AlexNet relu1, relu2, relu3: the taps that still hold a spatial grid at 64 px (15², 7², 3²)
+GRAM_LAYERS = 3  # AlexNet relu1, relu2, relu3 (grids of 15², 7², 3² at 64 px; relu4 and relu5 add no finer one)
 
 
 def hole_texture_t(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,7 @@ def texture_cost(completed: torch.Tensor, x0: torch.Tensor, M: torch.Tensor, eps
         (no kink for the optimiser to chatter on, as |T(x̂) − T(x0)| would have);
       - finite: ε keeps the log finite where the truth is flat or the hole has no pair (T = 0: the cost is 0 and so
         is its gradient), and bounds the slope at a flat fill by 2·|log(ε/(T(x0) + ε))|/ε.
-    A fill with exactly equal neighbours has no gradient (|·| has none at 0); solver outputs never are."""
+    A hole of exactly equal neighbours (a flat fill) is a stationary point: |·| has no slope at 0."""
     t_fill, t_true = hole_texture_t(completed, M), hole_texture_t(x0, M)
     return torch.log((t_fill + eps) / (t_true + eps)) ** 2
 
