@@ -138,16 +138,20 @@ def train(
     lambda_hole: float = typer.Option(1.0, "--lambda-hole", rich_help_panel=MODEL,
                                       help="Terminal-loss weight on hole pixels."),
     lambda_lpips: float = typer.Option(0.0, "--lambda-lpips", min=0.0, rich_help_panel=MODEL,
-                                       help="Add this weight times LPIPS (AlexNet) of the completed image to the "
-                                            "terminal loss (beyond the paper's L2 loss, against smooth fills; pixel "
-                                            "backbones of at least 31 px)."),
+                                       help="Terminal loss + this × LPIPS (AlexNet) of the completed image "
+                                            "(beyond the paper; ≥ 31 px)."),
     lambda_ssim: float = typer.Option(0.0, "--lambda-ssim", min=0.0, rich_help_panel=MODEL,
-                                      help="Add this weight times 1 − SSIM of the completed image to the terminal "
-                                           "loss (beyond the paper; pixel backbones of at least 11 px)."),
+                                      help="Terminal loss + this × (1 − SSIM) of the completed image "
+                                           "(beyond the paper; ≥ 11 px)."),
     churn: float = typer.Option(0.0, "--churn", min=0.0, metavar="S", rich_help_panel=BACKPROP,
-                                help="EDM's churn S_churn on the training solves (backprop): fresh noise before each "
-                                     "step, trained through; the module is then deployed with it (stochastic fills, "
-                                     "reproducible per seed). 0: the paper's deterministic ODE."),
+                                help="EDM's churn S_churn on the solves, trained through; the module "
+                                     "deploys with it (0: the paper's ODE)."),
+    lambda_texture: float = typer.Option(0.0, "--lambda-texture", min=0.0, rich_help_panel=MODEL,
+                                         help="Terminal loss + this × log² of the hole texture ratio "
+                                              "(beyond the paper)."),
+    lambda_gram: float = typer.Option(0.0, "--lambda-gram", min=0.0, rich_help_panel=MODEL,
+                                      help="Terminal loss + this × a Gram distance of AlexNet features "
+                                           "around the hole (beyond the paper; ≥ 31 px)."),
     estimator: Estimator = typer.Option(Estimator.backprop, "--estimator", case_sensitive=False,
                                         rich_help_panel=OPTIM,
                                         help="Actor gradient: backprop (J's exact gradient through the frozen "
@@ -327,6 +331,7 @@ def train_config(p: dict, check_data: bool = False):
         td_lambda=p["td_lambda"], normalize_advantage=p["normalize_advantage"], diag_every=p["diag_every"],
         diag_batch=p["diag_batch"], recompute=p["recompute"], mix_steps=p["mix_steps"],
         ema_halflife=p["ema_halflife"],
+        lambda_texture=p["lambda_texture"], lambda_gram=p["lambda_gram"],
         **({} if p["val_mask_seed"] is None else {"val_mask_seed": p["val_mask_seed"]}))
 
 

@@ -60,6 +60,10 @@ class TrainConfig:
     lambda_lpips: float = 0.0  # an option beyond the paper: ℓ + λ·LPIPS of the completed image (terminal_cost)
     lambda_ssim: float = 0.0  # an option beyond the paper: ℓ + λ·(1 − SSIM) of the completed image (terminal_cost)
     churn: float = 0.0  # EDM's S_churn on the training solves (sampling/heun.py Churn); the module deploys with it
+    # texture terms, options beyond the paper (texture.py): ℓ + λ·log² of the hole-texture ratio, + λ·the relative
+    # Gram distance of the LPIPS trunk's features around the hole
+    lambda_texture: float = 0.0
+    lambda_gram: float = 0.0
     init: str | None = None  # warm start: the actor's weights from this guidance module (same backbone, same actor)
     init_sha256: str | None = None  # its sha256, recorded for provenance
     mask_bank: int = 4096  # training masks drawn once per run; 0 = draw each iteration's masks afresh
@@ -132,6 +136,9 @@ def check_config(cfg: TrainConfig, world: int) -> TrainConfig:
     if cfg.critic == "privileged" and (cfg.lambda_lpips or cfg.lambda_ssim):
         raise UserError("--critic privileged: its baseline ℓ(D) is the L2 loss of eq. 2; drop --lambda-lpips and "
                         "--lambda-ssim")
+    if cfg.critic == "privileged" and (cfg.lambda_texture or cfg.lambda_gram):
+        raise UserError("--critic privileged: its baseline ℓ(D) is the L2 loss of eq. 2; drop --lambda-texture and "
+                        "--lambda-gram")
     families = mask_families(cfg.train_masks)
     if not families or any(f not in TRAIN_MASK_FAMILIES for f in families):
         raise UserError(f"--train-masks {cfg.train_masks!r}: give families from {', '.join(TRAIN_MASK_FAMILIES)}, "

@@ -3,7 +3,8 @@
 Costs, means over the d = C·H·W entries of a state (as ℓ):
   running   r_n = (β/2)(‖a_n‖²/d − γ_n)·Δt  (eq. 5, centred: E[r_n] = (β/2)·mean(μ_n²)·Δt)
   terminal  ℓ(X_N) = (λ_vis/2)·mean(M ⊙ (X_N − x0))² + (λ_hole/2)·mean(M̄ ⊙ (X_N − x0))²   (eq. 2),
-            + λ_lpips·LPIPS and λ_ssim·(1 − SSIM) of the completed image (options beyond the paper: terminal_cost).
+            + λ_lpips·LPIPS and λ_ssim·(1 − SSIM) of the completed image, + λ_tex·texture match and λ_gram·Gram
+            distance of its hole (options beyond the paper: terminal_cost, texture.py).
 log π is the true Gaussian log-density (a sum over entries), up to its constant.
 
 The actor's gradient, by estimator:
@@ -27,6 +28,7 @@ from ..task import Task
 from .config import TrainConfig
 from .networks import Actor
 from .rollout import differentiable_solve
+from .texture import gram_cost, texture_cost
 
 
 def terminal_loss(x: torch.Tensor, x0: torch.Tensor, M: torch.Tensor, lambda_vis: float, lambda_hole: float):
@@ -40,7 +42,9 @@ def terminal_cost(cfg: TrainConfig, x: torch.Tensor, x0: torch.Tensor, task: Tas
     paper, which the theory allows: any terminal cost g(X_N) of the final state), λ_lpips·LPIPS(M ⊙ y + M̄ ⊙ x, x0),
     the perceptual distance of the completed image, and λ_ssim·(1 − SSIM(M ⊙ y + M̄ ⊙ x, x0)), its structural
     dissimilarity (the SSIM aid reports, `metrics.quality.ssim_01`). The L2 terms alone reward the smooth mean of the
-    plausible fills."""
+    plausible fills. --lambda-texture / --lambda-gram add λ_tex·log²((T(x̂) + ε)/(T(x0) + ε)), the completed image's
+    hole texture against the truth's, and λ_gram·the relative Gram distance of the LPIPS trunk's features around
+    the hole (texture.py): terms that reward the truth's texture rather than closeness to it."""
     ell = terminal_loss(x, x0, task.M, cfg.lambda_vis, cfg.lambda_hole)
     if cfg.lambda_lpips:
         if lpips is None:
@@ -48,6 +52,12 @@ def terminal_cost(cfg: TrainConfig, x: torch.Tensor, x0: torch.Tensor, task: Tas
         ell = ell + cfg.lambda_lpips * lpips(task.complete(x), x0)
     if cfg.lambda_ssim:
         ell = ell + cfg.lambda_ssim * (1 - ssim_01(task.complete(x), x0))
+    if cfg.lambda_texture:
+        ell = ell + cfg.lambda_texture * texture_cost(task.complete(x), x0, task.M)
+    if cfg.lambda_gram:
+        if lpips is None:
+            raise ValueError("lambda_gram > 0 needs the LPIPS model (its AlexNet trunk)")
+        ell = ell + cfg.lambda_gram * gram_cost(lpips, task.complete(x), x0, task.M)
     return ell
 
 

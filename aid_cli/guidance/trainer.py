@@ -226,7 +226,9 @@ def setup(cfg: TrainConfig, resume: bool, device, log) -> Run:
     # the perceptual / structural terms compare completed pixel images (terminal_cost)
     for option, weight, metric, what, min_size in (
             ("--lambda-lpips", cfg.lambda_lpips, "LPIPS", "LPIPS (AlexNet)", MIN_SIZE),
-            ("--lambda-ssim", cfg.lambda_ssim, "SSIM", "SSIM's window", SSIM_MIN_SIZE)):
+            ("--lambda-ssim", cfg.lambda_ssim, "SSIM", "SSIM's window", SSIM_MIN_SIZE),
+            ("--lambda-texture", cfg.lambda_texture, "the hole's luminance texture", "", 0),
+            ("--lambda-gram", cfg.lambda_gram, "the Gram term (AlexNet features)", "AlexNet's trunk", MIN_SIZE)):
         if weight and space.latent:
             raise UserError(f"{option}: a latent backbone's terminal loss compares latents; {metric} needs a pixel "
                             f"backbone")
@@ -234,7 +236,7 @@ def setup(cfg: TrainConfig, resume: bool, device, log) -> Run:
             raise UserError(f"{option}: {what} needs images of at least {min_size}x{min_size} pixels; this backbone "
                             f"makes {res}x{res}")
     # frozen; LPIPSUnavailable says in one line how to get its weights
-    lpips = load_lpips(device, notice=log) if cfg.lambda_lpips else None
+    lpips = load_lpips(device, notice=log) if cfg.lambda_lpips or cfg.lambda_gram else None  # --lambda-gram: its trunk
     # validation also reports LPIPS of the completed images when its weights are at hand (never downloaded for it)
     val_lpips = lpips
     if val_lpips is None and val is not None and res >= MIN_SIZE:  # every process scores a share
