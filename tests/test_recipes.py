@@ -114,7 +114,7 @@ def test_the_card_rule_picks_the_lowest_lpips_level_with_the_best():
     (["--estimator", "pathwise", "--no-recompute"], "--recompute acts only under --estimator backprop"),
     (["--estimator", "pathwise", "--normalize-advantage"], "--normalize-advantage acts only under --estimator score"),
     (["--recipe", "cats64", "--estimator", "score"], "recipe cats64, stage 4: --mix-steps acts only under"),
-    (["--recipe", "cats64", "--init", "m.safetensors"], "--init: a recipe's stages start from"),
+    (["--recipe", "cats64", "--init", "m.safetensors"], "--init m.safetensors: no such guidance module"),
     (["--recipe", "nosuch"], "unknown recipe 'nosuch': shipped ones are cats64"),
     (["--recipe", "cats64"], "stage 6: it selects its module on validation: give --val"),
 ])
@@ -182,3 +182,25 @@ def test_help_of_every_command_shows_no_type_beside_a_flag_and_train_reads_at_80
                   "Run"):
         assert f"─ {panel} ─" in out, panel
     assert "--normalize-advantage" in out and "actor-critic" in out.split("╭")[0]  # the docstring names both
+
+
+def test_init_warm_starts_a_recipes_first_stage_only(images16, tiny_checkpoint, tmp_path, capsys):
+    """--init MODULE beside a recipe: stage 1 starts from it (here a module of another backbone, said in one line),
+    stage 2 from what stage 1 selected."""
+    from aid_cli.guidance.checkpoint import save_guidance
+    from aid_cli.guidance.networks import Actor
+
+    module = save_guidance(tmp_path / "other.safetensors", Actor(width=8), {"channels": 3, "width": 8, "emb_dim": 16},
+                           "e" * 64)
+    recipe = tmp_path / "two.toml"
+    recipe.write_text("[options]\nestimator = \"backprop\"\n[[stage]]\niters = 1\n[[stage]]\niters = 1\nseed = 2\n")
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--config", recipe, "--dataset", images16, "--backbone", tiny_checkpoint, "--out",
+                            out, "--init", module, "--batch", "2", "--width", "8", "--steps", "3", "--mask-bank", "4",
+                            "--device", "cpu"], capsys)
+    assert code == 0, err
+    configs = [json.loads((out / f"stage-{k}" / "config.json").read_text()) for k in (1, 2)]
+    assert configs[0]["init"] == str(module) and configs[0]["init_sha256"] == sha256_file(module)
+    selected = json.loads((out / "stage-1" / "selected.json").read_text())
+    assert configs[1]["init"] == str(out / "stage-1" / selected["module"])
+    assert "trained on another backbone" in err and "warm start" in err

@@ -218,7 +218,7 @@ def train(
                                          help="Run a shipped recipe's stages (cats64: the shipped module) into "
                                               "OUT/stage-K, each from the module the one before selected. Options "
                                               "given beside it apply to every stage (--iters: per stage, and as "
-                                              "many more for a stage's continuation); --init is refused."),
+                                              "many more for a stage's continuation); --init: the first stage's."),
     config: Optional[Path] = typer.Option(None, "--config", rich_help_panel=RECIPE,
                                           help="Run your own recipe file (TOML, as guidance/recipes/*.toml)."),
     out: Optional[Path] = typer.Option(None, "--out", rich_help_panel=RUN,
@@ -348,10 +348,10 @@ def _train_recipe(ctx) -> None:
     p = ctx.params
     if p["recipe"] is not None and p["config"] is not None:
         raise UserError("--recipe and --config: give one recipe")
-    if p["init"] is not None:
-        raise UserError("--init: a recipe's stages start from the module the stage before selected; drop --init")
     if p["out"] is None:
         raise UserError("--recipe / --config need --out FOLDER: the stages go to FOLDER/stage-K")
+    if p["init"] is not None and not Path(p["init"]).is_file():
+        raise UserError(f"--init {p['init']}: no such guidance module")
     keyed = _option_params(ctx.command)
     name_of = {param.name: key for key, param in keyed.items()}
     path = recipe_file(p["recipe"]) if p["recipe"] is not None else p["config"]
@@ -385,7 +385,7 @@ def _train_recipe(ctx) -> None:
     def run_stage(opts: dict, folder: Path, init: Path | None, resume: bool) -> None:
         _run_train(train_config(stage_params(opts, folder, init, "")), resume, p["device"], done=False)
 
-    final = run_recipe(stages, Path(p["out"]), p["resume"], run_stage, log)
+    final = run_recipe(stages, Path(p["out"]), p["resume"], run_stage, log, init=p["init"])
     if final is None:
         err.print(f"stopped; continue with the same command and --resume")
     else:

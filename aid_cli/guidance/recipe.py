@@ -148,21 +148,27 @@ def write_plan(out: Path, stages: list[Stage], resume: bool) -> None:
         atomic_write_text(path, json.dumps(plan, indent=2))
 
 
+def _shown(path: Path, out: Path) -> str:
+    """A module's path as the log shows it: relative to the recipe's folder where it lies inside it."""
+    return str(path.relative_to(out)) if path.is_relative_to(out) else str(path)
+
+
 def run_recipe(stages: list[Stage], out: Path, resume: bool, run_stage: Callable[[dict, Path, Path | None, bool], None],
-               log) -> Path | None:
-    """Run the stages into OUT/stage-1, OUT/stage-2, …, each warm-started from the module the one before selected;
-    `run_stage(options, folder, init, resume)` trains one run. Returns OUT/guidance.safetensors (the last stage's
-    selected module), or None when a run stopped early (a signal): the same command with --resume continues it."""
+               log, init: Path | None = None) -> Path | None:
+    """Run the stages into OUT/stage-1, OUT/stage-2, …, each warm-started from the module the one before selected
+    (the first from `init`, `aid train --init`, or from scratch); `run_stage(options, folder, init, resume)` trains
+    one run. Returns OUT/guidance.safetensors (the last stage's selected module), or None when a run stopped early (a
+    signal): the same command with --resume continues it."""
     out = Path(out)
     write_plan(out, stages, resume)
     rank = dist_info()[0]
-    init = None
+    init = Path(init) if init is not None else None
     for k, stage in enumerate(stages, 1):
         folder = out / f"stage-{k}"
         selected = folder / SELECTED_FILE
         if selected.is_file():
             init = folder / json.loads(selected.read_text())["module"]
-            log(f"stage {k}/{len(stages)}: done before, selected {init.relative_to(out)}")
+            log(f"stage {k}/{len(stages)}: done before, selected {_shown(init, out)}")
             continue
         for j, options in enumerate(stage.legs()):
             state = folder / STATE_FILE
@@ -170,7 +176,7 @@ def run_recipe(stages: list[Stage], out: Path, resume: bool, run_stage: Callable
             if done is not None and done >= options["iters"]:
                 continue
             log(f"stage {k}/{len(stages)}" + (f", continued to iteration {options['iters']}" if j else "")
-                + f": {folder}" + (f", from {init.relative_to(out)}" if init and not j else ""))
+                + f": {folder}" + (f", from {_shown(init, out)}" if init and not j else ""))
             run_stage(options, folder, init, done is not None)
             if not state.is_file() or state_metadata(state)["iteration"] < options["iters"]:
                 return None  # stopped early: its state is saved
