@@ -47,6 +47,25 @@ def tiny_photos(tmp_path):
     return folder
 
 
+def tiny_32px(tmp_path):
+    """(a tiny 32×32 backbone file, a folder of four random 32×32 images): the smallest size LPIPS (31 px) takes."""
+    from aid_cli.backbones.checkpoint import save_backbone
+    from aid_cli.backbones.edm import build_precond
+
+    from .conftest import TINY_KWARGS
+
+    kwargs = dict(TINY_KWARGS, img_resolution=32, attn_resolutions=[16])
+    torch.manual_seed(0)
+    net32 = tmp_path / "tiny32.safetensors"
+    save_backbone(net32, build_precond("EDMPrecond", kwargs), "EDMPrecond", kwargs, provenance={"note": "test"})
+    folder = tmp_path / "imgs32"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return net32, folder
+
+
 def cfg_for(data, out, backbone, **kw):
     """A tiny run's settings (score estimator, 6 iterations of batch 4 at N = 3), validated on `data` itself."""
     base = dict(dataset=str(data), out=str(out), backbone=str(backbone), steps=3, batch=4, iters=6, width=8,

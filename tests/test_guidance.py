@@ -4,16 +4,13 @@ test_guidance_cli.py (aid guidance validate|average), test_recipes.py."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from aid_cli.guidance.trainer import STATE_FILE, TrainConfig, train
 
-from .conftest import TINY_KWARGS
-from .guidance_helpers import cfg_for, tiny_data, tiny_task  # noqa: F401  (a fixture; test_hardening imports both)
+from .guidance_helpers import cfg_for, tiny_32px, tiny_data, tiny_task  # noqa: F401  (a fixture; test_hardening imports both)
 
 
 def _lpips_or_skip():
@@ -85,24 +82,13 @@ def test_lambda_ssim_trains_validates_ssim_and_is_refused_where_it_cannot_apply(
 
 
 def test_lambda_lpips_trains_at_32_pixels_and_is_refused_below_31(tiny_data, tiny_checkpoint, tmp_path, capsys):
-    from aid_cli.backbones.checkpoint import save_backbone
-    from aid_cli.backbones.edm import build_precond
-
     from .conftest import run_cli
 
     _lpips_or_skip()
     code, _, err = run_cli(["train", "--dataset", tiny_data, "--out", tmp_path / "r", "--backbone", tiny_checkpoint,
                             "--lambda-lpips", "1"], capsys)
     assert code == 2 and "at least 31x31 pixels" in err and len(err.strip().splitlines()) == 1
-    kwargs = dict(TINY_KWARGS, img_resolution=32, attn_resolutions=[16])
-    torch.manual_seed(0)
-    net32 = tmp_path / "tiny32.safetensors"
-    save_backbone(net32, build_precond("EDMPrecond", kwargs), "EDMPrecond", kwargs, provenance={"note": "test"})
-    folder = tmp_path / "imgs32"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    net32, folder = tiny_32px(tmp_path)
     kw = dict(estimator="backprop", iters=2, batch=2, val_every=2, checkpoint_every=2)
     runs = {lam: train(cfg_for(folder, tmp_path / f"lam{lam}", net32, lambda_lpips=lam, **kw), progress=False,
                        log=lambda *a: None) for lam in (0.0, 1.0)}

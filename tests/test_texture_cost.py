@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from aid_cli.guidance.losses import terminal_cost, terminal_loss
 from aid_cli.guidance.texture import gram_cost, hole_texture_t, texture_cost
 from aid_cli.guidance.trainer import TrainConfig, train
 from aid_cli.metrics.quality import hole_texture
 
-from .conftest import TINY_KWARGS, run_cli
-from .guidance_helpers import cfg_for, read_stats, tiny_data, tiny_task  # noqa: F401  (a fixture)
+from .conftest import run_cli
+from .guidance_helpers import cfg_for, read_stats, tiny_32px, tiny_data, tiny_task  # noqa: F401  (a fixture)
 
 RESTORED = (0.0, 0.25, 0.5, 0.75, 1.0)  # a in the fill blur(x0) + a·(x0 − blur(x0)): a = 1 is the truth
 
@@ -147,19 +146,8 @@ def test_lambda_texture_trains_is_recorded_and_is_refused_where_it_cannot_apply(
 
 def test_a_recipe_gives_lambda_texture_and_lambda_gram(tiny_checkpoint, tmp_path, capsys):
     """`aid train --config FILE` takes both terms; the Gram term trains at 32 px and loads the LPIPS trunk itself."""
-    from aid_cli.backbones.checkpoint import save_backbone
-    from aid_cli.backbones.edm import build_precond
-
     _lpips_or_skip()
-    kwargs = dict(TINY_KWARGS, img_resolution=32, attn_resolutions=[16])
-    torch.manual_seed(0)
-    net32 = tmp_path / "tiny32.safetensors"
-    save_backbone(net32, build_precond("EDMPrecond", kwargs), "EDMPrecond", kwargs, provenance={"note": "test"})
-    folder = tmp_path / "imgs32"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    net32, folder = tiny_32px(tmp_path)
     recipe = tmp_path / "texture.toml"
     recipe.write_text('[options]\nlambda-texture = 0.5\nlambda-gram = 2.0\n[[stage]]\niters = 1\n')
     out = tmp_path / "run"
