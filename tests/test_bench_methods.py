@@ -170,6 +170,32 @@ def test_guidance_variants_side_by_side(tmp_path, data, tiny_checkpoint, capsys)
     assert_user_error(code, stdout, err, "only AID takes a guidance variant")
 
 
+def test_churn_runs_aid_stochastically_and_the_tables_say_so(tmp_path, data, tiny_checkpoint, capsys):
+    """--churn S: AID's solves take EDM's churn (other methods run as they are), the cells record it, a resume under
+    another S reruns the AID cells, and both tables name it; --offset shows in the caption."""
+    guidance = _guidance(tmp_path / "g.safetensors", sha256_file(tiny_checkpoint))
+    runs = {}
+    for key, extra in (("ode", []), ("churn", ["--churn", "3"])):
+        out = tmp_path / key
+        code, stdout, err = run_cli(_bench_args(data, tiny_checkpoint, out, "aid-18,replace", "center", "1", "4",
+                                                "--guidance", guidance, "--offset", "0", *extra), capsys)
+        assert code == 0, err
+        runs[key] = {r["method"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}
+        runs[key + "-md"] = (out / "bench.md").read_text()
+    assert runs["churn"]["aid-18"]["params"]["churn"] == 3.0 and "churn" not in runs["ode"]["aid-18"]["params"]
+    assert runs["churn"]["aid-18"]["psnr_hole"] != runs["ode"]["aid-18"]["psnr_hole"]
+    assert runs["churn"]["replace"]["psnr_hole"] == runs["ode"]["replace"]["psnr_hole"]  # only AID takes churn
+    assert "| aid-18 (churn 3) |" in runs["churn-md"] and "| aid-18 |" in runs["ode-md"]
+    assert "| replace |" in runs["churn-md"] and "after its first" not in runs["churn-md"]
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, tmp_path / "short", "replace", "center", "1", "4",
+                                       "--offset", "1"), capsys)
+    assert code == 2 and "only 3 readable images after the first 1" in err  # --n 4 of 4 images after skipping 1
+    code, _, err = run_cli(_bench_args(data, tiny_checkpoint, tmp_path / "skip", "replace", "center", "1", "4",
+                                       "--offset", "2", "--n", "2"), capsys)
+    assert code == 0, err
+    assert "2 images of `data` after its first 2" in (tmp_path / "skip" / "bench.md").read_text()
+
+
 @pytest.mark.parametrize("shape, expect", [("rising", [0.05, 0.1581, 0.5, 1.581, 5, 15.81, 50, 158.1, 500, 1581, 5000, 1.581e4, 5e4]),
                                            ("peaked", [0.05, 0.1581, 0.5, 1.581, 5]),
                                            ("falling", [0.005, 0.01581, 0.05, 0.1581, 0.5, 1.581, 5]),

@@ -117,6 +117,18 @@ def seeds_caption(result: dict) -> tuple[str, str]:
         ("; KID ± its bootstrap std over the images" if kid else "")
 
 
+def row_label(r: dict) -> str:
+    """A row's method as the tables show it: its label, and EDM's churn where the solve had one (`--churn`)."""
+    churn = (r.get("params") or {}).get("churn")
+    return f"{r['method']} (churn {churn:g})" if churn else r["method"]
+
+
+def images_caption(cfg: dict) -> str:
+    """`100 images of `val.zip``, and after which of its images when the run skipped some (--offset)."""
+    after = f" after its first {cfg['offset']}" if cfg.get("offset") else ""
+    return f"{cfg['n']} images of `{Path(cfg['dataset']).name}`{after}"
+
+
 def rich_table(result: dict):
     """The rows as a rich Table (method × mask; NFE, s/image, PSNR-hole, SSIM, LPIPS, LPIPS-VGG, FID, KID × 1000, peak
     memory)."""
@@ -135,7 +147,7 @@ def rich_table(result: dict):
     for r in result["rows"]:
         mem = "n/a" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}"
         nonfinite = f" ({r['images_nonfinite']} diverged)" if r["images_nonfinite"] else ""
-        t.add_row(r["method"], r["mask"], str(r["nfe"]), f"{r['sec_per_image']:.3g}",
+        t.add_row(row_label(r), r["mask"], str(r["nfe"]), f"{r['sec_per_image']:.3g}",
                   format_stat(r["psnr_hole"], 2) + nonfinite, format_stat(r["ssim"], 3), format_stat(r["lpips"], 3),
                   *realism_cells(r), mem)
     return t
@@ -154,7 +166,7 @@ def rows_markdown(result: dict) -> str:
     fewer = [f"{m} {min(c)}" + (f"–{max(c)}" if len(c) > 1 else "") for m, c in sorted(counts.items())]
     sessions = cfg.get("timing_sessions", 1)
     count, figures = seeds_caption(result)
-    lines = [f"{cfg['n']} images of `{Path(cfg['dataset']).name}`{count}"
+    lines = [f"{images_caption(cfg)}{count}"
              + (f" (so far {', '.join(fewer)})" if fewer else "")
              + f", masks {cfg['masks']['version']}, {cfg['device']}, aid {cfg['aid']}, {cfg['date'][:10]}; {figures}; "
              + ("seconds per image measured in the same run." if sessions <= 1 else
@@ -164,7 +176,7 @@ def rows_markdown(result: dict) -> str:
              "KID×10³ ↓ |",
              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['method']} | {r['mask']} | {r['nfe']} | {r['backward']} | {r['sec_per_image']:.3g} | "
+        lines.append(f"| {row_label(r)} | {r['mask']} | {r['nfe']} | {r['backward']} | {r['sec_per_image']:.3g} | "
                      f"{format_stat(r['psnr_hole'], 2)} | {format_stat(r['ssim'], 3)} | {format_stat(r['lpips'], 3)} | "
                      + " | ".join(realism_cells(r)) + " |")
     return "\n".join(lines) + "\n"
@@ -248,6 +260,7 @@ def write_reports(out: Path, cfg, runner, specs: list) -> dict:
     kinds = sorted({c["peak_memory_kind"] for c in used}) or [runner.mem_kind]
     config = {
         "dataset": cfg.dataset, "n": cfg.n, "images": runner.data.names[:cfg.n], "seeds": cfg.seeds,
+        **({"offset": cfg.offset} if cfg.offset else {}),
         "masks": {"families": cfg.masks, "version": runner.masks_version, "seed": cfg.mask_seed,
                   "definitions": {f: runner.describe_mask(f) for f in cfg.masks},
                   "hole_fraction": {f: runner.hole_fraction(f) for f in cfg.masks}},
