@@ -166,3 +166,21 @@ def test_actor_cost_times_calls_and_whole_solves(tiny_checkpoint, tmp_path, caps
     assert out.count("ms per call") == 4 and out.count("round ") == 4
     share = float(out.split("the actor's share of an AID-18 solve: median ")[1].split(" %")[0])
     assert 0 < share < 100
+
+
+def test_tradeoff_plot_reads_bench_runs_and_draws_their_points(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    plot = _script("tradeoff_plot")
+    runs = []
+    for k, (psnr, kid) in enumerate([(17.2, 0.004), (16.9, 0.0043)]):
+        run = tmp_path / f"r{k}"
+        run.mkdir()
+        row = {"method": "aid-18", "mask": "freeform", "psnr_hole": {"mean": psnr, "std": None},
+               "kid": {"mean": kid, "std": 0.001}}
+        (run / "bench.json").write_text(json.dumps({"config": {}, "rows": [row]}))
+        runs.append(f"{run}=S{k}")
+    out = tmp_path / "trade.png"
+    assert plot.main([*runs, "--out", str(out), "--json"]) == 0
+    points = json.loads(capsys.readouterr().out)["lever"]
+    assert [(p["label"], p["psnr"], round(p["kid"], 6)) for p in points] == [("S0", 17.2, 4.0), ("S1", 16.9, 4.3)]
+    assert Image.open(out).size[0] > 100
