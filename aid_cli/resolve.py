@@ -113,7 +113,7 @@ def resolve_method(label: str, steps: int, checkpoint: Path | None = None, sha25
         else:
             spec = MethodSpec(label, name.method, {}, steps, "defaults")
     if spec.method == "aid":
-        from .guidance.checkpoint import load_guidance
+        from .guidance.checkpoint import load_guidance, trained_churn
         from .models.catalogue import resolve_guidance
 
         path = resolve_guidance(guidance, cache=cache, offline=offline)
@@ -123,7 +123,7 @@ def resolve_method(label: str, steps: int, checkpoint: Path | None = None, sha25
             loaded[key] = load_guidance(path, backbone_sha256=sha256)
         actor, info = loaded[key]
         if churn is None:  # the module's own: a module trained with churn is deployed with it
-            churn = float((info.get("training") or {}).get("churn") or 0.0)
+            churn = trained_churn(info)
         if churn:
             spec.params["churn"] = float(churn)
         spec.params["guidance"] = str(Path(path).resolve())

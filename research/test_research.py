@@ -18,7 +18,7 @@ from aid_cli.fileio import sha256_file
 from aid_cli.guidance.checkpoint import save_guidance
 from aid_cli.guidance.networks import Actor
 
-from tests.conftest import run_cli
+from tests.conftest import random_images, run_cli
 
 HERE = Path(__file__).resolve().parent
 
@@ -77,12 +77,7 @@ def stand_in_inception(monkeypatch):
 
 @pytest.fixture
 def data(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    return folder
+    return random_images(tmp_path / "data", 4, prefix="img")
 
 
 def _bench_args(data, ckpt, out, methods, masks, seeds, batch="4", *extra):

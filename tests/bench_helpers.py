@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from .conftest import random_images
 
 STEPS = "2"
 _CONVERTED: dict = {}  # the LPIPS cache folder, shared by every test module that imports these fixtures
@@ -70,11 +70,7 @@ def stand_in_inception(request, monkeypatch):
 
 
 def _dataset(folder, n=4, res=16, seed=0):
-    folder.mkdir()
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    return folder
+    return random_images(folder, n, res, prefix="img", seed=seed)
 
 
 @pytest.fixture

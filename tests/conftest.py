@@ -55,6 +55,18 @@ def load_fixture_net(family: str, case: str, build):
     return net, meta, folder
 
 
+def random_images(folder: Path, n: int, res: int = 16, prefix: str = "", seed: int = 0) -> Path:
+    """A new folder of n random RGB res×res PNGs, PREFIX0.png, PREFIX1.png, … (uniform noise from `seed`)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)).save(folder / f"{prefix}{i}.png")
+    return folder
+
+
 def run_cli(args, capsys) -> tuple[int, str, str]:
     """Run `aid ARGS` in-process; returns (exit code, stdout, stderr). A normal return is exit code 0."""
     from aid_cli import cli

@@ -13,6 +13,8 @@ from aid_cli.guidance.trainer import STATE_FILE, TrainConfig, train
 from aid_cli.task import Task
 from aid_cli.training import read_jsonl
 
+from .conftest import random_images
+
 
 def tiny_task(n=2, res=16, seed=0):
     """(task, x0): n random images with the same 8×8 hole."""
@@ -26,12 +28,7 @@ def tiny_task(n=2, res=16, seed=0):
 @pytest.fixture
 def tiny_data(tmp_path):
     """A folder of six random 16×16 images."""
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
+    return random_images(tmp_path / "imgs", 6)
 
 
 @pytest.fixture
@@ -58,12 +55,7 @@ def tiny_32px(tmp_path):
     torch.manual_seed(0)
     net32 = tmp_path / "tiny32.safetensors"
     save_backbone(net32, build_precond("EDMPrecond", kwargs), "EDMPrecond", kwargs, provenance={"note": "test"})
-    folder = tmp_path / "imgs32"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return net32, folder
+    return net32, random_images(tmp_path / "imgs32", 4, res=32)
 
 
 def cfg_for(data, out, backbone, **kw):

@@ -13,17 +13,12 @@ from aid_cli.fileio import sha256_file
 from aid_cli.guidance.recipe import load_recipe, recipe_file
 from aid_cli.guidance.selection import lowest_lpips_level_with_best
 
-from .conftest import TINY_KWARGS, run_cli
+from .conftest import TINY_KWARGS, random_images, run_cli
 
 
 @pytest.fixture
 def images16(tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
+    return random_images(tmp_path / "imgs", 4)
 
 
 def tiny_budget(data, backbone, out):

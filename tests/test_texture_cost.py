@@ -62,16 +62,22 @@ def test_the_differentiable_hole_texture_equals_the_metric():
     assert torch.equal(ours[~defined], torch.zeros(2))  # 0, not nan, where the metric has no pair
 
 
-def test_texture_cost_is_zero_on_the_truth_reaches_only_the_hole_and_pushes_both_ways():
-    task, x0 = tiny_task()
-    cost = lambda c: texture_cost(c, x0, task.M)  # noqa: E731
+def _zero_on_the_truth_hole_only_falling_as_texture_returns(cost, x0, task) -> torch.Tensor:
+    """A texture cost is 0 on the truth, its gradient reaches only the hole, and a smoothed fill costs more than
+    nothing, less and less as its texture comes back; returns the smoothed fill."""
     assert torch.equal(cost(x0.clone()), torch.zeros(2))
     smooth = _blur(x0)
     on_visible, on_hole = _hole_grad(cost, smooth, task)
     assert on_visible == 0 and on_hole > 0
-    # a smoothed fill costs more than nothing, less and less as its texture comes back
     costs = torch.stack([cost(task.complete(smooth + a * (x0 - smooth))) for a in RESTORED])
     assert (costs[:-1] > 0).all() and (costs[1:] < costs[:-1]).all() and costs[-1].abs().max() < 1e-10
+    return smooth
+
+
+def test_texture_cost_is_zero_on_the_truth_reaches_only_the_hole_and_pushes_both_ways():
+    task, x0 = tiny_task()
+    cost = lambda c: texture_cost(c, x0, task.M)  # noqa: E731
+    smooth = _zero_on_the_truth_hole_only_falling_as_texture_returns(cost, x0, task)
     # a rougher fill costs too, more the rougher it is
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
     rough = torch.stack([cost(task.complete(x0 + s * noise)) for s in (0.1, 0.3, 0.9)])
@@ -110,12 +116,7 @@ def test_gram_cost_is_zero_on_the_truth_reaches_only_the_hole_and_falls_as_textu
     model = _lpips_or_skip()
     task, x0 = tiny_task(res=32)
     cost = lambda c: gram_cost(model, c, x0, task.M)  # noqa: E731
-    assert torch.equal(cost(x0.clone()), torch.zeros(2))
-    smooth = _blur(x0)
-    on_visible, on_hole = _hole_grad(cost, smooth, task)
-    assert on_visible == 0 and on_hole > 0
-    costs = torch.stack([cost(task.complete(smooth + a * (x0 - smooth))) for a in RESTORED])
-    assert (costs[:-1] > 0).all() and (costs[1:] < costs[:-1]).all() and costs[-1].abs().max() < 1e-10
+    _zero_on_the_truth_hole_only_falling_as_texture_returns(cost, x0, task)
     x = torch.rand_like(x0) * 2 - 1
     gram_only = _cfg(lambda_vis=0.0, lambda_hole=0.0, lambda_gram=0.5)
     assert torch.allclose(terminal_cost(gram_only, x, x0, task, model), 0.5 * cost(task.complete(x)), rtol=1e-6)

@@ -50,6 +50,12 @@ def _check_actor_kwargs(kwargs) -> None:
             raise ValueError(f"aid.actor has an unknown setting {str(key)[:40]!r}")
 
 
+def trained_churn(info: dict) -> float:
+    """EDM's S_churn a module was trained with (`aid train --churn`; 0 for a module trained on the ODE), from
+    `load_guidance`'s info: the churn it is deployed with unless the command says otherwise."""
+    return float((info.get("training") or {}).get("churn") or 0.0)
+
+
 def load_guidance(path, backbone_sha256: str | None = None, device="cpu") -> tuple[Actor, dict]:
     """The actor (eval mode, frozen) and its metadata; refuses a module trained on another backbone."""
     path = Path(path)

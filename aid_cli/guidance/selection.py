@@ -12,7 +12,7 @@ import torch
 from ..errors import CheckpointError, UserError
 from ..fileio import sha256_file
 from ..training import read_jsonl
-from .checkpoint import load_guidance, save_guidance
+from .checkpoint import load_guidance, save_guidance, trained_churn
 from .networks import Actor
 from .trainer import SNAPSHOT_DIR, validation_masks, validation_scores
 
@@ -106,7 +106,7 @@ def validate_modules(modules: list[Path], val: Path, backbone: Path, steps=VALID
     def scored():
         for path in modules:
             actor, info = load_guidance(path, sha, device)
-            churn = float((info.get("training") or {}).get("churn") or 0.0)  # deployed as trained
+            churn = trained_churn(info)  # deployed as trained
             rec = {"module": str(path), "sha256": sha256_file(path), "val_offset": offset, "val_n": len(data),
                    "val_mask_seed": mask_seed}
             for N in steps:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..metrics.quality import hole_texture_sums
+
 TEXTURE_EPS = 1 / 255  # one 8-bit grey level on the [0, 1] scale: texture below it does not show in a saved image
 GRAM_LAYERS = 3  # AlexNet relu1, relu2, relu3 (grids of 15², 7², 3² at 64 px; relu4 and relu5 add no finer one)
 
@@ -22,14 +24,7 @@ def hole_texture_t(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """`metrics.quality.hole_texture` in x's dtype and differentiable in x: the mean |luminance difference| (channel
     mean, [0, 1] scale) over horizontal and vertical pairs of neighbouring hole pixels → [N]; 0, not nan, where the
     hole holds no pair."""
-    if M.ndim != 4 or M.shape[0] != x.shape[0] or M.shape[-2:] != x.shape[-2:]:
-        raise ValueError(f"mask {tuple(M.shape)} does not fit images {tuple(x.shape)}")
-    L = (x.mean(dim=1, keepdim=True) + 1) / 2
-    hole = (M < 0.5).all(dim=1, keepdim=True).to(x.dtype)
-    pairs_x, pairs_y = hole[..., :, 1:] * hole[..., :, :-1], hole[..., 1:, :] * hole[..., :-1, :]
-    total = ((L[..., :, 1:] - L[..., :, :-1]).abs() * pairs_x).flatten(1).sum(1) + \
-        ((L[..., 1:, :] - L[..., :-1, :]).abs() * pairs_y).flatten(1).sum(1)
-    count = pairs_x.flatten(1).sum(1) + pairs_y.flatten(1).sum(1)
+    total, count = hole_texture_sums(x, M)
     return total / count.clamp_min(1)
 
 

@@ -129,17 +129,23 @@ def ssim_01(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return ssim((x + 1) / 2, (ref + 1) / 2, data_range=1.0)
 
 
-def hole_texture(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """Mean |luminance difference| of neighbouring hole pixels (x in [−1, 1], read on the [0, 1] scale) → [N]; nan
-    for an image whose hole holds no two neighbouring pixels."""
+def hole_texture_sums(x: torch.Tensor, M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ |luminance difference|, number) over the horizontal and vertical pairs of neighbouring hole pixels (x in
+    [−1, 1], luminance the channel mean read on the [0, 1] scale) → two [N] tensors in x's dtype, differentiable in x."""
     if M.ndim != 4 or M.shape[0] != x.shape[0] or M.shape[-2:] != x.shape[-2:]:
         raise ValueError(f"mask {tuple(M.shape)} does not fit images {tuple(x.shape)}")
-    L = (x.double().mean(dim=1, keepdim=True) + 1) / 2
-    hole = (M < 0.5).all(dim=1, keepdim=True)
-    pairs_x, pairs_y = hole[..., :, 1:] & hole[..., :, :-1], hole[..., 1:, :] & hole[..., :-1, :]
+    L = (x.mean(dim=1, keepdim=True) + 1) / 2
+    hole = (M < 0.5).all(dim=1, keepdim=True).to(x.dtype)
+    pairs_x, pairs_y = hole[..., :, 1:] * hole[..., :, :-1], hole[..., 1:, :] * hole[..., :-1, :]
     total = ((L[..., :, 1:] - L[..., :, :-1]).abs() * pairs_x).flatten(1).sum(1) + \
         ((L[..., 1:, :] - L[..., :-1, :]).abs() * pairs_y).flatten(1).sum(1)
-    count = pairs_x.flatten(1).sum(1) + pairs_y.flatten(1).sum(1)
+    return total, pairs_x.flatten(1).sum(1) + pairs_y.flatten(1).sum(1)
+
+
+def hole_texture(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """Mean |luminance difference| of neighbouring hole pixels (x in [−1, 1], read on the [0, 1] scale), in float64
+    → [N]; nan for an image whose hole holds no two neighbouring pixels."""
+    total, count = hole_texture_sums(x.double(), M)
     return total / count  # 0 / 0 = nan when there is no pair
 
 
